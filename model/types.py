@@ -1,0 +1,67 @@
+"""Plain frozen dataclasses that go in and out of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_SCHEDULER = "default"
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, order=True)
+class BatchKey:
+    """What every item of one engine batch must share."""
+
+    num_inference_steps: int
+    height: int
+    width: int
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One image to generate. ``seed`` fully determines the initial noise of this item."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = DEFAULT_SCHEDULER
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(self.num_inference_steps, self.height, self.width, self.scheduler)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One generated image.
+
+    ``image`` is HxWx3 uint8 RGB. ``nsfw_content_detected`` is None when no safety checker ran;
+    when True the image is all zeros already (the policy is applied by the engine).
+    """
+
+    image: np.ndarray = field(repr=False)
+    nsfw_content_detected: bool | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client may want to know about the loaded model."""
+
+    name: str
+    architecture: str
+    native_height: int
+    native_width: int
+    schedulers: tuple[str, ...]
+    default_scheduler: str
+    safety_checker: bool
+    device: str
+    dtype: str
+    random_weights: bool

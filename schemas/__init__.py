@@ -1,0 +1,1 @@
+"""Wire types (pydantic) of the scoring API and batch records. Imports nothing from the project."""

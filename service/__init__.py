@@ -1,0 +1,1 @@
+"""Everything about serving: settings, the HTTP app, batching, batch jobs, storage and the CLI."""

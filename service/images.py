@@ -1,0 +1,26 @@
+"""PNG encoding shared by every output path (online responses, batch files)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+# zlib level 1: ~3x faster than PIL's default for diffusion images, ~10% larger files.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """HxWx3 uint8 RGB -> PNG bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def encode_png_base64(image: np.ndarray) -> str:
+    """HxWx3 uint8 RGB -> standard padded base64 of the PNG, no ``data:`` prefix."""
+    return base64.b64encode(encode_png(image)).decode("ascii")
