@@ -59,6 +59,7 @@ class Engine:
         self.dtype = dtype
         self.options = options or EngineOptions()
         self.accelerator = "none"
+        self.accelerator_note = ""
         vae_config = components.vae.config
         self.vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
         self.native_size = int(components.unet.config.sample_size) * self.vae_scale_factor
@@ -73,7 +74,7 @@ class Engine:
             native_width=self.native_size, schedulers=offered_schedulers(),
             default_scheduler=type(c.scheduler).__name__, safety_checker=c.safety_checker is not None,
             device=str(self.device), dtype=_DTYPE_NAMES.get(self.dtype, str(self.dtype)),
-            random_weights=c.random_weights,
+            random_weights=c.random_weights, accelerator=self.accelerator,
         )
 
     # ------------------------------------------------------------------ validation

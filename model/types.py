@@ -65,3 +65,4 @@ class ModelInfo:
     device: str
     dtype: str
     random_weights: bool
+    accelerator: str = "none"
