@@ -21,7 +21,7 @@ from model.errors import EngineError, EngineFailure, EngineOutOfMemoryError, Inv
 from model.loading import Components
 from model.options import EngineOptions
 from model.safety import nsfw_flags, preprocess
-from model.schedulers import check_scheduler_name, make_scheduler, offered_schedulers
+from model.schedulers import check_scheduler_name, make_scheduler, offered_schedulers, scheduler_name
 from model.types import MAX_SEED, GenerationItem, GenerationResult, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Engine:
         return ModelInfo(
             name=c.name, architecture=c.architecture, native_height=self.native_size,
             native_width=self.native_size, schedulers=offered_schedulers(),
-            default_scheduler=type(c.scheduler).__name__, safety_checker=c.safety_checker is not None,
+            default_scheduler=scheduler_name(c.scheduler), safety_checker=c.safety_checker is not None,
             device=str(self.device), dtype=_DTYPE_NAMES.get(self.dtype, str(self.dtype)),
             random_weights=c.random_weights, accelerator=self.accelerator,
         )

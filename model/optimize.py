@@ -18,8 +18,8 @@ def configure_compile_cache(directory: str | None) -> None:
     if not directory:
         return
     os.makedirs(directory, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(directory, "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(directory, "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(directory, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
@@ -31,13 +31,16 @@ def apply(components: Components, options: EngineOptions) -> list[str]:
     """
     applied: list[str] = []
     unet, vae = components.unet, components.vae
+    on_cuda = unet.device.type == "cuda"
+    channels_last = on_cuda if options.channels_last is None else options.channels_last
+    fuse_qkv = on_cuda if options.fuse_qkv is None else options.fuse_qkv
     # 1) convolution-heavy nets run faster in NHWC on tensor cores
-    if options.channels_last:
+    if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
         applied.append("channels_last")
     # 2) one matmul for Q, K and V of self-attention (same values, fewer kernel launches)
-    if options.fuse_qkv:
+    if fuse_qkv:
         for module in (unet, vae):
             fuse = getattr(module, "fuse_qkv_projections", None)
             if fuse is not None:

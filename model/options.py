@@ -17,14 +17,15 @@ ACCELERATORS = ("none", "deepspeed")
 class EngineOptions:
     """How to run the model. Defaults suit a CPU; ``for_device`` picks GPU defaults.
 
-    ``batch_buckets``: with CUDA graphs, batches are padded up to the next bucket so a handful
-    of captured graphs serve every batch size.
+    ``channels_last`` and ``fuse_qkv``: None means on for CUDA, off elsewhere (they only pay on
+    tensor cores). ``batch_buckets``: with CUDA graphs, batches are padded up to the next bucket so
+    a handful of captured graphs serve every batch size.
     """
 
-    channels_last: bool = False
-    fuse_qkv: bool = False
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
     compile: bool = False
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     cuda_graphs: bool = False
     accelerator: str = "none"
     compile_cache_dir: str | None = None

@@ -44,3 +44,8 @@ def make_scheduler(model_scheduler: Any, name: str) -> Any:
     if name == DEFAULT_SCHEDULER:
         return type(model_scheduler).from_config(model_scheduler.config)
     return SCHEDULER_CLASSES[name].from_config(model_scheduler.config)
+
+
+def scheduler_name(scheduler: Any) -> str:
+    """The offered name of a scheduler object (the model's own one), or "default" if not offered."""
+    return next((name for name, cls in SCHEDULER_CLASSES.items() if type(scheduler) is cls), DEFAULT_SCHEDULER)
