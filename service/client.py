@@ -1,0 +1,218 @@
+"""`sd-endpoint generate`: send one prompt to a running endpoint and save the images as PNG files.
+
+Speaks the same Azure ML scoring contract as any other client, so it also works against an Azure ML
+online endpoint (pass its scoring URL and key). Imports only httpx: starting it costs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import email.utils
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:5001"
+KEY_ENV = "SD_API_KEY"
+# A server asking for a longer pause than this is better retried by the user, later.
+MAX_RETRY_AFTER_S = 60.0
+
+
+class ClientError(Exception):
+    """A failure the user can act on; the message is printed as one line."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"endpoint base or scoring URL (default {DEFAULT_URL})"
+    )
+    parser.add_argument("--key", help=f"API key, sent as 'Authorization: Bearer' (default: ${KEY_ENV})")
+    parser.add_argument("--negative-prompt", default="", help="what to steer away from")
+    parser.add_argument("--steps", type=int, help="denoising steps (server default when omitted)")
+    parser.add_argument("--guidance", type=float, help="guidance scale; above 1 follows the prompt more")
+    parser.add_argument("--width", type=int, help="image width in pixels (multiple of 8)")
+    parser.add_argument("--height", type=int, help="image height in pixels (multiple of 8)")
+    parser.add_argument("--seed", type=int, help="seed of the first image (random when omitted)")
+    parser.add_argument("--scheduler", help="scheduler name, one of those listed by GET /info")
+    parser.add_argument("--num-images", type=int, help="images for this prompt")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="folder for the PNG files (default ./out)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default 300)"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=3, help="how many times to retry when the server is busy (default 3)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        generate(args)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    # 1. Build the request: only the parameters the user gave, so the server's defaults apply otherwise.
+    url = scoring_url(args.url)
+    parameters: dict[str, Any] = {}
+    for name, value in [
+        ("num_inference_steps", args.steps),
+        ("guidance_scale", args.guidance),
+        ("width", args.width),
+        ("height", args.height),
+        ("seed", args.seed),
+        ("scheduler", args.scheduler),
+        ("num_images_per_prompt", args.num_images),
+    ]:
+        if value is not None:
+            parameters[name] = value
+    body = {
+        "input_data": {
+            "columns": ["prompt", "negative_prompt"],
+            "data": [[args.prompt, args.negative_prompt]],
+            "parameters": parameters,
+        }
+    }
+    request_id = uuid.uuid4().hex
+    headers = {"x-request-id": request_id}
+    key = args.key or os.environ.get(KEY_ENV)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+
+    # 2. Post, waiting out 429s a bounded number of times.
+    started = time.perf_counter()
+    response = post_with_retries(url, body, headers, timeout_s=args.timeout, retries=max(args.retries, 0))
+    elapsed_s = time.perf_counter() - started
+    request_id = response.headers.get("x-request-id", request_id)
+
+    # 3. Write one PNG per image, named by prompt and seed so that any image can be made again.
+    items = parse_images(response)
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for index, item in enumerate(items):
+        seed = item.get("seed")
+        stem = slug(str(item.get("prompt") or args.prompt))
+        path = args.out / f"{stem}-{seed if seed is not None else index}.png"
+        path.write_bytes(item["png"])
+        paths.append(path)
+        print(f"{path}\tnsfw={nsfw_label(item.get('nsfw_content_detected'))}")
+    print(f"{len(paths)} image(s) in {elapsed_s:.1f} s, request id {request_id}", file=sys.stderr)
+    return paths
+
+
+def scoring_url(url: str) -> str:
+    """Accept a base URL (http://host:5001) as well as a full scoring URL (.../score)."""
+    url = url.rstrip("/")
+    return url if url.endswith("/score") else f"{url}/score"
+
+
+def post_with_retries(
+    url: str, body: dict[str, Any], headers: dict[str, str], *, timeout_s: float, retries: int
+) -> httpx.Response:
+    for attempt in range(retries + 1):
+        try:
+            response = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+        except httpx.ConnectError as error:
+            raise ClientError(
+                f"cannot connect to {url} ({error}): is the server running? "
+                "Start it with `sd-endpoint serve`, or pass --url."
+            ) from error
+        except httpx.TimeoutException as error:
+            raise ClientError(
+                f"no answer from {url} within {timeout_s:g} s; the server may be overloaded, "
+                "or raise --timeout for large images and many steps."
+            ) from error
+        except httpx.HTTPError as error:
+            raise ClientError(f"request to {url} failed: {error}") from error
+
+        if response.status_code == 429 and attempt < retries:
+            wait_s = retry_after_s(response)
+            print(
+                f"server busy (429), retrying in {wait_s:g} s (retry {attempt + 1} of {retries})",
+                file=sys.stderr,
+            )
+            time.sleep(wait_s)
+            continue
+        if response.status_code == 429:
+            raise ClientError(
+                f"the server is still busy after {retries + 1} attempts (429: {error_message(response)}); "
+                "try again later or raise --retries."
+            )
+        if response.status_code == 401:
+            problem = "refused the API key" if "Authorization" in headers else "needs an API key"
+            raise ClientError(
+                f"the server {problem} (401: {error_message(response)}); "
+                f"pass the right one with --key or ${KEY_ENV}."
+            )
+        if response.is_error:
+            raise ClientError(f"the server answered {response.status_code}: {error_message(response)}")
+        return response
+    raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+
+def retry_after_s(response: httpx.Response) -> float:
+    """Retry-After as seconds or an HTTP date, capped; one second when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    seconds = 1.0
+    if value.replace(".", "", 1).isdigit():
+        seconds = float(value)
+    elif value:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            seconds = 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's error.message, or what the body says when it is not the error envelope."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+        if isinstance(message, str) and message:
+            return message
+    text = response.text.strip().replace("\n", " ")
+    return text[:200] if text else response.reason_phrase or "no error message"
+
+
+def parse_images(response: httpx.Response) -> list[dict[str, Any]]:
+    """The response's list of images, each with its PNG bytes decoded under "png"."""
+    try:
+        body = response.json()
+    except ValueError as error:
+        raise ClientError(f"the server's answer is not JSON: {response.text[:200]!r}") from error
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise ClientError(f"expected a list of images from the server, got: {str(body)[:200]}")
+    items: list[dict[str, Any]] = []
+    for item in body:
+        try:
+            png = base64.b64decode(item["generated_image"], validate=True)
+        except (KeyError, TypeError, binascii.Error) as error:
+            raise ClientError(f"an image in the server's answer is missing or not base64: {error}") from error
+        items.append({**item, "png": png})
+    return items
+
+
+def slug(text: str) -> str:
+    """A file-name-safe stem from a prompt (the playground names its downloads the same way)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].strip("-") or "image"
+
+
+def nsfw_label(flag: object) -> str:
+    return "unchecked" if flag is None else str(flag).lower()

@@ -1,0 +1,333 @@
+// The playground: read /info, post the Azure ML scoring contract to /score, show what comes back.
+// Plain browser JavaScript, no build step and nothing fetched from outside the server.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "sd-endpoint-api-key";
+  const SEED_PLACEHOLDER = "__seed__";
+  const $ = (id) => document.getElementById(id);
+  const state = { busy: false, retryGenerate: false };
+
+  class ApiError extends Error {
+    constructor(message, status, requestId) {
+      super(message);
+      this.status = status;
+      this.requestId = requestId;
+    }
+  }
+
+  // crypto.randomUUID only exists on https or localhost; getRandomValues works everywhere.
+  function newRequestId() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // Seeds go up to 2**63 - 1, beyond the integers a JS number holds exactly: keep them as strings.
+  function parseWithStringSeeds(text) {
+    return JSON.parse(text.replace(/"seed"\s*:\s*(\d+)/g, '"seed":"$1"'));
+  }
+
+  function slug(text) {
+    const s = text.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 40);
+    return s.replace(/-+$/, "") || "image";
+  }
+
+  function serverMessage(response, text) {
+    try {
+      const body = JSON.parse(text);
+      if (body && body.error && typeof body.error.message === "string" && body.error.message) {
+        return body.error.message;
+      }
+    } catch (_) {
+      // Not JSON (a proxy's HTML page, say): fall through to the status line.
+    }
+    const status = `${response.status} ${response.statusText}`.trim();
+    return `The server answered HTTP ${status} without an error message; see its logs.`;
+  }
+
+  // One place for every call: request id, key, and turning any failure into a readable message.
+  // Paths are relative ("score", not "/score"): they resolve next to /ui, under any proxy prefix.
+  async function call(path, options = {}) {
+    const requestId = newRequestId();
+    const headers = { Accept: "application/json", "x-request-id": requestId, ...(options.headers || {}) };
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers });
+    } catch (_) {
+      throw new ApiError(
+        "Cannot reach the server: it may be down or restarting. Check that it runs, then try again.",
+        0,
+        requestId,
+      );
+    }
+    const text = await response.text();
+    const answeredId = response.headers.get("x-request-id") || requestId;
+    if (!response.ok) throw new ApiError(serverMessage(response, text), response.status, answeredId);
+    return { text, requestId: answeredId };
+  }
+
+  function describe(error) {
+    if (error instanceof ApiError) return error.message;
+    return `Unexpected problem in the page: ${error && error.message ? error.message : String(error)}`;
+  }
+
+  // ---- model information ----
+
+  function showInfo(info) {
+    const where = [info.architecture, info.device, info.dtype].filter(Boolean).join(", ");
+    $("model").textContent = `Model: ${info.name}${where ? ` (${where})` : ""}`;
+    $("random-warning").hidden = !info.random_weights;
+
+    const select = $("scheduler");
+    const schedulers = Array.isArray(info.schedulers) ? info.schedulers : [];
+    if (schedulers.length) {
+      // Preselect the model's default by name; a server may instead offer it as "default" and name
+      // the class in default_scheduler, which then labels that option.
+      const named = schedulers.includes(info.default_scheduler);
+      const selected = named ? info.default_scheduler : schedulers.includes("default") ? "default" : schedulers[0];
+      select.replaceChildren(
+        ...schedulers.map((name) => {
+          const option = document.createElement("option");
+          option.value = name;
+          option.textContent = !named && name === "default" && info.default_scheduler
+            ? `default (${info.default_scheduler.replace(/Scheduler$/, "")})`
+            : name;
+          option.selected = name === selected;
+          return option;
+        }),
+      );
+    }
+    // Start at the model's native size, unless the user already changed the fields.
+    for (const [id, value] of [["width", info.native_width], ["height", info.native_height]]) {
+      const input = $(id);
+      if (value && input.value === input.defaultValue) input.value = input.defaultValue = String(value);
+    }
+    const limits = info.limits || {};
+    if (limits.max_steps) $("steps").max = limits.max_steps;
+    if (limits.max_images_per_prompt) $("num-images").max = limits.max_images_per_prompt;
+    for (const id of ["width", "height"]) {
+      if (limits.min_size) $(id).min = limits.min_size;
+      if (limits.max_size) $(id).max = limits.max_size;
+    }
+  }
+
+  async function loadInfo() {
+    try {
+      const { text } = await call("info");
+      showInfo(JSON.parse(text));
+    } catch (error) {
+      if (error.status === 401) {
+        $("model").textContent = "Model information needs an API key.";
+        askForKey(error.message, false);
+      } else {
+        $("model").textContent = `Model information unavailable: ${describe(error)}`;
+      }
+    }
+  }
+
+  // ---- API key ----
+
+  function askForKey(message, retryGenerate) {
+    const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
+    sessionStorage.removeItem(KEY_STORAGE);
+    state.retryGenerate = state.retryGenerate || retryGenerate;
+    // Two calls can fail at once with the same key: keep the first, more telling, message.
+    if (hadKey) $("key-message").textContent = `The server refused that key: ${message}`;
+    else if ($("key-form").hidden) $("key-message").textContent = message;
+    $("key-form").hidden = false;
+    $("key").focus();
+  }
+
+  function useKey(event) {
+    event.preventDefault();
+    const key = $("key").value.trim();
+    if (!key) {
+      $("key-message").textContent = "Enter the API key the server was started with (SD_API_KEYS).";
+      return;
+    }
+    // A header value must be plain ASCII; anything else would fail inside fetch as a "network" error.
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      $("key-message").textContent = "That is not an API key: keys are letters, digits and symbols, no spaces.";
+      return;
+    }
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("key").value = "";
+    $("key-form").hidden = true;
+    const retry = state.retryGenerate;
+    state.retryGenerate = false;
+    loadInfo();
+    if (retry) generate();
+  }
+
+  // ---- generation ----
+
+  function setBusy(busy) {
+    state.busy = busy;
+    $("generate").disabled = busy;
+    $("generate").textContent = busy ? "Generating…" : "Generate";
+    $("spinner").hidden = !busy;
+    $("generate-form").setAttribute("aria-busy", String(busy));
+  }
+
+  function showError(message, detail = "") {
+    $("error-message").textContent = message;
+    $("error-detail").textContent = detail;
+    $("error").hidden = false;
+  }
+
+  // Blank fields are left out so that the server's defaults apply; anything typed is sent as typed.
+  function readParameters() {
+    const parameters = {};
+    const fields = [
+      ["steps", "num_inference_steps", "Steps"],
+      ["guidance", "guidance_scale", "Guidance"],
+      ["width", "width", "Width"],
+      ["height", "height", "Height"],
+      ["num-images", "num_images_per_prompt", "Images per prompt"],
+    ];
+    for (const [id, name, label] of fields) {
+      const input = $(id);
+      if (input.validity.badInput) throw new ApiError(`${label} must be a number.`, 0, "");
+      if (input.value !== "") parameters[name] = Number(input.value);
+    }
+    if ($("scheduler").value) parameters.scheduler = $("scheduler").value;
+    return parameters;
+  }
+
+  function requestBody(prompt, negativePrompt, parameters, seedText) {
+    if (seedText) parameters.seed = SEED_PLACEHOLDER;
+    const body = JSON.stringify({
+      input_data: { columns: ["prompt", "negative_prompt"], data: [[prompt, negativePrompt]], parameters },
+    });
+    // The seed goes in as written, digit for digit, never through a lossy JS number.
+    return seedText ? body.replace(`"${SEED_PLACEHOLDER}"`, seedText) : body;
+  }
+
+  function imageCard(item, fallbackPrompt) {
+    const seed = item.seed === undefined || item.seed === null ? "" : String(item.seed);
+    const src = `data:image/png;base64,${item.generated_image}`;
+    const figure = document.createElement("figure");
+    figure.className = "result";
+
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = `Generated image${seed ? ` for seed ${seed}` : ""}: ${item.prompt || fallbackPrompt}`;
+    figure.append(img);
+
+    const caption = document.createElement("figcaption");
+    if (seed) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "seed";
+      button.title = "Use this seed for the next image";
+      button.dataset.seed = seed;
+      button.append("seed ");
+      const value = document.createElement("span");
+      value.className = "seed-value";
+      value.textContent = seed;
+      button.append(value);
+      caption.append(button);
+    }
+    if (item.nsfw_content_detected === true) {
+      const badge = document.createElement("span");
+      badge.className = "badge nsfw";
+      badge.title = "The safety checker flagged this image and blacked it out.";
+      badge.textContent = "NSFW";
+      caption.append(badge);
+    }
+    const link = document.createElement("a");
+    link.className = "download";
+    link.href = src;
+    link.download = `${slug(item.prompt || fallbackPrompt)}${seed ? `-${seed}` : ""}.png`;
+    link.textContent = "Download";
+    caption.append(link);
+
+    figure.append(caption);
+    return figure;
+  }
+
+  function showResults(items, prompt, elapsedMs, requestId) {
+    const count = `${items.length} image${items.length === 1 ? "" : "s"}`;
+    $("latency").textContent = `${count} in ${(elapsedMs / 1000).toFixed(2)} s`;
+    $("request-id").textContent = requestId;
+    $("meta").hidden = false;
+    $("images").replaceChildren(...items.map((item) => imageCard(item, prompt)));
+  }
+
+  async function generate() {
+    if (state.busy) return;
+    $("error").hidden = true;
+    // 1. Read and check the form: only what the server cannot tell the user better.
+    const prompt = $("prompt").value.trim();
+    const seedText = $("seed").value.trim();
+    if (!prompt) {
+      showError("Write a prompt first.");
+      $("prompt").focus();
+      return;
+    }
+    if (seedText && !/^\d+$/.test(seedText)) {
+      showError("The seed must be a whole number (0 or more), or blank for a random seed.");
+      $("seed").focus();
+      return;
+    }
+    let body;
+    try {
+      body = requestBody(prompt, $("negative-prompt").value.trim(), readParameters(), seedText);
+    } catch (error) {
+      showError(describe(error));
+      return;
+    }
+    // 2. Post, timing the whole round trip as the user sees it.
+    setBusy(true);
+    const started = performance.now();
+    try {
+      const { text, requestId } = await call("score", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body,
+      });
+      const elapsed = performance.now() - started;
+      // 3. Show the images, each with its seed, badge and download link.
+      const items = parseWithStringSeeds(text);
+      if (!Array.isArray(items)) {
+        throw new ApiError("The server answered something other than a list of images.", 200, requestId);
+      }
+      showResults(items, prompt, elapsed, requestId);
+    } catch (error) {
+      if (error.status === 401) {
+        askForKey(error.message, true);
+      } else {
+        const id = error.requestId ? `request id ${error.requestId}` : "";
+        showError(describe(error), id);
+      }
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  function reuseSeed(event) {
+    const button = event.target.closest("button.seed");
+    if (!button) return;
+    $("seed").value = button.dataset.seed;
+    $("seed").focus();
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("generate-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      generate();
+    });
+    $("prompt").addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        generate();
+      }
+    });
+    $("key-form").addEventListener("submit", useKey);
+    $("images").addEventListener("click", reuseSeed);
+    loadInfo();
+  });
+})();
