@@ -135,13 +135,16 @@ class Engine:
         return images.float().cpu(), host_flags
 
     def warmup(self) -> None:
-        """Run every batch-size bucket once at the native size, so compilation and graph capture
-        happen before the first request."""
-        sizes = sorted(set(self.options.batch_buckets)) if self.options.cuda_graphs else [1]
+        """Run the shapes requests will run, at the native size, so that compilation and CUDA-graph
+        capture happen before readiness: every batch-size bucket, guided and unguided (the UNet
+        sees twice the batch with guidance)."""
+        compiled = self.options.compiled
+        sizes = sorted(set(self.options.batch_buckets)) if compiled else [1]
         for size in sizes:
-            items = [GenerationItem(prompt="warm-up", seed=i, num_inference_steps=2,
-                                    height=self.native_size, width=self.native_size) for i in range(size)]
-            self.generate(items)
+            for guidance in (7.5, 1.0) if compiled else (7.5,):
+                self.generate([GenerationItem(prompt="warm-up", seed=i, num_inference_steps=2,
+                                              guidance_scale=guidance, height=self.native_size,
+                                              width=self.native_size) for i in range(size)])
 
     def close(self) -> None:
         self.components = None  # type: ignore[assignment]

@@ -36,9 +36,14 @@ class EngineOptions:
         if self.accelerator not in ACCELERATORS:
             raise InvalidRequestError(f"unknown accelerator {self.accelerator!r}; use one of {ACCELERATORS}")
 
+    @property
+    def compiled(self) -> bool:
+        return self.compile or self.cuda_graphs
+
     def bucket(self, size: int) -> int:
-        """The padded batch size that ``size`` items run at."""
-        if not self.cuda_graphs:
+        """The padded batch size that ``size`` items run at: compiled code and CUDA graphs are
+        specialised on shapes, so a few buckets bound recompiles and captures."""
+        if not self.compiled:
             return size
         return next((b for b in sorted(self.batch_buckets) if b >= size), size)
 

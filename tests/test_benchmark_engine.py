@@ -12,9 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_engine_benchmark_writes_side_by_side_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["engine.py", "--model", "random:tiny", "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1",
-            "--deepspeed", "--out-dir", str(tmp_path), "--tag=-test"]
+def test_engine_benchmark_writes_side_by_side_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [
+        "engine.py",
+        "--model",
+        "random:tiny",
+        "--batch-sizes",
+        "1,2",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--deepspeed",
+        "--out-dir",
+        str(tmp_path),
+        "--tag=-test",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "benchmarks" / "engine.py"), run_name="__main__")
@@ -22,7 +37,11 @@ def test_engine_benchmark_writes_side_by_side_results(tmp_path: Path, monkeypatc
     report = json.loads((tmp_path / "engine-random-tiny-cpu-test.json").read_text())
     rows = report["results"]
     assert {(r["variant"], r["batch_size"]) for r in rows if "batch_size" in r} == {
-        ("diffusers", 1), ("diffusers", 2), ("engine", 1), ("engine", 2)}
+        ("diffusers", 1),
+        ("diffusers", 2),
+        ("engine", 1),
+        ("engine", 2),
+    }
     for r in rows:
         if r["variant"] == "engine":
             assert r["mean_abs_diff_vs_diffusers"] < 0.01 and r["speedup_vs_diffusers"] > 0

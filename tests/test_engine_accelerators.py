@@ -53,8 +53,9 @@ def test_an_accelerator_whose_images_differ_is_rejected_for_fresh_components(
     assert np.array_equal(engine.generate([ITEM])[0].image, plain_image)
 
 
-def test_an_accelerator_that_keeps_the_images_is_used(plain_image: np.ndarray,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_accelerator_that_keeps_the_images_is_used(
+    plain_image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     injected: list[bool] = []
 
     def faithful(components: Components, dtype: torch.dtype, cuda_graphs: bool) -> Components:

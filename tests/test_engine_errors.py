@@ -45,8 +45,9 @@ def unet_calls(engine: model.Engine, monkeypatch: pytest.MonkeyPatch) -> list[in
         ({"scheduler": "heun"}, "valid schedulers: default, pndm, ddim, euler, euler_ancestral, dpmsolver"),
     ],
 )
-def test_bad_items_are_invalid_requests(engine: model.Engine, unet_calls: list[int],
-                                        change: dict[str, object], message: str) -> None:
+def test_bad_items_are_invalid_requests(
+    engine: model.Engine, unet_calls: list[int], change: dict[str, object], message: str
+) -> None:
     with pytest.raises(model.InvalidRequestError, match=message):
         engine.generate([dataclasses.replace(GOOD, **change)])  # type: ignore[arg-type]
     assert unet_calls == []
@@ -64,10 +65,15 @@ def test_mixed_batch_keys(engine: model.Engine, unet_calls: list[int]) -> None:
     assert unet_calls == []
 
 
-def test_nan_output_is_an_engine_failure_not_an_image(engine: model.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_output_is_an_engine_failure_not_an_image(
+    engine: model.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bias = engine.components.vae.decoder.conv_out.bias
-    monkeypatch.setattr(engine.components.vae.decoder.conv_out, "bias",
-                        torch.nn.Parameter(torch.full_like(bias, math.nan), requires_grad=False))
+    monkeypatch.setattr(
+        engine.components.vae.decoder.conv_out,
+        "bias",
+        torch.nn.Parameter(torch.full_like(bias, math.nan), requires_grad=False),
+    )
     with pytest.raises(model.EngineFailure, match="NaN or Inf"):
         engine.generate([GOOD])
 
@@ -81,7 +87,9 @@ def test_out_of_memory_is_recognisable(engine: model.Engine, monkeypatch: pytest
         engine.generate([GOOD])
 
 
-def test_other_kernel_errors_are_engine_failures(engine: model.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_kernel_errors_are_engine_failures(
+    engine: model.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 

@@ -16,16 +16,33 @@ import model
 from model.architectures import CONFIGS, count_unet_parameters
 from model.types import GenerationItem
 
-ITEMS = [GenerationItem(prompt=p, seed=s, num_inference_steps=2, height=128, width=128)
-         for p, s in (("a lighthouse", 3), ("a teapot", 4))]
+ITEMS = [
+    GenerationItem(prompt=p, seed=s, num_inference_steps=2, height=128, width=128)
+    for p, s in (("a lighthouse", 3), ("a teapot", 4))
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Written by the real command, as a user would."""
     out = tmp_path_factory.mktemp("models") / "tiny"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "make-model", "--arch", "tiny",
-                           "--out", str(out), "--seed", "5"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "make-model",
+            "--arch",
+            "tiny",
+            "--out",
+            str(out),
+            "--seed",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return out
 
@@ -35,7 +52,15 @@ def images(engine: model.Engine) -> list[np.ndarray]:
 
 
 def test_make_model_writes_the_published_layout(tiny_folder: Path) -> None:
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor"):
+    for part in (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "safety_checker",
+        "feature_extractor",
+    ):
         assert (tiny_folder / part).is_dir(), part
     assert list((tiny_folder / "unet").glob("*.safetensors"))
     index = json.loads((tiny_folder / "model_index.json").read_text())
@@ -54,8 +79,12 @@ def test_folder_gives_the_same_images_as_the_random_model_with_that_seed(tiny_fo
 
 
 def test_make_model_refuses_to_overwrite(tiny_folder: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "make-model", "--arch", "tiny",
-                           "--out", str(tiny_folder)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "make-model", "--arch", "tiny", "--out", str(tiny_folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "already holds a model" in done.stderr
 
 
@@ -71,7 +100,9 @@ def test_folder_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
         model.load(str(tmp_path), device="cpu")
 
 
-def test_model_without_checker_gives_no_flag_unless_one_is_configured(tiny_folder: Path, tmp_path: Path) -> None:
+def test_model_without_checker_gives_no_flag_unless_one_is_configured(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
     """The 2-base layout: no safety_checker/ or feature_extractor/, null entries in model_index.json."""
     bare = tmp_path / "bare"
     shutil.copytree(tiny_folder, bare)
@@ -111,7 +142,9 @@ def test_published_architectures_are_exact() -> None:
     v14, v2 = CONFIGS["sd-v1-4"], CONFIGS["sd-2-base"]
     assert v14.unet["cross_attention_dim"] == 768 and v14.unet["attention_head_dim"] == 8
     assert v2.unet["cross_attention_dim"] == 1024 and v2.unet["use_linear_projection"]
-    assert [c // h for c, h in zip((320, 640, 1280, 1280), v2.unet["attention_head_dim"], strict=True)] == [64] * 4
+    assert [c // h for c, h in zip((320, 640, 1280, 1280), v2.unet["attention_head_dim"], strict=True)] == [
+        64
+    ] * 4
     assert v14.text_encoder["num_hidden_layers"] == 12 and v14.text_encoder["hidden_size"] == 768
     assert v2.text_encoder["num_hidden_layers"] == 23 and v2.text_encoder["hidden_size"] == 1024
     for config in (v14, v2):

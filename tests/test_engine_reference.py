@@ -42,22 +42,45 @@ def reference_image(engine: model.Engine, item: GenerationItem) -> np.ndarray:
 
 
 def mixed_batch(scheduler: str) -> list[GenerationItem]:
-    prompts = ["a red fox", "lion holding hunted deer in grass fields", "", "an astronaut riding a horse",
-               "ünïcödé ✨ prompt", "x " * 100, "a bowl of fruit", "city at night"]
+    prompts = [
+        "a red fox",
+        "lion holding hunted deer in grass fields",
+        "",
+        "an astronaut riding a horse",
+        "ünïcödé ✨ prompt",
+        "x " * 100,
+        "a bowl of fruit",
+        "city at night",
+    ]
     guidance = [7.5, 1.0, 3.0, 12.0, 0.0, 7.5, 1.5, 7.5]
     negatives = ["", "blurry", "", "low quality", "", "", "bad hands", ""]
     return [
-        GenerationItem(prompt=p, seed=1000 + 37 * i, negative_prompt=n, num_inference_steps=STEPS,
-                       guidance_scale=g, height=SIZE, width=SIZE, scheduler=scheduler)
+        GenerationItem(
+            prompt=p,
+            seed=1000 + 37 * i,
+            negative_prompt=n,
+            num_inference_steps=STEPS,
+            guidance_scale=g,
+            height=SIZE,
+            width=SIZE,
+            scheduler=scheduler,
+        )
         for i, (p, g, n) in enumerate(zip(prompts, guidance, negatives, strict=True))
     ]
 
 
 @pytest.mark.parametrize("scheduler", offered_schedulers())
 def test_single_item_matches_diffusers(engine: model.Engine, scheduler: str) -> None:
-    item = GenerationItem(prompt="a photograph of an astronaut riding a horse", seed=42,
-                          negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=7.5,
-                          height=SIZE, width=SIZE, scheduler=scheduler)
+    item = GenerationItem(
+        prompt="a photograph of an astronaut riding a horse",
+        seed=42,
+        negative_prompt="blurry",
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        scheduler=scheduler,
+    )
     images, flags = engine.generate_float([item])
     ours = images[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - reference_image(engine, item)).max() < TOLERANCE
@@ -75,8 +98,10 @@ def test_items_in_a_mixed_batch_match_diffusers_alone(engine: model.Engine, sche
 
 
 def test_seed_changes_the_image_and_repeats_exactly(engine: model.Engine) -> None:
-    a, b, c = (GenerationItem(prompt="same", seed=s, num_inference_steps=2, height=SIZE, width=SIZE)
-               for s in (1, 2, 1))
+    a, b, c = (
+        GenerationItem(prompt="same", seed=s, num_inference_steps=2, height=SIZE, width=SIZE)
+        for s in (1, 2, 1)
+    )
     first, second, again = (engine.generate([item])[0].image for item in (a, b, c))
     assert np.array_equal(first, again)
     assert not np.array_equal(first, second)

@@ -17,8 +17,10 @@ def engine() -> model.Engine:
 
 
 def items(count: int, size: int = 128) -> list[GenerationItem]:
-    return [GenerationItem(prompt=f"prompt {i}", seed=i, num_inference_steps=2, height=size, width=size)
-            for i in range(count)]
+    return [
+        GenerationItem(prompt=f"prompt {i}", seed=i, num_inference_steps=2, height=size, width=size)
+        for i in range(count)
+    ]
 
 
 def pil_path_clip_input(engine: model.Engine, images: torch.Tensor) -> torch.Tensor:
@@ -31,7 +33,9 @@ def pil_path_clip_input(engine: model.Engine, images: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])
-def test_tensor_preprocessing_matches_clip_image_processor(engine: model.Engine, size: tuple[int, int]) -> None:
+def test_tensor_preprocessing_matches_clip_image_processor(
+    engine: model.Engine, size: tuple[int, int]
+) -> None:
     height, width = size
     torch.manual_seed(0)
     images = torch.rand(3, 3, height, width)
@@ -52,8 +56,10 @@ def test_flags_match_the_pil_path_on_both_sides_of_the_threshold(engine: model.E
     pil_input = pil_path_clip_input(engine, images)
     with torch.no_grad():
         embeds = checker.visual_projection(checker.vision_model(pil_input)[1])
-        cosine = torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(
-            checker.concept_embeds, dim=-1).T
+        cosine = (
+            torch.nn.functional.normalize(embeds, dim=-1)
+            @ torch.nn.functional.normalize(checker.concept_embeds, dim=-1).T
+        )
     # put concept 0's threshold between the images' scores so that some are flagged and some not
     scores = cosine[:, 0].sort().values
     checker.concept_embeds_weights[0] = float((scores[3] + scores[4]) / 2)
@@ -82,7 +88,9 @@ def test_nothing_in_an_item_turns_the_checker_off(engine: model.Engine) -> None:
     fields = set(GenerationItem.__dataclass_fields__)
     assert not {f for f in fields if "safe" in f or "nsfw" in f or "check" in f}
     engine.components.safety_checker.concept_embeds_weights.fill_(-1.0)
-    mixed = [GenerationItem(prompt="p", seed=1, num_inference_steps=2, height=128, width=128, guidance_scale=g)
-             for g in (0.0, 1.0, 30.0)]
+    mixed = [
+        GenerationItem(prompt="p", seed=1, num_inference_steps=2, height=128, width=128, guidance_scale=g)
+        for g in (0.0, 1.0, 30.0)
+    ]
     assert all(r.nsfw_content_detected and not r.image.any() for r in engine.generate(mixed))
     assert np.all([r.seed == 1 for r in engine.generate(mixed)])
