@@ -1,0 +1,93 @@
+"""Azure ML batch endpoint entry script: ``init()`` once per worker, ``run(mini_batch)`` per mini-batch.
+
+It uses the runner of ``sd-endpoint batch``: every row's image and record go to the job's output
+folder (AZUREML_BI_OUTPUT_PATH) as ``images/<file>/<row>.png`` and ``records/<file>/<row>.json``,
+and ``run`` returns the mini-batch's predictions rows, which Azure appends to predictions.csv.
+A mini-batch that Azure retries (after a timeout or a lost node) only generates the rows that have
+no record yet, and returns every row of its files once.
+
+Configuration: the model from SD_MODEL or AZUREML_MODEL_DIR (service.settings.Settings), the
+generation parameters from SD_BATCH_PARAMS (a JSON object with the keys of ``--params``).
+Files are named in the output by their name alone, so input file names must be unique.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("batch_score")
+
+OUTPUT_ENV = "AZUREML_BI_OUTPUT_PATH"
+PARAMS_ENV = "SD_BATCH_PARAMS"
+
+_job: dict[str, Any] = {}
+
+
+def init() -> None:
+    """Load the model and check the parameters and the output, once per worker process."""
+    from service.batch.params import JobParams
+    from service.batch.plan import prepare_output
+    from service.batch.process import RetryPolicy
+    from service.batch.runner import RunConfig
+    from service.lifecycle import load_engine
+    from service.logs import configure_logging
+    from service.settings import Settings
+    from service.storage import open_storage
+
+    # 1) settings and parameters: a mistake fails init, before any generation
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    params = JobParams.from_file(os.environ.get(PARAMS_ENV) or "{}", PARAMS_ENV)
+    params.check(settings.max_steps)
+    output_path = os.environ.get(OUTPUT_ENV)
+    if not output_path:
+        raise RuntimeError(f"{OUTPUT_ENV} is not set: this script runs inside an Azure ML batch deployment")
+    output = open_storage(output_path)
+    prepare_output(output, params)
+    # 2) the model, and the parameters checked against it
+    log.info("loading model %s", settings.model_spec)
+    engine = load_engine(settings)
+    engine.validate([params.item("parameter check", "", 0, engine.info)])
+    config = RunConfig(
+        batch_size=settings.max_batch_size, retry=RetryPolicy(), write_workers=settings.encode_workers
+    )
+    _job.update(engine=engine, params=params, output=output, config=config)
+
+
+def run(mini_batch: list[str]) -> pd.DataFrame:
+    """Score the files of one mini-batch; one predictions row per input row, in file and row order."""
+    import pandas as pd
+
+    from service.batch.finalize import collect_records
+    from service.batch.inputs import InputFile, parse_file
+    from service.batch.plan import find_finished
+    from service.batch.records import PREDICTION_COLUMNS
+    from service.batch.runner import run_rows
+
+    engine, params, output, config = _job["engine"], _job["params"], _job["output"], _job["config"]
+    # 1) the rows of every file (named by file name) and those an earlier attempt finished
+    rows = []
+    for path in map(Path, mini_batch):
+        rows += parse_file(InputFile(path.name), path.read_bytes(), params.seed, str(path))
+    keys = {row.key for row in rows}
+    finished = find_finished(output, keys=keys)
+    pending = [row for row in rows if (row.key, row.row) not in finished]
+    # 2) generate what is left
+    result = run_rows(engine, pending, output, params, config)
+    log.info("mini-batch of %d file(s): %d generated, %d failed, %d already done",
+             len(mini_batch), result.generated, result.failed, len(rows) - len(pending))  # fmt: skip
+    # 3) every row must have its record now; if storage lost some, Azure retries the mini-batch
+    records = collect_records(output, keys=keys)
+    missing = [row for row in rows if (row.key, row.row) not in records]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} row(s) have no record (storage errors); the mini-batch will be retried"
+        )
+    ordered = [records[(row.key, row.row)] for row in rows]
+    return pd.DataFrame([record.prediction_row() for record in ordered], columns=list(PREDICTION_COLUMNS))

@@ -1,0 +1,246 @@
+"""`sd-endpoint batch`: score folders of prompt files from local paths, az:// or s3:// into an output URI.
+
+Exit codes: 0 every row attempted (failed rows, if any, are in the summary); 1 the job stopped
+(error threshold, storage failure, Ctrl+C); 2 nothing ran: bad input, output or parameters.
+Only argparse is imported at module level; the rest loads when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.batch.params import JobParams
+    from service.batch.plan import JobPlan
+    from service.batch.runner import RunConfig, RunResult
+    from service.lifecycle import ServingEngine
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("input and output")
+    io.add_argument(
+        "--input",
+        required=True,
+        metavar="URI",
+        help="a folder or file of .csv/.jsonl prompts: a path, file://, az://container/prefix or s3://bucket/prefix",
+    )
+    io.add_argument(
+        "--output",
+        required=True,
+        metavar="URI",
+        help="where images, records, predictions.csv and summary.json go",
+    )
+    io.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="endpoint of an S3-compatible store (default AWS_ENDPOINT_URL or AWS)",
+    )
+    gen = parser.add_argument_group("generation (override --params)")
+    gen.add_argument("--model", help="model spec (SD_MODEL); default AZUREML_MODEL_DIR, else random:tiny")
+    gen.add_argument("--device", help="cuda, cuda:1, cpu... (SD_DEVICE, default auto)")
+    gen.add_argument("--dtype", help="fp16, bf16, fp32 (SD_DTYPE, default auto)")
+    gen.add_argument(
+        "--params",
+        metavar="FILE.json",
+        help="JSON object with num_inference_steps, guidance_scale, height, width, scheduler, seed",
+    )
+    gen.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default 7.5)")
+    gen.add_argument(
+        "--width", type=int, help="image width, a multiple of 8 (default: the model's native size)"
+    )
+    gen.add_argument(
+        "--height", type=int, help="image height, a multiple of 8 (default: the model's native size)"
+    )
+    gen.add_argument("--scheduler", help="scheduler name (default: the model's own)")
+    gen.add_argument(
+        "--seed", type=int, help="job seed: a row without a seed gets one derived from (this, file, row)"
+    )
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch-size", type=int, help="images per engine batch (SD_MAX_BATCH_SIZE, default 8)")
+    run.add_argument(
+        "--max-retries", type=int, default=2, help="retries per row for engine and storage errors (default 2)"
+    )
+    run.add_argument(
+        "--error-threshold",
+        type=int,
+        default=-1,
+        help="failed rows allowed before the job stops; -1: never stop (default)",
+    )
+    run.add_argument(
+        "--write-workers",
+        type=int,
+        help="threads encoding and uploading images (SD_ENCODE_WORKERS, default 4)",
+    )
+    run.add_argument(
+        "--retry-failed", action="store_true", help="generate rows that failed in an earlier run again"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.batch.errors import EXIT_USAGE, BatchConfigError
+
+    try:
+        settings = _settings(args)
+        from service.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
+        return _run(args, settings)
+    except BatchConfigError as error:
+        print(f"sd-endpoint batch: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from service.batch.errors import EXIT_FAILED, EXIT_OK
+    from service.batch.finalize import finalize
+    from service.batch.plan import plan_job
+    from service.storage import StorageError, StorageOptions
+
+    # 1) everything that can be checked without the model (and without importing torch)
+    max_retries = _at_least(args.max_retries, 0, "--max-retries")
+    error_threshold = _at_least(args.error_threshold, -1, "--error-threshold")
+    params = _params(args)
+    plan = plan_job(
+        args.input,
+        args.output,
+        params,
+        options=StorageOptions(args.s3_endpoint_url),
+        max_steps=settings.max_steps,
+        retry_failed=args.retry_failed,
+    )
+    # 2) the model, and the parameters checked against it; then the work
+    result: RunResult | None = None
+    model, parameters = settings.model_spec, params.as_dict()
+    if plan.pending:
+        from service.batch.process import RetryPolicy
+        from service.batch.runner import RunConfig
+
+        config = RunConfig(
+            batch_size=settings.max_batch_size,
+            retry=RetryPolicy(max_retries=max_retries),
+            error_threshold=error_threshold,
+            write_workers=settings.encode_workers,
+        )
+        engine = _load_engine(settings, plan)
+        model, parameters = engine.info.name, params.resolved(engine.info)
+        result = _generate(engine, plan, config)
+    else:
+        log.info("every row is already finished; rebuilding predictions.csv and summary.json")
+    # 3) predictions.csv and summary.json from every record
+    try:
+        summary = finalize(
+            plan.output, plan.rows, model=model, parameters=parameters, run=result, skipped=plan.skipped
+        )
+    except StorageError as error:
+        print(
+            f"sd-endpoint batch: error: cannot finalize the output: {error}; run the job again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(json.dumps(summary, indent=2))
+    if result is not None and result.stopped:
+        print(
+            f"sd-endpoint batch: stopped: {result.stopped}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130 if result.stopped == "interrupted" else EXIT_FAILED
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError
+
+    from service.batch.errors import BatchConfigError
+    from service.settings import Settings
+
+    names = {
+        "model": "model",
+        "device": "device",
+        "dtype": "dtype",
+        "batch_size": "max_batch_size",
+        "write_workers": "encode_workers",
+    }
+    overrides: dict[str, Any] = {
+        field: value for arg, field in names.items() if (value := getattr(args, arg)) is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise BatchConfigError(f"bad setting: {problems}") from error
+
+
+def _params(args: argparse.Namespace) -> JobParams:
+    from service.batch.errors import BatchConfigError
+    from service.batch.params import JobParams
+    from service.storage import StorageError, open_storage
+
+    params = JobParams()
+    if args.params:
+        try:
+            text = open_storage(args.params).read().decode("utf-8")
+        except (StorageError, UnicodeDecodeError) as error:
+            raise BatchConfigError(f"cannot read --params {args.params}: {error}") from error
+        params = JobParams.from_file(text, args.params)
+    return params.replace(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+        seed=args.seed,
+    )
+
+
+def _at_least(value: int, minimum: int, flag: str) -> int:
+    from service.batch.errors import BatchConfigError
+
+    if value < minimum:
+        raise BatchConfigError(f"{flag} must be {minimum} or more, got {value}")
+    return value
+
+
+def _load_engine(settings: Settings, plan: JobPlan) -> ServingEngine:
+    """Load the model and check the job's parameters against it, before generating anything."""
+    from model.errors import InvalidRequestError, ModelLoadError
+    from service.batch.errors import BatchConfigError
+    from service.lifecycle import load_engine
+
+    log.info("loading model %s", settings.model_spec)
+    try:
+        engine = load_engine(settings)
+    except ModelLoadError as error:
+        raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
+    probe = plan.params.item("parameter check", "", 0, engine.info)
+    try:
+        engine.validate([probe])
+    except InvalidRequestError as error:
+        raise BatchConfigError(f"the parameters do not suit {engine.info.name}: {error}") from error
+    return engine
+
+
+def _generate(engine: ServingEngine, plan: JobPlan, config: RunConfig) -> RunResult:
+    from service.batch.progress import Progress
+    from service.batch.runner import run_job
+
+    pending = len(plan.pending)
+    log.info(
+        "generating %d image(s) in batches of %d (%d rows already finished)",
+        pending,
+        config.batch_size,
+        plan.skipped,
+    )
+    progress = Progress(pending)
+    try:
+        return run_job(engine, plan, config, on_record=progress)
+    finally:
+        progress.close()
+        engine.close()

@@ -1,0 +1,18 @@
+"""Errors of a batch job, and the exit codes the command maps them to."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ran but stopped (error threshold, storage gone, interrupted)
+EXIT_USAGE = 2  # nothing ran: bad input, output or parameters
+
+
+class BatchConfigError(Exception):
+    """The job cannot start as asked (missing input, CSV without prompt column, bad parameters...).
+
+    Raised before any GPU work; the message says what is wrong and what to do.
+    """
+
+
+class ErrorThresholdExceeded(Exception):
+    """More rows failed than --error-threshold allows; the job stopped early."""

@@ -1,0 +1,100 @@
+"""Finalizing a job: predictions.csv and summary.json, rebuilt from every record in the output.
+
+Rebuilding (instead of appending) is what keeps the output exactly-once: whatever runs came
+before, each row appears once, and a run killed while finalizing is repaired by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from service.batch.inputs import InputRow
+from service.batch.plan import list_records
+from service.batch.records import (
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    Record,
+    parse_record_path,
+    predictions_csv,
+)
+from service.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from service.batch.runner import RunResult  # imports the engine's types, hence torch
+
+log = logging.getLogger(__name__)
+
+
+def finalize(
+    output: Storage,
+    rows: Sequence[InputRow],
+    *,
+    model: str,
+    parameters: dict[str, Any],
+    run: RunResult | None = None,
+    skipped: int = 0,
+) -> dict[str, Any]:
+    """Write predictions.csv and summary.json (each atomically) and return the summary.
+
+    ``run``: this run's result (its records need not be read back); ``skipped``: rows an earlier
+    run had finished. Raises StorageError when the output cannot be listed or written.
+    """
+    # 1) every record: this run's from memory, earlier ones from the output
+    records = collect_records(output, run.records if run else [])
+    # 2) the table, in input order
+    output.write(PREDICTIONS_FILE, predictions_csv(list(records.values())))
+    # 3) the counts
+    wanted = {(row.key, row.row) for row in rows}
+    mine = [record for where, record in records.items() if where in wanted]
+    generated = run.generated if run else 0
+    seconds = run.seconds if run else 0.0
+    summary: dict[str, Any] = {
+        "total": len(rows),
+        "done": sum(1 for r in mine if r.ok),
+        "flagged": sum(1 for r in mine if r.flagged),
+        "failed": sum(1 for r in mine if not r.ok),
+        "skipped": skipped,
+        "missing": len(wanted) - len(mine),
+        "generated": generated,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(generated / seconds, 4) if seconds > 0 else 0.0,
+        "complete": len(mine) == len(wanted),
+        "stopped": (run.stopped or None) if run else None,
+        "model": model,
+        "parameters": parameters,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    output.write(SUMMARY_FILE, json.dumps(summary, indent=2).encode("utf-8"))
+    return summary
+
+
+def collect_records(
+    output: Storage, known: Sequence[Record] = (), *, keys: Iterable[str] | None = None
+) -> dict[tuple[str, int], Record]:
+    """Every record in ``output`` (of the files ``keys`` only, when given) keyed by (file key, row).
+
+    ``known`` records (this run's, in memory) are not read again.
+    """
+    started = time.perf_counter()
+    records = {(r.key, r.row): r for r in known}
+    paths = {path: where for path in list_records(output, keys) if (where := parse_record_path(path))}
+    unread = [path for path, where in paths.items() if where not in records]
+    for path, data in output.read_many(unread).items():
+        if isinstance(data, StorageError):
+            raise data
+        try:
+            record = Record.from_json(data)
+        except ValueError as error:
+            # Only a crash of the machine (not of the process) can leave one; --retry-failed redoes it.
+            log.warning("ignoring damaged record %s: %s", output.describe(path), error)
+            continue
+        records[paths[path]] = record
+    log.debug(
+        "collected %d records (%d read) in %.1f s", len(records), len(unread), time.perf_counter() - started
+    )
+    return records

@@ -1,0 +1,143 @@
+"""Planning a job: the inputs, the output, and which rows are already finished.
+
+Everything here runs before the model is loaded, so that every mistake in the input, the output
+or the parameters is reported before any GPU work. The input is read whole: prompts are small
+(100,000 prompts are about 10 MB), and knowing every row up front gives exact progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from service.batch.errors import BatchConfigError
+from service.batch.inputs import InputFile, InputRow, open_inputs, read_rows
+from service.batch.params import JobParams
+from service.batch.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
+from service.storage import Storage, StorageError, StorageOptions, open_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobPlan:
+    input: Storage
+    output: Storage
+    files: list[InputFile]
+    rows: list[InputRow]
+    finished: set[tuple[str, int]]  # (file key, row) of rows that have a record
+    params: JobParams
+
+    @property
+    def pending(self) -> list[InputRow]:
+        return [row for row in self.rows if (row.key, row.row) not in self.finished]
+
+    @property
+    def skipped(self) -> int:
+        """Rows finished by an earlier run of this job."""
+        return len(self.rows) - len(self.pending)
+
+
+def plan_job(
+    input_uri: str,
+    output_uri: str,
+    params: JobParams,
+    *,
+    options: StorageOptions | None = None,
+    max_steps: int = 150,
+    retry_failed: bool = False,
+) -> JobPlan:
+    """Check everything and find the work left. Raises BatchConfigError with a one-line reason."""
+    # 1) parameters
+    params.check(max_steps)
+    # 2) inputs: every file readable, every CSV with a prompt column
+    inputs = open_inputs(input_uri, options)
+    rows = read_rows(inputs.storage, inputs.files, params.seed)
+    # 3) output: writable, not inside the input, not holding another job
+    try:
+        output = open_storage(output_uri, options)
+    except StorageError as error:
+        raise BatchConfigError(f"cannot use the output: {error}") from error
+    folder = inputs.storage
+    same_kind = type(output.fs) is type(folder.fs)
+    inside = same_kind and (output.root == folder.root or output.root.startswith(folder.root + "/"))
+    if inside and not inputs.single_file:
+        raise BatchConfigError(
+            f"the output {output.uri} is inside the input {folder.uri}; its files would be read as "
+            "inputs next time: choose an output elsewhere"
+        )
+    prepare_output(output, params)
+    # 4) what earlier runs finished
+    finished = find_finished(output, retry_failed=retry_failed)
+    plan = JobPlan(folder, output, inputs.files, rows, finished, params)
+    log.info("%d input file(s), %d row(s), %d already finished", len(plan.files), len(rows), plan.skipped)
+    return plan
+
+
+def prepare_output(output: Storage, params: JobParams) -> None:
+    """Refuse an output that holds a job with other parameters; write ours (which proves we can write)."""
+    ours = {"parameters": params.as_dict()}
+    try:
+        if output.exists(JOB_FILE):
+            theirs = json.loads(output.read(JOB_FILE)).get("parameters")
+            if theirs != ours["parameters"]:
+                mine = ours["parameters"]
+                differences = ", ".join(
+                    f"{name} {json.dumps(theirs.get(name))} there, {json.dumps(mine.get(name))} here"
+                    for name in sorted(set(theirs) | set(mine))
+                    if theirs.get(name) != mine.get(name)
+                )
+                raise BatchConfigError(
+                    f"{output.describe(JOB_FILE)} holds a job with other parameters ({differences}); "
+                    "resume it with the same parameters or choose a new output"
+                )
+        output.write(JOB_FILE, json.dumps(ours, indent=2).encode("utf-8"))
+        # A killed run may have left temporary files of local writes; they were never results.
+        removed = output.discard_partial_writes(IMAGES_DIR) + output.discard_partial_writes(RECORDS_DIR)
+    except StorageError as error:
+        raise BatchConfigError(
+            f"cannot write to the output: {error}; check the path, its permissions or the credentials"
+        ) from error
+    except (ValueError, AttributeError) as error:
+        raise BatchConfigError(
+            f"{output.describe(JOB_FILE)} is damaged ({error}); remove it or choose a new output"
+        ) from error
+    if removed:
+        log.info("removed %d unfinished temporary file(s) of an interrupted run", removed)
+
+
+def find_finished(
+    output: Storage, *, keys: Iterable[str] | None = None, retry_failed: bool = False
+) -> set[tuple[str, int]]:
+    """(file key, row) of every row with a record (of the files ``keys`` only, when given).
+
+    With ``retry_failed``, rows whose record says failed count as unfinished.
+    """
+    try:
+        paths = list_records(output, keys)
+    except StorageError as error:
+        raise BatchConfigError(f"cannot list the finished rows: {error}") from error
+    located = {path: parse_record_path(path) for path in paths}
+    finished = {where for where in located.values() if where is not None}
+    if retry_failed and finished:
+        for path, data in output.read_many(p for p, where in located.items() if where).items():
+            where = located[path]
+            if where is not None and (isinstance(data, StorageError) or not _is_ok(data)):
+                finished.discard(where)
+    return finished
+
+
+def list_records(output: Storage, keys: Iterable[str] | None = None) -> list[str]:
+    """Paths of the records in ``output``: all, or those of the files ``keys`` (one listing each)."""
+    if keys is None:
+        return output.list(RECORDS_DIR)
+    return [path for key in sorted(set(keys)) for path in output.list(f"{RECORDS_DIR}/{key}")]
+
+
+def _is_ok(data: bytes) -> bool:
+    try:
+        return Record.from_json(data).ok
+    except ValueError:
+        return False

@@ -1,0 +1,156 @@
+"""The pipelined runner: the engine generates batch after batch in this thread while a small
+thread pool encodes PNGs and writes images and records, so the device never waits for storage.
+
+Backpressure: at most ``max_pending_writes`` rows may wait for the pool; past that the engine
+waits for the oldest write, so a slow store slows the job instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.batch.errors import ErrorThresholdExceeded
+from service.batch.inputs import InputRow
+from service.batch.params import JobParams
+from service.batch.plan import JobPlan
+from service.batch.process import BatchEngine, RetryPolicy, generate_batch, write_failure, write_success
+from service.batch.records import Record
+from service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    batch_size: int = 8
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    error_threshold: int = -1  # failed rows allowed in this run; -1: no limit
+    write_workers: int = 4
+
+    @property
+    def max_pending_writes(self) -> int:
+        return 2 * self.batch_size + self.write_workers
+
+
+@dataclass
+class RunResult:
+    records: list[Record]  # the records this run wrote
+    seconds: float
+    stopped: str = ""  # why the run ended early; empty when every pending row was attempted
+
+    @property
+    def generated(self) -> int:
+        return sum(1 for r in self.records if r.ok)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.records if not r.ok)
+
+
+def run_job(
+    engine: BatchEngine,
+    plan: JobPlan,
+    config: RunConfig,
+    on_record: Callable[[Record], None] = lambda record: None,
+) -> RunResult:
+    """Process every pending row of ``plan``; ``on_record`` sees each record as it is written."""
+    return run_rows(engine, plan.pending, plan.output, plan.params, config, on_record)
+
+
+def process_rows(
+    engine: BatchEngine, rows: Sequence[InputRow], output: Storage, params: JobParams, config: RunConfig
+) -> list[Record]:
+    """Generate and write ``rows``; their records in the same order (for schedulers such as Ray Data).
+
+    Raises ErrorThresholdExceeded when ``config.error_threshold`` stops the work early.
+    """
+    result = run_rows(engine, rows, output, params, config)
+    if result.stopped:
+        raise ErrorThresholdExceeded(result.stopped)
+    by_row = {(r.input_file, r.row): r for r in result.records}
+    return [by_row[(row.file, row.row)] for row in rows]
+
+
+def run_rows(
+    engine: BatchEngine,
+    rows: Sequence[InputRow],
+    output: Storage,
+    params: JobParams,
+    config: RunConfig,
+    on_record: Callable[[Record], None] = lambda record: None,
+) -> RunResult:
+    """Generate ``rows`` in engine batches while a pool writes finished ones (the pipelined loop)."""
+    started = time.perf_counter()
+    run = _Run(config, on_record)
+    with ThreadPoolExecutor(max_workers=config.write_workers, thread_name_prefix="batch-write") as pool:
+        run.pool = pool
+        try:
+            # 1) rows that cannot run: failed records, no engine
+            for row in rows:
+                if row.error:
+                    run.submit(write_failure, output, row, row.error, 0, config.retry)
+            # 2) full engine batches; failed rows go round again while they have attempts left
+            queue: deque[tuple[InputRow, int]] = deque((row, 1) for row in rows if not row.error)
+            while queue and not run.stopped:
+                batch = [queue.popleft() for _ in range(min(config.batch_size, len(queue)))]
+                outcomes = generate_batch(engine, [row for row, _ in batch], params)
+                again: list[tuple[InputRow, int]] = []
+                for (row, attempts), outcome in zip(batch, outcomes, strict=True):
+                    if outcome.result is not None:
+                        run.submit(write_success, output, row, outcome.result, attempts, config.retry)
+                    elif outcome.retryable and attempts <= config.retry.max_retries:
+                        again.append((row, attempts + 1))
+                    else:
+                        run.submit(write_failure, output, row, outcome.error, attempts, config.retry)
+                queue.extendleft(reversed(again))  # retried first, in their order
+                run.collect(block=False)
+        except KeyboardInterrupt:
+            run.stop("interrupted")
+        # 3) every submitted write finishes, even when stopping: those rows are done
+        run.collect(block=True)
+    return RunResult(run.records, time.perf_counter() - started, run.stopped)
+
+
+class _Run:
+    """Book-keeping of one run: outstanding writes, records, the error threshold."""
+
+    def __init__(self, config: RunConfig, on_record: Callable[[Record], None]) -> None:
+        self.config, self.on_record = config, on_record
+        self.pool: ThreadPoolExecutor | None = None
+        self.writes: deque[Future[Record]] = deque()
+        self.records: list[Record] = []
+        self.failed = 0
+        self.stopped = ""
+
+    def submit(self, fn: Callable[..., Record], *args: object) -> None:
+        assert self.pool is not None
+        self.writes.append(self.pool.submit(fn, *args))
+        while len(self.writes) > self.config.max_pending_writes:
+            self._take(self.writes.popleft())
+
+    def collect(self, block: bool) -> None:
+        while self.writes and (block or self.writes[0].done()):
+            self._take(self.writes.popleft())
+
+    def stop(self, reason: str) -> None:
+        if not self.stopped:
+            self.stopped = reason
+            log.error("stopping: %s", reason)
+
+    def _take(self, future: Future[Record]) -> None:
+        record = future.result()
+        self.records.append(record)
+        self.on_record(record)
+        if not record.ok:
+            self.failed += 1
+            threshold = self.config.error_threshold
+            if 0 <= threshold < self.failed:
+                self.stop(
+                    f"{self.failed} rows failed, more than --error-threshold {threshold}; last error: "
+                    + record.error
+                )

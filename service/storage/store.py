@@ -1,0 +1,164 @@
+"""Files under one root (a local folder, a blob prefix), with atomic writes.
+
+The whole interface is list / read / write / exists; fsspec does the talking to each backend.
+Atomicity: locally a write goes to a hidden temporary file in the target's folder, then
+``os.replace`` (a rename within one filesystem is atomic). Remotely one upload of the whole
+object is committed by the service as a unit (Azure's put-blob or put-block-list, S3's put-object
+or complete-multipart-upload), so readers never see part of it.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+# Temporary files of local writes: hidden, and recognisable so that a resumed job can remove the
+# ones a killed process left behind.
+PARTIAL_MARKER = ".partial-"
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URI and what to check."""
+
+
+class MissingFileError(StorageError):
+    """The file (or folder) does not exist."""
+
+
+class Storage:
+    """Files below ``root`` of one fsspec filesystem; paths given to methods are relative, '/'-separated."""
+
+    def __init__(self, fs: AbstractFileSystem, root: str, uri: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.uri = uri.rstrip("/")
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    # ------------------------------------------------------------------ naming
+    def _full(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def describe(self, path: str = "") -> str:
+        """The URI of ``path``, for messages."""
+        return f"{self.uri}/{path}" if path else self.uri
+
+    def as_folder_of_file(self) -> tuple[Storage, str]:
+        """When the root is a file: the storage of its folder and the file's name."""
+        parent, name = posixpath.split(self.root)
+        uri_parent = self.uri[: -len(name)].rstrip("/") if self.uri.endswith(name) else parent
+        return Storage(self.fs, parent, uri_parent or "."), name
+
+    # ------------------------------------------------------------------ queries
+    def exists(self, path: str = "") -> bool:
+        try:
+            return bool(self.fs.exists(self._full(path)))
+        except Exception as error:
+            raise StorageError(f"cannot check {self.describe(path)}: {_reason(error)}") from error
+
+    def is_file(self, path: str = "") -> bool:
+        try:
+            return bool(self.fs.isfile(self._full(path)))
+        except Exception as error:
+            raise StorageError(f"cannot check {self.describe(path)}: {_reason(error)}") from error
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Relative paths of every file below ``prefix`` (recursively), sorted; partial writes excluded."""
+        base = self._full(prefix.strip("/"))
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except Exception as error:
+            raise StorageError(f"cannot list {self.describe(prefix)}: {_reason(error)}") from error
+        start = len(self.root) + 1
+        paths = (self.fs._strip_protocol(p)[start:] for p in found)
+        return sorted(p for p in paths if p and PARTIAL_MARKER not in posixpath.basename(p))
+
+    # ------------------------------------------------------------------ reading
+    def read(self, path: str = "", limit: int | None = None) -> bytes:
+        """The file's bytes (the first ``limit`` bytes when given)."""
+        full = self._full(path)
+        try:
+            data = self.fs.cat_file(full, start=0, end=limit) if limit is not None else self.fs.cat_file(full)
+        except FileNotFoundError as error:
+            raise MissingFileError(f"{self.describe(path)} does not exist") from error
+        except Exception as error:
+            raise StorageError(f"cannot read {self.describe(path)}: {_reason(error)}") from error
+        return bytes(data)
+
+    def read_many(self, paths: Iterable[str]) -> dict[str, bytes | StorageError]:
+        """Read several files; remote backends fetch them concurrently. Failures are returned, not raised."""
+        wanted = list(paths)
+        if not wanted:
+            return {}
+        full = {self._full(p): p for p in wanted}
+        try:
+            found = self.fs.cat(list(full), on_error="return")
+        except Exception as error:
+            failure = StorageError(f"cannot read below {self.uri}: {_reason(error)}")
+            return dict.fromkeys(wanted, failure)
+        # fsspec keys the answer by its own spelling of each path.
+        by_stripped = {self.fs._strip_protocol(k): v for k, v in found.items()}
+        out: dict[str, bytes | StorageError] = {}
+        for full_path, rel in full.items():
+            value = by_stripped.get(self.fs._strip_protocol(full_path))
+            if isinstance(value, bytes | bytearray):
+                out[rel] = bytes(value)
+            else:
+                out[rel] = StorageError(f"cannot read {self.describe(rel)}: {_reason(value)}")
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def write(self, path: str, data: bytes) -> None:
+        """Write the whole file atomically: readers see the old content or the new, never a part."""
+        full = self._full(path)
+        try:
+            if self.is_local:
+                _write_local_atomically(full, data)
+            else:
+                self.fs.pipe_file(full, data)
+        except Exception as error:
+            raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
+
+    def discard_partial_writes(self, prefix: str = "") -> int:
+        """Remove temporary files that a killed writer left below ``prefix``; returns how many."""
+        if not self.is_local:
+            return 0  # remote uploads that never committed are invisible and expire on their own
+        base = self._full(prefix.strip("/"))
+        removed = 0
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
+                if PARTIAL_MARKER in name:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+        return removed
+
+
+def _write_local_atomically(full: str, data: bytes) -> None:
+    folder, name = os.path.split(full)
+    os.makedirs(folder or ".", exist_ok=True)
+    temporary = os.path.join(folder, f".{name}{PARTIAL_MARKER}{uuid.uuid4().hex[:12]}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, full)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _reason(error: object) -> str:
+    """One line: the exception's type and first line, without the SDKs' multi-line dumps."""
+    if isinstance(error, BaseException):
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return repr(error)

@@ -1,0 +1,203 @@
+"""Batch input files, parameters, seeds, records and progress: what a user puts in and sees (no engine)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from service.batch.errors import BatchConfigError
+from service.batch.inputs import InputFile, InputRow, open_inputs, parse_file, read_rows
+from service.batch.params import MAX_SEED, JobParams, derive_seed
+from service.batch.progress import Progress
+from service.batch.records import Record, parse_record_path, predictions_csv, record_path
+
+
+def parse(name: str, text: str, job_seed: int | None = None) -> list[InputRow]:
+    return parse_file(InputFile(name), text.encode(), job_seed, name)
+
+
+def test_csv_as_azure_writes_it_with_an_index_column_negative_prompt_and_seed() -> None:
+    rows = parse("p.csv", ',prompt,negative_prompt,seed\n0,"a cat, sitting",blurry,42\n1,a dog,,\n')
+    assert [(r.row, r.prompt, r.negative_prompt, r.error) for r in rows] == [
+        (0, "a cat, sitting", "blurry", ""),
+        (1, "a dog", "", ""),
+    ]
+    assert rows[0].seed == 42
+    assert rows[1].seed == derive_seed("p.csv", 1, None)
+
+
+def test_csv_with_a_byte_order_mark_and_quoted_newlines() -> None:
+    rows = parse("p.csv", '\ufeffprompt\n"two\nlines"\nthree\n')
+    assert [r.prompt for r in rows] == ["two\nlines", "three"]
+
+
+def test_jsonl_rows_and_bad_lines_become_failed_rows() -> None:
+    lines = ['{"prompt": "a"}', "", '{"prompt": "b", "seed": 7, "negative_prompt": "c"}', "not json", "[1]"]
+    text = "\n".join([*lines, '{"prompt": 3}']) + "\n"
+    rows = parse("p.jsonl", text)
+    assert [r.row for r in rows] == [0, 1, 2, 3, 4]  # blank lines are not rows
+    assert (rows[1].prompt, rows[1].seed, rows[1].negative_prompt) == ("b", 7, "c")
+    assert "not valid JSON" in rows[2].error
+    assert "not a JSON object" in rows[3].error
+    assert "prompt must be a string" in rows[4].error
+
+
+@pytest.mark.parametrize("cell", ['""', '"   "', ""])
+def test_an_empty_prompt_fails_its_row_only(cell: str) -> None:
+    rows = parse("p.csv", f"prompt,seed\nok,1\n{cell},2\n")
+    assert rows[0].error == ""
+    assert "empty prompt" in rows[1].error and rows[1].seed is None
+
+
+@pytest.mark.parametrize("seed", ["abc", "-1", "1.5", str(MAX_SEED + 1)])
+def test_a_bad_seed_fails_its_row_only(seed: str) -> None:
+    rows = parse("p.csv", f"prompt,seed\ngood,1\nbad,{seed}\n")
+    assert rows[0].seed == 1
+    assert rows[1].error.startswith("bad seed") and rows[1].seed is None
+
+
+def test_pandas_style_float_seeds_are_accepted() -> None:
+    assert parse("p.csv", "prompt,seed\na,42.0\n")[0].seed == 42
+
+
+def test_derived_seeds_are_deterministic_and_the_job_seed_changes_them() -> None:
+    first = parse("p.csv", "prompt\na\nb\n")
+    again = parse("p.csv", "prompt\na\nb\n")
+    other_job = parse("p.csv", "prompt\na\nb\n", job_seed=5)
+    assert [r.seed for r in first] == [r.seed for r in again]
+    assert first[0].seed != first[1].seed
+    assert [r.seed for r in other_job] != [r.seed for r in first]
+    # Independent of other files: the same row of another file gets another seed.
+    assert parse("q.csv", "prompt\na\n")[0].seed != first[0].seed
+
+
+def test_the_seed_limit_is_the_engines() -> None:
+    from model.types import MAX_SEED as ENGINE_MAX_SEED
+
+    assert MAX_SEED == ENGINE_MAX_SEED
+
+
+def test_a_csv_without_prompt_column_is_refused_naming_its_columns() -> None:
+    with pytest.raises(BatchConfigError, match=r"no 'prompt' column \(found 'text', 'x'\)"):
+        parse("p.csv", "text,x\nhello,1\n")
+
+
+def test_a_file_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(BatchConfigError, match="not UTF-8"):
+        parse_file(InputFile("p.csv"), b"prompt\n\xff\xfe\xfa\n", None, "p.csv")
+
+
+def test_a_folder_lists_prompt_files_recursively_and_skips_other_files(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.csv").write_text("prompt\nx\n")
+    (tmp_path / "sub" / "b.jsonl").write_text('{"prompt": "y"}\n')
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "_SUCCESS").write_text("")
+    inputs = open_inputs(str(tmp_path))
+    assert [f.path for f in inputs.files] == ["a.csv", "sub/b.jsonl"]
+    assert [f.key for f in inputs.files] == ["a", "sub/b"]
+    assert [r.prompt for r in read_rows(inputs.storage, inputs.files, None)] == ["x", "y"]
+
+
+def test_a_single_file_uri(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("prompt\nx\n")
+    (tmp_path / "other.csv").write_text("prompt\ny\n")
+    inputs = open_inputs(f"file://{tmp_path}/a.csv")
+    assert [f.path for f in inputs.files] == ["a.csv"] and inputs.single_file
+    assert [r.prompt for r in read_rows(inputs.storage, inputs.files, None)] == ["x"]
+
+
+def test_two_files_that_would_share_an_output_folder_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("prompt\nx\n")
+    (tmp_path / "a.jsonl").write_text('{"prompt": "y"}\n')
+    with pytest.raises(BatchConfigError, match="same output folder"):
+        open_inputs(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"steps": 4}', "unknown parameter"),
+        ('{"num_inference_steps": "4"}', "must be an integer"),
+        ('{"guidance_scale": true}', "must be a number"),
+        ("[1]", "one JSON object"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_bad_params_files_are_refused(text: str, message: str) -> None:
+    with pytest.raises(BatchConfigError, match=message):
+        JobParams.from_file(text, "params.json")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (JobParams(num_inference_steps=0), "steps"),
+        (JobParams(num_inference_steps=151), "steps"),
+        (JobParams(width=100), "width"),
+        (JobParams(height=0), "height"),
+        (JobParams(guidance_scale=float("nan")), "guidance"),
+        (JobParams(seed=-1), "seed"),
+    ],
+)
+def test_out_of_range_parameters_are_refused(params: JobParams, message: str) -> None:
+    with pytest.raises(BatchConfigError, match=message):
+        params.check(max_steps=150)
+
+
+def test_flags_override_the_params_file() -> None:
+    params = JobParams.from_file('{"num_inference_steps": 30, "guidance_scale": 5, "seed": 1}', "p.json")
+    assert params.replace(num_inference_steps=4, seed=None) == JobParams(
+        num_inference_steps=4, guidance_scale=5.0, seed=1
+    )
+
+
+def test_records_round_trip_and_predictions_follow_azures_columns() -> None:
+    ok = Record("b.csv", 1, 'a, "quoted" cat', "", 3, "ok", "images/b/1.png", False)
+    failed = Record("a.csv", 0, "", "", None, "failed", error="empty prompt")
+    assert Record.from_json(ok.to_json()) == ok
+    lines = predictions_csv([ok, failed]).decode().splitlines()
+    assert lines[0] == (
+        "row_number_per_file,prompt,generated_image,nsfw_content_detected,input_csv_name,seed,status,error"
+    )
+    assert lines[1] == "0,,,,a.csv,,failed,empty prompt"  # ordered by file, then row
+    assert lines[2] == '1,"a, ""quoted"" cat",images/b/1.png,False,b.csv,3,ok,'
+    assert parse_record_path(record_path("sub/b", 12)) == ("sub/b", 12)
+    assert parse_record_path("records/b/.1.json.partial-abc") is None
+    with pytest.raises(ValueError):
+        Record.from_json(b'{"row": 1}')
+    with pytest.raises(ValueError):
+        Record.from_json(json.dumps({**json.loads(ok.to_json()), "status": "maybe"}).encode())
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_with_rate_and_eta_on_a_terminal() -> None:
+    stream = Terminal()
+    progress = Progress(4, stream=stream)
+    for row in range(3):
+        progress(Record("a.csv", row, "p", "", 1, "ok", f"images/a/{row}.png", False))
+    progress.close()
+    text = stream.getvalue()
+    assert "3/4" in text and "img/s" in text and "<" in text  # tqdm's "elapsed<remaining"
+
+
+def test_progress_is_log_lines_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    stream = io.StringIO()
+    progress = Progress(2, stream=stream, log_interval_s=3600)
+    with caplog.at_level(logging.INFO, logger="service.batch.progress"):
+        progress(Record("a.csv", 0, "p", "", 1, "ok", "images/a/0.png", False))
+        assert caplog.messages == []  # not yet: one line per interval
+        progress(Record("a.csv", 1, "", "", None, "failed", error="empty prompt"))
+    progress.close()
+    assert stream.getvalue() == ""
+    assert len(caplog.messages) == 1
+    assert "2/2 rows (1 failed)" in caplog.messages[0] and "images/s" in caplog.messages[0]
+    assert "ETA" in caplog.messages[0]
