@@ -1,17 +1,14 @@
 """The Stable Diffusion engine: ``load(spec) -> Engine``; ``Engine.generate(items) -> results``.
 
 Synchronous, batch in, batch out. Knows nothing of HTTP, pydantic, asyncio or metrics.
+Importing this package is light (no torch): ``load``, ``Engine`` and ``EngineOptions`` import
+torch and diffusers on first use, so light callers (CLIs validating input) stay fast.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from model import optimize
-from model.engine import Engine
 from model.errors import (
     EngineError,
     EngineFailure,
@@ -19,49 +16,35 @@ from model.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
-from model.loading import load_components, load_safety_checker
-from model.options import EngineOptions, resolve_device, resolve_dtype
 from model.types import BatchKey, GenerationItem, GenerationResult, ModelInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.engine import Engine
+    from model.options import EngineOptions
 
 __all__ = [
     "BatchKey", "Engine", "EngineError", "EngineFailure", "EngineOptions", "EngineOutOfMemoryError",
     "GenerationItem", "GenerationResult", "InvalidRequestError", "ModelInfo", "ModelLoadError", "load",
 ]
 
-log = logging.getLogger(__name__)
-
 
 def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
          safety_checker: str | None = None, options: EngineOptions | None = None) -> Engine:
-    """Load ``spec`` onto ``device`` and return a ready engine.
+    """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine."""
+    from model.loader import load as load_engine
 
-    Steps: 1) device and precision, 2) components, 3) a separately configured checker,
-    4) move to the device, 5) accelerator or our own optimisations.
-    """
-    started = time.perf_counter()
-    options = options or EngineOptions()
-    # 1) fp16 on CUDA, fp32 on CPU unless told otherwise
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    # 2) the components, on the CPU
-    components = load_components(spec, torch_dtype)
-    # 3) a checker from elsewhere works for any model, including ones shipped without one
-    if safety_checker:
-        components.safety_checker, components.feature_extractor = load_safety_checker(safety_checker, torch_dtype)
-    # 4) device
-    for module in (components.unet, components.vae, components.text_encoder, components.safety_checker):
-        if module is not None:
-            module.to(torch_device)
-    # 5) DeepSpeed kernels, verified against our own path, else our optimisations
-    if options.accelerator == "deepspeed":
-        from model.accelerators import load_with_deepspeed
+    return load_engine(spec, device, dtype, safety_checker=safety_checker, options=options)
 
-        engine = load_with_deepspeed(spec, components, torch_device, torch_dtype, options, safety_checker)
-    else:
-        applied = optimize.apply(components, options)
-        engine = Engine(components, torch_device, torch_dtype, options)
-        if applied:
-            log.info("optimisations: %s", ", ".join(applied))
-    log.info("loaded %s (%s) on %s in %s in %.1f s", components.name, components.architecture,
-             torch_device, engine.info.dtype, time.perf_counter() - started)
-    return engine
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from model.engine import Engine
+
+        return Engine
+    if name == "EngineOptions":
+        from model.options import EngineOptions
+
+        return EngineOptions
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -75,12 +75,6 @@ def test_derived_seeds_are_deterministic_and_the_job_seed_changes_them() -> None
     assert parse("q.csv", "prompt\na\n")[0].seed != first[0].seed
 
 
-def test_the_seed_limit_is_the_engines() -> None:
-    from model.types import MAX_SEED as ENGINE_MAX_SEED
-
-    assert MAX_SEED == ENGINE_MAX_SEED
-
-
 def test_a_csv_without_prompt_column_is_refused_naming_its_columns() -> None:
     with pytest.raises(BatchConfigError, match=r"no 'prompt' column \(found 'text', 'x'\)"):
         parse("p.csv", "text,x\nhello,1\n")

@@ -19,15 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from model.types import MAX_SEED  # light: importing the model package does not import torch
 from service.batch.errors import BatchConfigError
 
 if TYPE_CHECKING:
     from model.types import GenerationItem, ModelInfo
 
 MAX_SIDE = 4096
-# The engine's largest seed (model.types.MAX_SEED, equal by test). Planning a job must not import
-# the model package, which imports torch: checking the input should take a second, not ten.
-MAX_SEED = 2**63 - 1
 # Derived seeds stay below 2**32 so that every generator (and person) can reuse them.
 DERIVED_SEED_RANGE = 2**32
 

@@ -1,0 +1,51 @@
+"""Load a model spec onto a device as a ready engine (imports torch and diffusers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from model import optimize
+from model.engine import Engine
+from model.loading import load_components, load_safety_checker
+from model.options import EngineOptions, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
+         safety_checker: str | None = None, options: EngineOptions | None = None) -> Engine:
+    """Load ``spec`` onto ``device`` and return a ready engine.
+
+    Steps: 1) device and precision, 2) components, 3) a separately configured checker,
+    4) move to the device, 5) accelerator or our own optimisations.
+    """
+    started = time.perf_counter()
+    options = options or EngineOptions()
+    # 1) fp16 on CUDA, fp32 on CPU unless told otherwise
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    # 2) the components, on the CPU
+    components = load_components(spec, torch_dtype)
+    # 3) a checker from elsewhere works for any model, including ones shipped without one
+    if safety_checker:
+        components.safety_checker, components.feature_extractor = load_safety_checker(safety_checker, torch_dtype)
+    # 4) device
+    for module in (components.unet, components.vae, components.text_encoder, components.safety_checker):
+        if module is not None:
+            module.to(torch_device)
+    # 5) DeepSpeed kernels, verified against our own path, else our optimisations
+    if options.accelerator == "deepspeed":
+        from model.accelerators import load_with_deepspeed
+
+        engine = load_with_deepspeed(spec, components, torch_device, torch_dtype, options, safety_checker)
+    else:
+        applied = optimize.apply(components, options)
+        engine = Engine(components, torch_device, torch_dtype, options)
+        if applied:
+            log.info("optimisations: %s", ", ".join(applied))
+    log.info("loaded %s (%s) on %s in %s in %.1f s", components.name, components.architecture,
+             torch_device, engine.info.dtype, time.perf_counter() - started)
+    return engine
