@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model  # noqa: E402
-from model.loading import load_components  # noqa: E402
-from model.options import resolve_device, resolve_dtype  # noqa: E402
-from model.types import GenerationItem  # noqa: E402
+import model
+from model.loading import load_components
+from model.options import resolve_device, resolve_dtype
+from model.types import GenerationItem
 
 PEAK_TFLOPS = 790.0  # H200 dense bf16/fp16, measured
 GUIDED_STEP_TFLOP, VAE_TFLOP, CHECKER_TFLOP = 1.607, 2.52, 0.16  # per image at 512x512
@@ -81,12 +81,25 @@ def flops_per_image(steps: int, size: int, checker: bool) -> float | None:
     return steps * GUIDED_STEP_TFLOP + VAE_TFLOP + (CHECKER_TFLOP if checker else 0.0)
 
 
-def row(variant: str, batch: int, steps: int, seconds: float, peak: float, tflop: float | None,
-        baseline: float | None, mad: float | None) -> dict[str, Any]:
+def row(
+    variant: str,
+    batch: int,
+    steps: int,
+    seconds: float,
+    peak: float,
+    tflop: float | None,
+    baseline: float | None,
+    mad: float | None,
+) -> dict[str, Any]:
     per_image = seconds / batch
     return {
-        "variant": variant, "batch_size": batch, "steps": steps, "seconds_per_batch": seconds,
-        "seconds_per_image": per_image, "images_per_s": batch / seconds, "peak_gib": peak,
+        "variant": variant,
+        "batch_size": batch,
+        "steps": steps,
+        "seconds_per_batch": seconds,
+        "seconds_per_image": per_image,
+        "images_per_s": batch / seconds,
+        "peak_gib": peak,
         "mfu": (tflop / per_image / PEAK_TFLOPS) if tflop else None,
         "speedup_vs_diffusers": (baseline / seconds) if baseline else None,
         "mean_abs_diff_vs_diffusers": mad,
@@ -116,22 +129,48 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     for steps in step_counts:
         for batch in batches:
+
             def run_pipe(b: int = batch, s: int = steps) -> np.ndarray:
                 gens = [torch.Generator(device).manual_seed(i) for i in range(b)]
-                out: np.ndarray = pipe([PROMPT] * b, num_inference_steps=s, height=size, width=size,
-                                       generator=gens, output_type="np").images
+                out: np.ndarray = pipe(
+                    [PROMPT] * b,
+                    num_inference_steps=s,
+                    height=size,
+                    width=size,
+                    generator=gens,
+                    output_type="np",
+                ).images
                 return out
+
             seconds, peak, images = timed(run_pipe, device, args.repeats)
             baseline[(batch, steps)] = (seconds, images)
-            results.append(row("diffusers", batch, steps, seconds, peak,
-                               flops_per_image(steps, size, checker), None, None))
+            results.append(
+                row(
+                    "diffusers",
+                    batch,
+                    steps,
+                    seconds,
+                    peak,
+                    flops_per_image(steps, size, checker),
+                    None,
+                    None,
+                )
+            )
             print(f"diffusers  b={batch:<3} steps={steps:<3} {seconds / batch:.4f} s/img", flush=True)
-    del pipe
 
     # 2) this engine, then 3) with DeepSpeed kernels
-    variants = [("engine", model.EngineOptions(
-        channels_last=on_gpu, fuse_qkv=on_gpu, compile=on_gpu and not args.no_compile,
-        cuda_graphs=on_gpu and not args.no_compile, batch_buckets=tuple(sorted(set(batches)))))]
+    variants = [
+        (
+            "engine",
+            model.EngineOptions(
+                channels_last=on_gpu,
+                fuse_qkv=on_gpu,
+                compile=on_gpu and not args.no_compile,
+                cuda_graphs=on_gpu and not args.no_compile,
+                batch_buckets=tuple(sorted(set(batches))),
+            ),
+        )
+    ]
     if args.deepspeed:
         variants.append(("deepspeed", model.EngineOptions(accelerator="deepspeed", cuda_graphs=on_gpu)))
     for name, options in variants:
@@ -145,50 +184,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: warm-up (compile/capture) {time.perf_counter() - start:.1f} s", flush=True)
         for steps in step_counts:
             for batch in batches:
-                items = [GenerationItem(prompt=PROMPT, seed=i, num_inference_steps=steps, height=size,
-                                        width=size) for i in range(batch)]
-                seconds, peak, _ = timed(lambda it=items: engine.generate(it), device, args.repeats)
+                items = [
+                    GenerationItem(prompt=PROMPT, seed=i, num_inference_steps=steps, height=size, width=size)
+                    for i in range(batch)
+                ]
+                seconds, peak, _ = timed(lambda it=items, e=engine: e.generate(it), device, args.repeats)
                 images, _flags = engine.generate_float(items)
                 base_seconds, base_images = baseline[(batch, steps)]
                 mad = float(np.abs(images.permute(0, 2, 3, 1).numpy() - base_images).mean())
-                results.append(row(name, batch, steps, seconds, peak, flops_per_image(steps, size, checker),
-                                   base_seconds, mad))
-                print(f"{name:<10} b={batch:<3} steps={steps:<3} {seconds / batch:.4f} s/img "
-                      f"x{base_seconds / seconds:.2f} vs diffusers, mean |diff| {mad:.5f}", flush=True)
+                results.append(
+                    row(
+                        name,
+                        batch,
+                        steps,
+                        seconds,
+                        peak,
+                        flops_per_image(steps, size, checker),
+                        base_seconds,
+                        mad,
+                    )
+                )
+                print(
+                    f"{name:<10} b={batch:<3} steps={steps:<3} {seconds / batch:.4f} s/img "
+                    f"x{base_seconds / seconds:.2f} vs diffusers, mean |diff| {mad:.5f}",
+                    flush=True,
+                )
         engine.close()
     write_report(args, device, dtype, size, results)
     return 0
 
 
-def write_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, size: int,
-                 results: list[dict[str, Any]]) -> None:
+def write_report(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    size: int,
+    results: list[dict[str, Any]],
+) -> None:
     import diffusers
     import transformers
 
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/engine.py", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""), "size": size, "model": args.model,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "size": size,
+        "model": args.model,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"engine-{args.model.replace(':', '-').replace('/', '-')}-{device.type}{args.tag}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [f"# Engine benchmark: {args.model} on {meta['device']}", "",
-             f"{meta['date']}, {meta['dtype']}, {size}x{size}, `{meta['command']}`, versions {meta['versions']}", "",
-             "| variant | batch | steps | s/image | images/s | peak GiB | MFU | x diffusers | mean abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Engine benchmark: {args.model} on {meta['device']}",
+        "",
+        f"{meta['date']}, {meta['dtype']}, {size}x{size}, `{meta['command']}`, versions {meta['versions']}",
+        "",
+        "| variant | batch | steps | s/image | images/s | peak GiB | MFU | x diffusers | mean abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         fmt = lambda v, f: "-" if v is None or v != v else format(v, f)  # noqa: E731
-        lines.append(f"| {r['variant']} | {r['batch_size']} | {r['steps']} | {r['seconds_per_image']:.4f} | "
-                     f"{r['images_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['speedup_vs_diffusers'], '.2f')} | {fmt(r['mean_abs_diff_vs_diffusers'], '.5f')} |")
+        lines.append(
+            f"| {r['variant']} | {r['batch_size']} | {r['steps']} | {r['seconds_per_image']:.4f} | "
+            f"{r['images_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
+            f"{fmt(r['speedup_vs_diffusers'], '.2f')} | {fmt(r['mean_abs_diff_vs_diffusers'], '.5f')} |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
 

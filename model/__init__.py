@@ -25,13 +25,29 @@ if TYPE_CHECKING:
     from model.options import EngineOptions
 
 __all__ = [
-    "BatchKey", "Engine", "EngineError", "EngineFailure", "EngineOptions", "EngineOutOfMemoryError",
-    "GenerationItem", "GenerationResult", "InvalidRequestError", "ModelInfo", "ModelLoadError", "load",
+    "BatchKey",
+    "Engine",
+    "EngineError",
+    "EngineFailure",
+    "EngineOptions",
+    "EngineOutOfMemoryError",
+    "GenerationItem",
+    "GenerationResult",
+    "InvalidRequestError",
+    "ModelInfo",
+    "ModelLoadError",
+    "load",
 ]
 
 
-def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
-         safety_checker: str | None = None, options: EngineOptions | None = None) -> Engine:
+def load(
+    spec: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    safety_checker: str | None = None,
+    options: EngineOptions | None = None,
+) -> Engine:
     """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine."""
     from model.loader import load as load_engine
 

@@ -28,8 +28,10 @@ MAX_MEAN_DIFFERENCE = 0.01
 
 def _check_items(engine: Engine) -> list[GenerationItem]:
     size = engine.native_size
-    return [GenerationItem(prompt=prompt, seed=seed, num_inference_steps=4, height=size, width=size)
-            for prompt, seed in (("a photograph of an astronaut riding a horse", 11), ("", 12))]
+    return [
+        GenerationItem(prompt=prompt, seed=seed, num_inference_steps=4, height=size, width=size)
+        for prompt, seed in (("a photograph of an astronaut riding a horse", 11), ("", 12))
+    ]
 
 
 def inject_deepspeed(components: Components, dtype: torch.dtype, cuda_graphs: bool) -> Components:
@@ -51,8 +53,14 @@ def inject_deepspeed(components: Components, dtype: torch.dtype, cuda_graphs: bo
     return components
 
 
-def load_with_deepspeed(spec: str, components: Components, device: torch.device, dtype: torch.dtype,
-                        options: EngineOptions, safety_checker: str | None) -> Engine:
+def load_with_deepspeed(
+    spec: str,
+    components: Components,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: EngineOptions,
+    safety_checker: str | None,
+) -> Engine:
     """Steps: 1) reference images on our path, 2) inject, 3) compare, 4) on failure, fall back."""
     plain = Engine(components, device, dtype, options)
     checks = _check_items(plain)

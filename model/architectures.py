@@ -100,12 +100,25 @@ CONFIGS: dict[str, ArchitectureConfig] = {
             "projection_dim": 32,
         },
         safety_checker={
-            "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                            "num_attention_heads": 4, "vocab_size": 1000,
-                            "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513},
-            "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                              "num_attention_heads": 4, "patch_size": 32, "image_size": 224,
-                              "projection_dim": 32},
+            "text_config": {
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 1000,
+                "bos_token_id": 512,
+                "eos_token_id": 513,
+                "pad_token_id": 513,
+            },
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "patch_size": 32,
+                "image_size": 224,
+                "projection_dim": 32,
+            },
             "projection_dim": 32,
         },
     ),
@@ -167,7 +180,9 @@ CONFIGS: dict[str, ArchitectureConfig] = {
 
 def _check_arch(arch: str) -> ArchitectureConfig:
     if arch not in CONFIGS:
-        raise ModelLoadError(f"unknown random architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unknown random architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}"
+        )
     return CONFIGS[arch]
 
 
@@ -179,8 +194,11 @@ def build_components(arch: str, seed: int = 0, with_safety_checker: bool = True)
     """
     config = _check_arch(arch)
     tokenizer = build_clip_tokenizer()
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     # 1) everything below draws from this generator, in this order
     torch.manual_seed(seed)
     # 2) the networks
@@ -190,17 +208,30 @@ def build_components(arch: str, seed: int = 0, with_safety_checker: bool = True)
     # 3) tokenizer (built above, no weights) and scheduler
     scheduler = PNDMScheduler.from_config(_SCHEDULER)
     components: dict[str, Any] = {
-        "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-        "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
     }
     # 4) the checker, where the published model has one
     if config.safety_checker is not None and with_safety_checker:
         checker_config = CLIPConfig(**config.safety_checker)
         components["safety_checker"] = StableDiffusionSafetyChecker(checker_config)
         components["feature_extractor"] = CLIPImageProcessor(
-            do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
-            crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=True, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, do_convert_rgb=True,
+            do_resize=True,
+            size={"shortest_edge": 224},
+            resample=3,
+            do_center_crop=True,
+            crop_size={"height": 224, "width": 224},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
+            do_convert_rgb=True,
         )
     for module in (unet, vae, text_encoder, components["safety_checker"]):
         if module is not None:

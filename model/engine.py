@@ -7,7 +7,6 @@ batching, per-item seeds and memory; every step keeps diffusers' math.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -44,16 +43,27 @@ def _engine_errors() -> Iterator[None]:
         raise EngineFailure(f"generation failed: {str(error).splitlines()[0]}") from error
 
 
-@functools.cache
-def _step_parameters(scheduler_class: type) -> frozenset[str]:
-    return frozenset(inspect.signature(scheduler_class.step).parameters)
+_STEP_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def _step_parameters(scheduler: Any) -> frozenset[str]:
+    """The keyword arguments a scheduler's step() accepts (cached per class)."""
+    cls = type(scheduler)
+    if cls not in _STEP_PARAMETERS:
+        _STEP_PARAMETERS[cls] = frozenset(inspect.signature(cls.step).parameters)
+    return _STEP_PARAMETERS[cls]
 
 
 class Engine:
     """A loaded model on one device. Not thread-safe: give it one worker."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
-                 options: EngineOptions | None = None) -> None:
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        options: EngineOptions | None = None,
+    ) -> None:
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -70,11 +80,17 @@ class Engine:
     def info(self) -> ModelInfo:
         c = self.components
         return ModelInfo(
-            name=c.name, architecture=c.architecture, native_height=self.native_size,
-            native_width=self.native_size, schedulers=offered_schedulers(),
-            default_scheduler=scheduler_name(c.scheduler), safety_checker=c.safety_checker is not None,
-            device=str(self.device), dtype=_DTYPE_NAMES.get(self.dtype, str(self.dtype)),
-            random_weights=c.random_weights, accelerator=self.accelerator,
+            name=c.name,
+            architecture=c.architecture,
+            native_height=self.native_size,
+            native_width=self.native_size,
+            schedulers=offered_schedulers(),
+            default_scheduler=scheduler_name(c.scheduler),
+            safety_checker=c.safety_checker is not None,
+            device=str(self.device),
+            dtype=_DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+            random_weights=c.random_weights,
+            accelerator=self.accelerator,
         )
 
     # ------------------------------------------------------------------ validation
@@ -90,7 +106,9 @@ class Engine:
             )
         key = items[0].batch_key
         if not isinstance(key.num_inference_steps, int) or key.num_inference_steps < 1:
-            raise InvalidRequestError(f"num_inference_steps must be an integer >= 1, got {key.num_inference_steps}")
+            raise InvalidRequestError(
+                f"num_inference_steps must be an integer >= 1, got {key.num_inference_steps}"
+            )
         for side, value in (("height", key.height), ("width", key.width)):
             if not isinstance(value, int) or value < 8 or value % 8:
                 raise InvalidRequestError(f"{side} must be a positive multiple of 8, got {value}")
@@ -100,7 +118,11 @@ class Engine:
                 raise InvalidRequestError("prompt and negative_prompt must be strings")
             if not math.isfinite(item.guidance_scale):
                 raise InvalidRequestError(f"guidance_scale must be finite, got {item.guidance_scale}")
-            if isinstance(item.seed, bool) or not isinstance(item.seed, int) or not 0 <= item.seed <= MAX_SEED:
+            if (
+                isinstance(item.seed, bool)
+                or not isinstance(item.seed, int)
+                or not 0 <= item.seed <= MAX_SEED
+            ):
                 raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {item.seed!r}")
 
     # ------------------------------------------------------------------ generation
@@ -121,8 +143,9 @@ class Engine:
             [bool(f) for f in host[pixel_count:]] if flags is not None else [None] * count
         )
         return [
-            GenerationResult(image=np.ascontiguousarray(array[i]), nsfw_content_detected=host_flags[i],
-                             seed=items[i].seed)
+            GenerationResult(
+                image=np.ascontiguousarray(array[i]), nsfw_content_detected=host_flags[i], seed=items[i].seed
+            )
             for i in range(count)
         ]
 
@@ -142,9 +165,19 @@ class Engine:
         sizes = sorted(set(self.options.batch_buckets)) if compiled else [1]
         for size in sizes:
             for guidance in (7.5, 1.0) if compiled else (7.5,):
-                self.generate([GenerationItem(prompt="warm-up", seed=i, num_inference_steps=2,
-                                              guidance_scale=guidance, height=self.native_size,
-                                              width=self.native_size) for i in range(size)])
+                self.generate(
+                    [
+                        GenerationItem(
+                            prompt="warm-up",
+                            seed=i,
+                            num_inference_steps=2,
+                            guidance_scale=guidance,
+                            height=self.native_size,
+                            width=self.native_size,
+                        )
+                        for i in range(size)
+                    ]
+                )
 
     def close(self) -> None:
         self.components = None  # type: ignore[assignment]
@@ -168,11 +201,19 @@ class Engine:
         scheduler.set_timesteps(key.num_inference_steps, device=self.device)
         # 3) each item's noise from its own generator, as the pipeline draws it for one image
         generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in items]
-        shape = (1, c.unet.config.in_channels, key.height // self.vae_scale_factor,
-                 key.width // self.vae_scale_factor)
-        latents = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
-                             for g in generators]) * scheduler.init_noise_sigma
-        step_params = _step_parameters(type(scheduler))
+        shape = (
+            1,
+            c.unet.config.in_channels,
+            key.height // self.vae_scale_factor,
+            key.width // self.vae_scale_factor,
+        )
+        latents = (
+            torch.cat(
+                [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
+            )
+            * scheduler.init_noise_sigma
+        )
+        step_params = _step_parameters(scheduler)
         step_kwargs: dict[str, Any] = {}
         if "generator" in step_params:
             step_kwargs["generator"] = generators  # ancestral samplers draw per-item noise each step
@@ -202,8 +243,13 @@ class Engine:
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         c = self.components
-        tokens = c.tokenizer(texts, padding="max_length", max_length=c.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tokens = c.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=c.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         mask = None
         if getattr(c.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)

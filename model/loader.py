@@ -15,8 +15,14 @@ from model.options import EngineOptions, resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 
-def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
-         safety_checker: str | None = None, options: EngineOptions | None = None) -> Engine:
+def load(
+    spec: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    safety_checker: str | None = None,
+    options: EngineOptions | None = None,
+) -> Engine:
     """Load ``spec`` onto ``device`` and return a ready engine.
 
     Steps: 1) device and precision, 2) components, 3) a separately configured checker,
@@ -31,7 +37,9 @@ def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None =
     components = load_components(spec, torch_dtype)
     # 3) a checker from elsewhere works for any model, including ones shipped without one
     if safety_checker:
-        components.safety_checker, components.feature_extractor = load_safety_checker(safety_checker, torch_dtype)
+        components.safety_checker, components.feature_extractor = load_safety_checker(
+            safety_checker, torch_dtype
+        )
     # 4) device
     for module in (components.unet, components.vae, components.text_encoder, components.safety_checker):
         if module is not None:
@@ -46,6 +54,12 @@ def load(spec: str, device: str | None = None, dtype: str | torch.dtype | None =
         engine = Engine(components, torch_device, torch_dtype, options)
         if applied:
             log.info("optimisations: %s", ", ".join(applied))
-    log.info("loaded %s (%s) on %s in %s in %.1f s", components.name, components.architecture,
-             torch_device, engine.info.dtype, time.perf_counter() - started)
+    log.info(
+        "loaded %s (%s) on %s in %s in %.1f s",
+        components.name,
+        components.architecture,
+        torch_device,
+        engine.info.dtype,
+        time.perf_counter() - started,
+    )
     return engine

@@ -42,16 +42,24 @@ class Components:
     random_weights: bool
 
     def modules(self) -> dict[str, Any]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                "tokenizer": self.tokenizer, "scheduler": self.scheduler,
-                "safety_checker": self.safety_checker, "feature_extractor": self.feature_extractor}
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "safety_checker": self.safety_checker,
+            "feature_extractor": self.feature_extractor,
+        }
 
 
 def parse_random_spec(spec: str) -> tuple[str, int]:
     """``random:tiny`` -> ("tiny", 0); ``random:sd-v1-4:7`` -> ("sd-v1-4", 7)."""
-    arch, _, seed_text = spec[len(RANDOM_PREFIX):].partition(":")
+    arch, _, seed_text = spec[len(RANDOM_PREFIX) :].partition(":")
     if arch not in ARCHITECTURES:
-        raise ModelLoadError(f"unknown random model {spec!r}; use random:{{{','.join(ARCHITECTURES)}}}[:seed]")
+        raise ModelLoadError(
+            f"unknown random model {spec!r}; use random:{{{','.join(ARCHITECTURES)}}}[:seed]"
+        )
     try:
         seed = int(seed_text) if seed_text else 0
     except ValueError:
@@ -66,7 +74,8 @@ def find_diffusers_folder(path: Path) -> Path:
     if (path / AZUREML_MODEL_SUBDIR / "model_index.json").is_file():
         return path / AZUREML_MODEL_SUBDIR
     found = sorted(
-        index.parent for index in path.rglob("model_index.json")
+        index.parent
+        for index in path.rglob("model_index.json")
         if len(index.relative_to(path).parts) <= _SEARCH_DEPTH + 1
     )
     if len(found) == 1:
@@ -91,10 +100,16 @@ def _load_pretrained(source: str, dtype: torch.dtype, name: str) -> Components:
 
     pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype)
     return Components(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler, safety_checker=pipe.safety_checker,
-        feature_extractor=pipe.feature_extractor, name=name,
-        architecture=_architecture_of(pipe.unet.config), random_weights=False,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        safety_checker=pipe.safety_checker,
+        feature_extractor=pipe.feature_extractor,
+        name=name,
+        architecture=_architecture_of(pipe.unet.config),
+        random_weights=False,
     )
 
 
@@ -154,7 +169,9 @@ def load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     if not (root / "safety_checker").is_dir():
         root = find_diffusers_folder(root) if root.is_dir() else root
     if not (root / "safety_checker").is_dir() or not (root / "feature_extractor").is_dir():
-        raise ModelLoadError(f"safety checker folder {folder} must contain safety_checker/ and feature_extractor/")
+        raise ModelLoadError(
+            f"safety checker folder {folder} must contain safety_checker/ and feature_extractor/"
+        )
     checker = StableDiffusionSafetyChecker.from_pretrained(root / "safety_checker", dtype=dtype)
     extractor = CLIPImageProcessor.from_pretrained(root / "feature_extractor")
     return checker.eval(), extractor

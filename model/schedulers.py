@@ -48,4 +48,6 @@ def make_scheduler(model_scheduler: Any, name: str) -> Any:
 
 def scheduler_name(scheduler: Any) -> str:
     """The offered name of a scheduler object (the model's own one), or "default" if not offered."""
-    return next((name for name, cls in SCHEDULER_CLASSES.items() if type(scheduler) is cls), DEFAULT_SCHEDULER)
+    return next(
+        (name for name, cls in SCHEDULER_CLASSES.items() if type(scheduler) is cls), DEFAULT_SCHEDULER
+    )

@@ -12,7 +12,9 @@ ARCHS = ("tiny", "sd-v1-4", "sd-2-base")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=ARCHS, default="tiny", help="architecture (default: tiny)")
     parser.add_argument("--out", required=True, help="folder to write (must not already hold a model)")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed; random:<arch>:<seed> gives the same model")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weight seed; random:<arch>:<seed> gives the same model"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

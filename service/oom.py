@@ -34,8 +34,12 @@ def generate_splitting_on_oom(
         if len(items) == 1:
             return [error]
         half = len(items) // 2
-        log.warning("out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half)
-        return generate_splitting_on_oom(engine, items[:half]) + generate_splitting_on_oom(engine, items[half:])
+        log.warning(
+            "out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
+        )
+        return generate_splitting_on_oom(engine, items[:half]) + generate_splitting_on_oom(
+            engine, items[half:]
+        )
     if len(results) != len(items):
         raise RuntimeError(f"engine returned {len(results)} results for {len(items)} items")
     return results

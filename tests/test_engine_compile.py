@@ -20,7 +20,10 @@ def test_compiled_engine_keeps_the_images_and_fills_the_cache(tmp_path: Path) ->
     ]
     plain, _ = model.load("random:tiny", device="cpu").generate_float(items)
     options = model.EngineOptions(
-        compile=True, channels_last=True, fuse_qkv=True, batch_buckets=(2,),
+        compile=True,
+        channels_last=True,
+        fuse_qkv=True,
+        batch_buckets=(2,),
         compile_cache_dir=str(tmp_path / "cache"),
     )
     engine = model.load("random:tiny", device="cpu", options=options)

@@ -120,7 +120,10 @@ def test_model_without_checker_gives_no_flag_unless_one_is_configured(
 
 
 def test_hub_id_without_network_is_one_clear_line() -> None:
-    code = "import model\ntry:\n    model.load('CompVis/stable-diffusion-v1-4')\nexcept model.ModelLoadError as e:\n    print(e)"
+    code = (
+        "import model\ntry:\n    model.load('CompVis/stable-diffusion-v1-4')\n"
+        "except model.ModelLoadError as e:\n    print(e)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     message = done.stdout.strip()
