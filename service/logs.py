@@ -1,0 +1,84 @@
+"""Logging: every line carries the request id of the request it belongs to; text or JSON lines.
+
+Prompts, images and keys never reach the log at INFO. Our code does not log them; the one library
+line that would (CLIP's "input was truncated" warning, which quotes the prompt's tail) is rewritten
+by a filter on our handler, and the libraries' own handlers are removed (quiet_library_output) so
+that their lines pass through it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+_TRUNCATION_MARKERS = ("input was truncated", "can only handle sequences up to")
+_TRUNCATION_NOTE = (
+    "a prompt was longer than the text encoder's token limit and was truncated (text not logged)"
+)
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds ``request_id`` to every record and rewrites records that would quote a prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        if isinstance(record.msg, str) and any(marker in record.msg for marker in _TRUNCATION_MARKERS):
+            record.msg, record.args = _TRUNCATION_NOTE, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, request_id, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Install one stderr handler on the root logger (replacing any before it)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # uvicorn's loggers have handlers of their own; route them through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def quiet_library_output() -> None:
+    """Send diffusers' and transformers' log records through our handler instead of their own, and
+    turn off their progress bars (a server has no terminal; bars would break JSON logs).
+
+    Imports both libraries (seconds), so only a process about to load a model calls it, before the
+    model's own imports can log anything.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()

@@ -1,0 +1,57 @@
+"""Prometheus metrics of the server: one prefix, one registry per app, every bucket set here."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "sd_"
+# Whole requests: from a health probe (ms) to a 50-step batch behind a queue (a minute or more).
+LATENCY_BUCKETS_S = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 90, 180)
+# Time in the queue: zero when idle, up to a few batches when loaded.
+QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+# One engine call: a tiny CPU model at 2 steps up to batch 16 x 50 steps on a slow GPU.
+ENGINE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The server's metrics. A registry per instance keeps apps in one process (tests) apart."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}request_duration_seconds", "HTTP request latency.", ["route"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            f"{PREFIX}queue_wait_seconds", "Time an image waited in the queue before its engine batch.",
+            buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Images waiting in the queue.", registry=r)
+        self.batch_size = Histogram(
+            f"{PREFIX}batch_size", "Images per engine batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.engine_batch_seconds = Histogram(
+            f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
+        )
+        self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", registry=r)
+        self.images_flagged = Counter(
+            f"{PREFIX}images_flagged", "Images the safety checker flagged (sent black).", registry=r
+        )
+        self.rejections = Counter(
+            f"{PREFIX}rejections", "Requests refused with 429 (queue full).", registry=r
+        )
+        self.timeouts = Counter(f"{PREFIX}timeouts", "Requests that ran out of time (504).", registry=r)
+        self.model_load_seconds = Gauge(
+            f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

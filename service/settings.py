@@ -1,0 +1,70 @@
+"""Every setting of the server, read once from the environment (prefix ``SD_``) at start-up.
+
+Nothing else in the project reads the environment; command-line options override these values by
+passing them to the constructor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "random:tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SD_", extra="ignore", frozen=True)
+
+    # Model and device.
+    model: str | None = Field(
+        default=None, description="Model spec; unset: AZUREML_MODEL_DIR, then random:tiny."
+    )
+    azureml_model_dir: str | None = Field(default=None, validation_alias="AZUREML_MODEL_DIR")
+    device: str = "auto"
+    dtype: str = "auto"
+    safety_checker: Path | None = Field(default=None, description="A safety-checker folder for any model.")
+    accelerator: Literal["none", "deepspeed"] = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
+    compile_cache_dir: Path | None = None
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=0, le=65535)
+    api_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated bearer keys; two allow rotation."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+    # Batching, backpressure and deadlines.
+    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_wait_ms: float = Field(default=20, ge=0)
+    max_queue_items: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=85, gt=0)
+    drain_timeout_s: float = Field(default=30, ge=0)
+    encode_workers: int = Field(default=4, ge=1)
+
+    # Request limits.
+    max_prompts: int = Field(default=16, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_steps: int = Field(default=150, ge=1, le=150)
+
+    # Logs.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @property
+    def model_spec(self) -> str:
+        """SD_MODEL, else the Azure ML model folder, else the embedded random-weight default."""
+        return self.model or self.azureml_model_dir or DEFAULT_MODEL
+
+    @property
+    def api_key_list(self) -> tuple[bytes, ...]:
+        """The configured keys as bytes (for constant-time comparison); empty when auth is off."""
+        if self.api_keys is None:
+            return ()
+        keys = (key.strip() for key in self.api_keys.get_secret_value().split(","))
+        return tuple(key.encode() for key in keys if key)
