@@ -141,7 +141,10 @@ def load_components(spec: str, dtype: torch.dtype) -> Components:
             components = _load_pretrained(str(folder), dtype, name=str(path))
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from error
-        components.random_weights = (folder / RANDOM_MARKER).is_file()
+        marker = folder / RANDOM_MARKER
+        if marker.is_file():  # written by make-model: "random:<arch>:<seed>"
+            components.random_weights = True
+            components.architecture = marker.read_text().strip().split(":")[1]
         return components
     # 3) the Hugging Face Hub
     if not _looks_like_hub_id(spec):

@@ -73,6 +73,7 @@ def test_folder_gives_the_same_images_as_the_random_model_with_that_seed(tiny_fo
     in_process = model.load("random:tiny:5", device="cpu")
     other_seed = model.load("random:tiny", device="cpu")
     assert from_folder.info.random_weights and from_folder.info.safety_checker
+    assert from_folder.info.architecture == "tiny"
     for a, b in zip(images(from_folder), images(in_process), strict=True):
         assert np.array_equal(a, b)
     assert not np.array_equal(images(other_seed)[0], images(in_process)[0])
