@@ -19,8 +19,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from model.types import MAX_SEED
 from service.batch.errors import BatchConfigError
-from service.batch.params import MAX_SEED, derive_seed
+from service.batch.params import derive_seed
 from service.batch.records import file_key
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
