@@ -115,7 +115,21 @@ class Lifecycle:
             self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
             log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
             return
-        # 2. The serving pieces.
+        # 2. The serving pieces; a failure here must not leave readiness "loading" forever.
+        try:
+            self.runtime = self._assemble(engine)
+        except Exception:
+            self.phase, self.failure = Phase.FAILED, "the server could not start serving the loaded model"
+            log.exception(self.failure)
+            return
+        seconds = time.monotonic() - started
+        self.metrics.model_load_seconds.set(seconds)
+        if self.phase is Phase.LOADING:
+            self.phase = Phase.READY
+            log.info("ready: %s loaded and warmed up in %.1f s", engine.info.name, seconds)
+
+    def _assemble(self, engine: ServingEngine) -> Runtime:
+        settings = self.settings
         limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
         encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         batcher = Batcher(
@@ -126,12 +140,7 @@ class Lifecycle:
             metrics=self.metrics,
         )
         batcher.start()
-        self.runtime = Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool)
-        seconds = time.monotonic() - started
-        self.metrics.model_load_seconds.set(seconds)
-        if self.phase is Phase.LOADING:
-            self.phase = Phase.READY
-            log.info("ready: %s loaded and warmed up in %.1f s", engine.info.name, seconds)
+        return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool)
 
     @staticmethod
     def _warn_if_random(engine: ServingEngine) -> None:

@@ -82,13 +82,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--retry-failed", action="store_true", help="generate rows that failed in an earlier run again"
     )
+    from service.batch import ray_job  # standard library only at import: the CLI stays light
+
+    ray_job.add_arguments(parser)  # --ray, --ray-address, --ray-actors
 
 
 def run(args: argparse.Namespace) -> int:
     from service.batch.errors import EXIT_USAGE, BatchConfigError
 
+    if args.ray:
+        from service.batch.ray_job import run_with_ray
+
+        return run_with_ray(args)
+
     try:
-        settings = _settings(args)
+        settings = settings_from_args(args)
         from service.logs import configure_logging
 
         configure_logging(settings.log_level, settings.log_format)
@@ -105,9 +113,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from service.storage import StorageError, StorageOptions
 
     # 1) everything that can be checked without the model (and without importing torch)
-    max_retries = _at_least(args.max_retries, 0, "--max-retries")
-    error_threshold = _at_least(args.error_threshold, -1, "--error-threshold")
-    params = _params(args)
+    max_retries = at_least(args.max_retries, 0, "--max-retries")
+    error_threshold = at_least(args.error_threshold, -1, "--error-threshold")
+    params = params_from_args(args)
     plan = plan_job(
         args.input,
         args.output,
@@ -129,7 +137,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             error_threshold=error_threshold,
             write_workers=settings.encode_workers,
         )
-        engine = _load_engine(settings, plan)
+        engine = load_checked_engine(settings, plan.params)
         model, parameters = engine.info.name, params.resolved(engine.info)
         result = _generate(engine, plan, config)
     else:
@@ -155,7 +163,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     from pydantic import ValidationError
 
     from service.batch.errors import BatchConfigError
@@ -178,7 +186,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise BatchConfigError(f"bad setting: {problems}") from error
 
 
-def _params(args: argparse.Namespace) -> JobParams:
+def params_from_args(args: argparse.Namespace) -> JobParams:
     from service.batch.errors import BatchConfigError
     from service.batch.params import JobParams
     from service.storage import StorageError, open_storage
@@ -200,7 +208,7 @@ def _params(args: argparse.Namespace) -> JobParams:
     )
 
 
-def _at_least(value: int, minimum: int, flag: str) -> int:
+def at_least(value: int, minimum: int, flag: str) -> int:
     from service.batch.errors import BatchConfigError
 
     if value < minimum:
@@ -208,8 +216,9 @@ def _at_least(value: int, minimum: int, flag: str) -> int:
     return value
 
 
-def _load_engine(settings: Settings, plan: JobPlan) -> ServingEngine:
-    """Load the model and check the job's parameters against it, before generating anything."""
+def load_checked_engine(settings: Settings, params: JobParams) -> ServingEngine:
+    """Load the model and check the job's parameters against it, before generating anything
+    (BatchConfigError when they do not suit). Also used by each actor of a Ray job."""
     from model.errors import InvalidRequestError, ModelLoadError
     from service.batch.errors import BatchConfigError
     from service.lifecycle import load_engine
@@ -219,11 +228,12 @@ def _load_engine(settings: Settings, plan: JobPlan) -> ServingEngine:
         engine = load_engine(settings)
     except ModelLoadError as error:
         raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
-    probe = plan.params.item("parameter check", "", 0, engine.info)
     try:
-        engine.validate([probe])
+        engine.validate([params.item("parameter check", "", 0, engine.info)])
     except InvalidRequestError as error:
-        raise BatchConfigError(f"the parameters do not suit {engine.info.name}: {error}") from error
+        problem = BatchConfigError(f"the parameters do not suit {engine.info.name}: {error}")
+        engine.close()
+        raise problem from error
     return engine
 
 

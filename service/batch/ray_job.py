@@ -1,0 +1,314 @@
+"""`sd-endpoint batch --ray`: the batch job on a Ray cluster with Ray Data, one engine per GPU.
+
+The same job as on one machine, with the same inputs, outputs and exactly-once rules:
+1. the driver plans it (inputs, output, parameters, rows finished by earlier runs), before any
+   GPU work and before connecting to Ray;
+2. Ray Data sends the rows still to do to a pool of actors (``map_batches`` over an
+   ``ActorPoolStrategy``), each holding one engine and writing images and records with the
+   single-machine runner; the driver counts the records as they come back (progress, the
+   error threshold);
+3. the driver rebuilds predictions.csv and summary.json from every record.
+
+A row is finished exactly when its record exists, and each row has one image path and one record
+path: a Ray task that is retried rewrites the same files, atomically, so no row is ever counted
+twice. Actors write the output directly, so on a cluster of several machines it must be a blob
+URI (az://, s3://) or a folder every node mounts at the same path.
+
+Only argparse is imported at module level; Ray, torch and the model load when the job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.batch.plan import JobPlan
+    from service.batch.records import Record
+    from service.batch.runner import RunConfig, RunResult
+    from service.settings import Settings
+    from service.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+# Credentials the storage backends read from the environment. The driver's values travel to the
+# actors in the job's runtime_env (Ray shows them to whoever can see the job's details), so that
+# `--ray-address` to a remote cluster reaches the same storage as the driver does.
+FORWARDED_ENV = (
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+)
+# Engine batches per Ray task: several, so that the runner writes one batch while generating the next.
+BATCHES_PER_TASK = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Ray options of `sd-endpoint batch`."""
+    group = parser.add_argument_group("Ray (more than one machine)")
+    group.add_argument(
+        "--ray", action="store_true", help="run the job on a Ray cluster with Ray Data: one engine per GPU"
+    )
+    group.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the cluster: HOST:6379, ray://HOST:10001, auto or local (default: RAY_ADDRESS, else the "
+        "cluster this machine belongs to, else a new one on this machine)",
+    )
+    group.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="engines to run (one per actor); default: one per GPU in the cluster, else 1",
+    )
+
+
+def run_with_ray(args: argparse.Namespace) -> int:
+    """`sd-endpoint batch --ray ...`: the exit codes of `sd-endpoint batch`."""
+    from service.batch.command import settings_from_args
+    from service.batch.errors import EXIT_USAGE, BatchConfigError
+    from service.logs import configure_logging
+
+    try:
+        settings = settings_from_args(args)
+        configure_logging(settings.log_level, settings.log_format)
+        return _run(args, settings)
+    except BatchConfigError as error:
+        print(f"sd-endpoint batch: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from service.batch.command import at_least, params_from_args
+    from service.batch.errors import EXIT_FAILED, EXIT_OK
+    from service.batch.finalize import finalize
+    from service.batch.plan import plan_job
+    from service.batch.process import RetryPolicy
+    from service.batch.runner import RunConfig
+    from service.storage import StorageError, StorageOptions
+
+    # 1. Everything that can be checked on the driver, before connecting to Ray.
+    max_retries = at_least(args.max_retries, 0, "--max-retries")
+    error_threshold = at_least(args.error_threshold, -1, "--error-threshold")
+    if args.ray_actors is not None:
+        at_least(args.ray_actors, 1, "--ray-actors")
+    params = params_from_args(args)
+    options = StorageOptions(args.s3_endpoint_url)
+    plan = plan_job(
+        args.input,
+        args.output,
+        params,
+        options=options,
+        max_steps=settings.max_steps,
+        retry_failed=args.retry_failed,
+    )
+    # 2. The rows still to do, on the cluster; nothing to do needs no cluster.
+    result: RunResult | None = None
+    model, parameters = settings.model_spec, params.as_dict()
+    if plan.pending:
+        config = RunConfig(
+            batch_size=settings.max_batch_size,
+            retry=RetryPolicy(max_retries=max_retries),
+            error_threshold=error_threshold,
+            write_workers=settings.encode_workers,
+        )
+        job = RayJob(settings, options, config, args.ray_address, args.ray_actors)
+        result, (model, parameters) = job.run(plan, default_model=(model, parameters))
+    else:
+        log.info("every row is already finished; rebuilding predictions.csv and summary.json")
+    # 3. predictions.csv and summary.json from every record, on the driver.
+    try:
+        summary = finalize(
+            plan.output, plan.rows, model=model, parameters=parameters, run=result, skipped=plan.skipped
+        )
+    except StorageError as error:
+        message = f"cannot finalize the output: {error}; run the job again"
+        print(f"sd-endpoint batch: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary, indent=2))
+    if result is not None and result.stopped:
+        print(
+            f"sd-endpoint batch: stopped: {result.stopped}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130 if result.stopped == "interrupted" else EXIT_FAILED
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """How the pending rows of a plan run on Ray."""
+
+    settings: Settings
+    options: StorageOptions
+    config: RunConfig
+    address: str | None = None
+    actors: int | None = None
+
+    def run(
+        self, plan: JobPlan, default_model: tuple[str, dict[str, Any]]
+    ) -> tuple[RunResult, tuple[str, dict[str, Any]]]:
+        """Generate every pending row; the run's records and (model name, resolved parameters)."""
+        import ray
+
+        from service.batch.progress import Progress
+        from service.batch.runner import RunResult
+
+        # 1. Connect (or start a local cluster), handing the storage credentials to the actors.
+        forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+        ray.init(
+            address=self.address,
+            runtime_env={"env_vars": forwarded} if forwarded else None,
+            logging_level=logging.WARNING,
+        )
+        started = time.perf_counter()
+        progress = Progress(len(plan.pending))
+        records: list[Record] = []
+        model = default_model
+        stopped = ""
+        try:
+            # 2. Stream the records back as the actors write them.
+            for item in self._dataset(plan).iter_rows():
+                record, model = _decode(item)
+                records.append(record)
+                progress(record)
+                stopped = stopped or self._over_threshold(records)
+                if stopped:
+                    log.error("stopping: %s", stopped)
+                    break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        except Exception as error:
+            # A model that cannot load, or bad parameters: exit 2 with the reason. Anything else
+            # (a node lost for good, say) ends the run; finished rows keep their records.
+            _raise_config_error(error)
+            log.error("the Ray job failed", exc_info=True)
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            stopped = f"the Ray job failed: {type(error).__name__}: {first_line}"
+        finally:
+            progress.close()
+            ray.shutdown()  # ends this job's actors (and the cluster, when ray.init started one)
+        return RunResult(records, time.perf_counter() - started, stopped), model
+
+    def _dataset(self, plan: JobPlan) -> Any:
+        """The pending rows through a pool of engine actors; one output row (a record) per input row."""
+        import ray
+        from ray.data import ActorPoolStrategy, DataContext
+
+        # 1. Resources: one GPU per actor where there are GPUs (or where the device asks for CUDA).
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        device = self.settings.device
+        use_gpu = device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+        actors = self.actors or max(cluster_gpus, 1)
+        if not use_gpu and self.actors is None:
+            log.warning("no GPUs in the Ray cluster: running 1 engine on CPUs; set --ray-actors for more")
+        batch_size = self.config.batch_size
+        share = -(-len(plan.pending) // actors)
+        rows_per_task = max(batch_size, min(BATCHES_PER_TASK * batch_size, share))
+        log.info(
+            "generating %d image(s) on %d Ray actor(s) (%s), %d rows per task (%d rows already finished)",
+            len(plan.pending), actors, "1 GPU each" if use_gpu else "CPU", rows_per_task, plan.skipped,
+        )  # fmt: skip
+        # 2. Our progress bar instead of one per operator.
+        DataContext.get_current().enable_progress_bars = False
+        output = plan.output.root if plan.output.is_local else plan.output.uri
+        # The driver counts failures against the threshold across all actors.
+        actor_config = type(self.config)(
+            batch_size=batch_size,
+            retry=self.config.retry,
+            error_threshold=-1,
+            write_workers=self.config.write_workers,
+        )
+        return ray.data.from_items([asdict(row) for row in plan.pending]).map_batches(
+            EngineActor,
+            fn_constructor_kwargs={
+                "settings": self.settings,
+                "output": output,
+                "options": self.options,
+                "plan_params": plan.params,
+                "config": actor_config,
+            },
+            batch_size=rows_per_task,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=1,
+        )
+
+    def _over_threshold(self, records: list[Record]) -> str:
+        threshold = self.config.error_threshold
+        failed = sum(1 for r in records if not r.ok)
+        if threshold < 0 or failed <= threshold:
+            return ""
+        last_error = next(r.error for r in reversed(records) if not r.ok)
+        return f"{failed} rows failed, more than --error-threshold {threshold}; last error: {last_error}"
+
+
+class EngineActor:
+    """A Ray Data actor: one engine; each call generates a batch of rows and writes them."""
+
+    def __init__(
+        self, settings: Settings, output: str, options: StorageOptions, plan_params: Any, config: RunConfig
+    ) -> None:
+        from service.batch.command import load_checked_engine
+        from service.logs import configure_logging
+        from service.storage import open_storage
+
+        configure_logging(settings.log_level, settings.log_format)
+        self.params = plan_params
+        self.config = config
+        self.engine = load_checked_engine(settings, plan_params)
+        self.output = open_storage(output, options)
+        info = self.engine.info
+        self.model = json.dumps({"model": info.name, "parameters": plan_params.resolved(info)})
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow
+
+        from service.batch.inputs import InputRow
+        from service.batch.runner import process_rows
+
+        rows = [InputRow(**row) for row in batch.to_pylist()]
+        records = process_rows(self.engine, rows, self.output, self.params, self.config)
+        return pyarrow.table(
+            {"record": [r.to_json().decode("utf-8") for r in records], "model": [self.model] * len(records)}
+        )
+
+
+def _decode(item: dict[str, Any]) -> tuple[Record, tuple[str, dict[str, Any]]]:
+    from service.batch.records import Record
+
+    model = json.loads(item["model"])
+    return Record.from_json(item["record"].encode("utf-8")), (model["model"], model["parameters"])
+
+
+def _raise_config_error(error: BaseException) -> None:
+    """Re-raise the BatchConfigError an actor's start raised, so that the job exits 2 with its message.
+
+    Ray reports an actor that failed to start as ActorDiedError, which keeps only the text of the
+    actor's traceback; the error's own line is found there.
+    """
+    from service.batch.errors import BatchConfigError
+
+    marker = f"{BatchConfigError.__module__}.{BatchConfigError.__qualname__}: "
+    current: BaseException | None = error
+    for _ in range(10):  # a cause chain is short; a cycle must not loop forever
+        if current is None:
+            return
+        for line in reversed(str(current).splitlines()):
+            if line.startswith(marker):
+                raise BatchConfigError(line[len(marker) :]) from error
+        current = current.__cause__ or current.__context__
