@@ -90,11 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from service.batch.errors import EXIT_USAGE, BatchConfigError
 
-    if args.ray:
-        from service.batch.ray_job import run_with_ray
-
-        return run_with_ray(args)
-
     try:
         settings = settings_from_args(args)
         from service.logs import configure_logging
@@ -115,16 +110,20 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     # 1) everything that can be checked without the model (and without importing torch)
     max_retries = at_least(args.max_retries, 0, "--max-retries")
     error_threshold = at_least(args.error_threshold, -1, "--error-threshold")
+    if args.ray_actors is not None:
+        at_least(args.ray_actors, 1, "--ray-actors")
     params = params_from_args(args)
+    options = StorageOptions(args.s3_endpoint_url)
     plan = plan_job(
         args.input,
         args.output,
         params,
-        options=StorageOptions(args.s3_endpoint_url),
+        options=options,
         max_steps=settings.max_steps,
         retry_failed=args.retry_failed,
     )
-    # 2) the model, and the parameters checked against it; then the work
+    # 2) the model, and the parameters checked against it; then the work, here or on a Ray
+    #    cluster (which needs no connection when nothing is left to do)
     result: RunResult | None = None
     model, parameters = settings.model_spec, params.as_dict()
     if plan.pending:
@@ -137,9 +136,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             error_threshold=error_threshold,
             write_workers=settings.encode_workers,
         )
-        engine = load_checked_engine(settings, plan.params)
-        model, parameters = engine.info.name, params.resolved(engine.info)
-        result = _generate(engine, plan, config)
+        if args.ray:
+            from service.batch.ray_job import RayJob
+
+            job = RayJob(settings, options, config, args.ray_address, args.ray_actors)
+            result, (model, parameters) = job.run(plan, default_model=(model, parameters))
+        else:
+            engine = load_checked_engine(settings, plan.params)
+            model, parameters = engine.info.name, params.resolved(engine.info)
+            result = _generate(engine, plan, config)
     else:
         log.info("every row is already finished; rebuilding predictions.csv and summary.json")
     # 3) predictions.csv and summary.json from every record

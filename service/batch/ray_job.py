@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,78 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="engines to run (one per actor); default: one per GPU in the cluster, else 1",
     )
-
-
-def run_with_ray(args: argparse.Namespace) -> int:
-    """`sd-endpoint batch --ray ...`: the exit codes of `sd-endpoint batch`."""
-    from service.batch.command import settings_from_args
-    from service.batch.errors import EXIT_USAGE, BatchConfigError
-    from service.logs import configure_logging
-
-    try:
-        settings = settings_from_args(args)
-        configure_logging(settings.log_level, settings.log_format)
-        return _run(args, settings)
-    except BatchConfigError as error:
-        print(f"sd-endpoint batch: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from service.batch.command import at_least, params_from_args
-    from service.batch.errors import EXIT_FAILED, EXIT_OK
-    from service.batch.finalize import finalize
-    from service.batch.plan import plan_job
-    from service.batch.process import RetryPolicy
-    from service.batch.runner import RunConfig
-    from service.storage import StorageError, StorageOptions
-
-    # 1. Everything that can be checked on the driver, before connecting to Ray.
-    max_retries = at_least(args.max_retries, 0, "--max-retries")
-    error_threshold = at_least(args.error_threshold, -1, "--error-threshold")
-    if args.ray_actors is not None:
-        at_least(args.ray_actors, 1, "--ray-actors")
-    params = params_from_args(args)
-    options = StorageOptions(args.s3_endpoint_url)
-    plan = plan_job(
-        args.input,
-        args.output,
-        params,
-        options=options,
-        max_steps=settings.max_steps,
-        retry_failed=args.retry_failed,
-    )
-    # 2. The rows still to do, on the cluster; nothing to do needs no cluster.
-    result: RunResult | None = None
-    model, parameters = settings.model_spec, params.as_dict()
-    if plan.pending:
-        config = RunConfig(
-            batch_size=settings.max_batch_size,
-            retry=RetryPolicy(max_retries=max_retries),
-            error_threshold=error_threshold,
-            write_workers=settings.encode_workers,
-        )
-        job = RayJob(settings, options, config, args.ray_address, args.ray_actors)
-        result, (model, parameters) = job.run(plan, default_model=(model, parameters))
-    else:
-        log.info("every row is already finished; rebuilding predictions.csv and summary.json")
-    # 3. predictions.csv and summary.json from every record, on the driver.
-    try:
-        summary = finalize(
-            plan.output, plan.rows, model=model, parameters=parameters, run=result, skipped=plan.skipped
-        )
-    except StorageError as error:
-        message = f"cannot finalize the output: {error}; run the job again"
-        print(f"sd-endpoint batch: error: {message}", file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(summary, indent=2))
-    if result is not None and result.stopped:
-        print(
-            f"sd-endpoint batch: stopped: {result.stopped}; run the same command again to resume",
-            file=sys.stderr,
-        )
-        return 130 if result.stopped == "interrupted" else EXIT_FAILED
-    return EXIT_OK
 
 
 @dataclass(frozen=True)
