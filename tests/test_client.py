@@ -5,73 +5,24 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+from serveprocess import REPO, Server, clean_env, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
-SERVE = [sys.executable, "-m", "service.cli", "serve"]
 GENERATE = [sys.executable, "-m", "service.cli", "generate"]
-STARTUP_LIMIT_S = 300
 KEYS = ("primary-key-1", "secondary-key-2")
 SMALL = ["--steps", "2", "--width", "128", "--height", "128"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without SD_* settings (a stray SD_API_KEY would change the outcome)."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("SD_")}
-    environment.update(extra)
-    return environment
-
-
-def start_server(log_path: Path, **env: str) -> Server:
-    """`sd-endpoint serve` on a free port, returned once GET / answers "Healthy"."""
-    port = free_port()
-    environment = clean_env(SD_MODEL="random:tiny", SD_HOST="127.0.0.1", SD_PORT=str(port), **env)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(SERVE, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + STARTUP_LIMIT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.process.kill()
-    server.process.wait()
-    pytest.fail(f"the server was not ready within {STARTUP_LIMIT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     running = start_server(log_path, SD_API_KEYS=",".join(KEYS))
     yield running
-    running.process.terminate()
-    try:
-        running.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        running.process.kill()
-        running.process.wait()
+    stop_server(running)
 
 
 def generate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -9,12 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from serveprocess import REPO, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -34,61 +30,13 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-SERVE = [sys.executable, "-m", "service.cli", "serve"]
-STARTUP_LIMIT_S = 300
 # Generous ceilings for waits on a busy 2-core CI machine; they bound a hang, they time nothing.
 WAIT_MS = 120_000
 KEYS = ("primary-key-1", "secondary-key-2")
 # Above 2**53: a seed that a JavaScript number would silently round.
 BIG_SEED = 1234567890123456789
-REPO = Path(__file__).resolve().parents[1]
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot.png"
 KEY_STORAGE = "sd-endpoint-api-key"
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_server(log_path: Path, **env: str) -> Server:
-    """`sd-endpoint serve` on a free port, returned once GET / answers "Healthy"."""
-    port = free_port()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("SD_")}
-    environment.update(SD_MODEL="random:tiny", SD_HOST="127.0.0.1", SD_PORT=str(port), **env)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(SERVE, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + STARTUP_LIMIT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(server)
-    pytest.fail(f"the server was not ready within {STARTUP_LIMIT_S} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
 
 
 @pytest.fixture(scope="module")
