@@ -16,6 +16,7 @@ from azure.ai.ml import (
     load_online_endpoint,
 )
 from azure.ai.ml.entities import Environment, ManagedOnlineDeployment, ManagedOnlineEndpoint
+from deploykit import settings_env_names, settings_under
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -40,22 +41,6 @@ def load(path: Path) -> Any:
     loader = LOADERS.get(schema.rsplit("/", 1)[-1])
     assert loader, f"{path.name}: unknown or missing $schema {schema!r}; add its loader to LOADERS"
     return loader(path)
-
-
-def settings_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names.add(alias if isinstance(alias, str) else f"SD_{name.upper()}")
-    return names
-
-
-def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name in settings_env_names():
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return Settings()
 
 
 def routed(settings: Settings, method: str, path: str) -> bool:

@@ -25,11 +25,11 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
+from deploykit import settings_env_names, settings_under
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from service.cli import build_parser
-from service.settings import Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,24 +88,6 @@ def image_env() -> dict[str, str]:
             assert sep, f"write ENV as KEY=value pairs, not {value!r}"
             env[key] = val
     return env
-
-
-def settings_env_names() -> set[str]:
-    """The environment variable behind every Settings field (SD_ prefix, or the field's own alias)."""
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names.add(alias if isinstance(alias, str) else f"SD_{name.upper()}")
-    return names
-
-
-def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The Settings a server would read with exactly `env` for the variables Settings knows."""
-    for name in settings_env_names():
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return Settings()
 
 
 def exec_form(instruction_value: str) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from deploykit import settings_env_names, settings_under
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -32,22 +33,6 @@ def one(kind: str) -> dict[str, Any]:
     found = [doc for docs in MANIFESTS.values() for doc in docs if doc["kind"] == kind]
     assert len(found) == 1, f"expected one {kind} in deploy/k8s, found {len(found)}"
     return found[0]
-
-
-def settings_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names.add(alias if isinstance(alias, str) else f"SD_{name.upper()}")
-    return names
-
-
-def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name in settings_env_names():
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return Settings()
 
 
 def image_user() -> int:
