@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
     components = load_components(args.model, dtype)
-    for module in (components.unet, components.vae, components.text_encoder, components.safety_checker):
-        if module is not None:
-            module.to(device)
+    components.to(device)
     pipe = StableDiffusionPipeline(**components.modules(), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     size = args.size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor

@@ -82,9 +82,7 @@ def load_with_deepspeed(
         fresh = load_components(spec, dtype)
         if safety_checker:
             fresh.safety_checker, fresh.feature_extractor = load_safety_checker(safety_checker, dtype)
-        for module in (fresh.unet, fresh.vae, fresh.text_encoder, fresh.safety_checker):
-            if module is not None:
-                module.to(device)
+        fresh.to(device)
         optimize.apply(fresh, options)
         engine = Engine(fresh, device, dtype, options)
         engine.accelerator_note = f"deepspeed requested, not used: {reason}"

@@ -41,9 +41,7 @@ def load(
             safety_checker, torch_dtype
         )
     # 4) device
-    for module in (components.unet, components.vae, components.text_encoder, components.safety_checker):
-        if module is not None:
-            module.to(torch_device)
+    components.to(torch_device)
     # 5) DeepSpeed kernels, verified against our own path, else our optimisations
     if options.accelerator == "deepspeed":
         from model.accelerators import load_with_deepspeed

@@ -41,6 +41,13 @@ class Components:
     architecture: str
     random_weights: bool
 
+    def to(self, device: torch.device | str) -> Components:
+        """Move every network (not the tokenizer, scheduler or processor) to ``device``."""
+        for module in (self.unet, self.vae, self.text_encoder, self.safety_checker):
+            if module is not None:
+                module.to(device)
+        return self
+
     def modules(self) -> dict[str, Any]:
         return {
             "unet": self.unet,
