@@ -5,6 +5,7 @@ The building blocks of the runner (service/batch/runner.py), which pipelines the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -118,15 +119,12 @@ def _write_record(output: Storage, record: Record, retry: RetryPolicy) -> Record
     except StorageError as error:
         # Without a record the row counts as unfinished: the next run generates it again.
         log.error("row %d of %s has no record: %s", record.row, record.input_file, error)
-        return Record(
-            input_file=record.input_file,
-            row=record.row,
-            prompt=record.prompt,
-            negative_prompt=record.negative_prompt,
-            seed=record.seed,
+        return dataclasses.replace(
+            record,
             status="failed",
+            generated_image="",
+            nsfw_content_detected=None,
             error=f"{record.error + '; ' if record.error else ''}{error}",
-            attempts=record.attempts,
         )
     return record
 
