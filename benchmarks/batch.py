@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace, params: JobParams) -> Any:
     """The engine as `sd-endpoint batch` loads it, warmed up at the job's batch shape."""
-    from service.lifecycle import load_engine
+    from service.runtime.engines import load_engine
     from service.settings import Settings
 
     if args.torch_threads:

@@ -34,7 +34,7 @@ def start_to_ready(model: str, env_extra: dict[str, str], timeout_s: float) -> f
     env = {**os.environ, "SD_MODEL": model, "SD_PORT": str(port), **env_extra}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "service.cli.main", "serve"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

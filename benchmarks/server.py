@@ -6,7 +6,7 @@
 For each engine and each number of concurrent clients it times (a) the engine called directly with
 batches of min(clients, max batch) back to back, the best a client could get with the engine to
 itself, and (b) the same number of closed-loop HTTP clients posting one-prompt requests to a real
-server process (`service.serve`'s code path, default settings). It prints images/s, median latency,
+server process (`service.hosts.server`'s code path, default settings). It prints images/s, median latency,
 the server's added latency and their ratios; then the PNG + base64 encoding time of a 512x512 image.
 
 Engines: `fake` sleeps a fixed time per batch and returns 512x512 images (a GPU-like engine whose
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.types import DEFAULT_SCHEDULER, GenerationItem, GenerationResult, ModelInfo  # noqa: E402
-from service.images import encode_png_base64  # noqa: E402
+from service.runtime.images import encode_png_base64  # noqa: E402
 
 MAX_BATCH = 8  # the server's default SD_MAX_BATCH_SIZE
 FAKE_SIZE = 512
@@ -144,10 +144,10 @@ def start_server(engine_name: str, delay_s: float, port: int) -> subprocess.Pope
 
 
 def serve(engine_name: str, delay_s: float) -> int:
-    from service.app import create_app
+    from service.hosts.server import serve as run_server
     from service.logs import configure_logging
-    from service.serve import serve as run_server
     from service.settings import Settings
+    from service.web.app import create_app
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)

@@ -17,8 +17,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTex
 
 from model.errors import ModelLoadError
 from model.tokenizer import MAX_LENGTH, build_clip_tokenizer
-
-ARCHITECTURES = ("tiny", "sd-v1-4", "sd-2-base")
+from model.types import ARCHITECTURES
 
 _CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _CROSS_ATTN_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

@@ -21,7 +21,7 @@ from model.loading import Components
 from model.options import EngineOptions
 from model.safety import nsfw_flags, preprocess
 from model.schedulers import check_scheduler_name, make_scheduler, offered_schedulers, scheduler_name
-from model.types import MAX_SEED, GenerationItem, GenerationResult, ModelInfo
+from model.types import MAX_SEED, BatchKey, GenerationItem, GenerationResult, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -186,60 +186,92 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _run(self, items: list[GenerationItem]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steps: 1) encode prompts, 2) scheduler and timesteps, 3) per-item latents,
-        4) denoise, 5) decode, 6) safety. Returns images in [0,1] on the device and flags."""
-        c = self.components
-        key = items[0].batch_key
+        """The pipeline's steps, one method each: 1) encode prompts, 2) prepare the scheduler,
+        3) prepare latents, 4) denoise, 5) decode, 6) safety. Returns images in [0,1] on the
+        device and the flags (None without a checker)."""
         guidance = torch.tensor([item.guidance_scale for item in items], device=self.device, dtype=self.dtype)
         guided = bool((guidance > 1).any())
-        # 1) text embeddings; uncond first, as diffusers concatenates [negative, prompt]
+        embeds = self._encode_prompts(items, guided)
+        scheduler = self._prepare_scheduler(items[0].batch_key)
+        generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in items]
+        latents = self._prepare_latents(items[0].batch_key, generators, scheduler)
+        latents = self._denoise(latents, embeds, guidance, guided, scheduler, generators)
+        images = self._decode(latents)
+        return self._safety(images)
+
+    def _encode_prompts(self, items: list[GenerationItem], guided: bool) -> torch.Tensor:
+        """1) Text embeddings; with guidance, the negatives first, as diffusers concatenates
+        [negative, prompt]."""
         embeds = self._encode([item.prompt for item in items])
         if guided:
             embeds = torch.cat([self._encode_negatives([item.negative_prompt for item in items]), embeds])
-        # 2) a fresh scheduler: they hold per-run state
-        scheduler = make_scheduler(c.scheduler, key.scheduler)
+        return embeds
+
+    def _prepare_scheduler(self, key: BatchKey) -> Any:
+        """2) A fresh scheduler (they hold per-run state) with the batch's timesteps."""
+        scheduler = make_scheduler(self.components.scheduler, key.scheduler)
         scheduler.set_timesteps(key.num_inference_steps, device=self.device)
-        # 3) each item's noise from its own generator, as the pipeline draws it for one image
-        generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in items]
+        return scheduler
+
+    def _prepare_latents(
+        self, key: BatchKey, generators: list[torch.Generator], scheduler: Any
+    ) -> torch.Tensor:
+        """3) Each item's noise from its own generator, as the pipeline draws it for one image."""
         shape = (
             1,
-            c.unet.config.in_channels,
+            self.components.unet.config.in_channels,
             key.height // self.vae_scale_factor,
             key.width // self.vae_scale_factor,
         )
-        latents = (
-            torch.cat(
-                [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
-            )
-            * scheduler.init_noise_sigma
-        )
+        noise = [torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) for g in generators]
+        latents: torch.Tensor = torch.cat(noise) * scheduler.init_noise_sigma
+        return latents
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        guidance: torch.Tensor,
+        guided: bool,
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """4) The denoising loop; guidance per item, off (the plain conditional prediction) where
+        its scale is <= 1."""
+        unet = self.components.unet
         step_params = _step_parameters(scheduler)
         step_kwargs: dict[str, Any] = {}
         if "generator" in step_params:
             step_kwargs["generator"] = generators  # ancestral samplers draw per-item noise each step
         if "eta" in step_params:
             step_kwargs["eta"] = 0.0
-        # 4) denoise; guidance per item, off (plain conditional prediction) where scale <= 1
         g = guidance.view(-1, 1, 1, 1)
         for t in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = c.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if guided:
                 uncond, cond = noise.chunk(2)
                 noise = torch.where(g > 1, uncond + g * (cond - uncond), cond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-        # 5) decode; a non-finite pixel is an engine failure, never an image
-        decoded = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
+        return latents
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """5) Latents to images in [0,1]; a non-finite pixel is an engine failure, never an image."""
+        vae = self.components.vae
+        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         if self.options.check_finite and not bool(torch.isfinite(decoded).all()):
             raise EngineFailure("the model produced NaN or Inf values; no image was returned")
-        images = (decoded / 2 + 0.5).clamp(0, 1)
-        # 6) safety: flagged images become exactly black
-        flags = None
-        if c.safety_checker is not None:
-            flags = nsfw_flags(c.safety_checker, preprocess(images, c.feature_extractor))
-            images = images.masked_fill(flags.view(-1, 1, 1, 1), 0.0)
-        return images, flags
+        images: torch.Tensor = (decoded / 2 + 0.5).clamp(0, 1)
+        return images
+
+    def _safety(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """6) The safety checker's flags; flagged images become exactly black."""
+        c = self.components
+        if c.safety_checker is None:
+            return images, None
+        flags = nsfw_flags(c.safety_checker, preprocess(images, c.feature_extractor))
+        return images.masked_fill(flags.view(-1, 1, 1, 1), 0.0), flags
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         c = self.components

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from model.architectures import ARCHITECTURES, build_components
+from model.architectures import build_components
 from model.errors import ModelLoadError
 from model.export import RANDOM_MARKER
+from model.types import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 

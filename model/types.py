@@ -8,6 +8,9 @@ import numpy as np
 
 DEFAULT_SCHEDULER = "default"
 MAX_SEED = 2**63 - 1
+# The random-weight architectures (model/architectures.py builds them); named here so that light
+# callers (the make-model command line) can list them without importing torch.
+ARCHITECTURES = ("tiny", "sd-v1-4", "sd-2-base")
 
 
 @dataclass(frozen=True, order=True)

@@ -24,14 +24,22 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-# Seeds must fit torch.Generator.manual_seed and stay exact in JavaScript clients' eyes as well as
-# they can; the engine accepts 0 .. 2**63 - 1.
+# Seeds must fit torch.Generator.manual_seed. The engine's bound is model.types.MAX_SEED; this
+# package imports nothing from the project, so it states the number again for the wire schema
+# (tests/engine/test_rules.py keeps the two equal).
 MAX_SEED = 2**63 - 1
 PROMPT_COLUMN = "prompt"
 NEGATIVE_PROMPT_COLUMN = "negative_prompt"
 SEED_COLUMN = "seed"
 COLUMNS = (PROMPT_COLUMN, NEGATIVE_PROMPT_COLUMN, SEED_COLUMN)
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 128, 1024, 8
+# Image sizes: the one place for every path's limits, and why they differ.
+# - The engine takes any multiple of 8 from 8 up (the VAE downsamples by 8); memory is the limit.
+# - Online (/score) keeps 128..1024: one request shares the device with everyone else's, and a
+#   4096x4096 image would hold the whole batch (and its memory) for minutes.
+# - Batch jobs own their device, so they may ask for up to 4096 (about 16x the pixels of 1024).
+SIZE_MULTIPLE = 8
+MIN_SIZE, MAX_SIZE = 128, 1024
+BATCH_MIN_SIZE, BATCH_MAX_SIZE = SIZE_MULTIPLE, 4096
 MAX_STEPS = 150
 MAX_IMAGES_PER_PROMPT = 4
 

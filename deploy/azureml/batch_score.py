@@ -31,11 +31,11 @@ _job: dict[str, Any] = {}
 
 def init() -> None:
     """Load the model and check the parameters and the output, once per worker process."""
+    from service.batch.engine import load_job_engine
     from service.batch.params import JobParams
     from service.batch.plan import prepare_output
     from service.batch.process import RetryPolicy
     from service.batch.runner import RunConfig
-    from service.lifecycle import load_engine
     from service.logs import configure_logging
     from service.settings import Settings
     from service.storage import open_storage
@@ -50,10 +50,8 @@ def init() -> None:
         raise RuntimeError(f"{OUTPUT_ENV} is not set: this script runs inside an Azure ML batch deployment")
     output = open_storage(output_path)
     prepare_output(output, params)
-    # 2) the model, and the parameters checked against it
-    log.info("loading model %s", settings.model_spec)
-    engine = load_engine(settings)
-    engine.validate([params.item("parameter check", "", 0, engine.info)])
+    # 2) the model, and the parameters checked against it (BatchConfigError says what is wrong)
+    engine = load_job_engine(settings, params)
     config = RunConfig(
         batch_size=settings.max_batch_size, retry=RetryPolicy(), write_workers=settings.encode_workers
     )

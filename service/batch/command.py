@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from service.batch.params import JobParams
     from service.batch.plan import JobPlan
     from service.batch.runner import RunConfig, RunResult
-    from service.lifecycle import ServingEngine
+    from service.runtime.engines import ServingEngine
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             job = RayJob(settings, options, config, args.ray_address, args.ray_actors)
             result, (model, parameters) = job.run(plan, default_model=(model, parameters))
         else:
-            engine = load_checked_engine(settings, plan.params)
+            from service.batch.engine import load_job_engine
+
+            engine = load_job_engine(settings, plan.params)
             model, parameters = engine.info.name, params.resolved(engine.info)
             result = _generate(engine, plan, config)
     else:
@@ -219,27 +221,6 @@ def at_least(value: int, minimum: int, flag: str) -> int:
     if value < minimum:
         raise BatchConfigError(f"{flag} must be {minimum} or more, got {value}")
     return value
-
-
-def load_checked_engine(settings: Settings, params: JobParams) -> ServingEngine:
-    """Load the model and check the job's parameters against it, before generating anything
-    (BatchConfigError when they do not suit). Also used by each actor of a Ray job."""
-    from model.errors import InvalidRequestError, ModelLoadError
-    from service.batch.errors import BatchConfigError
-    from service.lifecycle import load_engine
-
-    log.info("loading model %s", settings.model_spec)
-    try:
-        engine = load_engine(settings)
-    except ModelLoadError as error:
-        raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
-    try:
-        engine.validate([params.item("parameter check", "", 0, engine.info)])
-    except InvalidRequestError as error:
-        problem = BatchConfigError(f"the parameters do not suit {engine.info.name}: {error}")
-        engine.close()
-        raise problem from error
-    return engine
 
 
 def _generate(engine: ServingEngine, plan: JobPlan, config: RunConfig) -> RunResult:

@@ -16,3 +16,13 @@ class BatchConfigError(Exception):
 
 class ErrorThresholdExceeded(Exception):
     """More rows failed than --error-threshold allows; the job stopped early."""
+
+
+def threshold_stop(failed: int, threshold: int, last_error: str) -> str:
+    """Why a job must stop with ``failed`` rows failed under ``--error-threshold``; '' to go on.
+
+    The one rule for the runner on one machine and the driver of a Ray job.
+    """
+    if threshold < 0 or failed <= threshold:
+        return ""
+    return f"{failed} rows failed, more than --error-threshold {threshold}; last error: {last_error}"

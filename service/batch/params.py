@@ -19,15 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from model.types import MAX_SEED  # light: importing the model package does not import torch
+from schemas.score import BATCH_MAX_SIZE, BATCH_MIN_SIZE, SIZE_MULTIPLE
 from service.batch.errors import BatchConfigError
+from service.runtime.items import MAX_SEED, SEED_DRAW_RANGE, make_item, seed_in_range
 
 if TYPE_CHECKING:
     from model.types import GenerationItem, ModelInfo
-
-MAX_SIDE = 4096
-# Derived seeds stay below 2**32 so that every generator (and person) can reuse them.
-DERIVED_SEED_RANGE = 2**32
 
 
 @dataclass(frozen=True)
@@ -85,11 +82,14 @@ class JobParams:
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise BatchConfigError(f"guidance must be a finite number >= 0, got {self.guidance_scale}")
         for side, value in (("height", self.height), ("width", self.width)):
-            if value is not None and not (8 <= value <= MAX_SIDE and value % 8 == 0):
+            if value is not None and not (
+                BATCH_MIN_SIZE <= value <= BATCH_MAX_SIZE and value % SIZE_MULTIPLE == 0
+            ):
                 raise BatchConfigError(
-                    f"{side} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}"
+                    f"{side} must be a multiple of {SIZE_MULTIPLE} between {BATCH_MIN_SIZE} and "
+                    f"{BATCH_MAX_SIZE}, got {value}"
                 )
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+        if self.seed is not None and not seed_in_range(self.seed):
             raise BatchConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.scheduler is not None and not self.scheduler.strip():
             raise BatchConfigError("scheduler must not be empty; omit it for the model's default")
@@ -107,17 +107,16 @@ class JobParams:
         }
 
     def item(self, prompt: str, negative_prompt: str, seed: int, info: ModelInfo) -> GenerationItem:
-        from model.types import DEFAULT_SCHEDULER, GenerationItem
-
-        return GenerationItem(
+        return make_item(
+            info,
             prompt=prompt,
             negative_prompt=negative_prompt,
             seed=seed,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
-            height=self.height or info.native_height,
-            width=self.width or info.native_width,
-            scheduler=self.scheduler or DEFAULT_SCHEDULER,
+            height=self.height,
+            width=self.width,
+            scheduler=self.scheduler,
         )
 
 
@@ -125,7 +124,7 @@ def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:
     """The seed of a row without its own: a hash of (job seed, input file, row), in [0, 2**32)."""
     text = f"{'' if job_seed is None else job_seed}\x00{input_file}\x00{row}"
     digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % DERIVED_SEED_RANGE
+    return int.from_bytes(digest[:8], "big") % SEED_DRAW_RANGE
 
 
 def _kind(types: tuple[type, ...]) -> str:

@@ -10,30 +10,20 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from model.errors import InvalidRequestError
-from model.types import GenerationItem, GenerationResult, ModelInfo
+from model.types import GenerationResult
 from service.batch.inputs import InputRow
 from service.batch.params import JobParams
 from service.batch.records import Record, image_path, record_path
-from service.images import encode_png
-from service.oom import generate_splitting_on_oom
+from service.runtime.engines import ServingEngine
+from service.runtime.images import encode_png
+from service.runtime.oom import generate_splitting_on_oom
 from service.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class BatchEngine(Protocol):
-    """What the batch side needs of an engine (model.Engine has it)."""
-
-    @property
-    def info(self) -> ModelInfo: ...
-
-    def validate(self, items: Sequence[GenerationItem]) -> None: ...
-
-    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +44,7 @@ class Outcome:
     retryable: bool = False
 
 
-def generate_batch(engine: BatchEngine, rows: Sequence[InputRow], params: JobParams) -> list[Outcome]:
+def generate_batch(engine: ServingEngine, rows: Sequence[InputRow], params: JobParams) -> list[Outcome]:
     """Generate one engine batch (all rows valid, one batch key). Never raises for the engine's errors."""
     items = [params.item(r.prompt, r.negative_prompt, _seed(r), engine.info) for r in rows]
     try:

@@ -176,12 +176,10 @@ class RayJob:
         )
 
     def _over_threshold(self, records: list[Record]) -> str:
-        threshold = self.config.error_threshold
-        failed = sum(1 for r in records if not r.ok)
-        if threshold < 0 or failed <= threshold:
-            return ""
-        last_error = next(r.error for r in reversed(records) if not r.ok)
-        return f"{failed} rows failed, more than --error-threshold {threshold}; last error: {last_error}"
+        from service.batch.errors import threshold_stop
+
+        failed = [r for r in records if not r.ok]
+        return threshold_stop(len(failed), self.config.error_threshold, failed[-1].error if failed else "")
 
 
 class EngineActor:
@@ -190,14 +188,14 @@ class EngineActor:
     def __init__(
         self, settings: Settings, output: str, options: StorageOptions, plan_params: Any, config: RunConfig
     ) -> None:
-        from service.batch.command import load_checked_engine
+        from service.batch.engine import load_job_engine
         from service.logs import configure_logging
         from service.storage import open_storage
 
         configure_logging(settings.log_level, settings.log_format)
         self.params = plan_params
         self.config = config
-        self.engine = load_checked_engine(settings, plan_params)
+        self.engine = load_job_engine(settings, plan_params)
         self.output = open_storage(output, options)
         info = self.engine.info
         self.model = json.dumps({"model": info.name, "parameters": plan_params.resolved(info)})

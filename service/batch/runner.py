@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.batch.errors import ErrorThresholdExceeded
+from service.batch.errors import ErrorThresholdExceeded, threshold_stop
 from service.batch.inputs import InputRow
 from service.batch.params import JobParams
 from service.batch.plan import JobPlan
-from service.batch.process import BatchEngine, RetryPolicy, generate_batch, write_failure, write_success
+from service.batch.process import RetryPolicy, generate_batch, write_failure, write_success
 from service.batch.records import Record
+from service.runtime.engines import ServingEngine
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class RunResult:
 
 
 def run_job(
-    engine: BatchEngine,
+    engine: ServingEngine,
     plan: JobPlan,
     config: RunConfig,
     on_record: Callable[[Record], None] = lambda record: None,
@@ -63,7 +64,7 @@ def run_job(
 
 
 def process_rows(
-    engine: BatchEngine, rows: Sequence[InputRow], output: Storage, params: JobParams, config: RunConfig
+    engine: ServingEngine, rows: Sequence[InputRow], output: Storage, params: JobParams, config: RunConfig
 ) -> list[Record]:
     """Generate and write ``rows``; their records in the same order (for schedulers such as Ray Data).
 
@@ -77,7 +78,7 @@ def process_rows(
 
 
 def run_rows(
-    engine: BatchEngine,
+    engine: ServingEngine,
     rows: Sequence[InputRow],
     output: Storage,
     params: JobParams,
@@ -148,9 +149,6 @@ class _Run:
         self.on_record(record)
         if not record.ok:
             self.failed += 1
-            threshold = self.config.error_threshold
-            if 0 <= threshold < self.failed:
-                self.stop(
-                    f"{self.failed} rows failed, more than --error-threshold {threshold}; last error: "
-                    + record.error
-                )
+            reason = threshold_stop(self.failed, self.config.error_threshold, record.error)
+            if reason:
+                self.stop(reason)

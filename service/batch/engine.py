@@ -1,0 +1,34 @@
+"""The engine of a batch job: the one loader (service/runtime/engines.py), with the job's
+parameters checked against the model before any row runs.
+
+Used by `sd-endpoint batch`, each actor of a Ray job and the Azure ML batch entry script.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from service.batch.errors import BatchConfigError
+
+if TYPE_CHECKING:
+    from service.batch.params import JobParams
+    from service.runtime.engines import ServingEngine
+    from service.settings import Settings
+
+
+def load_job_engine(settings: Settings, params: JobParams) -> ServingEngine:
+    """Load the model and check ``params`` against it; BatchConfigError (exit 2) when either fails."""
+    from model.errors import InvalidRequestError, ModelLoadError
+    from service.runtime.engines import load_engine
+
+    try:
+        engine = load_engine(settings)
+    except ModelLoadError as error:
+        raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
+    try:
+        engine.validate([params.item("parameter check", "", 0, engine.info)])
+    except InvalidRequestError as error:
+        problem = BatchConfigError(f"the parameters do not suit {engine.info.name}: {error}")
+        engine.close()
+        raise problem from error
+    return engine

@@ -1,0 +1,66 @@
+"""The one engine protocol and the one engine loader, for every consumer: the server, batch
+jobs, Ray actors and both Azure ML entry scripts.
+
+Light to import (no torch, no web stack): ``load_engine`` imports the model's libraries when it
+runs, which is always in a thread or a worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from model.types import GenerationItem, GenerationResult, ModelInfo
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServingEngine(Protocol):
+    """What every consumer needs of an engine; ``model.Engine`` has it, and so do the tests' fakes."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def validate(self, items: Sequence[GenerationItem]) -> None: ...
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...
+
+    def warmup(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two up to the largest batch, which itself is always a bucket (for CUDA graphs)."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def load_engine(settings: Settings) -> ServingEngine:
+    """Load the model the settings name, on the device and with the options they name.
+
+    Raises ModelLoadError, with the reason, when the spec names nothing loadable.
+    """
+    from model import EngineOptions, load
+
+    # 1. The options the settings ask for.
+    options = EngineOptions(
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+        accelerator=settings.accelerator,
+        compile_cache_dir=str(settings.compile_cache_dir) if settings.compile_cache_dir else None,
+        batch_buckets=batch_buckets(settings.max_batch_size),
+    )
+    device = None if settings.device == "auto" else settings.device
+    dtype = None if settings.dtype == "auto" else settings.dtype
+    checker = str(settings.safety_checker) if settings.safety_checker else None
+    # 2. The model.
+    log.info("loading model %s", settings.model_spec)
+    engine: ServingEngine = load(settings.model_spec, device, dtype, safety_checker=checker, options=options)
+    return engine

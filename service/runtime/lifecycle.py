@@ -1,0 +1,174 @@
+"""The server's life: load and warm up the model, serve, drain, stop.
+
+Readiness (``GET /``) is true only between a finished warm-up and the start of a drain. The model
+loads in a thread after the app has started, so that probes get a prompt 503 while it loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from schemas.score import ScoreLimits
+from service.runtime.batcher import Batcher
+from service.runtime.engines import ServingEngine, load_engine
+from service.runtime.errors import NotReadyError, ShuttingDownError
+from service.runtime.metrics import Metrics
+from service.runtime.scoring import Scorer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class Runtime:
+    """What serving needs once the model is loaded."""
+
+    engine: ServingEngine
+    batcher: Batcher
+    scorer: Scorer
+    encode_pool: ThreadPoolExecutor
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, metrics: Metrics, engine: ServingEngine | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.phase = Phase.LOADING
+        self.failure = ""
+        self.runtime: Runtime | None = None
+        self._given_engine = engine
+        self._start_task: asyncio.Task[None] | None = None
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ----------------------------------------------------------------- start
+    def begin(self) -> None:
+        """Start loading in the background; the app answers meanwhile."""
+        self._start_task = asyncio.get_running_loop().create_task(self._start(), name="model-start")
+
+    async def wait_started(self) -> None:
+        """Until loading and warm-up have finished (check ``phase`` for how).
+
+        Raises what ended the start-up task, should anything but a load failure (which sets
+        ``phase`` to FAILED) end it, so that a host never waits for a start that is over.
+        """
+        if self._start_task is not None:
+            await asyncio.shield(self._start_task)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        started = time.monotonic()
+        try:
+            # 1. Load (unless the caller gave an engine) and warm up, both off the event loop.
+            if self._given_engine is not None:
+                engine = self._given_engine
+            else:
+                engine = await asyncio.to_thread(load_engine, settings)
+            self._warn_if_random(engine)
+            await asyncio.to_thread(engine.warmup)
+        except Exception as error:
+            self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
+            log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
+            return
+        # 2. The serving pieces; a failure here must not leave readiness "loading" forever.
+        try:
+            self.runtime = self._assemble(engine)
+        except Exception:
+            self.phase, self.failure = Phase.FAILED, "the server could not start serving the loaded model"
+            log.exception(self.failure)
+            return
+        seconds = time.monotonic() - started
+        self.metrics.model_load_seconds.set(seconds)
+        if self.phase is Phase.LOADING:
+            self.phase = Phase.READY
+            log.info("ready: %s loaded and warmed up in %.1f s", engine.info.name, seconds)
+
+    def _assemble(self, engine: ServingEngine) -> Runtime:
+        settings = self.settings
+        limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
+        encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        batcher = Batcher(
+            engine,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            max_queue_items=settings.max_queue_items,
+            metrics=self.metrics,
+        )
+        batcher.start()
+        return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool)
+
+    @staticmethod
+    def _warn_if_random(engine: ServingEngine) -> None:
+        if engine.info.random_weights:
+            banner = "!" * 78
+            log.warning(
+                "%s\n  model %s has RANDOM WEIGHTS: every image it makes is noise.\n"
+                "  Set SD_MODEL (or --model) to a Stable Diffusion folder to serve real images.\n%s",
+                banner, engine.info.name, banner,
+            )  # fmt: skip
+
+    # ----------------------------------------------------------------- serve
+    def require_ready(self) -> Runtime:
+        """The runtime, or the 503 that says why there is none."""
+        if self.phase is Phase.DRAINING:
+            raise ShuttingDownError("the server is shutting down; send the request to another instance")
+        if self.phase is Phase.FAILED:
+            raise NotReadyError(self.failure)
+        if self.runtime is None or self.phase is not Phase.READY:
+            raise NotReadyError("the model is still loading or warming up; retry in a few seconds")
+        return self.runtime
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Runtime]:
+        """Hold one request open: the drain waits for every such request to finish."""
+        runtime = self.require_ready()
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield runtime
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    # ----------------------------------------------------------------- stop
+    async def drain(self) -> None:
+        """Turn readiness off, then wait (up to SD_DRAIN_TIMEOUT_S) for requests in flight."""
+        self.phase = Phase.DRAINING
+        log.info("draining: %d request(s) in flight", self._active)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
+            log.info("drained")
+        except asyncio.TimeoutError:
+            log.warning(
+                "drain timeout (%.0f s) with %d request(s) in flight",
+                self.settings.drain_timeout_s,
+                self._active,
+            )
+
+    async def stop(self) -> None:
+        """Release everything; queued images still waiting fail with 503."""
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        runtime, self.runtime = self.runtime, None
+        if runtime is None:
+            return
+        await runtime.batcher.close()
+        runtime.encode_pool.shutdown(wait=False, cancel_futures=True)
+        runtime.engine.close()

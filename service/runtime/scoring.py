@@ -1,0 +1,85 @@
+"""Scoring one request body, from bytes to response records. Shared by POST /score and the Azure ML
+entry script, so both speak exactly the same contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import Executor
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from model.types import GenerationResult
+from schemas.score import ScoreLimits, ScoreRequest, describe_location
+from service.runtime.batcher import Batcher
+from service.runtime.convert import to_items, to_records
+from service.runtime.engines import ServingEngine
+from service.runtime.errors import ContractError, MalformedJsonError
+from service.runtime.images import encode_png_base64
+
+log = logging.getLogger(__name__)
+
+_MAX_REPORTED_ERRORS = 5
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ContractError(f"the body contains a bare {name}, which JSON does not allow; send a finite number")
+
+
+def parse_request(body: bytes, limits: ScoreLimits) -> ScoreRequest:
+    """Bytes -> ScoreRequest. Malformed JSON: MalformedJsonError; off the contract: ContractError."""
+    # 1. JSON. Python's parser accepts NaN and Infinity; the contract does not.
+    try:
+        document = json.loads(body, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        position = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+        raise MalformedJsonError(
+            f"the body is not valid JSON{position}; send the input_data object"
+        ) from None
+    # 2. The contract, with the operator's limits.
+    try:
+        return ScoreRequest.model_validate(document, context={"limits": limits})
+    except ValidationError as error:
+        problems = [
+            f"{describe_location(detail['loc'])}: {detail['msg']}"
+            for detail in error.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        more = len(problems) - _MAX_REPORTED_ERRORS
+        message = "; ".join(problems[:_MAX_REPORTED_ERRORS]) + (f"; and {more} more" if more > 0 else "")
+        raise ContractError(f"{message} (see the request schema at /docs)") from None
+
+
+class Scorer:
+    def __init__(
+        self, engine: ServingEngine, batcher: Batcher, limits: ScoreLimits, encode_pool: Executor
+    ) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self._limits = limits
+        self._encode_pool = encode_pool
+
+    async def score(self, body: bytes) -> list[dict[str, Any]]:
+        """The response records for ``body``; raises the errors of service/web/errors.py's table."""
+        # 1. Parse and check the contract, then let the engine check what only it knows (schedulers).
+        request = parse_request(body, self._limits)
+        items = to_items(request.input_data, self._engine.info)
+        self._engine.validate(items)
+        # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
+        futures = self._batcher.submit(items)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if errors:
+            raise errors[0]
+        results: list[GenerationResult] = outcomes  # type: ignore[assignment]
+        # 3. Encode the PNGs in the worker pool, in parallel, off the event loop.
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(
+            *(loop.run_in_executor(self._encode_pool, encode_png_base64, result.image) for result in results)
+        )
+        log.info(
+            "scored %d prompt(s) -> %d image(s), %d flagged",
+            len(request.input_data.rows), len(results), sum(bool(r.nsfw_content_detected) for r in results),
+        )  # fmt: skip
+        return to_records(items, results, images)

@@ -1,0 +1,101 @@
+"""The FastAPI application: ``create_app(settings, engine=None)``.
+
+Without an engine the app loads the one the settings name, in a thread after start-up; ``GET /``
+answers 503 until it is loaded and warmed up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from model.errors import EngineError
+from schemas.score import ScoreRequest
+from service.runtime.engines import ServingEngine
+from service.runtime.errors import ServiceError
+from service.runtime.lifecycle import Lifecycle
+from service.runtime.metrics import Metrics
+from service.settings import Settings
+from service.web import routes, ui
+from service.web.errors import error_response
+from service.web.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+
+DESCRIPTION = """Text-to-image with Stable Diffusion behind Azure ML's model-catalog scoring contract.
+
+`POST /score` takes `{"input_data": {"columns": ["prompt"], "data": [...], "parameters": {...}}}` and
+answers one record per image with a base64 PNG, the NSFW flag and the seed that reproduces it.
+Every error is `{"error": {"code", "message", "status"}}`. With `SD_API_KEYS` set, send
+`Authorization: Bearer <key>`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    lifecycle = Lifecycle(settings, metrics, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        lifecycle.begin()
+        yield
+        await lifecycle.stop()
+
+    app = FastAPI(
+        title="Stable Diffusion endpoint",
+        version=routes.package_version(),
+        description=DESCRIPTION,
+        openapi_url="/swagger.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+
+    # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.
+    async def handle(_: Request, error: Exception) -> Response:
+        return error_response(error)
+
+    for error_type in (ServiceError, EngineError, HTTPException):
+        app.add_exception_handler(error_type, handle)
+
+    # Middleware: the last added runs first. Ids and metrics, then keys, then the body size.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    route_paths = frozenset(
+        [app.openapi_url or "", app.docs_url or ""]
+        + [
+            route.path
+            for router in (routes.router, ui.router)
+            for route in router.routes
+            if isinstance(route, APIRoute)
+        ]
+    )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
+
+    app.include_router(routes.router)
+    app.include_router(ui.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request model, which /score reads itself (to answer 400 vs 422)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        request_schema = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request_schema.pop("$defs", {}))
+        components["ScoreRequest"] = request_schema
+        app.openapi_schema = schema
+    return app.openapi_schema

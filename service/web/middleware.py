@@ -1,0 +1,152 @@
+"""Pure ASGI middleware, outermost first: request context (ids, metrics, access log, last-resort 500),
+API keys, body size. Pure ASGI rather than BaseHTTPMiddleware so that the body is never buffered
+here and the endpoint can still see the client disconnect."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.logs import request_id_var
+from service.runtime.metrics import Metrics
+from service.web.errors import BodyTooLargeError, HeaderTooLongError, UnauthorizedError, error_response
+
+log = logging.getLogger("service.access")
+
+MAX_ID_CHARS = 100
+ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
+# Probes and scrapes: open without a key, and logged at DEBUG so they do not drown the log.
+OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/ui"})
+PROBE_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics"})
+
+
+class RequestContextMiddleware:
+    """Request ids (431 when too long), per-route metrics, one access line, and a JSON 500 for bugs."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, route_paths: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.route_paths = route_paths  # metric labels; any other path is "other" (bounded cardinality)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # 1. Ids: the client's, else a new one; all three echoed on the answer (not over-long ones).
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        given = {name: headers.get(name) for name in ID_HEADERS}
+        too_long = [name for name, value in given.items() if value is not None and len(value) > MAX_ID_CHARS]
+        request_id = given["x-request-id"] if given["x-request-id"] and not too_long else str(uuid.uuid4())
+        echoed = {"x-request-id": request_id, "x-ms-request-id": request_id}
+        if not too_long:
+            echoed["x-ms-request-id"] = given["x-ms-request-id"] or request_id
+            if given["x-ms-client-request-id"]:
+                echoed["x-ms-client-request-id"] = given["x-ms-client-request-id"]
+        token = request_id_var.set(request_id)
+        status = 0  # 0 until the answer starts
+
+        async def send_with_ids(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = MutableHeaders(scope=message)
+                for name, value in echoed.items():
+                    response_headers[name] = value
+            await send(message)
+
+        # 2. The app, or the error answer; a bug becomes a logged 500, never a traceback to the client.
+        try:
+            if too_long:
+                error = HeaderTooLongError(
+                    f"{', '.join(too_long)} is longer than {MAX_ID_CHARS} characters; send a shorter id"
+                )
+                await error_response(error)(scope, receive, send_with_ids)
+            else:
+                await self.app(scope, receive, send_with_ids)
+        except Exception as error:
+            if status:
+                log.exception("failed after the answer had started")
+            else:
+                await error_response(error)(scope, receive, send_with_ids)
+        finally:
+            # 3. Metrics by route template (unknown paths share one label) and the access line.
+            seconds = time.perf_counter() - started
+            path = scope["path"]
+            route = path if path in self.route_paths else "other"
+            status = status or 500
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.request_duration.labels(route=route).observe(seconds)
+            level = logging.DEBUG if path in PROBE_PATHS and status < 500 else logging.INFO
+            log.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
+            request_id_var.reset(token)
+
+
+class ApiKeyMiddleware:
+    """With keys configured, every route but health and metrics needs ``Authorization: Bearer <key>``.
+
+    Checked before the body is read. Keys are compared as SHA-256 digests with hmac.compare_digest,
+    so the time taken says nothing about a key's content or length.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Iterable[bytes]) -> None:
+        self.app = app
+        self._digests = tuple(hashlib.sha256(key).digest() for key in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        # Compare against every key, always, so timing does not tell which key matched.
+        matches = [hmac.compare_digest(digest, known) for known in self._digests]
+        if scheme.lower() == "bearer" and any(matches):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            UnauthorizedError("a valid API key is required; send the header Authorization: Bearer <key>")
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: at once from Content-Length, or while streaming a chunked one."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await error_response(self._too_large())(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()  # answered by the app's handler for ServiceError
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> BodyTooLargeError:
+        return BodyTooLargeError(
+            f"the body is larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES); send fewer prompts"
+        )

@@ -1,0 +1,188 @@
+"""The HTTP routes: scoring, health, model info and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from schemas.score import (
+    MAX_IMAGES_PER_PROMPT,
+    MAX_SIZE,
+    MIN_SIZE,
+    SAMPLE_REQUEST,
+    SAMPLE_RESPONSE,
+    ErrorResponse,
+    ImageRecord,
+    InfoResponse,
+)
+from service.runtime.errors import RequestTimeoutError
+from service.runtime.lifecycle import Lifecycle
+from service.runtime.metrics import CONTENT_TYPE, Metrics
+from service.web.errors import error_json, error_response
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+T = TypeVar("T")
+
+CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away"; nobody reads it but the metrics
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "The body is not JSON.",
+        401: "Missing or unknown API key (when SD_API_KEYS is set).",
+        413: "The body is larger than SD_MAX_BODY_BYTES.",
+        422: "The JSON does not follow the contract (the message says where and why).",
+        429: "The queue is full; retry after Retry-After seconds.",
+        431: "A request-id header is longer than 100 characters.",
+        503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
+        504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
+    }.items()
+}
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _race(request: Request, work: Coroutine[Any, Any, T], timeout_s: float) -> T | None:
+    """``work``'s result; None when the client left first; TimeoutError when time ran out.
+
+    Either way ``work`` is cancelled, which takes its images out of the queue.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if not task.cancelled():
+        return task.result()
+    if watcher.done() and not watcher.cancelled():
+        return None
+    raise TimeoutError
+
+
+@router.post(
+    "/score",
+    summary="Generate images (Azure ML model-catalog text-to-image contract)",
+    responses={
+        200: {
+            "model": list[ImageRecord],
+            "description": "One record per image, in input order.",
+            "content": {"application/json": {"example": SAMPLE_RESPONSE}},
+        },
+        **_ERRORS,
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ScoreRequest"},
+                    "example": SAMPLE_REQUEST,
+                }
+            },
+        }
+    },
+)
+async def score(request: Request) -> Response:
+    started = time.monotonic()
+    lifecycle = _lifecycle(request)
+    timeout_s = lifecycle.settings.request_timeout_s
+    async with lifecycle.serving() as runtime:
+        body = await request.body()
+        try:
+            records = await _race(
+                request, runtime.scorer.score(body), timeout_s - (time.monotonic() - started)
+            )
+        except TimeoutError:
+            lifecycle.metrics.timeouts.inc()
+            raise RequestTimeoutError.after(timeout_s) from None
+    if records is None:
+        log.info("client disconnected; its queued images were dropped")
+        return error_json(CLIENT_CLOSED_STATUS, "client_closed_request", "the client closed the connection")
+    return JSONResponse(records)
+
+
+def _health(request: Request) -> Response:
+    try:
+        _lifecycle(request).require_ready()
+    except Exception as error:
+        return error_response(error)
+    return PlainTextResponse("Healthy")
+
+
+@router.get("/", summary="Readiness (Azure ML probes): 200 Healthy once the model is warm", tags=["health"])
+def root(request: Request) -> Response:
+    return _health(request)
+
+
+@router.get("/health/ready", summary="Readiness: same as GET /", tags=["health"])
+def ready(request: Request) -> Response:
+    return _health(request)
+
+
+@router.get("/health/live", summary="Liveness: 200 while the process runs", tags=["health"])
+def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", tags=["health"])
+def metrics(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type=CONTENT_TYPE)
+
+
+@router.get("/info", summary="The loaded model and the request limits", response_model=InfoResponse)
+def info(request: Request) -> InfoResponse:
+    lifecycle = _lifecycle(request)
+    model = lifecycle.require_ready().engine.info
+    settings = lifecycle.settings
+    return InfoResponse.model_validate(
+        {
+            "name": model.name,
+            "architecture": model.architecture,
+            "native_height": model.native_height,
+            "native_width": model.native_width,
+            "schedulers": list(model.schedulers),
+            "default_scheduler": model.default_scheduler,
+            "safety_checker": model.safety_checker,
+            "random_weights": model.random_weights,
+            "device": model.device,
+            "dtype": model.dtype,
+            "version": package_version(),
+            "limits": {
+                "max_prompts": settings.max_prompts,
+                "max_prompt_chars": settings.max_prompt_chars,
+                "max_steps": settings.max_steps,
+                "max_images_per_prompt": MAX_IMAGES_PER_PROMPT,
+                "min_size": MIN_SIZE,
+                "max_size": MAX_SIZE,
+                "max_batch_size": settings.max_batch_size,
+            },
+        }
+    )
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("sd-endpoint")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,1 @@
+"""What several test tiers share: real servers in threads and processes, blob servers, ports."""

@@ -1,0 +1,62 @@
+"""A real `sd-endpoint serve` process on a free port, for tests that drive it from outside."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.ports import free_port
+
+SERVE = [sys.executable, "-m", "service.cli.main", "serve"]
+STARTUP_LIMIT_S = 300
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without SD_* settings (a stray SD_API_KEY would change the outcome)."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SD_")}
+    environment.update(extra)
+    return environment
+
+
+def start_server(log_path: Path, **env: str) -> Server:
+    """`sd-endpoint serve` on random:tiny and a free port, returned once GET / answers "Healthy"."""
+    port = free_port()
+    environment = clean_env(SD_MODEL="random:tiny", SD_HOST="127.0.0.1", SD_PORT=str(port), **env)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(SERVE, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    pytest.fail(f"the server was not ready within {STARTUP_LIMIT_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.process.kill()

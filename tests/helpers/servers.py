@@ -1,0 +1,202 @@
+"""Helpers for the server tests: a real uvicorn server in a thread, and an engine wrapper the tests
+can hold at a gate, fail on demand, and ask which batches it ran."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from model.errors import EngineOutOfMemoryError
+from model.types import GenerationItem, GenerationResult, ModelInfo
+from service.settings import Settings
+from service.web.app import create_app
+
+STARTUP_LIMIT_S = 120
+METRIC_WAIT_S = 30  # far longer than the server needs; only a broken server waits this long
+_ENGINE_LOCK = threading.Lock()
+SMALL = {"num_inference_steps": 2, "guidance_scale": 7.5}  # fast on the CPU; 128x128 is tiny's native size
+
+
+@functools.cache
+def tiny_engine() -> Any:
+    """random:tiny, loaded once per test process and shared by the servers of every test module."""
+    import model
+
+    return model.load("random:tiny", device="cpu")
+
+
+class GatedEngine:
+    """Wraps a real engine. ``gate`` (open by default) holds every batch before it runs; ``batches``
+    records the items of every batch that ran; a batch holding a prompt of ``oom_prompts`` runs out
+    of memory, however small. Closing it leaves the wrapped engine open, so that tests share one
+    loaded model."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Semaphore(0)  # released each time a batch reaches the gate
+        self.batches: list[list[GenerationItem]] = []
+        self.oom_prompts: set[str] = set()
+        self.crash_prompts: set[str] = set()  # a batch holding one of these raises a plain RuntimeError
+
+    @property
+    def info(self) -> ModelInfo:
+        info: ModelInfo = self.engine.info
+        return info
+
+    def validate(self, items: Sequence[GenerationItem]) -> None:
+        self.engine.validate(items)
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        self.waiting.release()
+        self.gate.wait()
+        if any(item.prompt in self.oom_prompts for item in items):
+            raise EngineOutOfMemoryError(f"out of memory for a batch of {len(items)}")
+        if any(item.prompt in self.crash_prompts for item in items):
+            raise RuntimeError("kernel exploded at 0xDEADBEEF")
+        with _ENGINE_LOCK:  # servers of one module may share the engine, which is not thread-safe
+            self.batches.append(list(items))
+            results: list[GenerationResult] = self.engine.generate(items)
+        return results
+
+    def warmup(self) -> None:
+        self.engine.warmup()
+
+    def close(self) -> None:
+        pass
+
+    def wait_until_held(self, batches: int = 1) -> None:
+        """Block until ``batches`` more batches have reached the gate."""
+        for _ in range(batches):
+            if not self.waiting.acquire(timeout=STARTUP_LIMIT_S):
+                raise AssertionError("the engine was never called")
+
+
+class ThreadServer:
+    """``create_app(settings, engine=...)`` served by uvicorn on a free port, in a thread."""
+
+    def __init__(self, settings: Settings, engine: Any | None = None) -> None:
+        self.app = create_app(settings, engine=engine)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + STARTUP_LIMIT_S
+        while not (self.server.started and self.server.servers):
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise AssertionError("the server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        wait_ready(self.url)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def wait_ready(url: str, headers: dict[str, str] | None = None) -> None:
+    """Poll GET / until it answers 200 (model loaded and warmed up)."""
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/", headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} was not ready within {STARTUP_LIMIT_S} s")
+
+
+def request_body(data: list[Any], columns: Sequence[str] = ("prompt",), **parameters: Any) -> dict[str, Any]:
+    return {"input_data": {"columns": list(columns), "data": data, "parameters": {**SMALL, **parameters}}}
+
+
+def decode_png(text: str) -> np.ndarray:
+    """A record's generated_image -> HxWx3 uint8 (fails unless it is a plain base64 PNG)."""
+    raw = base64.b64decode(text, validate=True)
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def metric_value(metrics_text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text, e.g. ``sd_queue_depth`` or
+    ``sd_requests_total`` with labels ``route="/score",status="200"`` (0 when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, rest = key.partition("{")
+        if sample == name and (not labels or all(part in rest for part in labels.split(","))):
+            return float(value)
+    return 0.0
+
+
+def wait_for_metric(url: str, name: str, value: float, labels: str = "") -> None:
+    """Poll /metrics until ``name`` has ``value`` (the server's state, observed without sleeping blindly)."""
+    deadline = time.monotonic() + METRIC_WAIT_S
+    while metric_value(httpx.get(f"{url}/metrics").text, name, labels) != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never reached {value}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def held(engine: GatedEngine) -> Iterator[GatedEngine]:
+    """Close the gate for the duration; always reopen it so that later tests are not stuck."""
+    engine.waiting = threading.Semaphore(0)  # count only the batches from now on
+    engine.gate.clear()
+    try:
+        yield engine
+    finally:
+        engine.gate.set()
+
+
+class FileGatedEngine(GatedEngine):
+    """For a server in another process: each batch writes ``<folder>/started`` and waits for
+    ``<folder>/release`` to exist."""
+
+    def __init__(self, engine: Any, folder: Path) -> None:
+        super().__init__(engine)
+        self.folder = folder
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        (self.folder / "started").touch()
+        while not (self.folder / "release").exists():
+            time.sleep(0.02)
+        return super().generate(items)
+
+
+def serve_gated(folder: str) -> int:
+    """``python -m tests.helpers.servers FOLDER``: `sd-endpoint serve`'s code path (settings from the
+    environment, signals, drain) around random:tiny held by a FileGatedEngine."""
+    from service.hosts.server import serve
+    from service.logs import configure_logging, quiet_library_output
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    quiet_library_output()
+    engine = FileGatedEngine(tiny_engine(), Path(folder))
+    return serve(create_app(settings, engine=engine), settings)
+
+
+if __name__ == "__main__":
+    sys.exit(serve_gated(sys.argv[1]))

@@ -1,0 +1,88 @@
+"""API keys (401), body size (413) and request-id length (431), against a real server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.helpers.servers import GatedEngine, ThreadServer, request_body, tiny_engine
+
+KEYS = ("primary-key-1", "secondary-key-2")
+MAX_BODY = 4096
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ThreadServer]:
+    settings = Settings(api_keys=",".join(KEYS), max_body_bytes=MAX_BODY)  # type: ignore[arg-type]
+    with ThreadServer(settings, GatedEngine(tiny_engine())) as running:
+        yield running
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_score_and_info_need_a_configured_key(server: ThreadServer) -> None:
+    body = request_body(["a key test"])
+    for headers in ({}, bearer("wrong"), {"Authorization": KEYS[0]}, bearer(KEYS[0] + "x")):
+        response = httpx.post(f"{server.url}/score", json=body, headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert "Bearer" in response.json()["error"]["message"]
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert KEYS[0] not in response.text
+    assert httpx.get(f"{server.url}/info").status_code == 401
+    for key in KEYS:  # either key works, so they can be rotated one at a time
+        assert (
+            httpx.post(f"{server.url}/score", json=body, headers=bearer(key), timeout=60).status_code == 200
+        )
+    assert httpx.get(f"{server.url}/info", headers=bearer(KEYS[1])).status_code == 200
+
+
+def test_health_and_metrics_need_no_key(server: ThreadServer) -> None:
+    for path in ("/", "/health/live", "/health/ready", "/metrics"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+
+
+def test_the_key_is_checked_before_the_body_is_read(server: ThreadServer) -> None:
+    response = httpx.post(f"{server.url}/score", content=b"x" * (MAX_BODY * 2))
+    assert response.status_code == 401  # not 413: the oversized body was never looked at
+
+
+def test_a_body_over_the_limit_is_413_before_parsing(server: ThreadServer) -> None:
+    too_big = json.dumps(request_body(["x" * MAX_BODY])).encode()
+    response = httpx.post(f"{server.url}/score", content=too_big, headers=bearer(KEYS[0]))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert str(MAX_BODY) in response.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(server: ThreadServer) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"input_data": {"columns": ["prompt"], "data": ["'
+        for _ in range(MAX_BODY // 512 + 2):
+            yield b"y" * 512
+        yield b'"]}}'
+
+    response = httpx.post(f"{server.url}/score", content=chunks(), headers=bearer(KEYS[0]))
+    assert "content-length" not in response.request.headers  # it really was sent chunked
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    fine = httpx.post(
+        f"{server.url}/score", json=request_body(["after"]), headers=bearer(KEYS[0]), timeout=60
+    )
+    assert fine.status_code == 200
+
+
+@pytest.mark.parametrize("header", ["x-request-id", "x-ms-request-id", "x-ms-client-request-id"])
+def test_a_request_id_over_100_characters_is_431(server: ThreadServer, header: str) -> None:
+    response = httpx.get(f"{server.url}/", headers={header: "i" * 101})
+    assert response.status_code == 431
+    assert response.json()["error"]["code"] == "header_too_long"
+    assert "i" * 101 not in str(response.headers)
+    accepted = httpx.get(f"{server.url}/", headers={header: "i" * 100})
+    assert accepted.status_code == 200 and accepted.headers[header] == "i" * 100

@@ -1,0 +1,169 @@
+"""Batching, backpressure (429), deadlines (504), disconnects and out-of-memory, observed through a
+real server whose engine the test holds at a gate while requests pile up."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.helpers.servers import (
+    GatedEngine,
+    ThreadServer,
+    held,
+    metric_value,
+    request_body,
+    tiny_engine,
+    wait_for_metric,
+)
+
+MAX_BATCH, MAX_QUEUE = 4, 6
+
+
+@pytest.fixture(scope="module")
+def engine() -> GatedEngine:
+    return GatedEngine(tiny_engine())
+
+
+@pytest.fixture(scope="module")
+def server(engine: GatedEngine) -> Iterator[ThreadServer]:
+    settings = Settings(max_batch_size=MAX_BATCH, max_queue_items=MAX_QUEUE, max_batch_wait_ms=0)
+    with ThreadServer(settings, engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(8) as executor:
+        yield executor
+
+
+def post(url: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}/score", json=body, timeout=120)
+
+
+def send(pool: ThreadPoolExecutor, url: str, body: dict[str, Any]) -> Future[httpx.Response]:
+    return pool.submit(post, url, body)
+
+
+def prompts_run(engine: GatedEngine) -> list[set[str]]:
+    return [{item.prompt for item in batch} for batch in engine.batches]
+
+
+def test_concurrent_requests_share_one_engine_batch(
+    server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
+) -> None:
+    with held(engine):
+        first = send(pool, server.url, request_body(["occupies the engine"]))
+        engine.wait_until_held()
+        others = [send(pool, server.url, request_body([f"together {n}"], seed=n)) for n in range(3)]
+        apart = send(pool, server.url, request_body(["other steps"], num_inference_steps=3))
+        wait_for_metric(server.url, "sd_queue_depth", 4)
+    assert first.result().status_code == 200
+    for n, future in enumerate(others):
+        [record] = future.result().json()
+        assert (record["prompt"], record["seed"]) == (f"together {n}", n)  # each got its own image back
+    assert apart.result().status_code == 200
+    assert {"together 0", "together 1", "together 2"} in prompts_run(engine)
+    assert {"other steps"} in prompts_run(engine)  # a different batch key never joins the batch
+    assert metric_value(httpx.get(f"{server.url}/metrics").text, "sd_batch_size_bucket", 'le="3.0"') >= 2
+
+
+def test_a_full_queue_answers_429_and_disturbs_nothing(
+    server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
+) -> None:
+    with held(engine):
+        running = send(pool, server.url, request_body(["running"]))
+        engine.wait_until_held()
+        queued = send(
+            pool, server.url, request_body(["queued", "queued"], num_images_per_prompt=MAX_QUEUE // 2)
+        )
+        wait_for_metric(server.url, "sd_queue_depth", MAX_QUEUE)
+        refused = post(server.url, request_body(["one too many"]))
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "too_many_requests"
+    assert running.result().status_code == 200
+    assert len(queued.result().json()) == MAX_QUEUE
+    assert not any("one too many" in prompts for prompts in prompts_run(engine))
+    assert metric_value(httpx.get(f"{server.url}/metrics").text, "sd_rejections_total") >= 1
+
+
+def test_a_client_that_disconnects_frees_its_queued_images(
+    server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
+) -> None:
+    with held(engine):
+        running = send(pool, server.url, request_body(["still wanted"]))
+        engine.wait_until_held()
+        body = json.dumps(request_body(["abandoned"], num_images_per_prompt=3)).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as connection:
+            head = f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for_metric(server.url, "sd_queue_depth", 3)
+        wait_for_metric(server.url, "sd_queue_depth", 0)  # freed while the engine is still held
+    assert running.result().status_code == 200
+    assert post(server.url, request_body(["after"])).status_code == 200
+    assert not any("abandoned" in prompts for prompts in prompts_run(engine))
+
+
+def test_out_of_memory_retries_smaller_and_fails_only_the_affected_request(
+    server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
+) -> None:
+    engine.oom_prompts = {"too big"}
+    try:
+        with held(engine):
+            warm = send(pool, server.url, request_body(["occupies the engine"]))
+            engine.wait_until_held()
+            fine = send(pool, server.url, request_body(["fits"]))
+            failing = send(pool, server.url, request_body(["too big"]))
+            wait_for_metric(server.url, "sd_queue_depth", 2)
+        assert warm.result().status_code == 200
+        assert fine.result().status_code == 200  # its batch ran out of memory; alone it fits
+        response = failing.result()
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "out_of_memory"
+        assert int(response.headers["retry-after"]) >= 1
+    finally:
+        engine.oom_prompts = set()
+    assert post(server.url, request_body(["after"])).status_code == 200
+
+
+def test_an_unexpected_engine_error_is_a_plain_500_and_the_server_carries_on(
+    server: ThreadServer, engine: GatedEngine
+) -> None:
+    engine.crash_prompts = {"crash"}
+    try:
+        response = post(server.url, request_body(["crash"]))
+    finally:
+        engine.crash_prompts = set()
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and "x-request-id" in error["message"]
+    assert "DEADBEEF" not in response.text and "Traceback" not in response.text
+    assert post(server.url, request_body(["after"])).status_code == 200
+
+
+def test_the_deadline_answers_504_and_drops_queued_images(
+    engine: GatedEngine, pool: ThreadPoolExecutor
+) -> None:
+    with ThreadServer(Settings(request_timeout_s=2, max_batch_wait_ms=0), engine) as server:
+        with held(engine):
+            running = send(pool, server.url, request_body(["held in the engine"]))
+            engine.wait_until_held()
+            queued = post(server.url, request_body(["waits in the queue"], num_images_per_prompt=2))
+            assert queued.status_code == 504
+            assert queued.json()["error"]["code"] == "timeout"
+            assert running.result().status_code == 504
+            wait_for_metric(server.url, "sd_queue_depth", 0)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert metric_value(metrics, "sd_timeouts_total") == 2
+        assert metric_value(metrics, "sd_requests_total", 'route="/score",status="504"') == 2
+        assert post(server.url, request_body(["after"])).status_code == 200
+    assert not any("waits in the queue" in prompts for prompts in prompts_run(engine))
