@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from model.errors import ModelLoadError
-from model.tokenizer import MAX_LENGTH, build_clip_tokenizer
 from model.types import ARCHITECTURES
+
+MAX_LENGTH = 77
 
 _CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _CROSS_ATTN_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -243,3 +244,36 @@ def count_unet_parameters(arch: str) -> int:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_check_arch(arch).unet)
     return sum(p.numel() for p in unet.parameters())
+
+
+# ---------------------------------------------------------------- the tokenizer
+# A CLIP byte-level BPE tokenizer built locally, so random-weight models need no download. It has
+# CLIP's byte alphabet (every string tokenizes; nothing is unknown) and its special tokens, but no
+# learned merges: each character is a token. Timings and shapes do not depend on the merges,
+# since prompts are always padded to 77 tokens.
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """CLIP's (and GPT-2's) reversible map from the 256 bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """Steps: 1) byte alphabet, 2) the same with CLIP's end-of-word suffix, 3) special tokens."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [char + "</w>" for char in alphabet] + [BOS, EOS]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_LENGTH)
+    return tokenizer

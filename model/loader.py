@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from model import optimize
 from model.engine import Engine
 from model.loading import load_components, load_safety_checker
+from model.optimizations import torch_compile
 from model.options import EngineOptions, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ def load(
     components.to(torch_device)
     # 5) DeepSpeed kernels, verified against our own path, else our optimisations
     if options.accelerator == "deepspeed":
-        from model.accelerators import load_with_deepspeed
+        from model.optimizations.deepspeed_kernels import load_with_deepspeed
 
         engine = load_with_deepspeed(spec, components, torch_device, torch_dtype, options, safety_checker)
     else:
-        applied = optimize.apply(components, options)
+        applied = torch_compile.apply(components, options)
         engine = Engine(components, torch_device, torch_dtype, options)
         if applied:
             log.info("optimisations: %s", ", ".join(applied))

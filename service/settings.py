@@ -1,7 +1,17 @@
-"""Every setting of the server, read once from the environment (prefix ``SD_``) at start-up.
-
-Nothing else in the project reads the environment; command-line options override these values by
+"""Every setting of the server and of batch jobs, read once from the environment (prefix ``SD_``,
+plus Azure ML's ``AZUREML_MODEL_DIR``) at start-up. Command-line options override these values by
 passing them to the constructor.
+
+Only these other modules touch the environment, each for a reason outside these settings
+(tests/test_layout.py keeps this list true):
+- service/cli/client.py reads ``SD_API_KEY``: the `generate` client is not the server and has
+  no Settings; the key is a secret better kept out of the shell history than on the command line.
+- service/batch/ray_job.py reads the storage credentials (``AZURE_STORAGE_*``, ``AWS_*``) that
+  fsspec's backends read themselves, to forward them to the job's Ray actors.
+- deploy/azureml/batch_score.py reads ``AZUREML_BI_OUTPUT_PATH`` and ``SD_BATCH_PARAMS``: Azure's
+  batch contract hands the output folder and the job's parameters to the entry script that way.
+- model/optimizations/torch_compile.py sets (never reads for itself) the variables that point
+  torch's compile caches at SD_COMPILE_CACHE_DIR.
 """
 
 from __future__ import annotations

@@ -62,10 +62,10 @@ def run(mini_batch: list[str]) -> pd.DataFrame:
     """Score the files of one mini-batch; one predictions row per input row, in file and row order."""
     import pandas as pd
 
-    from service.batch.finalize import collect_records
-    from service.batch.inputs import InputFile, parse_file
+    from service.batch.files.finalize import collect_records
+    from service.batch.files.inputs import InputFile, parse_file
+    from service.batch.files.records import PREDICTION_COLUMNS
     from service.batch.plan import find_finished
-    from service.batch.records import PREDICTION_COLUMNS
     from service.batch.runner import run_rows
 
     engine, params, output, config = _job["engine"], _job["params"], _job["output"], _job["config"]

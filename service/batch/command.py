@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from service.batch.errors import EXIT_FAILED, EXIT_OK
-    from service.batch.finalize import finalize
+    from service.batch.files.finalize import finalize
     from service.batch.plan import plan_job
     from service.storage import StorageError, StorageOptions
 

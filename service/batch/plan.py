@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from service.batch.errors import BatchConfigError
-from service.batch.inputs import InputFile, InputRow, open_inputs, read_rows
+from service.batch.files.inputs import InputFile, InputRow, open_inputs, read_rows
+from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
 from service.batch.params import JobParams
-from service.batch.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)

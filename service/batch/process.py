@@ -14,9 +14,9 @@ from typing import TypeVar
 
 from model.errors import InvalidRequestError
 from model.types import GenerationResult
-from service.batch.inputs import InputRow
+from service.batch.files.inputs import InputRow
+from service.batch.files.records import Record, image_path, record_path
 from service.batch.params import JobParams
-from service.batch.records import Record, image_path, record_path
 from service.runtime.engines import ServingEngine
 from service.runtime.images import encode_png
 from service.runtime.oom import generate_splitting_on_oom

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-from service.batch.records import Record
+from service.batch.files.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from service.batch.files.records import Record
     from service.batch.plan import JobPlan
-    from service.batch.records import Record
     from service.batch.runner import RunConfig, RunResult
     from service.settings import Settings
     from service.storage import StorageOptions
@@ -203,7 +203,7 @@ class EngineActor:
     def __call__(self, batch: Any) -> Any:
         import pyarrow
 
-        from service.batch.inputs import InputRow
+        from service.batch.files.inputs import InputRow
         from service.batch.runner import process_rows
 
         rows = [InputRow(**row) for row in batch.to_pylist()]
@@ -214,7 +214,7 @@ class EngineActor:
 
 
 def _decode(item: dict[str, Any]) -> tuple[Record, tuple[str, dict[str, Any]]]:
-    from service.batch.records import Record
+    from service.batch.files.records import Record
 
     model = json.loads(item["model"])
     return Record.from_json(item["record"].encode("utf-8")), (model["model"], model["parameters"])

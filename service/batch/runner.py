@@ -15,11 +15,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from service.batch.errors import ErrorThresholdExceeded, threshold_stop
-from service.batch.inputs import InputRow
+from service.batch.files.inputs import InputRow
+from service.batch.files.records import Record
 from service.batch.params import JobParams
 from service.batch.plan import JobPlan
 from service.batch.process import RetryPolicy, generate_batch, write_failure, write_success
-from service.batch.records import Record
 from service.runtime.engines import ServingEngine
 from service.storage import Storage
 

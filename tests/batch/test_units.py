@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from service.batch.errors import BatchConfigError
-from service.batch.inputs import InputFile, InputRow, open_inputs, parse_file, read_rows
+from service.batch.files.inputs import InputFile, InputRow, open_inputs, parse_file, read_rows
+from service.batch.files.records import Record, parse_record_path, predictions_csv, record_path
 from service.batch.params import MAX_SEED, JobParams, derive_seed
 from service.batch.progress import Progress
-from service.batch.records import Record, parse_record_path, predictions_csv, record_path
 
 
 def parse(name: str, text: str, job_seed: int | None = None) -> list[InputRow]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import model
-from model import accelerators
 from model.loading import Components
+from model.optimizations import deepspeed_kernels as accelerators
 from model.types import GenerationItem
 
 ITEM = GenerationItem(prompt="a harbour at dawn", seed=9, num_inference_steps=2, height=128, width=128)

@@ -21,8 +21,8 @@ from typing import Any
 
 from model.types import MAX_SEED
 from service.batch.errors import BatchConfigError
+from service.batch.files.records import file_key
 from service.batch.params import derive_seed
-from service.batch.records import file_key
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
 INPUT_SUFFIXES = (".csv", ".jsonl")

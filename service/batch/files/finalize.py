@@ -13,15 +13,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from service.batch.inputs import InputRow
-from service.batch.plan import list_records
-from service.batch.records import (
+from service.batch.files.inputs import InputRow
+from service.batch.files.records import (
     PREDICTIONS_FILE,
     SUMMARY_FILE,
     Record,
     parse_record_path,
     predictions_csv,
 )
+from service.batch.plan import list_records
 from service.storage import Storage, StorageError
 
 if TYPE_CHECKING:

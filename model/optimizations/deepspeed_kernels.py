@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from model import optimize
 from model.engine import Engine
 from model.loading import Components, load_components, load_safety_checker
+from model.optimizations import torch_compile
 from model.options import EngineOptions
 from model.types import GenerationItem
 
@@ -83,7 +83,7 @@ def load_with_deepspeed(
         if safety_checker:
             fresh.safety_checker, fresh.feature_extractor = load_safety_checker(safety_checker, dtype)
         fresh.to(device)
-        optimize.apply(fresh, options)
+        torch_compile.apply(fresh, options)
         engine = Engine(fresh, device, dtype, options)
         engine.accelerator_note = f"deepspeed requested, not used: {reason}"
         return engine
