@@ -28,7 +28,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the Azurite launcher the tests use
 
 from service.batch.params import JobParams  # noqa: E402
 from service.batch.plan import plan_job  # noqa: E402
@@ -106,7 +105,7 @@ def label(run: str) -> str:
 @contextlib.contextmanager
 def azurite_outputs() -> Iterator[Callable[[], str]]:
     """One Azurite for every round (started before the rounds: its start-up takes CPU); a container each."""
-    from blobservers import AZURITE_BIN, start_azurite
+    from tests.helpers.blobs import AZURITE_BIN, start_azurite  # the launcher the tests use
 
     if not AZURITE_BIN.exists():
         raise FileNotFoundError(f"{AZURITE_BIN} is missing: run `npm install --prefix .ci azurite`")
