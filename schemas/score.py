@@ -41,6 +41,7 @@ SIZE_MULTIPLE = 8
 MIN_SIZE, MAX_SIZE = 128, 1024
 BATCH_MIN_SIZE, BATCH_MAX_SIZE = SIZE_MULTIPLE, 4096
 MAX_STEPS = 150
+DEFAULT_STEPS = 50  # diffusers' default; never above the server's own max_steps (ScoreLimits)
 MAX_IMAGES_PER_PROMPT = 4
 
 SAMPLE_REQUEST: dict[str, Any] = {
@@ -67,6 +68,11 @@ class ScoreLimits:
     max_prompt_chars: int = 2000
     max_steps: int = MAX_STEPS
 
+    @property
+    def default_steps(self) -> int:
+        """The steps of a request that names none: every default lies inside its limit."""
+        return min(DEFAULT_STEPS, self.max_steps)
+
 
 @dataclass(frozen=True)
 class PromptRow:
@@ -81,6 +87,18 @@ def _contract_error(message: str) -> PydanticCustomError:
     return PydanticCustomError("contract", message)
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` when it is valid Unicode; JSON can carry lone UTF-16 surrogates ("\\ud800"), which
+    no tokenizer (nor UTF-8) can take, so they are refused here rather than fail in the engine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _contract_error(
+            f"{where} is not valid Unicode text (it holds a lone surrogate); send UTF-8 text"
+        ) from None
+    return text
+
+
 def _limits(info: ValidationInfo) -> ScoreLimits:
     context = info.context or {}
     limits = context.get("limits")
@@ -92,7 +110,12 @@ class ScoreParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    num_inference_steps: int = Field(default=50, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    num_inference_steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=MAX_STEPS,
+        description=f"Denoising steps. Default: {DEFAULT_STEPS}, or the server's maximum when lower.",
+    )
     guidance_scale: float = Field(
         default=7.5,
         ge=0,
@@ -134,6 +157,17 @@ class ScoreParameters(BaseModel):
             raise _contract_error(f"num_inference_steps may be at most {max_steps} on this server")
         return value
 
+    @field_validator("negative_prompt", "scheduler")
+    @classmethod
+    def _valid_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_text(value, f"parameters.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self, info: ValidationInfo) -> ScoreParameters:
+        if "num_inference_steps" not in self.model_fields_set:
+            self.num_inference_steps = _limits(info).default_steps
+        return self
+
 
 class InputData(BaseModel):
     """A pandas-style table: ``columns`` names the fields of each row of ``data``."""
@@ -163,6 +197,8 @@ class InputData(BaseModel):
     @model_validator(mode="after")
     def _rows_fit(self, info: ValidationInfo) -> InputData:
         limits = _limits(info)
+        if "parameters" not in self.model_fields_set:  # the defaults, under this server's limits
+            self.parameters = ScoreParameters.model_validate({}, context={"limits": limits})
         if len(self.data) > limits.max_prompts:
             raise _contract_error(
                 f"data has {len(self.data)} rows; this server takes at most {limits.max_prompts} per request"
@@ -200,9 +236,12 @@ class InputData(BaseModel):
         prompt = values.get(PROMPT_COLUMN)
         if not isinstance(prompt, str):
             raise _contract_error(f"data[{position}].prompt must be a string")
+        check_text(prompt, f"data[{position}].prompt")
         negative = values.get(NEGATIVE_PROMPT_COLUMN)
         if negative is not None and not isinstance(negative, str):
             raise _contract_error(f"data[{position}].negative_prompt must be a string or null")
+        if negative is not None:
+            check_text(negative, f"data[{position}].negative_prompt")
         seed = values.get(SEED_COLUMN)
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -23,6 +24,23 @@ _TRUNCATION_NOTE = (
 )
 
 
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: anything a
+# terminal or a log shipper could take for a new line or an escape sequence.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ...), so that
+    no logged value (a URL path, a request id, a message) can forge a line or colour the log."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    return named or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
 class RequestContextFilter(logging.Filter):
     """Adds ``request_id`` to every record and rewrites records that would quote a prompt."""
 
@@ -33,8 +51,24 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """The text format, with every field's control characters escaped (one record, one line;
+    only a traceback, which our code writes, spans several)."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = escape_controls(record.getMessage()), None
+        safe.name = escape_controls(record.name)
+        safe.request_id = escape_controls(str(getattr(record, "request_id", "-")))
+        return super().format(safe)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, request_id, message (+ exception)."""
+    """One JSON object per line: time, level, logger, request_id, message (+ exception). JSON
+    escapes C0 controls itself; the others are escaped as in the text format."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -42,9 +76,9 @@ class JsonFormatter(logging.Formatter):
                 timespec="milliseconds"
             ),
             "level": record.levelname,
-            "logger": record.name,
-            "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
+            "logger": escape_controls(record.name),
+            "request_id": escape_controls(str(getattr(record, "request_id", "-"))),
+            "message": escape_controls(record.getMessage()),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
@@ -55,7 +89,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """Install one stderr handler on the root logger (replacing any before it)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

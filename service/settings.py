@@ -48,13 +48,26 @@ class Settings(BaseSettings):
         default=None, description="Comma-separated bearer keys; two allow rotation."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_connections: int = Field(
+        default=256, ge=1, description="Open connections (and requests) at once; beyond it: 503."
+    )
+    header_timeout_s: float = Field(
+        default=10, gt=0, description="A connection must send a request's headers within this, or is closed."
+    )
+    body_timeout_s: float = Field(
+        default=30, gt=0, description="A request's body must arrive within this (408)."
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5, ge=1, description="Idle keep-alive connections close after this."
+    )
 
     # Batching, backpressure and deadlines.
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_ms: float = Field(default=20, ge=0)
     max_queue_items: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=85, gt=0)
-    drain_timeout_s: float = Field(default=30, ge=0)
+    # At least the request deadline by default, so a rolling update never cuts off a request it took.
+    drain_timeout_s: float = Field(default=90, ge=0)
     encode_workers: int = Field(default=4, ge=1)
 
     # Request limits.

@@ -2,7 +2,8 @@
 
 uvicorn exits at the first signal and re-raises it afterwards (so the exit status says "killed").
 Here the first signal turns readiness off and waits for requests in flight (Lifecycle.drain), then
-exits normally with status 0. A second signal is uvicorn's own quick exit.
+exits normally with status 0. A second signal ends the process at once, with status 1: whoever
+sends it wants no more waiting (not for connections, nor for the engine).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import uvicorn
 from service.runtime.lifecycle import Lifecycle, Phase
 
 log = logging.getLogger(__name__)
+
+FORCED_EXIT_STATUS = 1
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,7 +36,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is None or self._draining or self.should_exit:
+        if self._draining or self.should_exit:
+            from service.hosts.server import exit_now
+
+            exit_now(FORCED_EXIT_STATUS, f"signal {sig} again: exiting now")
+        if self._loop is None:
             super().handle_exit(sig, frame)
             return
         # Runs in the signal handler: hand the work to the event loop.

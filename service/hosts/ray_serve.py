@@ -60,7 +60,7 @@ class ServeArgs(BaseModel):
         default=-1, ge=-1, description="Requests Serve holds for busy replicas before a 503; -1: no limit."
     )
     graceful_shutdown_timeout_s: float = Field(
-        default=30,
+        default=90,
         ge=0,
         description="Time a stopping replica has to finish its requests (SD_DRAIN_TIMEOUT_S).",
     )

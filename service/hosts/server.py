@@ -1,14 +1,17 @@
 """`sd-endpoint serve`: run the scoring server with uvicorn, draining on SIGTERM.
 
 On SIGTERM (or Ctrl+C) readiness turns 503 at once, requests in flight and in the queue finish
-(up to SD_DRAIN_TIMEOUT_S), then the process exits 0. A second signal exits without waiting.
+(up to SD_DRAIN_TIMEOUT_S; those still running then are answered 503 shutting_down), then the
+process exits 0 without waiting for engine work nobody waits for. A second signal exits at once
+with status 1.
 If the model cannot be loaded, the process exits 1 so that the orchestrator sees the failure.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -48,12 +51,16 @@ def serve(app: FastAPI, settings: Settings) -> int:
     """Serve ``app`` until a signal has drained it; the process exit code."""
     import uvicorn
 
+    from service.hosts.connections import guarded_protocol
     from service.hosts.draining import DrainingServer
 
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(settings.header_timeout_s),
+        limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 at once
+        timeout_keep_alive=int(settings.keep_alive_timeout_s),
         log_config=None,  # ours, from configure_logging
         access_log=False,  # the request-context middleware logs one line per request, with its id
         timeout_graceful_shutdown=FINAL_CLOSE_TIMEOUT_S,
@@ -61,4 +68,21 @@ def serve(app: FastAPI, settings: Settings) -> int:
     )
     server = DrainingServer(config, app.state.lifecycle)
     server.run()
-    return 1 if server.load_failed else 0
+    code = 1 if server.load_failed else 0
+    if app.state.lifecycle.engine_busy:
+        # The engine thread still runs a batch that nobody waits for (the drain ran out of time):
+        # the interpreter would join it before exiting, for as long as the batch takes.
+        exit_now(code, "exiting without waiting for the engine's abandoned batch")
+    return code
+
+
+def exit_now(code: int, reason: str) -> NoReturn:
+    """End the process at once, without joining threads (logs flushed first)."""
+    import logging
+    import os
+
+    logging.getLogger(__name__).warning("%s (exit %d)", reason, code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

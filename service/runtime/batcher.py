@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from model.errors import EngineOutOfMemoryError
 from model.types import BatchKey, GenerationItem, GenerationResult
 from service.runtime.engines import ServingEngine
-from service.runtime.errors import QueueFullError, ShuttingDownError
+from service.runtime.errors import ContractError, QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
-from service.runtime.oom import generate_splitting_on_oom
+from service.runtime.oom import generate_isolating_failures
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,13 @@ class Batcher:
         # One thread: the engine is not re-entrant, and one batch at a time keeps the GPU saturated.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._worker: asyncio.Task[None] | None = None
+        self._running: list[_Waiting] = []  # the batch in the engine now
         self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        """True while the engine thread runs a batch (which may be abandoned already)."""
+        return bool(self._running)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
@@ -70,6 +75,11 @@ class Batcher:
         # 1. Refuse whole requests, never part of one, so the queue never holds half a request.
         if self._closed:
             raise ShuttingDownError("the server is shutting down; send the request to another instance")
+        if len(items) > self._max_queue_items:  # would never fit: a 429 would be retried forever
+            raise ContractError(
+                f"the request asks for {len(items)} images; this server queues at most "
+                f"{self._max_queue_items} at once (SD_MAX_QUEUE_ITEMS): send fewer prompts or images"
+            )
         if len(self._queue) + len(items) > self._max_queue_items:
             self._metrics.rejections.inc()
             raise QueueFullError(
@@ -103,7 +113,7 @@ class Batcher:
             try:
                 await self._run(batch)
             except asyncio.CancelledError:
-                self._fail(batch, ShuttingDownError("the server shut down while this image ran"))
+                self._fail(batch, ShuttingDownError("the server shut down before this image was done"))
                 raise
             except Exception as error:  # the whole batch failed: every request in it gets the error
                 self._fail(batch, error)
@@ -141,14 +151,17 @@ class Batcher:
         self._metrics.batch_size.observe(len(items))
         started = time.monotonic()
         loop = asyncio.get_running_loop()
+        engine_call = loop.run_in_executor(
+            self._engine_thread, generate_isolating_failures, self._engine, items
+        )
+        running = self._running = list(batch)
+        engine_call.add_done_callback(lambda _: self._stopped_running(running))
         try:
-            outcomes = await loop.run_in_executor(
-                self._engine_thread, generate_splitting_on_oom, self._engine, items
-            )
+            outcomes = await asyncio.shield(engine_call)  # cancelling the worker must not hide the call
         finally:
             self._metrics.engine_batch_seconds.observe(time.monotonic() - started)
         for waiting, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, EngineOutOfMemoryError):
+            if isinstance(outcome, Exception):  # this item failed alone: only its request fails
                 self._fail([waiting], outcome)
                 continue
             self._metrics.images_generated.inc()
@@ -163,13 +176,23 @@ class Batcher:
             if not waiting.future.done():
                 waiting.future.set_exception(error)
 
-    async def close(self) -> None:
-        """Fail what is still queued, stop the worker, and wait for the engine call in progress."""
+    def _stopped_running(self, batch: list[_Waiting]) -> None:
+        if self._running is batch:
+            self._running = []
+
+    def abandon(self, error: BaseException) -> None:
+        """Fail every queued image and every image of the batch in the engine with ``error`` now
+        (the drain ran out of time); the engine call itself runs on, and its results are dropped."""
         self._closed = True
         queued, self._queue = list(self._queue), deque()
-        self._fail(queued, ShuttingDownError("the server shut down before this image ran"))
+        self._fail([*queued, *self._running], error)
         self._metrics.queue_depth.set(0)
+
+    async def close(self) -> None:
+        """Fail what is still queued and stop the worker. The engine call in progress, if any, is
+        not waited for: nobody waits for its images (``busy`` tells whether one is left)."""
+        self.abandon(ShuttingDownError("the server shut down before this image was done"))
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, self._engine_thread.shutdown)
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)

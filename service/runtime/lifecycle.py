@@ -7,6 +7,7 @@ loads in a thread after the app has started, so that probes get a prompt 503 whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -24,6 +25,9 @@ from service.runtime.scoring import Scorer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# After a drain timeout, how long the abandoned requests have to send their 503s.
+ANSWER_GRACE_S = 5
 
 
 class Phase(enum.Enum):
@@ -53,12 +57,19 @@ class Lifecycle:
         self._given_engine = engine
         self._start_task: asyncio.Task[None] | None = None
         self._active = 0
+        self._stopped: Runtime | None = None  # kept after stop() while its engine still runs
         self._idle = asyncio.Event()
         self._idle.set()
 
     # ----------------------------------------------------------------- start
     def begin(self) -> None:
         """Start loading in the background; the app answers meanwhile."""
+        if self.settings.drain_timeout_s < self.settings.request_timeout_s:
+            log.warning(
+                "SD_DRAIN_TIMEOUT_S (%g s) is below SD_REQUEST_TIMEOUT_S (%g s): a shutdown may answer 503 "
+                "to requests it accepted; raise it to at least the request deadline",
+                self.settings.drain_timeout_s, self.settings.request_timeout_s,
+            )  # fmt: skip
         self._start_task = asyncio.get_running_loop().create_task(self._start(), name="model-start")
 
     async def wait_started(self) -> None:
@@ -148,18 +159,38 @@ class Lifecycle:
 
     # ----------------------------------------------------------------- stop
     async def drain(self) -> None:
-        """Turn readiness off, then wait (up to SD_DRAIN_TIMEOUT_S) for requests in flight."""
+        """Turn readiness off, then wait (up to SD_DRAIN_TIMEOUT_S) for requests in flight.
+
+        When the time runs out, the requests still in flight are answered 503 shutting_down
+        (their images are abandoned) before this returns, so none is cut off without an answer.
+        """
         self.phase = Phase.DRAINING
         log.info("draining: %d request(s) in flight", self._active)
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
             log.info("drained")
+            return
         except asyncio.TimeoutError:
             log.warning(
-                "drain timeout (%.0f s) with %d request(s) in flight",
+                "drain timeout (%.0f s, SD_DRAIN_TIMEOUT_S) with %d request(s) in flight: answering them 503",
                 self.settings.drain_timeout_s,
                 self._active,
             )
+        if self.runtime is not None:
+            self.runtime.batcher.abandon(
+                ShuttingDownError(
+                    "the server is shutting down and ran out of time for this request; retry it"
+                )
+            )
+        # Let the answers go out (each request only has to encode its error).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), ANSWER_GRACE_S)
+
+    @property
+    def engine_busy(self) -> bool:
+        """True while the engine still runs work that nobody waits for any more."""
+        runtime = self.runtime or self._stopped
+        return runtime is not None and runtime.batcher.busy
 
     async def stop(self) -> None:
         """Release everything; queued images still waiting fail with 503."""
@@ -171,4 +202,10 @@ class Lifecycle:
             return
         await runtime.batcher.close()
         runtime.encode_pool.shutdown(wait=False, cancel_futures=True)
+        if runtime.batcher.busy:
+            # The engine thread still runs an abandoned batch; releasing the model under it would
+            # only make it fail noisily. The process is about to exit (see hosts/server.py).
+            self._stopped = runtime
+            log.info("the engine is still running an abandoned batch; not waiting for it")
+            return
         runtime.engine.close()

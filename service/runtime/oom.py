@@ -1,7 +1,9 @@
-"""Out-of-memory recovery shared by the online batcher and the batch runner.
+"""Failure isolation shared by the online batcher and the batch runner.
 
-When the device runs out of memory for a batch, the same items usually fit in smaller batches.
-We halve down to single items; only items that fail alone are reported as failed.
+When the device runs out of memory for a batch, the same items usually fit in smaller batches:
+we halve down to single items, and only items that fail alone are reported as failed. When a
+batch fails for any other reason, one bad item may be the cause: the online batcher retries each
+item alone (``generate_isolating_failures``) so that only the culprit's request fails.
 """
 
 from __future__ import annotations
@@ -39,3 +41,25 @@ def generate_splitting_on_oom(
     if len(results) != len(items):
         raise RuntimeError(f"engine returned {len(results)} results for {len(items)} items")
     return results
+
+
+def generate_isolating_failures(
+    engine: ServingEngine, items: Sequence[GenerationItem]
+) -> list[GenerationResult | Exception]:
+    """``generate_splitting_on_oom``, except that a batch failing with any other error is retried
+    item by item: one entry per item, its result or the error it fails with alone."""
+    try:
+        return list(generate_splitting_on_oom(engine, items))
+    except Exception as error:
+        if len(items) == 1:
+            return [error]
+        log.warning(
+            "a batch of %d failed (%s); retrying its items one by one", len(items), type(error).__name__
+        )
+    outcomes: list[GenerationResult | Exception] = []
+    for item in items:
+        try:
+            outcomes += generate_splitting_on_oom(engine, [item])
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes

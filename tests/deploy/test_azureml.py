@@ -124,6 +124,15 @@ def test_concurrency_and_timeout_match_the_servers_batching(
     assert settings.request_timeout_s * 1000 < request.request_timeout_ms, (
         "SD_REQUEST_TIMEOUT_S must end before Azure's request_timeout_ms, so clients get the server's 504"
     )
+    assert settings.drain_timeout_s >= settings.request_timeout_s, (
+        "SD_DRAIN_TIMEOUT_S must be at least SD_REQUEST_TIMEOUT_S, so that an update never cuts off a "
+        "request the instance accepted"
+    )
+
+
+def test_the_defaults_drain_at_least_as_long_as_a_request_may_take() -> None:
+    defaults = Settings()
+    assert defaults.drain_timeout_s >= defaults.request_timeout_s
 
 
 def test_probes_wait_long_enough_for_a_model_load(deployment: ManagedOnlineDeployment) -> None:

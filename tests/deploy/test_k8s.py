@@ -12,6 +12,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from service.hosts.server import FINAL_CLOSE_TIMEOUT_S
 from service.settings import Settings
 from service.web.app import create_app
 from tests.helpers.deploy import settings_env_names, settings_under
@@ -106,9 +107,15 @@ def test_shutdown_waits_for_the_load_balancer_then_the_drain(
     assert command[0] == "sleep", f"preStop should pause so endpoints drop the pod before SIGTERM: {command}"
     pause_s = float(command[1])
     grace_s = pod["terminationGracePeriodSeconds"]
-    assert grace_s > pause_s + settings.drain_timeout_s, (
+    needed_s = pause_s + settings.drain_timeout_s + FINAL_CLOSE_TIMEOUT_S
+    assert grace_s > needed_s, (
         f"terminationGracePeriodSeconds {grace_s} must exceed the preStop pause ({pause_s} s) plus "
-        f"SD_DRAIN_TIMEOUT_S ({settings.drain_timeout_s} s), or Kubernetes kills batches still running"
+        f"SD_DRAIN_TIMEOUT_S ({settings.drain_timeout_s} s) plus the last connections' "
+        f"{FINAL_CLOSE_TIMEOUT_S} s, or Kubernetes kills requests still running"
+    )
+    assert settings.drain_timeout_s >= settings.request_timeout_s, (
+        "SD_DRAIN_TIMEOUT_S must be at least SD_REQUEST_TIMEOUT_S, or a rolling update cuts off "
+        "requests it accepted"
     )
 
 

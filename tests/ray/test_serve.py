@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from service.hosts.ray_serve import REPLICA_HEADER, ServeArgs, app_builder, deployment_options
+from service.settings import Settings
 from tests.helpers.ports import free_port
 from tests.helpers.servers import decode_png, metric_value, request_body
 
@@ -139,6 +140,9 @@ def test_the_serve_config_asks_one_gpu_per_replica_and_autoscales_on_ongoing_req
     assert autoscaling["target_ongoing_requests"] == 8
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 4)
     assert "num_replicas" not in options
+    # A stopping replica finishes every request it accepted (Serve's own drain).
+    assert options["graceful_shutdown_timeout_s"] >= Settings().request_timeout_s
+    assert ServeArgs().graceful_shutdown_timeout_s >= Settings().request_timeout_s
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from model.errors import EngineFailure, EngineOutOfMemoryError
 from service.runtime.batcher import Batcher
-from service.runtime.errors import QueueFullError, ShuttingDownError
+from service.runtime.errors import ContractError, QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
 from tests.runtime.fakes import FakeEngine, item
 
@@ -107,17 +107,26 @@ def test_a_cancelled_image_leaves_the_queue_at_once() -> None:
     run(test)
 
 
-def test_a_failing_batch_fails_its_own_images_only() -> None:
+def test_a_failing_batch_is_retried_item_by_item_so_only_the_culprit_fails() -> None:
     async def test() -> None:
         engine = FakeEngine()
         engine.fail_prompts.add("bad")
-        async with Running(engine, max_batch_size=2, max_wait_s=0.1) as batcher:
-            doomed = batcher.submit([item("bad", seed=0), item("good", seed=1)])
-            await asyncio.gather(*doomed, return_exceptions=True)
-            later = batcher.submit([item("good", seed=2)])
-            (result,) = await asyncio.gather(*later)
-        assert all(isinstance(f.exception(), EngineFailure) for f in doomed)
-        assert result.seed == 2
+        async with Running(engine, max_batch_size=3, max_wait_s=0.1) as batcher:
+            culprit = batcher.submit([item("bad", seed=0)])
+            neighbours = batcher.submit([item("good", seed=1), item("good", seed=2)])
+            outcomes = await asyncio.gather(*culprit, *neighbours, return_exceptions=True)
+        assert isinstance(outcomes[0], EngineFailure)
+        assert [o.seed for o in outcomes[1:]] == [1, 2]  # type: ignore[union-attr]
+        assert [len(b) for b in engine.batches] == [3, 1, 1, 1]  # together once, then one by one
+
+    run(test)
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_as_invalid_not_busy() -> None:
+    async def test() -> None:
+        async with Running(FakeEngine(), max_queue_items=3) as batcher:
+            with pytest.raises(ContractError, match="queues at most 3"):
+                batcher.submit([item(seed=i) for i in range(4)])
 
     run(test)
 
