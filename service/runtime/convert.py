@@ -6,9 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
+from schemas.openai import ImageGenerationRequest
 from schemas.score import InputData
 from service.runtime.errors import ContractError
 from service.runtime.items import MAX_SEED, make_item, random_seed, seed_in_range
+
+
+class FieldError(ContractError):
+    """Off the contract at one top-level field of the body, which OpenAI's error shape names as ``param``."""
+
+    def __init__(self, message: str, *, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
@@ -19,9 +28,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
     image per prompt, row i gets base + i.
     """
     params = input_data.parameters
-    if params.scheduler is not None and params.scheduler not in info.schedulers:
-        # Checked here too (the engine would) so that the message does not repeat the client's text.
-        raise ContractError(f"input_data.parameters.scheduler must be one of: {', '.join(info.schedulers)}")
+    _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
     base_seed = params.seed if params.seed is not None else random_seed()
     per_prompt = params.num_images_per_prompt
     items: list[GenerationItem] = []
@@ -46,6 +53,35 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
     return items
 
 
+def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[GenerationItem]:
+    """One item per image of ``POST /v1/images/generations``: the k-th gets seed + k, as on /score."""
+    _check_scheduler(request.scheduler, info, "scheduler")
+    base_seed = request.seed if request.seed is not None else random_seed()
+    if not seed_in_range(base_seed + request.n - 1):
+        raise FieldError(f"seed: seed + n - 1 must be at most {MAX_SEED}; send a smaller seed", param="seed")
+    return [
+        make_item(
+            info,
+            prompt=request.prompt,
+            seed=base_seed + image,
+            negative_prompt=request.negative_prompt or "",
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            height=request.height,
+            width=request.width,
+            scheduler=request.scheduler,
+        )
+        for image in range(request.n)
+    ]
+
+
+def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> None:
+    if scheduler is not None and scheduler not in info.schedulers:
+        # Checked here too (the engine would) so that the message does not repeat the client's text.
+        param = where.rpartition(".")[2]
+        raise FieldError(f"{where} must be one of: {', '.join(info.schedulers)}", param=param)
+
+
 def to_records(
     items: Sequence[GenerationItem], results: Sequence[GenerationResult], images_base64: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -58,4 +94,17 @@ def to_records(
             "seed": result.seed,
         }
         for item, result, image in zip(items, results, images_base64, strict=True)
+    ]
+
+
+def to_image_data(results: Sequence[GenerationResult], images_base64: Sequence[str]) -> list[dict[str, Any]]:
+    """OpenAI's ``data`` list: one entry per image, with its seed and NSFW flag as extensions."""
+    return [
+        {
+            "b64_json": image,
+            "revised_prompt": None,
+            "seed": result.seed,
+            "nsfw_content_detected": result.nsfw_content_detected,
+        }
+        for result, image in zip(results, images_base64, strict=True)
     ]

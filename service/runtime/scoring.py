@@ -1,20 +1,22 @@
 """Scoring one request body, from bytes to response records. Shared by POST /score and the Azure ML
-entry script, so both speak exactly the same contract."""
+entry script, so both speak exactly the same contract; ``Scorer.generate`` (queue, await, encode) and
+``parse_body`` are the one path of every other route too (OpenAI's /v1/images/generations)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from model.types import GenerationResult
+from model.types import GenerationItem, GenerationResult
 from schemas.score import ScoreLimits, ScoreRequest, describe_location
 from service.runtime.batcher import Batcher
-from service.runtime.convert import to_items, to_records
+from service.runtime.convert import FieldError, to_items, to_records
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, MalformedJsonError
 from service.runtime.images import encode_png_base64
@@ -22,6 +24,7 @@ from service.runtime.images import encode_png_base64
 log = logging.getLogger(__name__)
 
 _MAX_REPORTED_ERRORS = 5
+M = TypeVar("M", bound=BaseModel)
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -30,17 +33,25 @@ def _reject_constant(name: str) -> NoReturn:
 
 def parse_request(body: bytes, limits: ScoreLimits) -> ScoreRequest:
     """Bytes -> ScoreRequest. Malformed JSON: MalformedJsonError; off the contract: ContractError."""
+    return parse_body(body, ScoreRequest, limits)
+
+
+def parse_body(
+    body: bytes, model: type[M], limits: ScoreLimits, *, expected: str = "the input_data object"
+) -> M:
+    """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
+    messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
     # 1. JSON. Python's parser accepts NaN and Infinity; the contract does not.
     try:
         document = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         position = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
         raise MalformedJsonError(
-            f"the body is not valid JSON{position}; send the input_data object"
+            f"the body is not valid JSON{position}; send {expected}"
         ) from None
     # 2. The contract, with the operator's limits.
     try:
-        return ScoreRequest.model_validate(document, context={"limits": limits})
+        return model.model_validate(document, context={"limits": limits})
     except ValidationError as error:
         problems = [
             f"{describe_location(detail['loc'])}: {detail['msg']}"
@@ -48,7 +59,14 @@ def parse_request(body: bytes, limits: ScoreLimits) -> ScoreRequest:
         ]
         more = len(problems) - _MAX_REPORTED_ERRORS
         message = "; ".join(problems[:_MAX_REPORTED_ERRORS]) + (f"; and {more} more" if more > 0 else "")
-        raise ContractError(f"{message} (see the request schema at /docs)") from None
+        raise FieldError(f"{message} (see the request schema at /docs)", param=_first_field(error)) from None
+
+
+def _first_field(error: ValidationError) -> str | None:
+    """The top-level field of the first problem (OpenAI's ``param``); None for the body or odd keys."""
+    details = error.errors(include_url=False, include_input=False, include_context=False)
+    name = describe_location(details[0]["loc"][:1]) if details else "body"
+    return None if name in ("body", "<key>") else name
 
 
 class Scorer:
@@ -60,11 +78,23 @@ class Scorer:
         self._limits = limits
         self._encode_pool = encode_pool
 
+    @property
+    def limits(self) -> ScoreLimits:
+        """The operator's limits, which every route's parsing applies."""
+        return self._limits
+
     async def score(self, body: bytes) -> list[dict[str, Any]]:
         """The response records for ``body``; raises the errors of service/web/errors.py's table."""
-        # 1. Parse and check the contract, then let the engine check what only it knows (schedulers).
         request = parse_request(body, self._limits)
         items = to_items(request.input_data, self._engine.info)
+        results, images = await self.generate(items, prompts=len(request.input_data.rows))
+        return to_records(items, results, images)
+
+    async def generate(
+        self, items: Sequence[GenerationItem], *, prompts: int
+    ) -> tuple[list[GenerationResult], list[str]]:
+        """Every route's one way to images: the results of ``items`` and their base64 PNGs, in order."""
+        # 1. Let the engine check what only it knows (schedulers).
         self._engine.validate(items)
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
         futures = self._batcher.submit(items)
@@ -80,6 +110,6 @@ class Scorer:
         )
         log.info(
             "scored %d prompt(s) -> %d image(s), %d flagged",
-            len(request.input_data.rows), len(results), sum(bool(r.nsfw_content_detected) for r in results),
+            prompts, len(results), sum(bool(r.nsfw_content_detected) for r in results),
         )  # fmt: skip
-        return to_records(items, results, images)
+        return results, list(images)

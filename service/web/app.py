@@ -23,7 +23,7 @@ from service.runtime.errors import ServiceError
 from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
-from service.web import routes, ui
+from service.web import openai, routes, ui
 from service.web.errors import error_response
 from service.web.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 
@@ -33,6 +33,10 @@ DESCRIPTION = """Text-to-image with Stable Diffusion behind Azure ML's model-cat
 answers one record per image with a base64 PNG, the NSFW flag and the seed that reproduces it.
 Every error is `{"error": {"code", "message", "status"}}`. With `SD_API_KEYS` set, send
 `Authorization: Bearer <key>`.
+
+`POST /v1/images/generations` and `GET /v1/models` speak OpenAI's Images API (base URL `/v1`), with the
+same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"message", "type", "param",
+"code"}}`.
 """
 
 
@@ -61,8 +65,8 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.state.lifecycle = lifecycle
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.
-    async def handle(_: Request, error: Exception) -> Response:
-        return error_response(error)
+    async def handle(request: Request, error: Exception) -> Response:
+        return error_response(error, path=request.scope["path"])  # OpenAI's shape on /v1/*
 
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)
@@ -73,8 +77,8 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     route_paths = frozenset(
         [app.openapi_url or "", app.docs_url or ""]
         + [
-            route.path
-            for router in (routes.router, ui.router)
+            route.path_format
+            for router in (routes.router, ui.router, openai.router)
             for route in router.routes
             if isinstance(route, APIRoute)
         ]
@@ -83,6 +87,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
     app.include_router(routes.router)
     app.include_router(ui.router)
+    app.include_router(openai.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -51,6 +51,12 @@ class HeaderTooLongError(ServiceError):
     """A request-id header is longer than the limit."""
 
 
+class ModelNotFoundError(ServiceError):
+    """An OpenAI request names a model other than the one served."""
+
+    param = "model"  # the request field at fault, in OpenAI's error shape
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -62,6 +68,7 @@ class ErrorKind:
 ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
+    ModelNotFoundError: ErrorKind(404, "model_not_found"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     ContractError: ErrorKind(422, "invalid_request"),
     InvalidRequestError: ErrorKind(422, "invalid_request"),
@@ -100,13 +107,17 @@ def classify(error: BaseException) -> tuple[ErrorKind, str]:
     return kind, str(error) or kind.code.replace("_", " ")
 
 
-def error_response(error: BaseException) -> JSONResponse:
-    """The JSON answer for ``error``; logs the traceback of anything unexpected."""
+def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
+    """The JSON answer for ``error`` (in OpenAI's shape when ``path`` is under /v1/); logs the
+    traceback of anything unexpected."""
     kind, message = classify(error)
     if kind is _INTERNAL:
         log.error("unexpected error", exc_info=error)
     elif isinstance(error, EngineError):
         log.warning("%s: %s", kind.code, message)
+    if is_openai_path(path):
+        param = getattr(error, "param", None)  # FieldError's: the request field at fault
+        return openai_error_json(kind, message, param if isinstance(param, str) else None)
     return error_json(kind.status, kind.code, message, kind.retry_after_s)
 
 
@@ -114,3 +125,29 @@ def error_json(status: int, code: str, message: str, retry_after_s: int | None =
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     body = {"error": {"code": code, "message": message, "status": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# OpenAI's shape on /v1/*, from the same table: OpenAI answers every invalid request with 400 (its SDKs
+# raise BadRequestError for it, UnprocessableEntityError for a 422), so the table's 422 is sent as 400.
+OPENAI_PREFIX = "/v1/"
+_OPENAI_STATUS = {422: 400}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
+
+
+def openai_error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_json(kind: ErrorKind, message: str, param: str | None = None) -> JSONResponse:
+    """``{"error": {"message", "type", "param", "code"}}`` with the table's Retry-After."""
+    status = _OPENAI_STATUS.get(kind.status, kind.status)
+    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
+    error = {"message": message, "type": openai_error_type(status), "param": param, "code": kind.code}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)

@@ -68,19 +68,20 @@ class RequestContextMiddleware:
                 error = HeaderTooLongError(
                     f"{', '.join(too_long)} is longer than {MAX_ID_CHARS} characters; send a shorter id"
                 )
-                await error_response(error)(scope, receive, send_with_ids)
+                await error_response(error, path=scope["path"])(scope, receive, send_with_ids)
             else:
                 await self.app(scope, receive, send_with_ids)
         except Exception as error:
             if status:
                 log.exception("failed after the answer had started")
             else:
-                await error_response(error)(scope, receive, send_with_ids)
+                await error_response(error, path=scope["path"])(scope, receive, send_with_ids)
         finally:
             # 3. Metrics by route template (unknown paths share one label) and the access line.
             seconds = time.perf_counter() - started
             path = scope["path"]
-            route = path if path in self.route_paths else "other"
+            template = getattr(scope.get("route"), "path_format", path)  # /v1/models/{model_id}, say
+            route = template if template in self.route_paths else "other"
             status = status or 500
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(seconds)
@@ -112,7 +113,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         response = error_response(
-            UnauthorizedError("a valid API key is required; send the header Authorization: Bearer <key>")
+            UnauthorizedError("a valid API key is required; send the header Authorization: Bearer <key>"),
+            path=scope["path"],
         )
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -131,7 +133,7 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await error_response(self._too_large())(scope, receive, send)
+            await error_response(self._too_large(), path=scope["path"])(scope, receive, send)
             return
         received = 0
 

@@ -6,7 +6,7 @@ import asyncio
 import importlib.metadata
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -23,7 +23,7 @@ from schemas.score import (
     InfoResponse,
 )
 from service.runtime.errors import RequestTimeoutError
-from service.runtime.lifecycle import Lifecycle
+from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
 from service.web.errors import error_json, error_response
 
@@ -58,7 +58,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _race(request: Request, work: Coroutine[Any, Any, T], timeout_s: float) -> T | None:
+async def _race(request: Request, work: Awaitable[T], timeout_s: float) -> T | None:
     """``work``'s result; None when the client left first; TimeoutError when time ran out.
 
     Either way ``work`` is cancelled, which takes its images out of the queue.
@@ -103,15 +103,19 @@ async def _race(request: Request, work: Coroutine[Any, Any, T], timeout_s: float
     },
 )
 async def score(request: Request) -> Response:
+    return await answer_generation(request, lambda runtime, body: runtime.scorer.score(body))
+
+
+async def answer_generation(request: Request, work: Callable[[Runtime, bytes], Awaitable[Any]]) -> Response:
+    """``work(runtime, body)``'s JSON, within SD_REQUEST_TIMEOUT_S and only while the client waits:
+    the one way every generating route (/score, /v1/images/generations) is answered."""
     started = time.monotonic()
     lifecycle = _lifecycle(request)
     timeout_s = lifecycle.settings.request_timeout_s
     async with lifecycle.serving() as runtime:
         body = await request.body()
         try:
-            records = await _race(
-                request, runtime.scorer.score(body), timeout_s - (time.monotonic() - started)
-            )
+            records = await _race(request, work(runtime, body), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             lifecycle.metrics.timeouts.inc()
             raise RequestTimeoutError.after(timeout_s) from None

@@ -1,0 +1,202 @@
+"""OpenAI's Images API on the wire: ``POST /v1/images/generations``, ``GET /v1/models`` and the error body.
+
+Only the parts a text-to-image server can honour are accepted; anything else is refused by name, as on
+``/score``. The Stable Diffusion parameters OpenAI has no name for (steps, guidance, seed, negative
+prompt, scheduler) are extensions that SDKs send through ``extra_body``. Their bounds are the very
+field definitions of ``/score``'s parameters (``ScoreParameters``), so both routes take the same
+values; operator limits arrive as the same validation context (``ScoreLimits``).
+
+This module imports nothing outside ``schemas/``. Error messages never repeat what the client sent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from schemas.score import (
+    MAX_IMAGES_PER_PROMPT,
+    MAX_SIZE,
+    MIN_SIZE,
+    SIZE_MULTIPLE,
+    ScoreLimits,
+    ScoreParameters,
+    check_text,
+)
+
+B64_JSON = "b64_json"
+AUTO_SIZE = "auto"
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+SIZE_RULE = (  # after the field's name
+    f'must be "WIDTHxHEIGHT" with each side a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to '
+    f'{MAX_SIZE} (for example "512x512"), or "auto" for the model\'s native size'
+)
+
+SAMPLE_IMAGES_REQUEST: dict[str, Any] = {
+    "prompt": "a photograph of an astronaut riding a horse",
+    "n": 2,
+    "size": "512x512",
+    "response_format": B64_JSON,
+    "seed": 42,
+    "num_inference_steps": 30,
+}
+
+
+def _as_on_score(name: str) -> Any:
+    """/score's definition of a parameter (type bounds, default, description), reused as is."""
+    return ScoreParameters.model_fields[name]
+
+
+def _error(message: str) -> PydanticCustomError:
+    return PydanticCustomError("contract", message)
+
+
+def _limits(info: ValidationInfo) -> ScoreLimits:
+    limits = (info.context or {}).get("limits")
+    return limits if isinstance(limits, ScoreLimits) else ScoreLimits()
+
+
+class ImageGenerationRequest(BaseModel):
+    """The body of ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [SAMPLE_IMAGES_REQUEST]}
+    )
+
+    prompt: str = Field(description="What to draw.")
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images to generate.")
+    size: str | None = Field(
+        default=None,
+        max_length=16,
+        description=f'"WIDTHxHEIGHT", each side a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; '
+        'default (or "auto"): the model\'s native size.',
+    )
+    response_format: str | None = Field(
+        default=None, max_length=16, description='Only "b64_json" (the default): images come back inline.'
+    )
+    model: str | None = Field(
+        default=None, max_length=1000, description="When given, the id GET /v1/models lists."
+    )
+    user: str | None = Field(
+        default=None, description="Accepted for compatibility; ignored and never logged."
+    )
+    # Extensions (extra_body in the SDKs): the same fields, bounds and defaults as /score's parameters.
+    negative_prompt: str | None = _as_on_score("negative_prompt")
+    seed: int | None = _as_on_score("seed")
+    num_inference_steps: int = _as_on_score("num_inference_steps")
+    guidance_scale: float = _as_on_score("guidance_scale")
+    scheduler: str | None = _as_on_score("scheduler")
+
+    @field_validator("prompt", "negative_prompt", "scheduler", "model", "user")
+    @classmethod
+    def _valid_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        max_chars = _limits(info).max_prompt_chars
+        if info.field_name in ("prompt", "negative_prompt") and len(value) > max_chars:
+            raise _error(f"is longer than {max_chars} characters")
+        return check_text(value, str(info.field_name))
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _within_operator_steps(cls, value: int, info: ValidationInfo) -> int:
+        max_steps = _limits(info).max_steps
+        if value > max_steps:
+            raise _error(f"may be at most {max_steps} on this server")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_in_bounds(cls, value: str | None) -> str | None:
+        if value is None or value == AUTO_SIZE:
+            return value
+        match = _SIZE.fullmatch(value)
+        if match is None or not all(
+            MIN_SIZE <= int(side) <= MAX_SIZE and int(side) % SIZE_MULTIPLE == 0 for side in match.groups()
+        ):
+            raise _error(SIZE_RULE)
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _inline_only(cls, value: str | None) -> str | None:
+        if value == "url":
+            raise _error(
+                '"url" is not supported: this server keeps no copy of the images to link '
+                'to; send "b64_json" (the default) to get them inline'
+            )
+        if value is not None and value != B64_JSON:
+            raise _error('must be "b64_json"')
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self, info: ValidationInfo) -> ImageGenerationRequest:
+        if "num_inference_steps" not in self.model_fields_set:  # as on /score
+            self.num_inference_steps = _limits(info).default_steps
+        return self
+
+    @property
+    def width(self) -> int | None:
+        """The requested width; None for the model's native size."""
+        return self._side(0)
+
+    @property
+    def height(self) -> int | None:
+        """The requested height; None for the model's native size."""
+        return self._side(1)
+
+    def _side(self, index: int) -> int | None:
+        match = _SIZE.fullmatch(self.size or "")
+        return int(match.group(index + 1)) if match else None
+
+
+class ImageData(BaseModel):
+    """One generated image. ``seed`` and ``nsfw_content_detected`` are this server's extensions."""
+
+    b64_json: str = Field(description="Base64 PNG (standard alphabet, padded, no data: prefix).")
+    revised_prompt: None = Field(default=None, description="Always null: the prompt is used as given.")
+    seed: int = Field(description="Send it back (with n 1) to get the same image.")
+    nsfw_content_detected: bool | None = Field(
+        description="true: flagged by the safety checker and blacked out; null: the model has no checker."
+    )
+
+
+class ImagesResponse(BaseModel):
+    """The answer of ``POST /v1/images/generations``."""
+
+    created: int = Field(description="Unix time, seconds.")
+    data: list[ImageData]
+
+
+class OpenAIModel(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str = Field(description="The served model; send it as model, or leave model out.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server started, seconds.")
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    """The answer of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="What was wrong and what to do.")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, rate_limit_error or server_error."
+    )
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    code: str = Field(description="snake_case, stable; the same codes as /score's errors.")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The body of every non-2xx answer on /v1/*."""
+
+    error: OpenAIError

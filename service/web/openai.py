@@ -1,0 +1,117 @@
+"""OpenAI's Images API beside the Azure ML contract: ``POST /v1/images/generations``, ``GET /v1/models``
+and ``GET /v1/models/{id}``, so that OpenAI's SDKs and the tools built on them work by changing a base URL.
+
+Nothing here generates: a request is parsed with the same rules and limits as ``/score``
+(``parse_body``), turned into engine items in service/runtime/convert.py, and answered through
+``answer_generation`` and ``Scorer.generate``, the very path of ``/score`` (deadline, disconnects,
+batcher, safety checker, PNG encoding, metrics, request ids, API keys). Errors on /v1/* are rendered
+in OpenAI's shape by service/web/errors.py, from the same table.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from model.types import ModelInfo
+from schemas.openai import (
+    SAMPLE_IMAGES_REQUEST,
+    ImageGenerationRequest,
+    ImagesResponse,
+    OpenAIErrorResponse,
+    OpenAIModel,
+    OpenAIModelList,
+)
+from service.runtime.convert import openai_to_items, to_image_data
+from service.runtime.lifecycle import Lifecycle, Runtime
+from service.runtime.scoring import parse_body
+from service.web.errors import ModelNotFoundError
+from service.web.routes import answer_generation
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+OWNER = "sd-endpoint"
+_STARTED = int(time.time())  # a model's "created": when this server process started
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request: not JSON, an unknown field, a value out of bounds (param names the field).",
+        401: "Missing or unknown API key (when SD_API_KEYS is set).",
+        404: "model names a model this server does not serve.",
+        413: "The body is larger than SD_MAX_BODY_BYTES.",
+        429: "The queue is full; retry after Retry-After seconds.",
+        503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
+        504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
+    }.items()
+}
+_REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+def _served(info: ModelInfo) -> OpenAIModel:
+    return OpenAIModel(id=info.name, created=_STARTED, owned_by=OWNER)
+
+
+def _require_served(model: str | None, info: ModelInfo) -> None:
+    if model is not None and model != info.name:
+        raise ModelNotFoundError(
+            f"this server serves only {info.name!r} (GET /v1/models); send that id or leave model out"
+        )
+
+
+async def _generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
+    """Bytes -> OpenAI's images answer, through /score's parsing rules and generation path."""
+    # 1. Parse with /score's rules and limits; check the model, then build the items.
+    request = parse_body(
+        body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
+    )
+    info = runtime.engine.info
+    _require_served(request.model, info)
+    items = openai_to_items(request, info)
+    # 2. The shared path: validate, queue, await, encode.
+    results, images = await runtime.scorer.generate(items, prompts=1)
+    return {"created": int(time.time()), "data": to_image_data(results, images)}
+
+
+@router.post(
+    "/images/generations",
+    summary="Generate images (OpenAI's Images API)",
+    response_model=None,
+    responses={200: {"model": ImagesResponse, "description": "One entry per image."}, **_ERRORS},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _REQUEST_SCHEMA, "example": SAMPLE_IMAGES_REQUEST}},
+        }
+    },
+)
+async def create_images(request: Request) -> Any:
+    return await answer_generation(request, _generate)
+
+
+@router.get(
+    "/models",
+    summary="The served model, in OpenAI's list shape",
+    response_model=OpenAIModelList,
+    responses={key: value for key, value in _ERRORS.items() if key in (401, 503)},
+)
+def list_models(request: Request) -> OpenAIModelList:
+    return OpenAIModelList(data=[_served(_lifecycle(request).require_ready().engine.info)])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    summary="One model: the served one, else 404",
+    response_model=OpenAIModel,
+    responses={key: value for key, value in _ERRORS.items() if key in (401, 404, 503)},
+)
+def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
+    info = _lifecycle(request).require_ready().engine.info
+    _require_served(model_id, info)
+    return _served(info)
