@@ -56,6 +56,13 @@ def pixels(b64_json: str | None) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
 
 
+def same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a rounding step in a few pixels: engine batches of other sizes add up in another
+    order. Images of different seeds differ by about 40 levels on average."""
+    difference = np.abs(a.astype(int) - b)
+    return bool(difference.max() <= 1 and difference.mean() < 0.01)
+
+
 def extras(image: Any) -> dict[str, Any]:
     """The server's extensions to an image entry (the SDK keeps unknown fields)."""
     return {name: getattr(image, name) for name in ("seed", "nsfw_content_detected")}
@@ -91,14 +98,11 @@ def test_the_same_seed_gives_the_same_images_and_score_draws_them_the_same(
         return [pixels(image.b64_json) for image in answer.data]
 
     first, again, other = draw(11), draw(11), draw(13)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(same_image(a, b) for a, b in zip(first, again, strict=True))
+    assert not same_image(first[0], first[1])  # seeds 11 and 12
+    assert not same_image(first[0], other[0]) and not same_image(first[1], other[0])
     [alone] = client.images.generate(prompt="a red cube", n=1, extra_body={"seed": 12, **FAST}).data
-    # An entry's seed, sent back with n 1: the same image, up to a rounding step in a few pixels
-    # (a batch of one adds up in another order than a batch of two); other seeds differ by ~40 levels.
-    difference = np.abs(pixels(alone.b64_json).astype(int) - first[1])
-    assert difference.max() <= 1 and difference.mean() < 0.01
-    assert not np.array_equal(first[0], first[1])  # seeds 11 and 12
-    assert not np.array_equal(first[0], other[0])
+    assert same_image(pixels(alone.b64_json), first[1])  # an entry's seed, sent back with n 1
     # /score with the same prompt, seed and parameters: the same images, because it is the same path.
     records = httpx.post(
         f"{server.url}/score",
@@ -108,8 +112,7 @@ def test_the_same_seed_gives_the_same_images_and_score_draws_them_the_same(
     ).json()
     assert [r["seed"] for r in records] == [11, 12]
     assert all(
-        np.array_equal(decode_png(r["generated_image"]), image)
-        for r, image in zip(records, first, strict=True)
+        same_image(decode_png(r["generated_image"]), image) for r, image in zip(records, first, strict=True)
     )
 
 
