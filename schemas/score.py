@@ -205,6 +205,11 @@ class InputData(BaseModel):
             )
         if self.index is not None and len(self.index) != len(self.data):
             raise _contract_error(f"index has {len(self.index)} entries but data has {len(self.data)} rows")
+        negative = self.parameters.negative_prompt
+        if negative is not None and len(negative) > limits.max_prompt_chars:
+            raise _contract_error(
+                f"parameters.negative_prompt is longer than {limits.max_prompt_chars} characters"
+            )
         self._rows = [self._row(position, raw) for position, raw in enumerate(self.data)]
         for position, row in enumerate(self._rows):
             for column, text in ((PROMPT_COLUMN, row.prompt), (NEGATIVE_PROMPT_COLUMN, row.negative_prompt)):

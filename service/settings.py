@@ -61,7 +61,9 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Idle keep-alive connections close after this."
     )
 
-    # Batching, backpressure and deadlines.
+    # Batching, backpressure and deadlines. "step": images join and leave the running batch between
+    # denoising steps (service/runtime/batching/steploop.py); "request": whole batches (service/runtime/batching/batcher.py).
+    batching: Literal["step", "request"] = "step"
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_ms: float = Field(default=20, ge=0)
     max_queue_items: int = Field(default=64, ge=1)

@@ -138,8 +138,8 @@ def _imported_modules(argv: list[str], cwd: Path) -> set[str]:
 def test_batch_help_and_a_batch_job_never_import_the_web_stack(tmp_path: Path) -> None:
     help_imports = _imported_modules(["-m", "service.cli.main", "batch", "--help"], ROOT)
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "p.txt").write_text("a red cat\n")
-    (tmp_path / "in" / "p.csv").write_text("prompt\na red cat\n")
+    (tmp_path / "in" / "a.txt").write_text("a red cat\n")
+    (tmp_path / "in" / "b.csv").write_text("prompt\na red cat\n")
     job = ["-m", "service.cli.main", "batch", "--input", str(tmp_path / "in"), "--output",
            str(tmp_path / "out"), "--model", "random:tiny", "--steps", "1"]  # fmt: skip
     job_imports = _imported_modules(job, ROOT)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 
@@ -37,8 +39,6 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self.should_exit:
-            from service.hosts.server import exit_now
-
             exit_now(FORCED_EXIT_STATUS, f"signal {sig} again: exiting now")
         if self._loop is None:
             super().handle_exit(sig, frame)
@@ -61,3 +61,15 @@ class DrainingServer(uvicorn.Server):
             self.load_failed = True
             return True
         return await super().on_tick(counter)
+
+
+def exit_now(code: int, reason: str) -> NoReturn:
+    """End the process at once, without joining threads (logs flushed first)."""
+    import logging
+    import os
+
+    logging.getLogger(__name__).warning("%s (exit %d)", reason, code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

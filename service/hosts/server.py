@@ -10,8 +10,7 @@ If the model cannot be loaded, the process exits 1 so that the orchestrator sees
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -52,7 +51,7 @@ def serve(app: FastAPI, settings: Settings) -> int:
     import uvicorn
 
     from service.hosts.connections import guarded_protocol
-    from service.hosts.draining import DrainingServer
+    from service.hosts.draining import DrainingServer, exit_now
 
     config = uvicorn.Config(
         app,
@@ -74,15 +73,3 @@ def serve(app: FastAPI, settings: Settings) -> int:
         # the interpreter would join it before exiting, for as long as the batch takes.
         exit_now(code, "exiting without waiting for the engine's abandoned batch")
     return code
-
-
-def exit_now(code: int, reason: str) -> NoReturn:
-    """End the process at once, without joining threads (logs flushed first)."""
-    import logging
-    import os
-
-    logging.getLogger(__name__).warning("%s (exit %d)", reason, code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

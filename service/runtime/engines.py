@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class ServingEngine(Protocol):
-    """What every consumer needs of an engine; ``model.Engine`` has it, and so do the tests' fakes."""
+    """What every consumer needs of an engine; ``model.Engine`` has it, and so do the tests' fakes.
+
+    Batch jobs and the request-level batcher call ``generate``; the server's step loop
+    (service/runtime/batching/steploop.py) calls the per-step API: ``admit`` an item (its handle back),
+    ``step`` every running item once (the handles now finished; on an exception nothing has
+    advanced), ``retire`` finished handles into results, ``cancel`` a handle at any time.
+    """
 
     @property
     def info(self) -> ModelInfo: ...
@@ -30,6 +36,14 @@ class ServingEngine(Protocol):
     def warmup(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def admit(self, item: GenerationItem) -> int: ...
+
+    def step(self) -> list[int]: ...
+
+    def retire(self, handles: Sequence[int]) -> list[GenerationResult]: ...
+
+    def cancel(self, handle: int) -> None: ...
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:

@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from schemas.score import ScoreLimits
-from service.runtime.batcher import Batcher
+from service.runtime.batching.batcher import Batcher
+from service.runtime.batching.steploop import StepLoop
 from service.runtime.engines import ServingEngine, load_engine
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.metrics import Metrics
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # After a drain timeout, how long the abandoned requests have to send their 503s.
 ANSWER_GRACE_S = 5
+
+
+ImageQueue = Batcher | StepLoop
 
 
 class Phase(enum.Enum):
@@ -42,7 +46,7 @@ class Runtime:
     """What serving needs once the model is loaded."""
 
     engine: ServingEngine
-    batcher: Batcher
+    batcher: ImageQueue  # the step loop, or the request-level batcher (SD_BATCHING)
     scorer: Scorer
     encode_pool: ThreadPoolExecutor
 
@@ -113,13 +117,22 @@ class Lifecycle:
         settings = self.settings
         limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
         encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
-        batcher = Batcher(
-            engine,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1000,
-            max_queue_items=settings.max_queue_items,
-            metrics=self.metrics,
-        )
+        batcher: ImageQueue
+        if settings.batching == "step":
+            batcher = StepLoop(
+                engine,
+                max_batch_size=settings.max_batch_size,
+                max_queue_items=settings.max_queue_items,
+                metrics=self.metrics,
+            )
+        else:
+            batcher = Batcher(
+                engine,
+                max_batch_size=settings.max_batch_size,
+                max_wait_s=settings.max_batch_wait_ms / 1000,
+                max_queue_items=settings.max_queue_items,
+                metrics=self.metrics,
+            )
         batcher.start()
         return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool)
 

@@ -12,6 +12,8 @@ LATENCY_BUCKETS_S = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 90, 1
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 # One engine call: a tiny CPU model at 2 steps up to batch 16 x 50 steps on a slow GPU.
 ENGINE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+# One denoising step: a tiny CPU model (ms) up to a full batch at 1024x1024 on a slow GPU.
+STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -36,8 +38,24 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Images waiting in the queue.", registry=r)
         self.batch_size = Histogram(
-            f"{PREFIX}batch_size", "Images per engine batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
+            f"{PREFIX}batch_size", "Images per engine batch (request-level batching) or per denoising step.",
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.running_images = Gauge(
+            f"{PREFIX}running_images", "Images in the engine's running set (step loop).", registry=r
         )
+        self.step_seconds = Histogram(
+            f"{PREFIX}step_seconds", "One step-loop iteration: admissions, one denoising step, decodes.",
+            buckets=STEP_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.admitted_per_step = Histogram(
+            f"{PREFIX}admitted_per_step", "Images admitted to the running set at a step boundary.",
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.first_step_wait = Histogram(
+            f"{PREFIX}time_to_first_step_seconds", "Time from arrival to the end of an image's first step.",
+            buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.engine_batch_seconds = Histogram(
             f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
         )

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from model.types import GenerationItem, GenerationResult
 from schemas.score import ScoreLimits, ScoreRequest, describe_location
-from service.runtime.batcher import Batcher
+from service.runtime.batching.batcher import Batcher
+from service.runtime.batching.steploop import StepLoop
 from service.runtime.convert import FieldError, to_items, to_records
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, MalformedJsonError
@@ -31,6 +32,21 @@ def _reject_constant(name: str) -> NoReturn:
     raise ContractError(f"the body contains a bare {name}, which JSON does not allow; send a finite number")
 
 
+def parse_json(body: bytes, expected: str = "the input_data object") -> Any:
+    """Bytes -> a JSON document, or MalformedJsonError for anything the parser cannot take: not
+    JSON, not UTF-8, NaN/Infinity, nesting too deep for the parser (RecursionError), integers
+    longer than Python converts (ValueError)."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        position = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+        raise MalformedJsonError(f"the body is not valid JSON{position}; send {expected}") from None
+    except RecursionError:
+        raise MalformedJsonError(f"the body nests too deeply to parse; send {expected}") from None
+    except ValueError as error:  # e.g. an integer of thousands of digits
+        raise MalformedJsonError(f"the body holds a value the parser cannot take ({error})") from None
+
+
 def parse_request(body: bytes, limits: ScoreLimits) -> ScoreRequest:
     """Bytes -> ScoreRequest. Malformed JSON: MalformedJsonError; off the contract: ContractError."""
     return parse_body(body, ScoreRequest, limits)
@@ -42,24 +58,14 @@ def parse_body(
     """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
     messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
     # 1. JSON. Python's parser accepts NaN and Infinity; the contract does not.
-    try:
-        document = json.loads(body, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        position = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
-        raise MalformedJsonError(
-            f"the body is not valid JSON{position}; send {expected}"
-        ) from None
+    document = parse_json(body, expected)
     # 2. The contract, with the operator's limits.
     try:
         return model.model_validate(document, context={"limits": limits})
+    except RecursionError:
+        raise ContractError("the body nests too deeply; see the request schema at /docs") from None
     except ValidationError as error:
-        problems = [
-            f"{describe_location(detail['loc'])}: {detail['msg']}"
-            for detail in error.errors(include_url=False, include_input=False, include_context=False)
-        ]
-        more = len(problems) - _MAX_REPORTED_ERRORS
-        message = "; ".join(problems[:_MAX_REPORTED_ERRORS]) + (f"; and {more} more" if more > 0 else "")
-        raise FieldError(f"{message} (see the request schema at /docs)", param=_first_field(error)) from None
+        raise FieldError(describe_validation_error(error), param=_first_field(error)) from None
 
 
 def _first_field(error: ValidationError) -> str | None:
@@ -69,9 +75,20 @@ def _first_field(error: ValidationError) -> str | None:
     return None if name in ("body", "<key>") else name
 
 
+def describe_validation_error(error: ValidationError) -> str:
+    """The first few problems of a validation error, each as 'where: what', never the input."""
+    problems = [
+        f"{describe_location(detail['loc'])}: {detail['msg']}"
+        for detail in error.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    more = len(problems) - _MAX_REPORTED_ERRORS
+    message = "; ".join(problems[:_MAX_REPORTED_ERRORS]) + (f"; and {more} more" if more > 0 else "")
+    return f"{message} (see the request schema at /docs)"
+
+
 class Scorer:
     def __init__(
-        self, engine: ServingEngine, batcher: Batcher, limits: ScoreLimits, encode_pool: Executor
+        self, engine: ServingEngine, batcher: Batcher | StepLoop, limits: ScoreLimits, encode_pool: Executor
     ) -> None:
         self._engine = engine
         self._batcher = batcher

@@ -25,7 +25,12 @@ from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import openai, routes, ui
 from service.web.errors import error_response
-from service.web.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from service.web.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    SlashRedirectMiddleware,
+)
 
 DESCRIPTION = """Text-to-image with Stable Diffusion behind Azure ML's model-catalog scoring contract.
 
@@ -72,7 +77,9 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
         app.add_exception_handler(error_type, handle)
 
     # Middleware: the last added runs first. Ids and metrics, then keys, then the body size.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
     route_paths = frozenset(
         [app.openapi_url or "", app.docs_url or ""]
@@ -83,6 +90,10 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
             if isinstance(route, APIRoute)
         ]
     )
+    # Starlette's own trailing-slash redirect builds an absolute URL from the Host header; ours is
+    # relative (and runs before the key check, like routing's 404 would).
+    app.router.redirect_slashes = False
+    app.add_middleware(SlashRedirectMiddleware, route_paths=route_paths)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
 
     app.include_router(routes.router)

@@ -51,6 +51,10 @@ class HeaderTooLongError(ServiceError):
     """A request-id header is longer than the limit."""
 
 
+class BodyTimeoutError(ServiceError):
+    """The body did not arrive within SD_BODY_TIMEOUT_S."""
+
+
 class ModelNotFoundError(ServiceError):
     """An OpenAI request names a model other than the one served."""
 
@@ -69,6 +73,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
+    BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     ContractError: ErrorKind(422, "invalid_request"),
     InvalidRequestError: ErrorKind(422, "invalid_request"),
@@ -117,8 +122,12 @@ def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
         log.warning("%s: %s", kind.code, message)
     if is_openai_path(path):
         param = getattr(error, "param", None)  # FieldError's: the request field at fault
-        return openai_error_json(kind, message, param if isinstance(param, str) else None)
-    return error_json(kind.status, kind.code, message, kind.retry_after_s)
+        response = openai_error_json(kind, message, param if isinstance(param, str) else None)
+    else:
+        response = error_json(kind.status, kind.code, message, kind.retry_after_s)
+    if isinstance(error, HTTPException) and error.headers:
+        response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
+    return response
 
 
 def error_json(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:

@@ -4,19 +4,28 @@ here and the endpoint can still see the client disconnect."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import Iterable
+from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import request_id_var
 from service.runtime.metrics import Metrics
-from service.web.errors import BodyTooLargeError, HeaderTooLongError, UnauthorizedError, error_response
+from service.web.errors import (
+    BodyTimeoutError,
+    BodyTooLargeError,
+    HeaderTooLongError,
+    UnauthorizedError,
+    error_response,
+)
 
 log = logging.getLogger("service.access")
 
@@ -90,6 +99,26 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+class SlashRedirectMiddleware:
+    """``/ui/`` -> 307 to ``/ui`` for every known route, with a relative Location: never a URL
+    built from the request's Host header, which the client controls."""
+
+    def __init__(self, app: ASGIApp, route_paths: frozenset[str]) -> None:
+        self.app = app
+        self.route_paths = route_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            target = path.rstrip("/")
+            if target in self.route_paths:
+                query = scope.get("query_string", b"").decode("latin-1")
+                location = quote(target) + (f"?{query}" if query else "")
+                await RedirectResponse(location, status_code=307)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class ApiKeyMiddleware:
     """With keys configured, every route but health and metrics needs ``Authorization: Bearer <key>``.
 
@@ -121,11 +150,13 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: at once from Content-Length, or while streaming a chunked one."""
+    """413 for bodies over the limit: at once from Content-Length, or while streaming a chunked one;
+    408 for a body that does not arrive within its deadline (a client sending a byte a second)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,20 +164,33 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await error_response(self._too_large(), path=scope["path"])(scope, receive, send)
+            await error_response(self._too_large())(scope, receive, send)
             return
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.body_timeout_s
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body: only the disconnect is left to wait for, without deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                raise BodyTimeoutError(
+                    f"the body did not arrive within {self.body_timeout_s:g} s (SD_BODY_TIMEOUT_S); "
+                    "send it at once"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise self._too_large()  # answered by the app's handler for ServiceError
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, guarded_receive, send)
 
     def _too_large(self) -> BodyTooLargeError:
         return BodyTooLargeError(

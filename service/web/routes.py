@@ -133,12 +133,23 @@ def _health(request: Request) -> Response:
     return PlainTextResponse("Healthy")
 
 
-@router.get("/", summary="Readiness (Azure ML probes): 200 Healthy once the model is warm", tags=["health"])
+# The probes and the scrape answer text, and the OpenAPI document says so.
+_READINESS: dict[str, Any] = {
+    "response_class": PlainTextResponse,
+    "responses": {
+        200: {"content": {"text/plain": {"example": "Healthy"}}, "description": "Ready."},
+        503: {"model": ErrorResponse, "description": "Loading, failed, or shutting down."},
+    },
+    "tags": ["health"],
+}
+
+
+@router.get("/", summary="Readiness (Azure ML probes): 200 Healthy once the model is warm", **_READINESS)
 def root(request: Request) -> Response:
     return _health(request)
 
 
-@router.get("/health/ready", summary="Readiness: same as GET /", tags=["health"])
+@router.get("/health/ready", summary="Readiness: same as GET /", **_READINESS)
 def ready(request: Request) -> Response:
     return _health(request)
 
@@ -148,7 +159,13 @@ def live() -> dict[str, str]:
     return {"status": "live"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", tags=["health"])
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    tags=["health"],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4."}},
+)
 def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
     return Response(registry.exposition(), media_type=CONTENT_TYPE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import itertools
 import sys
 import threading
 import time
@@ -39,10 +40,16 @@ def tiny_engine() -> Any:
 
 
 class GatedEngine:
-    """Wraps a real engine. ``gate`` (open by default) holds every batch before it runs; ``batches``
-    records the items of every batch that ran; a batch holding a prompt of ``oom_prompts`` runs out
-    of memory, however small. Closing it leaves the wrapped engine open, so that tests share one
-    loaded model."""
+    """Wraps a real engine. ``gate`` (open by default) holds every batch (request-level batching)
+    or every step (the step loop) before it runs; ``batches`` records the items of every batch
+    that ran, and every item the step loop admitted (as a batch of one); a batch or step holding a
+    prompt of ``oom_prompts`` runs out of memory, however small, one holding a prompt of
+    ``crash_prompts`` raises a plain RuntimeError. Closing it leaves the wrapped engine open, so
+    that tests share one loaded model.
+
+    The per-step API is kept here (each item counts its steps; at its last step its image is made
+    with the real engine's ``generate``), so that servers sharing the wrapped engine never share
+    its running set; the real per-step engine is tested on its own and in real server processes."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -52,6 +59,8 @@ class GatedEngine:
         self.batches: list[list[GenerationItem]] = []
         self.oom_prompts: set[str] = set()
         self.crash_prompts: set[str] = set()  # a batch holding one of these raises a plain RuntimeError
+        self._admitted: dict[int, list[Any]] = {}  # handle -> [item, steps done, result]
+        self._handles = itertools.count(1)
 
     @property
     def info(self) -> ModelInfo:
@@ -75,6 +84,37 @@ class GatedEngine:
 
     def warmup(self) -> None:
         self.engine.warmup()
+
+    def admit(self, item: GenerationItem) -> int:
+        self.engine.validate([item])
+        handle = next(self._handles)
+        self._admitted[handle] = [item, 0, None]
+        self.batches.append([item])
+        return handle
+
+    def step(self) -> list[int]:
+        self.waiting.release()
+        self.gate.wait()
+        running = [entry for entry in self._admitted.values() if entry[2] is None]
+        if any(entry[0].prompt in self.oom_prompts for entry in running):
+            raise EngineOutOfMemoryError(f"out of memory for a step of {len(running)}")
+        if any(entry[0].prompt in self.crash_prompts for entry in running):
+            raise RuntimeError("kernel exploded at 0xDEADBEEF")
+        finished = []
+        for handle, entry in self._admitted.items():
+            if entry[2] is None:
+                entry[1] += 1
+                if entry[1] >= entry[0].num_inference_steps:
+                    with _ENGINE_LOCK:
+                        entry[2] = self.engine.generate([entry[0]])[0]
+                    finished.append(handle)
+        return finished
+
+    def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
+        return [self._admitted.pop(handle)[2] for handle in handles]
+
+    def cancel(self, handle: int) -> None:
+        self._admitted.pop(handle, None)
 
     def close(self) -> None:
         pass
@@ -171,18 +211,25 @@ def held(engine: GatedEngine) -> Iterator[GatedEngine]:
 
 
 class FileGatedEngine(GatedEngine):
-    """For a server in another process: each batch writes ``<folder>/started`` and waits for
-    ``<folder>/release`` to exist."""
+    """For a server in another process: each batch (or step) writes ``<folder>/started`` and waits
+    for ``<folder>/release`` to exist."""
 
     def __init__(self, engine: Any, folder: Path) -> None:
         super().__init__(engine)
         self.folder = folder
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+    def _hold(self) -> None:
         (self.folder / "started").touch()
         while not (self.folder / "release").exists():
             time.sleep(0.02)
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        self._hold()
         return super().generate(items)
+
+    def step(self) -> list[int]:
+        self._hold()
+        return super().step()
 
 
 def serve_gated(folder: str) -> int:

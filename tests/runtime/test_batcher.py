@@ -1,4 +1,4 @@
-"""The request-level batcher (service/runtime/batcher.py) against a fake engine, without HTTP."""
+"""The request-level batcher (service/runtime/batching/batcher.py) against a fake engine, without HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from model.errors import EngineFailure, EngineOutOfMemoryError
-from service.runtime.batcher import Batcher
+from service.runtime.batching.batcher import Batcher
 from service.runtime.errors import ContractError, QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
 from tests.runtime.fakes import FakeEngine, item

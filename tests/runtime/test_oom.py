@@ -1,4 +1,4 @@
-"""The OOM splitter (service/runtime/oom.py) against a fake engine that fits N rows at most."""
+"""The OOM splitter (service/runtime/batching/oom.py) against a fake engine that fits N rows at most."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from model.errors import EngineFailure, EngineOutOfMemoryError
 from model.types import GenerationResult
-from service.runtime.oom import generate_splitting_on_oom
+from service.runtime.batching.oom import generate_splitting_on_oom
 from tests.runtime.fakes import FakeEngine, item
 
 

@@ -1,5 +1,6 @@
-"""Batching, backpressure (429), deadlines (504), disconnects and out-of-memory, observed through a
-real server whose engine the test holds at a gate while requests pile up."""
+"""Request-level batching (SD_BATCHING=request), backpressure (429), deadlines (504), disconnects
+and out-of-memory, observed through a real server whose engine the test holds at a gate while
+requests pile up. The step loop's equivalents are in test_steps.py."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def engine() -> GatedEngine:
 
 @pytest.fixture(scope="module")
 def server(engine: GatedEngine) -> Iterator[ThreadServer]:
-    settings = Settings(max_batch_size=MAX_BATCH, max_queue_items=MAX_QUEUE, max_batch_wait_ms=0)
+    settings = Settings(
+        batching="request", max_batch_size=MAX_BATCH, max_queue_items=MAX_QUEUE, max_batch_wait_ms=0
+    )
     with ThreadServer(settings, engine) as running:
         yield running
 
@@ -153,7 +156,9 @@ def test_an_unexpected_engine_error_is_a_plain_500_and_the_server_carries_on(
 def test_the_deadline_answers_504_and_drops_queued_images(
     engine: GatedEngine, pool: ThreadPoolExecutor
 ) -> None:
-    with ThreadServer(Settings(request_timeout_s=2, max_batch_wait_ms=0), engine) as server:
+    with ThreadServer(
+        Settings(batching="request", request_timeout_s=2, max_batch_wait_ms=0), engine
+    ) as server:
         with held(engine):
             running = send(pool, server.url, request_body(["held in the engine"]))
             engine.wait_until_held()

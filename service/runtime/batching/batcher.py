@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from model.types import BatchKey, GenerationItem, GenerationResult
+from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
-from service.runtime.oom import generate_isolating_failures
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""A fake step engine for the step loop's unit tests: each image needs its own number of steps,
+a step costs nothing (or waits on a gate), and failures are injected by prompt or by size."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.errors import EngineFailure, EngineOutOfMemoryError, InvalidRequestError
+from model.types import GenerationItem, GenerationResult
+from tests.runtime.fakes import FakeEngine
+
+
+@dataclass
+class _Running:
+    item: GenerationItem
+    done: int = 0
+
+
+class FakeStepEngine(FakeEngine):
+    """``max_rows``: a step with more running images runs out of memory. ``fail_prompts``: a step
+    holding one fails. ``refuse_prompts``: admit refuses them. ``steps`` records the running set of
+    every step that happened (by seed); ``gate`` holds each step."""
+
+    def __init__(self, max_rows: int | None = None) -> None:
+        super().__init__(max_rows)
+        self.refuse_prompts: set[str] = set()
+        self.running: dict[int, _Running] = {}
+        self.steps: list[list[int]] = []
+        self.cancelled: list[int] = []
+        self.step_started = threading.Semaphore(0)
+        self._next = 0
+
+    def admit(self, item: GenerationItem) -> int:
+        if item.prompt in self.refuse_prompts:
+            raise InvalidRequestError("this engine cannot take that prompt")
+        self._next += 1
+        self.running[self._next] = _Running(item)
+        return self._next
+
+    def step(self) -> list[int]:
+        self.step_started.release()
+        if self.gate is not None:
+            self.gate.wait(30)
+        items = [r.item for r in self.running.values()]
+        if self.max_rows is not None and len(items) > self.max_rows:
+            raise EngineOutOfMemoryError(f"{len(items)} images do not fit")
+        if any(item.prompt in self.fail_prompts for item in items):
+            raise EngineFailure("the device failed")
+        self.steps.append(sorted(item.seed for item in items))
+        finished = []
+        for handle, running in self.running.items():
+            running.done += 1
+            if running.done >= running.item.num_inference_steps:
+                finished.append(handle)
+        return finished
+
+    def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
+        results = []
+        for handle in handles:
+            item = self.running.pop(handle).item
+            image = np.full((8, 8, 3), item.seed % 256, dtype=np.uint8)
+            results.append(GenerationResult(image=image, nsfw_content_detected=False, seed=item.seed))
+        return results
+
+    def cancel(self, handle: int) -> None:
+        if self.running.pop(handle, None) is not None:
+            self.cancelled.append(handle)

@@ -1,0 +1,160 @@
+"""The step loop (service/runtime/batching/steploop.py) against a fake step engine, without HTTP:
+admission at step boundaries, FIFO by image, leaving on cancel, OOM shrink and regrow, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from model.errors import EngineFailure, EngineOutOfMemoryError, InvalidRequestError
+from service.runtime.errors import QueueFullError, ShuttingDownError
+from service.runtime.metrics import Metrics
+from service.runtime.batching.steploop import StepLoop
+from tests.runtime.fakes import item
+from tests.runtime.stepfakes import FakeStepEngine
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+def loop_for(engine: FakeStepEngine, **options: Any) -> tuple[StepLoop, Metrics]:
+    metrics = Metrics()
+    defaults = {"max_batch_size": 4, "max_queue_items": 32}
+    return StepLoop(engine, metrics=metrics, **{**defaults, **options}), metrics
+
+
+async def step_boundary(engine: FakeStepEngine) -> None:
+    """Until the loop is inside its next step (holding the gate)."""
+    await asyncio.to_thread(engine.step_started.acquire, True, 10)
+
+
+def test_an_image_at_an_idle_engine_starts_at_once_and_images_of_any_steps_share_steps() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        steps, _ = loop_for(engine)
+        steps.start()
+        long, short = steps.submit([item(seed=1, steps=5), item(seed=2, steps=2)])
+        assert (await short).seed == 2 and (await long).seed == 1
+        await steps.close()
+        # Both were stepped together from the first step; the short one left after its 2nd.
+        assert engine.steps[:2] == [[1, 2], [1, 2]] and engine.steps[2:] == [[1]] * 3
+
+    run(test)
+
+
+def test_waiting_images_join_at_the_next_step_boundary_oldest_first_within_the_room() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.gate = threading.Event()
+        steps, metrics = loop_for(engine, max_batch_size=2)
+        steps.start()
+        first = steps.submit([item(seed=1, steps=3)])
+        await step_boundary(engine)  # seed 1 is in its first step
+        later = steps.submit([item(seed=2, steps=1), item(seed=3, steps=1), item(seed=4, steps=1)])
+        engine.gate.set()
+        await asyncio.gather(*first, *later)
+        await steps.close()
+        # Step 2 admitted seed 2 (room 2); 3 joined when 2 left, then 4 when 3 left: FIFO by image.
+        assert engine.steps == [[1], [1, 2], [1, 3], [4]]
+        assert metrics.registry.get_sample_value("sd_time_to_first_step_seconds_count") == 4
+
+    run(test)
+
+
+def test_a_cancelled_image_leaves_the_engine_at_the_next_step_and_frees_its_room() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.gate = threading.Event()
+        steps, metrics = loop_for(engine, max_batch_size=1)
+        steps.start()
+        (abandoned,) = steps.submit([item(seed=1, steps=1000)])
+        await step_boundary(engine)
+        (waiting,) = steps.submit([item(seed=2, steps=1)])
+        abandoned.cancel()
+        engine.gate.set()
+        assert (await waiting).seed == 2
+        await steps.close()
+        assert engine.cancelled == [1]
+        assert len(engine.steps) == 2  # one step of the abandoned image, then the waiting one's
+        assert metrics.registry.get_sample_value("sd_running_images") == 0
+
+    run(test)
+
+
+def test_a_refused_admission_fails_only_that_image() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.refuse_prompts.add("no")
+        steps, _ = loop_for(engine)
+        steps.start()
+        outcomes = await asyncio.gather(
+            *steps.submit([item("no"), item("yes", seed=5)]), return_exceptions=True
+        )
+        await steps.close()
+        assert isinstance(outcomes[0], InvalidRequestError) and outcomes[1].seed == 5  # type: ignore[union-attr]
+
+    run(test)
+
+
+def test_out_of_memory_shrinks_the_set_and_only_an_image_too_big_alone_fails() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine(max_rows=2)
+        steps, _ = loop_for(engine, max_batch_size=4)
+        steps.start()
+        results = await asyncio.gather(*steps.submit([item(seed=i, steps=2) for i in range(4)]))
+        assert [r.seed for r in results] == [0, 1, 2, 3]
+        assert max(len(s) for s in engine.steps) == 2  # ran in sets that fit
+        # The set grows again afterwards: 4 images of one step each fit two at a time at most,
+        # but with a bigger engine the room returns to the full batch.
+        engine.max_rows = None
+        await asyncio.gather(*steps.submit([item(seed=10 + i, steps=3) for i in range(4)]))
+        assert [10, 11, 12, 13] in engine.steps
+        engine.max_rows = 0
+        (alone,) = await asyncio.gather(*steps.submit([item(seed=99)]), return_exceptions=True)
+        await steps.close()
+        assert isinstance(alone, EngineOutOfMemoryError)
+
+    run(test)
+
+
+def test_a_failing_step_is_retried_image_by_image_so_only_the_culprit_fails() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.fail_prompts.add("bad")
+        steps, _ = loop_for(engine)
+        steps.start()
+        futures = steps.submit([item("good", seed=1), item("bad", seed=2), item("good", seed=3)])
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        after = await asyncio.gather(*steps.submit([item("good", seed=4)]))
+        await steps.close()
+        assert isinstance(outcomes[1], EngineFailure)
+        assert [outcomes[0].seed, outcomes[2].seed, after[0].seed] == [1, 3, 4]  # type: ignore[union-attr]
+
+    run(test)
+
+
+def test_a_full_queue_refuses_whole_requests_and_close_fails_what_is_left() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.gate = threading.Event()
+        steps, _ = loop_for(engine, max_batch_size=1, max_queue_items=2)
+        steps.start()
+        (running,) = steps.submit([item(seed=1, steps=5)])
+        await step_boundary(engine)
+        queued = steps.submit([item(seed=2), item(seed=3)])
+        with pytest.raises(QueueFullError):
+            steps.submit([item(seed=4)])
+        steps.abandon(ShuttingDownError("drain over"))
+        engine.gate.set()
+        outcomes = await asyncio.gather(running, *queued, return_exceptions=True)
+        await steps.close()
+        assert all(isinstance(o, ShuttingDownError) for o in outcomes)
+        with pytest.raises(ShuttingDownError):
+            steps.submit([item()])
+
+    run(test)
