@@ -29,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         metavar="URI",
-        help="a folder or file of .csv/.jsonl prompts: a path, file://, az://container/prefix or s3://bucket/prefix",
+        help="a folder or file of prompts (.csv, .jsonl, .parquet/.pqt, .txt): a path, file://, "
+        "az://container/prefix or s3://bucket/prefix",
     )
     io.add_argument(
         "--output",
         required=True,
         metavar="URI",
-        help="where images, records, predictions.csv and summary.json go",
+        help="where images, records, predictions.csv, predictions-detailed.csv and summary.json go",
     )
     io.add_argument(
         "--s3-endpoint-url",
@@ -61,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--scheduler", help="scheduler name (default: the model's own)")
     gen.add_argument(
-        "--seed", type=int, help="job seed: a row without a seed gets one derived from (this, file, row)"
+        "--seed",
+        type=int,
+        help="job seed: a row without a seed gets one derived from (this, file, row); default: a random "
+        "one, kept in job.json for a resume",
     )
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, help="images per engine batch (SD_MAX_BATCH_SIZE, default 8)")
@@ -125,6 +129,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     # 2) the model, and the parameters checked against it; then the work, here or on a Ray
     #    cluster (which needs no connection when nothing is left to do)
     result: RunResult | None = None
+    params = plan.params  # with the job seed
     model, parameters = settings.model_spec, params.as_dict()
     if plan.pending:
         from service.batch.process import RetryPolicy
@@ -148,11 +153,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             model, parameters = engine.info.name, params.resolved(engine.info)
             result = _generate(engine, plan, config)
     else:
-        log.info("every row is already finished; rebuilding predictions.csv and summary.json")
+        log.info("every row is already finished; rebuilding predictions and summary.json")
+        model, parameters = _last_model(plan, (model, parameters))
     # 3) predictions.csv and summary.json from every record
     try:
         summary = finalize(
-            plan.output, plan.rows, model=model, parameters=parameters, run=result, skipped=plan.skipped
+            plan.output,
+            plan.rows,
+            model=model,
+            parameters=parameters,
+            run=result,
+            skipped=plan.skipped,
+            skipped_files=plan.skipped_files,
         )
     except StorageError as error:
         print(
@@ -221,6 +233,19 @@ def at_least(value: int, minimum: int, flag: str) -> int:
     if value < minimum:
         raise BatchConfigError(f"{flag} must be {minimum} or more, got {value}")
     return value
+
+
+def _last_model(plan: JobPlan, default: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """A run with nothing to generate reports the model and resolved parameters of the run that
+    made the images (summary.json), when they are this job's."""
+    from service.batch.files.finalize import last_model
+
+    found = last_model(plan.output)
+    if found is None:
+        return default
+    mine = plan.params.as_dict()
+    same = all(found[1].get(name) == value for name, value in mine.items() if value is not None)
+    return found if same and set(found[1]) == set(mine) else default
 
 
 def _generate(engine: ServingEngine, plan: JobPlan, config: RunConfig) -> RunResult:

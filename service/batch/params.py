@@ -5,8 +5,10 @@ width, scheduler, seed) in ``--params FILE.json``; command-line flags override t
 
 Seeds: a row's own ``seed`` wins. Otherwise the seed is derived from (job seed, input file, row)
 by a hash, so it depends on nothing else (not on other files, their order or row counts): a
-resumed or re-split job reproduces every image. Without ``--seed`` the job seed is simply absent
-from the hash, which is still deterministic per file name and row.
+resumed or re-split job reproduces every image. The job seed is ``--seed``, or else one drawn at
+random when the job starts and kept in job.json (service/batch/plan.py), which a resume reuses; so
+two jobs over files of the same names draw different images unless they are given the same seed.
+Jobs started before job seeds existed have none in job.json; they keep deriving without one.
 """
 
 from __future__ import annotations

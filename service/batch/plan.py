@@ -7,15 +7,18 @@ or the parameters is reported before any GPU work. The input is read whole: prom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from service.batch.errors import BatchConfigError
-from service.batch.files.inputs import InputFile, InputRow, open_inputs, read_rows
+from service.batch.files.inputs import InputFile, InputRow, SkippedFile, open_inputs, read_rows
 from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
 from service.batch.params import JobParams
+from service.runtime.items import random_seed, seed_in_range
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,8 @@ class JobPlan:
     files: list[InputFile]
     rows: list[InputRow]
     finished: set[tuple[str, int]]  # (file key, row) of rows that have a record
-    params: JobParams
+    params: JobParams  # with the job seed resolved (``--seed``, job.json's, or a new one)
+    skipped_files: list[SkippedFile] = field(default_factory=list)  # input files that are not prompts
 
     @property
     def pending(self) -> list[InputRow]:
@@ -52,10 +56,9 @@ def plan_job(
     """Check everything and find the work left. Raises BatchConfigError with a one-line reason."""
     # 1) parameters
     params.check(max_steps)
-    # 2) inputs: every file readable, every CSV with a prompt column
+    # 2) inputs: the prompt files (every other file is reported)
     inputs = open_inputs(input_uri, options)
-    rows = read_rows(inputs.storage, inputs.files, params.seed)
-    # 3) output: writable, not inside the input, not holding another job
+    # 3) output: not inside the input, not holding another job; the job seed
     try:
         output = open_storage(output_uri, options)
     except StorageError as error:
@@ -68,44 +71,99 @@ def plan_job(
             f"the output {output.uri} is inside the input {folder.uri}; its files would be read as "
             "inputs next time: choose an output elsewhere"
         )
-    prepare_output(output, params)
-    # 4) what earlier runs finished
+    params = resolve_job(output, params)
+    # 4) every row of every file (each CSV with a prompt column); then job.json, which proves the
+    #    output can be written
+    rows = read_rows(folder, inputs.files, params.seed)
+    write_job(output, params)
+    # 5) what earlier runs finished
     finished = find_finished(output, retry_failed=retry_failed)
-    plan = JobPlan(folder, output, inputs.files, rows, finished, params)
-    log.info("%d input file(s), %d row(s), %d already finished", len(plan.files), len(rows), plan.skipped)
+    plan = JobPlan(folder, output, inputs.files, rows, finished, params, inputs.skipped)
+    log.info(
+        "%d input file(s), %d row(s), %d already finished, job seed %s",
+        len(plan.files), len(rows), plan.skipped, params.seed,
+    )  # fmt: skip
     return plan
 
 
-def prepare_output(output: Storage, params: JobParams) -> None:
-    """Refuse an output that holds a job with other parameters; write ours (which proves we can write)."""
-    ours = {"parameters": params.as_dict()}
+def prepare_output(output: Storage, params: JobParams, new_seed: int | None = None) -> JobParams:
+    """``resolve_job`` then ``write_job``: the job's parameters, with its seed, recorded in the output."""
+    params = resolve_job(output, params, new_seed)
+    write_job(output, params)
+    return params
+
+
+def resolve_job(output: Storage, params: JobParams, new_seed: int | None = None) -> JobParams:
+    """The job's parameters with its seed: ``params.seed`` when given, else the seed that job.json
+    holds (a resume), else ``new_seed`` (default: a random one). Refuses an output that holds a job
+    with other parameters, or another seed than the one given."""
     try:
-        if output.exists(JOB_FILE):
-            theirs = json.loads(output.read(JOB_FILE)).get("parameters")
-            if theirs != ours["parameters"]:
-                mine = ours["parameters"]
-                differences = ", ".join(
-                    f"{name} {json.dumps(theirs.get(name))} there, {json.dumps(mine.get(name))} here"
-                    for name in sorted(set(theirs) | set(mine))
-                    if theirs.get(name) != mine.get(name)
-                )
-                raise BatchConfigError(
-                    f"{output.describe(JOB_FILE)} holds a job with other parameters ({differences}); "
-                    "resume it with the same parameters or choose a new output"
-                )
-        output.write(JOB_FILE, json.dumps(ours, indent=2).encode("utf-8"))
-        # A killed run may have left temporary files of local writes; they were never results.
-        removed = output.discard_partial_writes(IMAGES_DIR) + output.discard_partial_writes(RECORDS_DIR)
+        theirs = _job_parameters(output)
+    except StorageError as error:
+        raise BatchConfigError(
+            f"cannot read the output: {error}; check the path, its permissions or the credentials"
+        ) from error
+    if theirs is None:
+        seed = params.seed if params.seed is not None else (random_seed() if new_seed is None else new_seed)
+        return dataclasses.replace(params, seed=seed)
+    mine = params.as_dict()
+    if params.seed is None:
+        mine["seed"] = theirs.get("seed")  # None for jobs started before job seeds were kept
+        if mine["seed"] is not None and not seed_in_range(mine["seed"]):
+            raise BatchConfigError(
+                f"{output.describe(JOB_FILE)} is damaged (seed {json.dumps(mine['seed'])} is not a "
+                "seed); remove it or choose a new output"
+            )
+    if theirs != mine:
+        differences = ", ".join(
+            f"{name} {json.dumps(theirs.get(name))} there, {json.dumps(mine.get(name))} here"
+            for name in sorted(set(theirs) | set(mine))
+            if theirs.get(name) != mine.get(name)
+        )
+        hint = (
+            f"; omit --seed (or give --seed {theirs.get('seed')}) to resume it"
+            if theirs.get("seed") != mine.get("seed") and params.seed is not None
+            else ""
+        )
+        raise BatchConfigError(
+            f"{output.describe(JOB_FILE)} holds a job with other parameters ({differences}){hint}; "
+            "resume it with the same parameters or choose a new output"
+        )
+    return dataclasses.replace(params, seed=mine["seed"])
+
+
+def write_job(output: Storage, params: JobParams) -> None:
+    """Write job.json (which proves that the output can be written) and remove the temporary files
+    a killed run left."""
+    try:
+        output.write(JOB_FILE, json.dumps({"parameters": params.as_dict()}, indent=2).encode("utf-8"))
+        removed = discard_partial_writes(output)
     except StorageError as error:
         raise BatchConfigError(
             f"cannot write to the output: {error}; check the path, its permissions or the credentials"
         ) from error
+    if removed:
+        log.info("removed %d unfinished temporary file(s) of an interrupted run", removed)
+
+
+def discard_partial_writes(output: Storage) -> int:
+    """Remove the temporary files of local writes that a killed writer left; they were never results."""
+    return output.discard_partial_writes(IMAGES_DIR) + output.discard_partial_writes(RECORDS_DIR)
+
+
+def _job_parameters(output: Storage) -> dict[str, Any] | None:
+    """The parameters job.json holds; None when there is none yet."""
+    if not output.exists(JOB_FILE):
+        return None
+    try:
+        theirs = json.loads(output.read(JOB_FILE)).get("parameters")
+        if not isinstance(theirs, dict):
+            raise ValueError("it has no parameters object")
     except (ValueError, AttributeError) as error:
         raise BatchConfigError(
             f"{output.describe(JOB_FILE)} is damaged ({error}); remove it or choose a new output"
         ) from error
-    if removed:
-        log.info("removed %d unfinished temporary file(s) of an interrupted run", removed)
+    return theirs
 
 
 def find_finished(

@@ -17,9 +17,9 @@ from model.types import GenerationResult
 from service.batch.files.inputs import InputRow
 from service.batch.files.records import Record, image_path, record_path
 from service.batch.params import JobParams
+from service.runtime.batching.oom import generate_splitting_on_oom
 from service.runtime.engines import ServingEngine
 from service.runtime.images import encode_png
-from service.runtime.oom import generate_splitting_on_oom
 from service.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 from pathlib import Path
-from types import ModuleType
 
+import pandas as pd
 import pytest
 from azure.ai.ml import load_batch_deployment, load_batch_endpoint
 
 from service.batch.params import JobParams
 from service.settings import Settings
+from tests.batch.azureml_driver import AZUREML, append_like_azure, entry_script
 
-AZUREML = Path(__file__).resolve().parents[2] / "deploy" / "azureml"
 AZURE_COLUMNS = [
     "row_number_per_file",
     "prompt",
@@ -22,17 +22,9 @@ AZURE_COLUMNS = [
 ]
 
 
-def entry_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("batch_score", AZUREML / "batch_score.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_entry_script_scores_each_row_once_even_when_azure_retries_a_mini_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "output"
     monkeypatch.delenv("AZUREML_MODEL_DIR", raising=False)
@@ -47,19 +39,29 @@ def test_entry_script_scores_each_row_once_even_when_azure_retries_a_mini_batch(
     script.init()
 
     first = script.run(mini_batch)
-    assert list(first.columns)[:5] == AZURE_COLUMNS
-    assert first[["input_csv_name", "row_number_per_file", "status"]].values.tolist() == [
-        ["a.csv", "0", "ok"], ["a.csv", "1", "failed"], ["a.csv", "2", "ok"], ["b.csv", "0", "ok"],
-    ]  # fmt: skip
-    assert sorted(str(p.relative_to(output)) for p in output.rglob("*.png")) == [
-        "images/a/0.png", "images/a/2.png", "images/b/0.png",
-    ]  # fmt: skip
+    append_like_azure(output / "predictions.csv", first)
+    table = pd.read_csv(output / "predictions.csv", header=None, names=AZURE_COLUMNS)
+    # One line per image, Azure's five columns: the failed row (no prompt) is not an image.
+    assert table[["input_csv_name", "row_number_per_file", "prompt", "generated_image"]].values.tolist() == [
+        ["a.csv", 0, "a red cat", "images/a/0.png"],
+        ["a.csv", 2, "a blue dog", "images/a/2.png"],
+        ["b.csv", 0, "a tree", "images/b/0.png"],
+    ]
+    assert (
+        sorted(str(p.relative_to(output)) for p in output.rglob("*.png")) == table["generated_image"].tolist()
+    )
+    assert "row 1 of a.csv failed: empty prompt" in capsys.readouterr().err  # the log; its record too
     records = {p: p.stat().st_mtime_ns for p in output.rglob("*.json")}
+    job = json.loads((output / "job.json").read_text())["parameters"]
+    assert job["num_inference_steps"] == 2 and isinstance(job["seed"], int)  # the job seed is kept
 
     # Azure retries a mini-batch after a timeout: nothing is generated again, the rows come back once.
     again = script.run(mini_batch)
-    assert again.equals(first)
+    assert again == first
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*.json")} == records
+    # Another worker of the same job (its init runs too) agrees on the job seed.
+    script.init()
+    assert script.run(mini_batch) == first
 
 
 def test_batch_deployment_yaml_loads_and_fits_diffusion() -> None:

@@ -18,9 +18,9 @@ FAST = ["--model", "random:tiny", "--steps", "2", "--batch-size", "2"]
 CSV = "prompt,seed\na red cat,1\n,\na blue dog,\n"
 JSONL = '{"prompt": "a tree"}\n'
 OUTPUTS = [
-    "out/images/a/0.png", "out/images/a/2.png", "out/images/b/0.png", "out/job.json", "out/predictions.csv",
-    "out/records/a/0.json", "out/records/a/1.json", "out/records/a/2.json", "out/records/b/0.json",
-    "out/summary.json",
+    "out/images/a/0.png", "out/images/a/2.png", "out/images/b/0.png", "out/job.json",
+    "out/predictions-detailed.csv", "out/predictions.csv", "out/records/a/0.json", "out/records/a/1.json",
+    "out/records/a/2.json", "out/records/b/0.json", "out/summary.json",
 ]  # fmt: skip
 
 
@@ -57,7 +57,8 @@ def test_azure_blob_job_and_rerun(azure_env: Azurite, capsys: pytest.CaptureFixt
     assert azure_env.blob_names(container) == sorted(["in/a.csv", "in/b.jsonl", *OUTPUTS])
     with Image.open(io.BytesIO(client.download_blob("out/images/a/0.png").readall())) as image:
         assert image.size == (128, 128)
-    table = list(csv.DictReader(io.StringIO(client.download_blob("out/predictions.csv").readall().decode())))
+    detailed = client.download_blob("out/predictions-detailed.csv").readall().decode()
+    table = list(csv.DictReader(io.StringIO(detailed)))
     assert [(r["input_csv_name"], r["row_number_per_file"], r["status"]) for r in table] == [
         ("a.csv", "0", "ok"), ("a.csv", "1", "failed"), ("a.csv", "2", "ok"), ("b.jsonl", "0", "ok"),
     ]  # fmt: skip

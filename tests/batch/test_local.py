@@ -11,10 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from model.errors import EngineFailure
+from service.batch.files.records import PREDICTION_COLUMNS
 from service.batch.params import JobParams
 from service.batch.plan import plan_job
 from service.batch.process import RetryPolicy
@@ -50,7 +53,18 @@ def files_under(folder: Path) -> list[str]:
 
 
 def predictions(output: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO((output / "predictions.csv").read_text())))
+    """predictions-detailed.csv: every row, failed ones too, under its header."""
+    return list(csv.DictReader(io.StringIO((output / "predictions-detailed.csv").read_text())))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=int)
+
+
+def azure_predictions(output: Path) -> pd.DataFrame:
+    """predictions.csv read the way Azure's text-to-image batch notebook reads it."""
+    return pd.read_csv(output / "predictions.csv", header=None, names=list(PREDICTION_COLUMNS))
 
 
 def test_a_job_writes_one_image_and_one_record_per_row_then_predictions_and_summary(
@@ -67,7 +81,8 @@ def test_a_job_writes_one_image_and_one_record_per_row_then_predictions_and_summ
     images = ["images/a/0.png", "images/a/1.png", "images/sub/b/0.png", "images/sub/b/1.png"]
     records = ["records/a/0.json", "records/a/1.json", "records/a/2.json", "records/a/3.json",
                "records/sub/b/0.json", "records/sub/b/1.json"]  # fmt: skip
-    assert files_under(out) == sorted([*images, *records, "job.json", "predictions.csv", "summary.json"])
+    tables = ["predictions.csv", "predictions-detailed.csv"]
+    assert files_under(out) == sorted([*images, *records, "job.json", *tables, "summary.json"])
     for image in images:
         with Image.open(out / image) as png:
             assert (png.size, png.mode) == ((128, 128), "RGB")
@@ -87,6 +102,18 @@ def test_a_job_writes_one_image_and_one_record_per_row_then_predictions_and_summ
     assert "empty prompt" in rows[2]["error"] and "bad seed" in rows[3]["error"]
     assert rows[0]["seed"] == "42" and rows[5]["seed"] == "7"  # a row's own seed wins
     assert rows[0]["nsfw_content_detected"] == "False"  # random:tiny has a checker that never flags
+    assert summary["failed_rows"] == [
+        {"input_csv_name": "a.csv", "row_number_per_file": 2, "error": rows[2]["error"]},
+        {"input_csv_name": "a.csv", "row_number_per_file": 3, "error": rows[3]["error"]},
+    ]
+    # predictions.csv: Azure's five columns, no header, one line per image (failed rows are not images)
+    azure = azure_predictions(out)
+    assert azure.values.tolist() == [
+        [0, "a red cat", "images/a/0.png", False, "a.csv"],
+        [1, "a blue dog", "images/a/1.png", False, "a.csv"],
+        [0, "the sun", "images/sub/b/0.png", False, "sub/b.jsonl"],
+        [1, "the moon", "images/sub/b/1.png", False, "sub/b.jsonl"],
+    ]
 
 
 def test_a_rerun_generates_nothing_and_rebuilds_the_same_predictions(
@@ -99,13 +126,15 @@ def test_a_rerun_generates_nothing_and_rebuilds_the_same_predictions(
         for name in files_under(out)
         if name.startswith(("images", "records"))
     }
-    table = (out / "predictions.csv").read_bytes()
+    tables = {name: (out / name).read_bytes() for name in ("predictions.csv", "predictions-detailed.csv")}
+    first = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     assert batch("--input", str(prompts), "--output", str(out), *FAST) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["skipped"], summary["generated"], summary["done"]) == (6, 0, 4)
     assert {name: (out / name).stat().st_mtime_ns for name in before} == before
-    assert (out / "predictions.csv").read_bytes() == table
+    assert {name: (out / name).read_bytes() for name in tables} == tables
+    assert (summary["model"], summary["parameters"]) == (first["model"], first["parameters"])
 
 
 def test_the_same_job_seed_gives_the_same_image_and_another_seed_another(tmp_path: Path) -> None:
@@ -116,6 +145,35 @@ def test_the_same_job_seed_gives_the_same_image_and_another_seed_another(tmp_pat
     image = {name: (tmp_path / name / "images/p/0.png").read_bytes() for name in ("one", "two", "three")}
     assert image["one"] == image["two"]
     assert image["one"] != image["three"]
+
+
+def test_without_seed_each_job_draws_its_own_and_a_resume_reuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p.csv").write_text("prompt\na lighthouse\na harbour\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):
+        assert batch("--input", str(tmp_path / "p.csv"), "--output", str(out), *FAST) == 0
+    seeds = {out: json.loads((out / "job.json").read_text())["parameters"]["seed"] for out in (one, two)}
+    assert seeds[one] != seeds[two]  # files of the same name in two jobs: other noise
+    assert (one / "images/p/0.png").read_bytes() != (two / "images/p/0.png").read_bytes()
+    assert json.loads((one / "summary.json").read_text())["parameters"]["seed"] == seeds[one]
+    # A resume (row 1 as if killed before its record) reuses the job's seed: the same image again
+    # (up to rounding: it is generated alone now, not in a batch of two).
+    seed = json.loads((one / "records/p/1.json").read_text())["seed"]
+    image = pixels(one / "images/p/1.png")
+    (one / "records/p/1.json").unlink()
+    (one / "images/p/1.png").unlink()
+    assert batch("--input", str(tmp_path / "p.csv"), "--output", str(one), *FAST) == 0
+    assert json.loads((one / "records/p/1.json").read_text())["seed"] == seed
+    assert np.abs(pixels(one / "images/p/1.png") - image).max() <= 2
+    assert np.abs(pixels(two / "images/p/1.png") - image).max() > 2
+    # Another explicit seed is another job: refused, saying how to resume.
+    capsys.readouterr()
+    other = str(seeds[one] + 1)
+    assert batch("--input", str(tmp_path / "p.csv"), "--output", str(one), *FAST, "--seed", other) == 2
+    err = capsys.readouterr().err
+    assert f"seed {seeds[one]} there, {other} here" in err and "omit --seed" in err, err
 
 
 class FailingWrites(Storage):
@@ -210,6 +268,10 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
     (tmp / "unknown.json").write_text('{"num_inference_steps": 2, "size": 3}')
     (tmp / "taken").mkdir()
     (tmp / "taken/job.json").write_text('{"parameters": {"num_inference_steps": 3}}')
+    (tmp / "seeded").mkdir()
+    (tmp / "seeded/job.json").write_text(json.dumps({"parameters": JobParams(2, seed=5).as_dict()}))
+    (tmp / "docs").mkdir()
+    (tmp / "docs/prompts.docx").write_bytes(b"PK\x03\x04")
     good = ["--input", str(tmp / "in"), "--output", str(tmp / "out")]
     return {
         "missing input": ["--input", str(tmp / "nope"), "--output", str(tmp / "out")],
@@ -218,6 +280,21 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
         "output cannot be written": ["--input", str(tmp / "in"), "--output", str(tmp / "afile/out")],
         "output inside input": ["--input", str(tmp / "in"), "--output", str(tmp / "in/out")],
         "output holds another job": ["--input", str(tmp / "in"), "--output", str(tmp / "taken")],
+        "resume with another seed": [
+            "--input",
+            str(tmp / "in"),
+            "--output",
+            str(tmp / "seeded"),
+            "--seed",
+            "6",
+        ],
+        "no prompt files": ["--input", str(tmp / "docs"), "--output", str(tmp / "out")],
+        "a single file of another kind": [
+            "--input",
+            str(tmp / "docs/prompts.docx"),
+            "--output",
+            str(tmp / "out"),
+        ],
         "unknown scheme": ["--input", "gs://bucket/x", "--output", str(tmp / "out")],
         "zero steps": [*good, "--steps", "0"],
         "width not a multiple of 8": [*good, "--width", "100"],
@@ -231,7 +308,8 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
 
 BAD_INPUTS = [
     "missing input", "csv without prompt column", "input not utf-8", "output cannot be written",
-    "output inside input", "output holds another job", "unknown scheme", "zero steps",
+    "output inside input", "output holds another job", "resume with another seed", "no prompt files",
+    "a single file of another kind", "unknown scheme", "zero steps",
     "width not a multiple of 8", "unknown params key", "missing params file", "negative retries",
     "zero batch size", "unknown scheduler",
 ]  # fmt: skip
@@ -247,4 +325,5 @@ def test_bad_input_is_refused_with_one_clear_line_before_any_generation(
     errors = [line for line in err.splitlines() if line.startswith("sd-endpoint batch: error:")]
     assert code == 2, err
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "records").exists()
+    for out in ("out", "seeded"):
+        assert not (tmp_path / out / "images").exists() and not (tmp_path / out / "records").exists()

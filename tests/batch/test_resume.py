@@ -3,8 +3,6 @@ resumed, ends with every row once, no partial file, and no finished row generate
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import signal
@@ -14,9 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
+from service.batch.files.records import PREDICTION_COLUMNS
 from service.cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -105,10 +105,11 @@ def test_sigkill_at_several_points_then_resume_gives_every_row_exactly_once(tmp_
             image.load()  # a truncated file would fail here
     leftovers = [p.name for p in output.rglob("*") if p.is_file() and ".partial-" in p.name]
     assert leftovers == []
-    table = list(csv.DictReader(io.StringIO((output / "predictions.csv").read_text())))
-    assert sorted((r["input_csv_name"], int(r["row_number_per_file"])) for r in table) == sorted(
+    table = pd.read_csv(output / "predictions.csv", header=None, names=list(PREDICTION_COLUMNS))
+    assert sorted(zip(table["input_csv_name"], table["row_number_per_file"], strict=True)) == sorted(
         [("a.csv", i) for i in range(6)] + [("b.jsonl", i) for i in range(6)]
     )
+    assert all((output / image).is_file() for image in table["generated_image"])
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["total"], summary["done"], summary["failed"], summary["complete"]) == (
         ROWS,

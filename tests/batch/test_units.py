@@ -7,13 +7,23 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from service.batch.errors import BatchConfigError
 from service.batch.files.inputs import InputFile, InputRow, open_inputs, parse_file, read_rows
-from service.batch.files.records import Record, parse_record_path, predictions_csv, record_path
+from service.batch.files.records import (
+    PREDICTION_COLUMNS,
+    Record,
+    detailed_csv,
+    parse_record_path,
+    predictions_csv,
+    record_path,
+)
 from service.batch.params import MAX_SEED, JobParams, derive_seed
+from service.batch.plan import prepare_output
 from service.batch.progress import Progress
+from service.storage import open_storage
 
 
 def parse(name: str, text: str, job_seed: int | None = None) -> list[InputRow]:
@@ -85,16 +95,91 @@ def test_a_file_that_is_not_utf8_is_refused() -> None:
         parse_file(InputFile("p.csv"), b"prompt\n\xff\xfe\xfa\n", None, "p.csv")
 
 
-def test_a_folder_lists_prompt_files_recursively_and_skips_other_files(tmp_path: Path) -> None:
+def test_a_folder_lists_prompt_files_recursively_and_names_every_other_file(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.csv").write_text("prompt\nx\n")
     (tmp_path / "sub" / "b.jsonl").write_text('{"prompt": "y"}\n')
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "c.TXT").write_text("z\n")
+    (tmp_path / "notes.docx").write_bytes(b"PK\x03\x04")
     (tmp_path / "_SUCCESS").write_text("")
     inputs = open_inputs(str(tmp_path))
-    assert [f.path for f in inputs.files] == ["a.csv", "sub/b.jsonl"]
-    assert [f.key for f in inputs.files] == ["a", "sub/b"]
-    assert [r.prompt for r in read_rows(inputs.storage, inputs.files, None)] == ["x", "y"]
+    assert [f.path for f in inputs.files] == ["a.csv", "c.TXT", "sub/b.jsonl"]
+    assert [f.key for f in inputs.files] == ["a", "c", "sub/b"]
+    assert [r.prompt for r in read_rows(inputs.storage, inputs.files, None)] == ["x", "z", "y"]
+    assert [(s.path, s.reason.split(" (")[0]) for s in inputs.skipped] == [
+        ("_SUCCESS", "hidden file or marker"),
+        ("notes.docx", "not a prompt file"),
+    ]
+    assert ".docx" in inputs.skipped[1].reason and ".parquet" in inputs.skipped[1].reason
+
+
+def test_a_folder_without_prompt_files_is_refused_saying_what_it_holds(tmp_path: Path) -> None:
+    (tmp_path / "report.docx").write_bytes(b"PK\x03\x04")
+    (tmp_path / "data.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(BatchConfigError) as error:
+        open_inputs(str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"no prompt files under {tmp_path}: found 2 other file(s): ")
+    assert "report.docx (not a prompt file (.docx)" in message and "data.xlsx" in message
+    (tmp_path / "one.docx").write_bytes(b"x")
+    with pytest.raises(BatchConfigError, match=r"is not a prompt file: use a \.csv, \.jsonl"):
+        open_inputs(str(tmp_path / "one.docx"))
+
+
+def test_parquet_as_pandas_writes_it_with_index_missing_seeds_and_any_column_order(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {"seed": [5, None, 7], "prompt": ["a cat", "a dog", None], "negative_prompt": ["blurry", None, ""]},
+        index=[10, 11, 12],
+    )
+    for name in ("p.parquet", "p.pqt"):
+        frame.to_parquet(tmp_path / name)
+        rows = parse_file(InputFile(name), (tmp_path / name).read_bytes(), 3, name)
+        assert [(r.row, r.prompt, r.negative_prompt, r.seed) for r in rows[:2]] == [
+            (0, "a cat", "blurry", 5),
+            (1, "a dog", "", derive_seed(name, 1, 3)),  # NaN is no seed: derived
+        ]
+        assert "empty prompt" in rows[2].error
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"PAR1 not really", "is not a readable Parquet file"),
+        (b"", "is not a readable Parquet file"),
+    ],
+)
+def test_a_file_that_is_not_parquet_is_refused(data: bytes, message: str) -> None:
+    with pytest.raises(BatchConfigError, match=message):
+        parse_file(InputFile("p.parquet"), data, None, "p.parquet")
+
+
+def test_parquet_without_prompt_column_is_refused_naming_its_columns(tmp_path: Path) -> None:
+    pd.DataFrame({"text": ["x"], "n": [1]}).to_parquet(tmp_path / "p.parquet", index=False)
+    with pytest.raises(BatchConfigError, match=r"no 'prompt' column \(found 'text', 'n'\)"):
+        parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+
+
+def test_parquet_cells_of_other_types_fail_their_row_only(tmp_path: Path) -> None:
+    pd.DataFrame({"prompt": [1, 2], "seed": ["x", "3"]}).to_parquet(tmp_path / "p.parquet")
+    rows = parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+    assert ["prompt must be a string" in r.error for r in rows] == [True, True]
+
+
+def test_txt_is_one_prompt_a_line() -> None:
+    rows = parse("p.txt", '\ufeffa red cat\r\n\n   \n  a blue dog  \ra tree, "quoted"\n')
+    assert [(r.row, r.prompt, r.error) for r in rows] == [
+        (0, "a red cat", ""),
+        (1, "a blue dog", ""),
+        (2, 'a tree, "quoted"', ""),
+    ]
+    assert rows[1].seed == derive_seed("p.txt", 1, None)
+
+
+def test_csv_columns_in_any_order_with_or_without_the_index_column() -> None:
+    with_index = parse("p.csv", ",seed,negative_prompt,prompt\n0,3,ugly,a cat\n")
+    without = parse("p.csv", "seed,prompt\n3,a cat\n")
+    assert [(r.prompt, r.negative_prompt, r.seed) for r in with_index] == [("a cat", "ugly", 3)]
+    assert [(r.prompt, r.seed) for r in without] == [("a cat", 3)]
 
 
 def test_a_single_file_uri(tmp_path: Path) -> None:
@@ -150,22 +235,60 @@ def test_flags_override_the_params_file() -> None:
     )
 
 
-def test_records_round_trip_and_predictions_follow_azures_columns() -> None:
-    ok = Record("b.csv", 1, 'a, "quoted" cat', "", 3, "ok", "images/b/1.png", False)
+def test_records_round_trip_and_predictions_are_azures_five_columns_without_header() -> None:
+    ok = Record("b.csv", 1, 'a, "quoted"\ncat', "", 3, "ok", "images/b/1.png", False)
+    unchecked = Record("a.csv", 2, "a dog", "", 4, "ok", "images/a/2.png", None)
     failed = Record("a.csv", 0, "", "", None, "failed", error="empty prompt")
     assert Record.from_json(ok.to_json()) == ok
-    lines = predictions_csv([ok, failed]).decode().splitlines()
-    assert lines[0] == (
-        "row_number_per_file,prompt,generated_image,nsfw_content_detected,input_csv_name,seed,status,error"
+    table = predictions_csv([ok, failed, unchecked]).decode()
+    assert table == (
+        "2,a dog,images/a/2.png,,a.csv\n"  # ordered by file, then row; no checker: empty flag
+        '1,"a, ""quoted""\ncat",images/b/1.png,False,b.csv\n'  # the failed row is not an image
     )
-    assert lines[1] == "0,,,,a.csv,,failed,empty prompt"  # ordered by file, then row
-    assert lines[2] == '1,"a, ""quoted"" cat",images/b/1.png,False,b.csv,3,ok,'
+    read = pd.read_csv(io.StringIO(table), header=None, names=list(PREDICTION_COLUMNS))
+    assert read["prompt"].tolist() == ["a dog", 'a, "quoted"\ncat']
+    assert read["row_number_per_file"].tolist() == [2, 1]
+    detailed = detailed_csv([ok, failed], {"num_inference_steps": 2, "height": 64, "scheduler": None})
+    lines = detailed.decode().splitlines()
+    assert lines[0] == (
+        "row_number_per_file,prompt,generated_image,nsfw_content_detected,input_csv_name,negative_prompt,"
+        "seed,status,error,attempts,num_inference_steps,guidance_scale,height,width,scheduler"
+    )
+    assert lines[1] == "0,,,,a.csv,,,failed,empty prompt,1,2,,64,,"
     assert parse_record_path(record_path("sub/b", 12)) == ("sub/b", 12)
     assert parse_record_path("records/b/.1.json.partial-abc") is None
     with pytest.raises(ValueError):
         Record.from_json(b'{"row": 1}')
     with pytest.raises(ValueError):
         Record.from_json(json.dumps({**json.loads(ok.to_json()), "status": "maybe"}).encode())
+
+
+def test_a_new_job_draws_a_seed_that_job_json_keeps_and_a_resume_reuses(tmp_path: Path) -> None:
+    output = open_storage(str(tmp_path / "out"))
+    first = prepare_output(output, JobParams(num_inference_steps=2))
+    assert first.seed is not None and 0 <= first.seed < 2**32
+    assert json.loads((tmp_path / "out/job.json").read_text())["parameters"]["seed"] == first.seed
+    assert prepare_output(output, JobParams(num_inference_steps=2)) == first  # a resume: the same seed
+    assert prepare_output(output, JobParams(num_inference_steps=2, seed=first.seed)) == first
+    other = prepare_output(open_storage(str(tmp_path / "other")), JobParams(num_inference_steps=2))
+    assert other.seed != first.seed  # another job over the same file names draws other images
+    with pytest.raises(BatchConfigError) as error:
+        prepare_output(output, JobParams(num_inference_steps=2, seed=first.seed + 1))
+    assert f"seed {first.seed} there, {first.seed + 1} here" in str(error.value)
+    assert f"omit --seed (or give --seed {first.seed}) to resume it" in str(error.value)
+
+
+def test_a_job_started_before_job_seeds_keeps_deriving_without_one(tmp_path: Path) -> None:
+    (tmp_path / "job.json").write_text(json.dumps({"parameters": JobParams(num_inference_steps=2).as_dict()}))
+    resolved = prepare_output(open_storage(str(tmp_path)), JobParams(num_inference_steps=2))
+    assert resolved.seed is None
+
+
+@pytest.mark.parametrize("text", ["[1]", '{"parameters": 3}', "{", '{"parameters": {"seed": "x"}}'])
+def test_a_damaged_job_json_is_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / "job.json").write_text(text)
+    with pytest.raises(BatchConfigError, match="damaged"):
+        prepare_output(open_storage(str(tmp_path)), JobParams())
 
 
 class Terminal(io.StringIO):

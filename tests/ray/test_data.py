@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,11 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from PIL import Image
 
 from service.batch import command
+from service.batch.files.records import PREDICTION_COLUMNS
 from service.cli.main import main
 from tests.helpers.blobs import Azurite
 from tests.helpers.ports import free_port
@@ -38,7 +41,7 @@ ALL_ROWS = sorted([*OK_ROWS, "a/2"])
 EXPECTED_OUTPUT = sorted(
     [f"images/{row}.png" for row in OK_ROWS]
     + [f"records/{row}.json" for row in ALL_ROWS]
-    + ["job.json", "predictions.csv", "summary.json"]
+    + ["job.json", "predictions-detailed.csv", "predictions.csv", "summary.json"]
 )
 START_LIMIT_S = 120
 SHUTDOWN_LIMIT_S = 60
@@ -118,6 +121,7 @@ def files_under(folder: Path) -> list[str]:
 
 
 def predictions(text: str) -> list[dict[str, str]]:
+    """predictions-detailed.csv: every row, failed ones too, under its header."""
     return list(csv.DictReader(io.StringIO(text)))
 
 
@@ -131,7 +135,8 @@ def test_a_ray_job_over_local_files_writes_what_one_machine_writes_and_a_rerun_d
 ) -> None:
     # 1. Two engines on the cluster: one image per ok row, one record per row, nothing else.
     out = tmp_path / "ray-out"
-    job = ["--ray-address", ray_address, "--input", str(prompts), "--output", str(out), *FAST]
+    seed = ["--seed", "11"]  # the job seed that the one-machine job below shares
+    job = ["--ray-address", ray_address, "--input", str(prompts), "--output", str(out), *FAST, *seed]
     assert batch_on_ray(*job, "--ray-actors", "2") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert counts(summary) == {
@@ -139,15 +144,16 @@ def test_a_ray_job_over_local_files_writes_what_one_machine_writes_and_a_rerun_d
     }  # fmt: skip
     assert (summary["model"], summary["parameters"]["height"]) == ("random:tiny", 128)
     assert files_under(out) == EXPECTED_OUTPUT
-    rows = predictions((out / "predictions.csv").read_text())
+    rows = predictions((out / "predictions-detailed.csv").read_text())
     assert [(r["input_csv_name"], r["row_number_per_file"]) for r in rows] == [
         ("a.csv", "0"), ("a.csv", "1"), ("a.csv", "2"), ("a.csv", "3"),
         ("sub/b.jsonl", "0"), ("sub/b.jsonl", "1"),
     ]  # fmt: skip
     # 2. The same job on one machine: the same predictions, row for row, and the same images.
     single = tmp_path / "single-out"
-    assert main(["batch", "--input", str(prompts), "--output", str(single), *FAST]) == 0
-    assert (out / "predictions.csv").read_text() == (single / "predictions.csv").read_text()
+    assert main(["batch", "--input", str(prompts), "--output", str(single), *FAST, *seed]) == 0
+    for table in ("predictions.csv", "predictions-detailed.csv"):
+        assert (out / table).read_text() == (single / table).read_text(), table
     for row in OK_ROWS:
         with (
             Image.open(out / f"images/{row}.png") as mine,
@@ -203,7 +209,7 @@ def test_a_ray_job_over_azurite_writes_every_row_once_and_resumes_only_the_missi
     }  # fmt: skip
     assert azurite.blob_names(container) == expected
     assert {name: blobs.get_blob_client(name).get_blob_properties().etag for name in kept} == kept
-    rows = predictions(blobs.download_blob("out/predictions.csv").readall().decode())
+    rows = predictions(blobs.download_blob("out/predictions-detailed.csv").readall().decode())
     assert [(r["input_csv_name"], r["row_number_per_file"], r["status"]) for r in rows] == [
         ("a.csv", "0", "ok"), ("a.csv", "1", "ok"), ("a.csv", "2", "failed"), ("a.csv", "3", "ok"),
         ("sub/b.jsonl", "0", "ok"), ("sub/b.jsonl", "1", "ok"),
@@ -233,6 +239,63 @@ def test_the_error_threshold_stops_a_ray_job(
     summary = json.loads((out / "summary.json").read_text())
     assert "more than --error-threshold 0" in summary["stopped"]
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+KILL_ROWS = 24
+
+
+def record_times(output: Path) -> dict[str, int]:
+    folder = output / "records"
+    return (
+        {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.json")}
+        if folder.exists()
+        else {}
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_mid_job_then_the_same_command_gives_every_row_exactly_once(
+    ray_address: str, tmp_path: Path
+) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "p.csv").write_text("prompt\n" + "".join(f"prompt number {i}\n" for i in range(KILL_ROWS)))
+    program = Path(sys.executable).parent / "sd-endpoint"
+    job = [str(program), "batch", "--ray", "--ray-address", ray_address, "--ray-actors", "1",
+           "--input", str(inputs), "--output", str(out), *FAST]  # fmt: skip
+    # 1. The driver, a process of its own, killed with SIGKILL as soon as the first record lands.
+    with (tmp_path / "driver.log").open("wb") as log:
+        driver = subprocess.Popen(job, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + START_LIMIT_S
+            while not record_times(out) and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+            os.kill(driver.pid, signal.SIGKILL)
+        finally:
+            driver.kill()
+            driver.wait()
+    assert 0 < len(record_times(out)) < KILL_ROWS, "the job was not killed mid-job"
+    # 2. The same command again, to the end.
+    finished = record_times(out)
+    rerun = subprocess.run(job, capture_output=True, text=True, timeout=START_LIMIT_S + 120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout)
+    print(f"killed at {len(finished)} of {KILL_ROWS} records; the rerun generated {summary['generated']}")
+    # 3. Every row exactly once, nothing finished before generated again, no partial file.
+    after = record_times(out)
+    assert sorted(after) == sorted(f"p/{i}.json" for i in range(KILL_ROWS))
+    assert {name: after[name] for name in finished} == finished
+    assert all(json.loads((out / "records" / name).read_text())["status"] == "ok" for name in after)
+    assert (summary["total"], summary["done"], summary["complete"]) == (KILL_ROWS, KILL_ROWS, True)
+    assert summary["generated"] > 0 and summary["skipped"] + summary["generated"] == KILL_ROWS
+    assert [p.name for p in out.rglob("*") if ".partial-" in p.name] == []
+    table = pd.read_csv(out / "predictions.csv", header=None, names=list(PREDICTION_COLUMNS))
+    assert sorted(table["row_number_per_file"]) == list(range(KILL_ROWS))
+    assert sorted(table["prompt"]) == sorted(f"prompt number {i}" for i in range(KILL_ROWS))
+    for image in table["generated_image"]:
+        with Image.open(out / image) as png:
+            png.load()  # a truncated file would fail here
 
 
 def test_a_missing_input_is_refused_before_connecting_to_ray(

@@ -1,10 +1,9 @@
 """Input files: which ones a URI names, and their rows.
 
-A URI is a folder (prefix) of ``.csv`` and ``.jsonl`` files, searched recursively, or one such
-file. CSV files need a header with a ``prompt`` column; ``negative_prompt`` and ``seed`` are
-optional and other columns (such as the unnamed index column pandas writes) are ignored. JSONL
-files hold one object per line with the same keys. Rows are numbered from 0 within each file,
-in file order (blank lines are not rows), which is Azure ML's ``row_number_per_file``.
+A URI is a folder (prefix) of prompt files, searched recursively, or one such file; the formats
+are in formats.py (``.csv``, ``.jsonl``, ``.parquet``/``.pqt``, ``.txt``). Every other file in the
+folder is skipped and named, with the reason, in the log and in summary.json. Rows are numbered
+from 0 within each file, in file order, which is Azure ML's ``row_number_per_file``.
 
 A row that cannot be generated (empty prompt, bad seed) is still a row: it carries its error
 and ends as a failed record. A file that cannot be read at all stops the job before it starts.
@@ -12,20 +11,21 @@ and ends as a failed record. A file that cannot be read at all stops the job bef
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import logging
+import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from model.types import MAX_SEED
 from service.batch.errors import BatchConfigError
+from service.batch.files.formats import SUFFIX_LIST, file_format, parse_records
 from service.batch.files.records import file_key
 from service.batch.params import derive_seed
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
-INPUT_SUFFIXES = (".csv", ".jsonl")
+log = logging.getLogger(__name__)
+LOGGED_SKIPS = 20  # skipped files named one by one in the log; summary.json has them all
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,16 @@ class InputFile:
         return file_key(self.path)
 
     @property
-    def is_jsonl(self) -> bool:
-        return self.path.lower().endswith(".jsonl")
+    def format(self) -> str:
+        return file_format(self.path) or "csv"
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of the input folder that is not a prompt file, and why."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,23 @@ class InputRow:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The storage holding the input files, and the files, sorted by path."""
+    """The storage holding the input files, the files (sorted by path), and the files skipped."""
 
     storage: Storage
     files: list[InputFile]
     single_file: bool  # the URI named one file (the storage is then its folder)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def skip_reason(path: str) -> str:
+    """Why the file at ``path`` is not read as prompts; '' for a prompt file."""
+    name = posixpath.basename(path)
+    if name.startswith((".", "_")):
+        return "hidden file or marker (its name starts with '.' or '_')"
+    if file_format(name) is None:
+        suffix = posixpath.splitext(name)[1] or "no suffix"
+        return f"not a prompt file ({suffix}); prompt files end in {SUFFIX_LIST}"
+    return ""
 
 
 def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
@@ -73,24 +93,36 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
         storage = open_storage(uri, options)
         if storage.is_file():
             storage, name = storage.as_folder_of_file()
-            if not name.lower().endswith(INPUT_SUFFIXES):
-                raise BatchConfigError(f"input {uri} is neither a .csv nor a .jsonl file")
+            if file_format(name) is None:
+                raise BatchConfigError(f"input {uri} is not a prompt file: use a {SUFFIX_LIST} file")
             return Inputs(storage, [InputFile(name)], single_file=True)
         names = storage.list()
     except StorageError as error:
         raise BatchConfigError(f"cannot read the input: {error}") from error
     if not names:
         raise BatchConfigError(
-            f"input {uri} does not exist or is empty; give a folder of .csv/.jsonl files or one file"
+            f"input {uri} does not exist or is empty; give a folder of {SUFFIX_LIST} files or one file"
         )
-    # 2) prompt files only; hidden files and markers such as _SUCCESS are not inputs
-    files = [
-        InputFile(name)
-        for name in names
-        if name.lower().endswith(INPUT_SUFFIXES) and not posixpath.basename(name).startswith((".", "_"))
-    ]
+    # 2) prompt files; every other file is named, with the reason
+    files: list[InputFile] = []
+    skipped: list[SkippedFile] = []
+    for name in names:
+        reason = skip_reason(name)
+        if reason:
+            skipped.append(SkippedFile(name, reason))
+        else:
+            files.append(InputFile(name))
+    for skip in skipped[:LOGGED_SKIPS]:
+        log.warning("skipping %s: %s", storage.describe(skip.path), skip.reason)
+    if len(skipped) > LOGGED_SKIPS:
+        log.warning("skipping %d more files that are not prompt files", len(skipped) - LOGGED_SKIPS)
     if not files:
-        raise BatchConfigError(f"no .csv or .jsonl files under {uri}")
+        shown = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise BatchConfigError(
+            f"no prompt files under {uri}: found {len(skipped)} other file(s): {shown}{more}; "
+            f"give {SUFFIX_LIST} files"
+        )
     # 3) two files must not share an output folder (a.csv and a.jsonl)
     seen: dict[str, str] = {}
     for file in files:
@@ -100,7 +132,7 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
                 f"{file.key}/; rename one of them"
             )
         seen[file.key] = file.path
-    return Inputs(storage, files, single_file=False)
+    return Inputs(storage, files, single_file=False, skipped=skipped)
 
 
 def read_rows(storage: Storage, files: list[InputFile], job_seed: int | None) -> list[InputRow]:
@@ -117,40 +149,8 @@ def read_rows(storage: Storage, files: list[InputFile], job_seed: int | None) ->
 
 def parse_file(file: InputFile, data: bytes, job_seed: int | None, source: str) -> list[InputRow]:
     """The rows of one file's bytes; ``source`` names the file in errors."""
-    try:
-        text = data.decode("utf-8-sig")  # -sig: Excel starts its CSV files with a byte-order mark
-    except UnicodeDecodeError as error:
-        raise BatchConfigError(f"{source} is not UTF-8 text ({error}); save it as UTF-8") from error
-    records = _jsonl_records(text) if file.is_jsonl else _csv_records(text, source)
+    records = parse_records(file.format, data, source)
     return [_row(file, number, record, job_seed) for number, record in enumerate(records)]
-
-
-def _csv_records(text: str, source: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        header = [name.strip() for name in (reader.fieldnames or [])]
-        if "prompt" not in header:
-            found = ", ".join(repr(name) for name in header) or "no header"
-            raise BatchConfigError(
-                f"{source} has no 'prompt' column (found {found}); add a header row with prompt"
-            )
-        reader.fieldnames = header
-        return [dict(record) for record in reader]
-    except csv.Error as error:
-        raise BatchConfigError(f"{source} is not valid CSV ({error}); check its quoting") from error
-
-
-def _jsonl_records(text: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            value = {"_error": f"line is not valid JSON ({error.msg})"}
-        records.append(value if isinstance(value, dict) else {"_error": "line is not a JSON object"})
-    return records
 
 
 def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | None) -> InputRow:
@@ -171,20 +171,28 @@ def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | N
     if "_error" in record:
         return row(None, str(record["_error"]))
     if prompt is not None and not isinstance(prompt, str):
-        return row(None, f"prompt must be a string, got {prompt!r}")
+        return row(None, f"prompt must be a string, got {_short(prompt)}")
     if not isinstance(prompt, str) or not prompt.strip():
         return row(None, "empty prompt: give the row a non-empty prompt")
     if negative is not None and not isinstance(negative, str):
-        return row(None, f"negative_prompt must be a string, got {negative!r}")
+        return row(None, f"negative_prompt must be a string, got {_short(negative)}")
     seed, seed_error = _seed(record.get("seed"))
     if seed_error:
         return row(None, seed_error)
     return row(seed if seed is not None else derive_seed(file.path, number, job_seed))
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _seed(value: object) -> tuple[int | None, str]:
-    """The row's own seed (None: absent) or an error. Accepts 42, "42" and 42.0 (pandas writes those)."""
+    """The row's own seed (None: absent) or an error. Accepts 42, "42" and 42.0 (pandas writes those);
+    an empty cell, null or NaN (pandas' missing value) is no seed."""
     if value is None or (isinstance(value, str) and not value.strip()):
+        return None, ""
+    if isinstance(value, float) and math.isnan(value):
         return None, ""
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -198,13 +206,13 @@ def _seed(value: object) -> tuple[int | None, str]:
         except ValueError:
             number = _integral_float(text)
     if number is None or not 0 <= number <= MAX_SEED:
-        return None, f"bad seed {value!r}: a seed is an integer between 0 and {MAX_SEED}"
+        return None, f"bad seed {_short(value)}: a seed is an integer between 0 and {MAX_SEED}"
     return number, ""
 
 
 def _integral_float(text: str) -> int | None:
     try:
         value = float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
-    return int(value) if value.is_integer() else None
+    return int(value) if math.isfinite(value) and value.is_integer() else None

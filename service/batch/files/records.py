@@ -3,11 +3,14 @@
 Output layout (all relative to the output URI):
     images/<file-key>/<row>.png      the image (all black when flagged)
     records/<file-key>/<row>.json    the row's record: ok, or failed with its reason
-    predictions.csv, summary.json    rebuilt from the records at the end of every run
-    job.json                         the parameters, so that a resume cannot mix two jobs
+    predictions.csv                  Azure ML's five columns, no header: one line per image
+    predictions-detailed.csv         every row (failed ones too) with its seed, status, error...
+    summary.json                     counts, failed rows, skipped files, model and parameters
+    job.json                         the parameters and the job seed, so that a resume cannot mix jobs
 
-A row is finished exactly when its record exists. The image is written before the record, so a
-record never points at a missing image; a row killed between the two is simply generated again.
+The three files in the middle are rebuilt from the records at the end of every run. A row is
+finished exactly when its record exists. The image is written before the record, so a record
+never points at a missing image; a row killed between the two is simply generated again.
 """
 
 from __future__ import annotations
@@ -16,26 +19,37 @@ import csv
 import io
 import json
 import posixpath
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 IMAGES_DIR = "images"
 RECORDS_DIR = "records"
 PREDICTIONS_FILE = "predictions.csv"
+DETAILED_FILE = "predictions-detailed.csv"
 SUMMARY_FILE = "summary.json"
 JOB_FILE = "job.json"
 
-# Azure ML's batch columns first, in Azure's order; ours after them.
+# predictions.csv: exactly Azure ML's batch columns, in Azure's order, without a header line (Azure's
+# notebooks read it with header=None and these names).
 PREDICTION_COLUMNS = (
     "row_number_per_file",
     "prompt",
     "generated_image",
     "nsfw_content_detected",
     "input_csv_name",
+)
+# predictions-detailed.csv (with a header): Azure's columns, then the rest of the record, then the
+# job's generation parameters.
+DETAILED_COLUMNS = (
+    *PREDICTION_COLUMNS,
+    "negative_prompt",
     "seed",
     "status",
     "error",
+    "attempts",
 )
+PARAMETER_COLUMNS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler")
 
 
 def file_key(input_file: str) -> str:
@@ -102,26 +116,50 @@ class Record:
         return record
 
     def prediction_row(self) -> list[str]:
+        """The five cells of predictions.csv (for an ok record: failed rows have no image)."""
         flag = "" if self.nsfw_content_detected is None else str(self.nsfw_content_detected)
+        return [str(self.row), self.prompt, self.generated_image, flag, self.input_file]
+
+    def detailed_row(self) -> list[str]:
         seed = "" if self.seed is None else str(self.seed)
         return [
-            str(self.row),
-            self.prompt,
-            self.generated_image,
-            flag,
-            self.input_file,
+            *self.prediction_row(),
+            self.negative_prompt,
             seed,
             self.status,
             self.error,
+            str(self.attempts),
         ]
 
 
-def predictions_csv(records: list[Record], header: bool = True) -> bytes:
-    """Rows ordered by input file, then row number (so a rebuilt file is the same every time)."""
+def in_order(records: Iterable[Record]) -> list[Record]:
+    """By input file, then row number, so that a rebuilt file is the same every time."""
+    return sorted(records, key=lambda r: (r.input_file, r.row))
+
+
+def prediction_lines(records: Iterable[Record]) -> list[str]:
+    """One CSV line (without its line ending) per image, in the given order: failed rows are left out."""
+    lines = []
+    for record in records:
+        if record.ok:
+            buffer = io.StringIO(newline="")
+            # "\n" as the terminator makes the writer quote cells holding line breaks; then drop it.
+            csv.writer(buffer, lineterminator="\n").writerow(record.prediction_row())
+            lines.append(buffer.getvalue()[:-1])
+    return lines
+
+
+def predictions_csv(records: Iterable[Record]) -> bytes:
+    """predictions.csv: Azure's five columns, no header, one line per image, in input order."""
+    return "".join(f"{line}\n" for line in prediction_lines(in_order(records))).encode("utf-8")
+
+
+def detailed_csv(records: Iterable[Record], parameters: Mapping[str, Any]) -> bytes:
+    """predictions-detailed.csv: a header, then every row (failed ones too), in input order."""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
-    if header:
-        writer.writerow(PREDICTION_COLUMNS)
-    for record in sorted(records, key=lambda r: (r.input_file, r.row)):
-        writer.writerow(record.prediction_row())
+    writer.writerow([*DETAILED_COLUMNS, *PARAMETER_COLUMNS])
+    shared = ["" if parameters.get(name) is None else str(parameters.get(name)) for name in PARAMETER_COLUMNS]
+    for record in in_order(records):
+        writer.writerow([*record.detailed_row(), *shared])
     return buffer.getvalue().encode("utf-8")

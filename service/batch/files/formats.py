@@ -1,0 +1,108 @@
+"""The formats of prompt files, and what each row of them holds.
+
+Every parser turns one file's bytes into one mapping per row, with the keys ``prompt`` and, when
+the file has them, ``negative_prompt`` and ``seed`` (inputs.py checks the values row by row):
+
+- ``.csv``: a header with a ``prompt`` column, in any position; ``negative_prompt`` and ``seed``
+  are optional; other columns (such as the unnamed index column pandas writes) are ignored.
+- ``.jsonl``: one JSON object per line with the same keys; blank lines are not rows.
+- ``.parquet`` / ``.pqt``: a table with a ``prompt`` column (and the same optional ones).
+- ``.txt``: one prompt a line; blank lines are not rows.
+
+A file that cannot be read as its format at all (no ``prompt`` column, not UTF-8, not Parquet)
+raises BatchConfigError: the job stops before it starts. A row that is wrong is the row's problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from typing import Any
+
+from service.batch.errors import BatchConfigError
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pqt": "parquet", ".txt": "txt"}
+ROW_KEYS = ("prompt", "negative_prompt", "seed")
+SUFFIX_LIST = ".csv, .jsonl, .parquet, .pqt or .txt"
+
+
+def file_format(path: str) -> str | None:
+    """The format of a file by its suffix (case-insensitive); None for anything else."""
+    return FORMATS.get(posixpath.splitext(path)[1].lower())
+
+
+def parse_records(fmt: str, data: bytes, source: str) -> list[dict[str, Any]]:
+    """The rows of one file's bytes; ``source`` names the file in errors."""
+    if fmt == "parquet":
+        return _parquet_records(data, source)
+    try:
+        text = data.decode("utf-8-sig")  # -sig: Excel starts its CSV files with a byte-order mark
+    except UnicodeDecodeError as error:
+        raise BatchConfigError(f"{source} is not UTF-8 text ({error}); save it as UTF-8") from error
+    if fmt == "csv":
+        return _csv_records(text, source)
+    if fmt == "jsonl":
+        return _jsonl_records(text)
+    return _txt_records(text)
+
+
+def _missing_prompt(source: str, header: list[str]) -> BatchConfigError:
+    found = ", ".join(repr(name) for name in header[:20]) or "no header"
+    more = f" and {len(header) - 20} more" if len(header) > 20 else ""
+    return BatchConfigError(f"{source} has no 'prompt' column (found {found}{more}); add a prompt column")
+
+
+def _csv_records(text: str, source: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = [(name or "").strip() for name in (reader.fieldnames or [])]
+        if "prompt" not in header:
+            raise _missing_prompt(source, header)
+        reader.fieldnames = header
+        return [{key: record.get(key) for key in ROW_KEYS if key in header} for record in reader]
+    except csv.Error as error:
+        raise BatchConfigError(f"{source} is not valid CSV ({error}); check its quoting") from error
+
+
+def _jsonl_records(text: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            value = {"_error": f"line is not valid JSON ({error.msg})"}
+        records.append(value if isinstance(value, dict) else {"_error": "line is not a JSON object"})
+    return records
+
+
+def _txt_records(text: str) -> list[dict[str, Any]]:
+    # Universal newlines only (\n, \r\n, \r): other Unicode line breaks stay inside the prompt.
+    lines = (line.strip() for line in io.StringIO(text, newline=None))
+    return [{"prompt": line} for line in lines if line]
+
+
+def _parquet_records(data: bytes, source: str) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        parquet = pyarrow.parquet.ParquetFile(pyarrow.BufferReader(data))
+        names = list(parquet.schema_arrow.names)
+        if "prompt" not in names:
+            raise _missing_prompt(source, names)
+        wanted = [name for name in ROW_KEYS if name in names]
+        table = parquet.read(columns=wanted)
+        columns = {name: table.column(name).to_pylist() for name in wanted}
+    except BatchConfigError:
+        raise
+    except (pyarrow.ArrowException, OSError, ValueError, KeyError, TypeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BatchConfigError(
+            f"{source} is not a readable Parquet file ({first_line}); write it with pandas.to_parquet "
+            "or pyarrow"
+        ) from error
+    return [{name: columns[name][i] for name in wanted} for i in range(table.num_rows)]
