@@ -26,14 +26,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import flops as flop_counts
 
 import model
+from model.errors import ModelLoadError
 from model.loading import load_components
 from model.options import resolve_device, resolve_dtype
 from model.types import GenerationItem
 
 PEAK_TFLOPS = 790.0  # H200 dense bf16/fp16, measured
-GUIDED_STEP_TFLOP, VAE_TFLOP, CHECKER_TFLOP = 1.607, 2.52, 0.16  # per image at 512x512
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -74,11 +77,14 @@ def timed(fn: Any, device: torch.device, repeats: int) -> tuple[float, float, An
     return float(np.median(times)), peak, output
 
 
-def flops_per_image(steps: int, size: int, checker: bool) -> float | None:
-    """TFLOP per image; only defined for the published architectures at 512x512."""
-    if size != 512:
+def flops_per_image(arch: str, steps: int, size: int, checker: bool) -> float | None:
+    """TFLOP per image, counted by benchmarks/flops.py (benchmarks/results/flops.json); None for
+    an architecture it cannot build."""
+    try:
+        entry, _ = flop_counts.lookup(arch, size)
+    except ModelLoadError:
         return None
-    return steps * GUIDED_STEP_TFLOP + VAE_TFLOP + (CHECKER_TFLOP if checker else 0.0)
+    return float(flop_counts.image_tflop(entry, steps, checker))
 
 
 def row(
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps,
                     seconds,
                     peak,
-                    flops_per_image(steps, size, checker),
+                    flops_per_image(components.architecture, steps, size, checker),
                     None,
                     None,
                 )
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         steps,
                         seconds,
                         peak,
-                        flops_per_image(steps, size, checker),
+                        flops_per_image(components.architecture, steps, size, checker),
                         base_seconds,
                         mad,
                     )
