@@ -46,7 +46,8 @@ def apply(components: Components, options: EngineOptions) -> list[str]:
             if fuse is not None:
                 fuse()
         applied.append("fused_qkv")
-    # 3) compile; "reduce-overhead" captures CUDA graphs per batch-size bucket at warm-up
+    # 3) compile; "reduce-overhead" captures CUDA graphs at warm-up, one per UNet row bucket and
+    #    one per decoder bucket (EngineOptions), with the timesteps a tensor input of the graph
     if options.compile or options.cuda_graphs:
         configure_compile_cache(options.compile_cache_dir)
         mode = "reduce-overhead" if options.cuda_graphs else options.compile_mode
