@@ -296,8 +296,20 @@ class InfoLimits(BaseModel):
     max_batch_size: int
 
 
+class InfoEngine(BaseModel):
+    """One engine of the server: one per device of SD_DEVICES, in the metrics' ``engine`` label order."""
+
+    engine: str = Field(description='The metrics\' engine label: "0", "1", ...')
+    device: str
+    dtype: str
+    running: int = Field(description="Images in its running set now.")
+    max_running: int = Field(description="Its room now: SD_MAX_BATCH_SIZE, less after out of memory.")
+    serving: bool = Field(description="false: taken out of rotation after failed steps.")
+    failures: int = Field(description="Failed steps in a row (not out of memory).")
+
+
 class InfoResponse(BaseModel):
-    """``GET /info``: the loaded model and the request limits."""
+    """``GET /info``: the loaded model, its engines and the request limits."""
 
     name: str
     architecture: str
@@ -311,6 +323,7 @@ class InfoResponse(BaseModel):
     dtype: str
     version: str
     limits: InfoLimits
+    engines: list[InfoEngine] = Field(default_factory=list)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")

@@ -16,13 +16,15 @@ Only these other modules touch the environment, each for a reason outside these 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "random:tiny"
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,3})?|mps|xpu(:[0-9]{1,3})?")
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,14 @@ class Settings(BaseSettings):
     )
     azureml_model_dir: str | None = Field(default=None, validation_alias="AZUREML_MODEL_DIR")
     device: str = "auto"
+    # One engine per device: "all" (every visible CUDA device), or a list ("cuda:0,cuda:2", "cpu,cpu").
+    # Unset: SD_DEVICE's one device, or "all" when that is "auto" and CUDA is present.
+    devices: str | None = Field(
+        default=None, description="One engine per device: all, or a list such as cuda:0,cuda:1."
+    )
+    engine_max_failures: int = Field(
+        default=3, ge=1, description="Failed steps in a row (not OOM) that take an engine out."
+    )
     dtype: str = "auto"
     safety_checker: Path | None = Field(default=None, description="A safety-checker folder for any model.")
     accelerator: Literal["none", "deepspeed"] = "none"
@@ -62,7 +72,8 @@ class Settings(BaseSettings):
     )
 
     # Batching, backpressure and deadlines. "step": images join and leave the running batch between
-    # denoising steps (service/runtime/batching/steploop.py); "request": whole batches (service/runtime/batching/batcher.py).
+    # denoising steps (service/runtime/batching/steploop.py); "request": whole batches
+    # (service/runtime/batching/batcher.py).
     batching: Literal["step", "request"] = "step"
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_ms: float = Field(default=20, ge=0)
@@ -80,6 +91,32 @@ class Settings(BaseSettings):
     # Logs.
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        entries = [entry.strip() for entry in value.split(",")]
+        if entries == ["all"]:
+            return "all"
+        for entry in entries:
+            if not _DEVICE.fullmatch(entry):
+                raise ValueError(
+                    f"SD_DEVICES: {entry[:40]!r} is not a device; use all, or a comma-separated list "
+                    "such as cuda:0,cuda:1 (or cpu,cpu)"
+                )
+        return ",".join(entries)
+
+    @property
+    def device_list(self) -> tuple[str, ...]:
+        """The devices to load one engine on each, in engine order; "all" and "auto" are resolved
+        when the engines load (they need torch): see service/runtime/engines.py."""
+        if self.devices is not None:
+            return tuple(self.devices.split(","))
+        if self.device != "auto":
+            return (self.device,)
+        return ("all",)
 
     @property
     def model_spec(self) -> str:

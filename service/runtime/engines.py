@@ -56,8 +56,24 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def load_engine(settings: Settings) -> ServingEngine:
-    """Load the model the settings name, on the device and with the options they name.
+def resolve_devices(settings: Settings) -> list[str | None]:
+    """The devices of SD_DEVICES (or SD_DEVICE), one engine each; ``all`` is every visible CUDA
+    device, or the model's default device (None) where there is none. Imports torch."""
+    devices: list[str | None] = []
+    for entry in settings.device_list:
+        if entry != "all":
+            devices.append(entry)
+            continue
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices += [f"cuda:{index}" for index in range(count)] or [None]
+    return devices
+
+
+def load_engine(settings: Settings, device: str | None = "settings") -> ServingEngine:
+    """Load the model the settings name, on ``device`` (default: SD_DEVICE) and with the options
+    they name.
 
     Raises ModelLoadError, with the reason, when the spec names nothing loadable.
     """
@@ -71,10 +87,11 @@ def load_engine(settings: Settings) -> ServingEngine:
         compile_cache_dir=str(settings.compile_cache_dir) if settings.compile_cache_dir else None,
         batch_buckets=batch_buckets(settings.max_batch_size),
     )
-    device = None if settings.device == "auto" else settings.device
+    if device == "settings":
+        device = None if settings.device == "auto" else settings.device
     dtype = None if settings.dtype == "auto" else settings.dtype
     checker = str(settings.safety_checker) if settings.safety_checker else None
     # 2. The model.
-    log.info("loading model %s", settings.model_spec)
+    log.info("loading model %s on %s", settings.model_spec, device or "the default device")
     engine: ServingEngine = load(settings.model_spec, device, dtype, safety_checker=checker, options=options)
     return engine

@@ -1,7 +1,9 @@
 """The server's life: load and warm up the model, serve, drain, stop.
 
-Readiness (``GET /``) is true only between a finished warm-up and the start of a drain. The model
-loads in a thread after the app has started, so that probes get a prompt 503 while it loads.
+Readiness (``GET /``) is true only between a finished warm-up and the start of a drain, and while
+at least one engine is in rotation. The model loads after the app has started, so that probes get
+a prompt 503 while it loads: one engine per device of SD_DEVICES, loaded and warmed up in parallel
+threads (each device's work releases the GIL in torch's kernels).
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from schemas.score import ScoreLimits
 from service.runtime.batching.batcher import Batcher
-from service.runtime.batching.steploop import StepLoop
-from service.runtime.engines import ServingEngine, load_engine
+from service.runtime.batching.steploop import NO_ENGINE_LEFT, StepLoop
+from service.runtime.engines import ServingEngine, load_engine, resolve_devices
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
@@ -45,20 +47,32 @@ class Phase(enum.Enum):
 class Runtime:
     """What serving needs once the model is loaded."""
 
-    engine: ServingEngine
+    engine: ServingEngine  # the first engine: model info and validation
     batcher: ImageQueue  # the step loop, or the request-level batcher (SD_BATCHING)
     scorer: Scorer
     encode_pool: ThreadPoolExecutor
+    engines: Sequence[ServingEngine] = ()  # one per device (SD_DEVICES), engine label order
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            self.engines = (self.engine,)
 
 
 class Lifecycle:
-    def __init__(self, settings: Settings, metrics: Metrics, engine: ServingEngine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        engine: ServingEngine | Sequence[ServingEngine] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.phase = Phase.LOADING
         self.failure = ""
         self.runtime: Runtime | None = None
-        self._given_engine = engine
+        self._given_engines = (
+            None if engine is None else list(engine) if isinstance(engine, Sequence) else [engine]
+        )
         self._start_task: asyncio.Task[None] | None = None
         self._active = 0
         self._stopped: Runtime | None = None  # kept after stop() while its engine still runs
@@ -86,23 +100,19 @@ class Lifecycle:
             await asyncio.shield(self._start_task)
 
     async def _start(self) -> None:
-        settings = self.settings
         started = time.monotonic()
         try:
-            # 1. Load (unless the caller gave an engine) and warm up, both off the event loop.
-            if self._given_engine is not None:
-                engine = self._given_engine
-            else:
-                engine = await asyncio.to_thread(load_engine, settings)
-            self._warn_if_random(engine)
-            await asyncio.to_thread(engine.warmup)
+            # 1. Load (unless the caller gave engines) and warm up, off the event loop, every device at once.
+            engines = self._given_engines or await self._load()
+            self._warn_if_random(engines[0])
+            await asyncio.gather(*(asyncio.to_thread(engine.warmup) for engine in engines))
         except Exception as error:
             self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
             log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
             return
         # 2. The serving pieces; a failure here must not leave readiness "loading" forever.
         try:
-            self.runtime = self._assemble(engine)
+            self.runtime = self._assemble(engines)
         except Exception:
             self.phase, self.failure = Phase.FAILED, "the server could not start serving the loaded model"
             log.exception(self.failure)
@@ -111,21 +121,48 @@ class Lifecycle:
         self.metrics.model_load_seconds.set(seconds)
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
-            log.info("ready: %s loaded and warmed up in %.1f s", engine.info.name, seconds)
+            log.info(
+                "ready: %s loaded and warmed up in %.1f s on %s", engines[0].info.name, seconds,
+                ", ".join(engine.info.device for engine in self.runtime.engines),
+            )  # fmt: skip
 
-    def _assemble(self, engine: ServingEngine) -> Runtime:
+    async def _load(self) -> list[ServingEngine]:
+        """One engine per device, loaded in parallel threads; any failure fails the start."""
+        devices = await asyncio.to_thread(resolve_devices, self.settings)
+        if len(devices) > 1 and self.settings.batching == "request":
+            log.warning(
+                "SD_BATCHING=request drives one engine: serving on %s only, not on all of %s "
+                "(SD_BATCHING=step serves every device)", devices[0], ", ".join(map(str, devices)),
+            )  # fmt: skip
+            devices = devices[:1]
+        loads = [asyncio.to_thread(load_engine, self.settings, device) for device in devices]
+        results = await asyncio.gather(*loads, return_exceptions=True)
+        engines = [result for result in results if not isinstance(result, BaseException)]
+        for result, device in zip(results, devices, strict=True):
+            if isinstance(result, BaseException):
+                log.error("the engine on %s did not load: %s", device or "the default device", result)
+                for engine in engines:
+                    engine.close()
+                raise result
+        return engines
+
+    def _assemble(self, engines: list[ServingEngine]) -> Runtime:
         settings = self.settings
         limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
         encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         batcher: ImageQueue
+        engine = engines[0]
         if settings.batching == "step":
             batcher = StepLoop(
-                engine,
+                engines,
                 max_batch_size=settings.max_batch_size,
                 max_queue_items=settings.max_queue_items,
                 metrics=self.metrics,
+                max_failures=settings.engine_max_failures,
             )
         else:
+            engines = engines[:1]
+            self.metrics.engines_serving.set(1)
             batcher = Batcher(
                 engine,
                 max_batch_size=settings.max_batch_size,
@@ -134,7 +171,7 @@ class Lifecycle:
                 metrics=self.metrics,
             )
         batcher.start()
-        return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool)
+        return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool, engines)
 
     @staticmethod
     def _warn_if_random(engine: ServingEngine) -> None:
@@ -155,6 +192,8 @@ class Lifecycle:
             raise NotReadyError(self.failure)
         if self.runtime is None or self.phase is not Phase.READY:
             raise NotReadyError("the model is still loading or warming up; retry in a few seconds")
+        if isinstance(self.runtime.batcher, StepLoop) and not self.runtime.batcher.serving:
+            raise NotReadyError(NO_ENGINE_LEFT)
         return self.runtime
 
     @asynccontextmanager
@@ -221,4 +260,5 @@ class Lifecycle:
             self._stopped = runtime
             log.info("the engine is still running an abandoned batch; not waiting for it")
             return
-        runtime.engine.close()
+        for engine in runtime.engines:
+            engine.close()

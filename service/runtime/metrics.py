@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -19,12 +21,22 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+# The metrics of one engine carry its index as label ``engine`` ("0", "1", ...; SD_DEVICES order).
+ENGINE_LABEL = "engine"
+
+
 class Metrics:
-    """The server's metrics. A registry per instance keeps apps in one process (tests) apart."""
+    """The server's metrics. A registry per instance keeps apps in one process (tests) apart.
+
+    Engine-level metrics (images generated and the step loop's) are families labelled ``engine``;
+    the attributes of this object are engine "0"'s series, and ``for_engine(i)`` is the same object
+    with engine ``i``'s series, so that a batcher or step loop counts for its own engine.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        e = [ENGINE_LABEL]
         self.requests = Counter(
             f"{PREFIX}requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
@@ -39,27 +51,34 @@ class Metrics:
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Images waiting in the queue.", registry=r)
         self.batch_size = Histogram(
             f"{PREFIX}batch_size", "Images per engine batch (request-level batching) or per denoising step.",
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
+            e, buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.running_images = Gauge(
-            f"{PREFIX}running_images", "Images in the engine's running set (step loop).", registry=r
+            f"{PREFIX}running_images", "Images in the engine's running set (step loop).", e, registry=r
         )
         self.step_seconds = Histogram(
             f"{PREFIX}step_seconds", "One step-loop iteration: admissions, one denoising step, decodes.",
-            buckets=STEP_BUCKETS_S, registry=r,
+            e, buckets=STEP_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.admitted_per_step = Histogram(
             f"{PREFIX}admitted_per_step", "Images admitted to the running set at a step boundary.",
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
+            e, buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.first_step_wait = Histogram(
             f"{PREFIX}time_to_first_step_seconds", "Time from arrival to the end of an image's first step.",
-            buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
+            e, buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.engine_batch_seconds = Histogram(
             f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
         )
-        self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", registry=r)
+        self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", e, registry=r)
+        self.engines_serving = Gauge(
+            f"{PREFIX}engines_serving", "Engines in rotation (SD_DEVICES); drops when one is taken out.",
+            registry=r,
+        )  # fmt: skip
+        self.engine_failures = Counter(
+            f"{PREFIX}engine_failures", "Failed engine steps that were not out of memory.", e, registry=r
+        )
         self.images_flagged = Counter(
             f"{PREFIX}images_flagged", "Images the safety checker flagged (sent black).", registry=r
         )
@@ -70,6 +89,24 @@ class Metrics:
         self.model_load_seconds = Gauge(
             f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r
         )
+
+        self._families = {name: getattr(self, name) for name in self._ENGINE_FAMILIES}
+        self._bind("0")
+
+    _ENGINE_FAMILIES = (
+        "batch_size", "running_images", "step_seconds", "admitted_per_step", "first_step_wait",
+        "images_generated", "engine_failures",
+    )  # fmt: skip
+
+    def _bind(self, engine: str) -> None:
+        for name, family in self._families.items():
+            setattr(self, name, family.labels(engine))
+
+    def for_engine(self, index: int) -> Metrics:
+        """These metrics, with engine ``index``'s series of the engine-level families."""
+        view = copy.copy(self)
+        view._bind(str(index))
+        return view
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from schemas.score import (
     ImageRecord,
     InfoResponse,
 )
+from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import RequestTimeoutError
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
@@ -174,7 +175,8 @@ def metrics(request: Request) -> Response:
 @router.get("/info", summary="The loaded model and the request limits", response_model=InfoResponse)
 def info(request: Request) -> InfoResponse:
     lifecycle = _lifecycle(request)
-    model = lifecycle.require_ready().engine.info
+    runtime = lifecycle.require_ready()
+    model = runtime.engine.info
     settings = lifecycle.settings
     return InfoResponse.model_validate(
         {
@@ -198,8 +200,30 @@ def info(request: Request) -> InfoResponse:
                 "max_size": MAX_SIZE,
                 "max_batch_size": settings.max_batch_size,
             },
+            "engines": engines_info(runtime, settings.max_batch_size),
         }
     )
+
+
+def engines_info(runtime: Runtime, max_batch_size: int) -> list[dict[str, Any]]:
+    """/info's "engines": each engine's device and state (the step loop's lanes)."""
+    batcher = runtime.batcher
+    if isinstance(batcher, StepLoop):
+        return [
+            {
+                "engine": str(lane.index),
+                "device": lane.engine.info.device,
+                "dtype": lane.engine.info.dtype,
+                "running": lane.load,
+                "max_running": lane.room,
+                "serving": lane.serving,
+                "failures": lane.failures,
+            }
+            for lane in batcher.lanes
+        ]
+    info = runtime.engine.info
+    return [{"engine": "0", "device": info.device, "dtype": info.dtype, "running": 0,
+             "max_running": max_batch_size, "serving": True, "failures": 0}]  # fmt: skip
 
 
 def package_version() -> str:

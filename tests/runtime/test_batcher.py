@@ -37,8 +37,8 @@ class Running:
         await self.batcher.close()
 
 
-def gauge(metrics: Metrics, name: str) -> float:
-    value = metrics.registry.get_sample_value(name)
+def gauge(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
     assert value is not None
     return value
 
@@ -153,9 +153,9 @@ def test_metrics_count_images_flags_and_batches() -> None:
         async with runner as batcher:
             await asyncio.gather(*batcher.submit([item("flag me"), item("fine", seed=1)]))
         metrics = runner.metrics
-        assert gauge(metrics, "sd_images_generated_total") == 2
+        assert gauge(metrics, "sd_images_generated_total", {"engine": "0"}) == 2
         assert gauge(metrics, "sd_images_flagged_total") == 1
-        assert gauge(metrics, "sd_batch_size_count") == 1
+        assert gauge(metrics, "sd_batch_size_count", {"engine": "0"}) == 1
 
     run(test)
 

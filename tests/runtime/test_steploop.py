@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from model.errors import EngineFailure, EngineOutOfMemoryError, InvalidRequestError
+from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
-from service.runtime.batching.steploop import StepLoop
 from tests.runtime.fakes import item
 from tests.runtime.stepfakes import FakeStepEngine
 
@@ -61,7 +61,7 @@ def test_waiting_images_join_at_the_next_step_boundary_oldest_first_within_the_r
         await steps.close()
         # Step 2 admitted seed 2 (room 2); 3 joined when 2 left, then 4 when 3 left: FIFO by image.
         assert engine.steps == [[1], [1, 2], [1, 3], [4]]
-        assert metrics.registry.get_sample_value("sd_time_to_first_step_seconds_count") == 4
+        assert metrics.registry.get_sample_value("sd_time_to_first_step_seconds_count", {"engine": "0"}) == 4
 
     run(test)
 
@@ -81,7 +81,7 @@ def test_a_cancelled_image_leaves_the_engine_at_the_next_step_and_frees_its_room
         await steps.close()
         assert engine.cancelled == [1]
         assert len(engine.steps) == 2  # one step of the abandoned image, then the waiting one's
-        assert metrics.registry.get_sample_value("sd_running_images") == 0
+        assert metrics.registry.get_sample_value("sd_running_images", {"engine": "0"}) == 0
 
     run(test)
 

@@ -1,0 +1,298 @@
+"""One engine's step loop (a lane): it takes images from the shared queue (steploop.py) at its
+step boundaries while it has room, steps them in the engine's own thread, and hands out results.
+
+Failures stay with their image (see steploop.py); a lane whose steps keep failing (not out of
+memory: ``max_failures`` in a row, SD_ENGINE_MAX_FAILURES) is a failed device: its running images
+fail (500 engine_failure), it is taken out of rotation with a loud log line, and the other lanes
+keep serving. Images it had put back in the queue to run alone go to the other lanes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from model.errors import EngineOutOfMemoryError
+from model.types import GenerationItem, GenerationResult
+from service.runtime.engines import ServingEngine
+from service.runtime.errors import ShuttingDownError
+from service.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Image:
+    item: GenerationItem
+    future: asyncio.Future[GenerationResult]
+    arrived: float = field(default_factory=time.monotonic)
+    handle: int | None = None  # set while an engine holds it
+    suspect: bool = False  # was running when a step failed: runs alone from now on
+    first_step: bool = True
+
+
+@dataclass
+class _Outcome:
+    """What one iteration in the engine thread did."""
+
+    admitted: list[tuple[Image, int]] = field(default_factory=list)
+    refused: list[tuple[Image, Exception]] = field(default_factory=list)
+    results: list[tuple[int, GenerationResult | Exception]] = field(default_factory=list)
+    step_error: Exception | None = None
+    stepped: int = 0
+    seconds: float = 0.0
+
+
+class ImageSource(Protocol):
+    """The shared queue, as a lane sees it."""
+
+    async def wait_for_work(self, lane: Lane) -> None: ...
+
+    def take(self, lane: Lane) -> list[Image]: ...
+
+    def requeue(self, images: list[Image]) -> None: ...
+
+    def lane_down(self, lane: Lane) -> None: ...
+
+
+def fail(images: Sequence[Image], error: BaseException) -> None:
+    for image in images:
+        if not image.future.done():
+            image.future.set_exception(error)
+
+
+class Lane:
+    def __init__(
+        self,
+        index: int,
+        engine: ServingEngine,
+        source: ImageSource,
+        *,
+        max_batch_size: int,
+        max_failures: int,
+        metrics: Metrics,
+    ) -> None:
+        self.index = index
+        self.engine = engine
+        self._source = source
+        self.max_batch_size = max_batch_size
+        self._max_failures = max_failures
+        self._metrics = metrics.for_engine(index)
+        self.running: dict[int, Image] = {}
+        self._leaving: set[int] = set()  # handles whose futures are done: cancel at the next step
+        self.admitting: list[Image] = []  # taken from the queue, being admitted in the engine now
+        self.room = max_batch_size  # shrinks after out of memory, grows back as images finish
+        self.arrival = asyncio.Event()  # set by the queue when images arrive while this lane is idle
+        self.idle = False  # waiting for images
+        self.serving = True  # in rotation
+        self.failures = 0  # consecutive failed steps (not out of memory)
+        # One thread: the engine is not re-entrant; every engine call of an iteration runs there.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{index}")
+        self._worker: asyncio.Task[None] | None = None
+        self.in_engine = False
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.admitting)
+
+    @property
+    def has_suspect(self) -> bool:
+        return any(image.suspect for image in self.running.values())
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"step-loop-{self.index}")
+
+    # ----------------------------------------------------------------- the loop
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.serving:
+            # 1. Idle: sleep until an image arrives.
+            if not self.running:
+                await self._source.wait_for_work(self)
+            # 2. One iteration in the engine thread: leave, admit, step, retire.
+            leaving = self._take_leaving()
+            admitting = self.admitting = self._source.take(self)
+            if not admitting and not self.running and not leaving:
+                continue  # another lane took what had arrived
+            self._metrics.running_images.set(self.load)
+            self.in_engine = True
+            try:
+                outcome = await asyncio.shield(
+                    loop.run_in_executor(self._engine_thread, self._iterate, leaving, admitting)
+                )
+            except asyncio.CancelledError:
+                self.in_engine = False
+                fail([*admitting, *self.running.values()], ShuttingDownError(
+                    "the server shut down before this image was done"
+                ))  # fmt: skip
+                raise
+            self.in_engine = False
+            self.admitting = []
+            # 3. Hand out what it did.
+            self._apply(outcome)
+
+    def _take_leaving(self) -> list[int]:
+        """Handles to drop: cancelled images, and any image whose future was failed meanwhile."""
+        leaving = self._leaving | {h for h, image in self.running.items() if image.future.done()}
+        self._leaving = set()
+        for handle in leaving:
+            if handle in self.running:
+                del self.running[handle]
+        return sorted(leaving)
+
+    def left(self, image: Image) -> None:
+        """``image``'s future was cancelled while this engine held it: it leaves at the next step."""
+        if image.handle is not None and image.handle in self.running:
+            self._leaving.add(image.handle)
+
+    def _iterate(self, leaving: list[int], admitting: list[Image]) -> _Outcome:
+        """In the engine thread: cancel, admit, one step, retire. Never raises for engine errors."""
+        engine, outcome = self.engine, _Outcome()
+        started = time.perf_counter()
+        for handle in leaving:
+            engine.cancel(handle)
+        for image in admitting:
+            try:
+                outcome.admitted.append((image, engine.admit(image.item)))
+            except Exception as error:  # this item only: the engine cannot take it
+                outcome.refused.append((image, error))
+        running = len(self.running) + len(outcome.admitted)
+        if running:
+            try:
+                finished = engine.step()
+            except Exception as error:  # nothing advanced: the loop decides who leaves
+                outcome.step_error = error
+                return outcome
+            outcome.stepped = running
+            if finished:
+                outcome.results = self._retire(finished)
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    def _retire(self, handles: list[int]) -> list[tuple[int, GenerationResult | Exception]]:
+        """Decode the finished images together; on failure one by one, so each gets its own outcome."""
+        try:
+            return list(zip(handles, self.engine.retire(handles), strict=True))
+        except Exception:
+            if len(handles) == 1:
+                raise
+        outcomes: list[tuple[int, GenerationResult | Exception]] = []
+        for handle in handles:
+            try:
+                outcomes += zip([handle], self.engine.retire([handle]), strict=True)
+            except Exception as error:
+                outcomes.append((handle, error))
+        return outcomes
+
+    def _apply(self, outcome: _Outcome) -> None:
+        # 1. Admissions: the engine holds these now (an image cancelled meanwhile leaves next step).
+        for image, handle in outcome.admitted:
+            image.handle = handle
+            self.running[handle] = image
+            if image.future.done():
+                self._leaving.add(handle)
+        for image, error in outcome.refused:
+            fail([image], error)
+        self._metrics.admitted_per_step.observe(len(outcome.admitted))
+        # 2. A failed step: nothing advanced; shrink or isolate, then go round again.
+        if outcome.step_error is not None:
+            self._recover(outcome.step_error)
+            return
+        # 3. A step happened: first-step times, step metrics, finished images out.
+        now = time.monotonic()
+        for image in self.running.values():
+            if image.first_step:
+                image.first_step = False
+                self._metrics.first_step_wait.observe(now - image.arrived)
+        if outcome.stepped:
+            self.failures = 0
+            self._metrics.step_seconds.observe(outcome.seconds)
+            self._metrics.batch_size.observe(outcome.stepped)
+        for handle, result in outcome.results:
+            if handle not in self.running:
+                continue
+            image = self.running.pop(handle)
+            if isinstance(result, Exception):
+                fail([image], result)
+                continue
+            self.room = min(self.room + 1, self.max_batch_size)
+            self._metrics.images_generated.inc()
+            if result.nsfw_content_detected:
+                self._metrics.images_flagged.inc()
+            if not image.future.done():
+                image.future.set_result(result)
+        self._metrics.running_images.set(len(self.running))
+
+    def _recover(self, error: Exception) -> None:
+        """After a failed step (the engine state unchanged): who goes back to the queue, who fails."""
+        running = sorted(self.running.values(), key=lambda image: image.handle or 0)
+        if not isinstance(error, EngineOutOfMemoryError):
+            self.failures += 1
+            self._metrics.engine_failures.inc()
+            if self.failures >= self._max_failures:
+                self._take_out(running, error)
+                return
+        if len(running) == 1:
+            self._drop(running, requeue=False)
+            fail(running, error)
+            return
+        if isinstance(error, EngineOutOfMemoryError):
+            # The newest half goes back to the front of the queue; the room shrinks to what is left.
+            keep = len(running) // 2
+            evicted = running[keep:]
+            self.room = max(keep, 1)
+            log.warning(
+                "engine %d: out of memory at %d images: %d go back to the queue",
+                self.index, len(running), len(evicted),
+            )  # fmt: skip
+            self._drop(evicted, requeue=True)
+            return
+        # Anything else: one of them may be the cause. Each runs again, alone.
+        log.warning(
+            "engine %d: a step of %d images failed (%s); running each alone",
+            self.index, len(running), type(error).__name__,
+        )  # fmt: skip
+        for image in running:
+            image.suspect = True
+        self._drop(running, requeue=True)
+
+    def _take_out(self, running: list[Image], error: Exception) -> None:
+        """The device failed: its running images fail, the lane leaves the rotation for good."""
+        self.serving = False
+        self._drop(running, requeue=False)
+        fail(running, error)
+        log.error(
+            "%s\n  ENGINE %d (%s) TAKEN OUT OF ROTATION after %d failed steps in a row (last: %s: %s);\n"
+            "  the other engines keep serving. Restart the server to bring its device back.\n%s",
+            "!" * 78, self.index, self.engine.info.device, self.failures, type(error).__name__,
+            str(error)[:200], "!" * 78,
+        )  # fmt: skip
+        self._source.lane_down(self)
+
+    def _drop(self, images: list[Image], *, requeue: bool) -> None:
+        """Take ``images`` out of the engine (at the next iteration); requeued ones go first."""
+        for image in images:
+            if image.handle is not None:
+                if image.handle in self.running:
+                    del self.running[image.handle]
+                self._leaving.add(image.handle)
+                image.handle = None
+            image.first_step = True
+        if requeue:
+            self._source.requeue([image for image in images if not image.future.done()])
+        self._metrics.running_images.set(len(self.running))
+
+    # ----------------------------------------------------------------- stop
+    def abandon(self, error: BaseException) -> None:
+        fail([*self.admitting, *self.running.values()], error)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)
