@@ -28,6 +28,7 @@ class FakeStepEngine(FakeEngine):
     def __init__(self, max_rows: int | None = None) -> None:
         super().__init__(max_rows)
         self.refuse_prompts: set[str] = set()
+        self.undecodable: set[str] = set()
         self.running: dict[int, _Running] = {}
         self.steps: list[list[int]] = []
         self.cancelled: list[int] = []
@@ -59,6 +60,8 @@ class FakeStepEngine(FakeEngine):
         return finished
 
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
+        if any(self.running[h].item.prompt in self.undecodable for h in handles):
+            raise EngineFailure("the decoder produced NaN")  # like the real engine: the handles stay
         results = []
         for handle in handles:
             item = self.running.pop(handle).item

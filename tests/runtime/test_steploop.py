@@ -158,3 +158,21 @@ def test_a_full_queue_refuses_whole_requests_and_close_fails_what_is_left() -> N
             steps.submit([item()])
 
     run(test)
+
+
+def test_an_image_whose_decode_fails_fails_alone_and_leaves_the_engine() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        engine.undecodable.add("nan")
+        steps, _ = loop_for(engine)
+        steps.start()
+        outcomes = await asyncio.gather(
+            *steps.submit([item("nan", seed=1), item("fine", seed=2)]), return_exceptions=True
+        )
+        after = await asyncio.gather(*steps.submit([item("fine", seed=3)]))
+        await steps.close()
+        assert isinstance(outcomes[0], EngineFailure) and outcomes[1].seed == 2  # type: ignore[union-attr]
+        assert after[0].seed == 3 and not engine.running  # the failed one was cancelled
+        assert engine.cancelled == [1]
+
+    run(test)
