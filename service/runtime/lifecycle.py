@@ -135,8 +135,18 @@ class Lifecycle:
                 "(SD_BATCHING=step serves every device)", devices[0], ", ".join(map(str, devices)),
             )  # fmt: skip
             devices = devices[:1]
-        loads = [asyncio.to_thread(load_engine, self.settings, device) for device in devices]
-        results = await asyncio.gather(*loads, return_exceptions=True)
+        if self.settings.model_spec.startswith("random:"):
+            # Random weights are drawn from torch's one global generator: loads at once would
+            # interleave their draws and make engines that draw different images. One at a time.
+            results: list[ServingEngine | BaseException] = []
+            for device in devices:
+                try:
+                    results.append(await asyncio.to_thread(load_engine, self.settings, device))
+                except Exception as error:
+                    results.append(error)
+        else:
+            loads = [asyncio.to_thread(load_engine, self.settings, device) for device in devices]
+            results = list(await asyncio.gather(*loads, return_exceptions=True))
         engines = [result for result in results if not isinstance(result, BaseException)]
         for result, device in zip(results, devices, strict=True):
             if isinstance(result, BaseException):

@@ -149,7 +149,8 @@ class StepLoop:
         takes its share."""
         if lane.has_suspect:
             return []
-        others_idle = sum(1 for other in self.lanes if other is not lane and other.serving and other.idle)
+        # An idle lane holds nothing: asleep, just woken, or not started yet; it comes to take soon.
+        others_idle = sum(1 for other in self.lanes if other is not lane and other.serving and not other.load)
         if others_idle and lane.running:
             return []
         share = math.ceil(len(self._waiting) / (others_idle + 1))

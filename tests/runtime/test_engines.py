@@ -1,0 +1,145 @@
+"""Several engines behind the step loop's one queue (service/runtime/batching/steploop.py, lane.py),
+with fake step engines, without HTTP: idle engines take new images first, a failing device fails
+only its own images and is taken out of rotation while the others serve; SD_DEVICES parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from model.errors import EngineFailure
+from model.types import GenerationItem
+from service.runtime.batching.steploop import StepLoop
+from service.runtime.errors import NotReadyError
+from service.runtime.metrics import Metrics
+from service.settings import Settings
+from tests.runtime.fakes import item
+from tests.runtime.stepfakes import FakeStepEngine
+
+
+class Recording(FakeStepEngine):
+    """Remembers the seed of every image it admitted; ``broken``: every step fails (a dead device)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.broken = broken
+        self.admitted: list[int] = []
+
+    def admit(self, item: GenerationItem) -> int:
+        self.admitted.append(item.seed)
+        return super().admit(item)
+
+    def step(self) -> list[int]:
+        if self.broken:
+            raise EngineFailure("CUDA error: an illegal memory access was encountered")
+        return super().step()
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+def sample(metrics: Metrics, name: str, engine: str | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, {"engine": engine} if engine else None)
+    return value or 0.0
+
+
+def test_images_arriving_at_idle_engines_are_shared_out_and_each_engine_counts_its_own() -> None:
+    async def test() -> None:
+        engines = [Recording(), Recording()]
+        for engine in engines:
+            engine.gate = threading.Event()
+        metrics = Metrics()
+        steps = StepLoop(engines, max_batch_size=4, max_queue_items=32, metrics=metrics)
+        steps.start()
+        first = steps.submit([item(seed=1, steps=3)])
+        await asyncio.to_thread(engines[0].step_started.acquire, True, 10)  # engine 0 runs seed 1
+        # Engine 0 is busy, engine 1 idle: the next request goes to engine 1 (the least loaded).
+        second = steps.submit([item(seed=2, steps=3), item(seed=3, steps=3)])
+        await asyncio.to_thread(engines[1].step_started.acquire, True, 10)
+        for engine in engines:
+            engine.gate.set()
+        results = await asyncio.gather(*first, *second)
+        await steps.close()
+        assert [r.seed for r in results] == [1, 2, 3]
+        assert engines[0].admitted == [1] and engines[1].admitted == [2, 3]
+        assert sample(metrics, "sd_images_generated_total", "0") == 1
+        assert sample(metrics, "sd_images_generated_total", "1") == 2
+        assert sample(metrics, "sd_engines_serving") == 2
+
+    run(test)
+
+
+def test_two_images_at_two_idle_engines_run_one_on_each() -> None:
+    async def test() -> None:
+        engines = [Recording(), Recording()]
+        steps = StepLoop(engines, max_batch_size=4, max_queue_items=32, metrics=Metrics())
+        steps.start()
+        await asyncio.gather(*steps.submit([item(seed=1, steps=4), item(seed=2, steps=4)]))
+        await steps.close()
+        assert sorted([*engines[0].admitted, *engines[1].admitted]) == [1, 2]
+        assert len(engines[0].admitted) == len(engines[1].admitted) == 1
+
+    run(test)
+
+
+def test_a_failing_device_fails_only_its_own_images_and_leaves_the_rotation() -> None:
+    async def test() -> None:
+        broken, healthy = Recording(broken=True), Recording()
+        healthy.gate = threading.Event()  # hold the healthy engine so that the broken one gets work
+        metrics = Metrics()
+        steps = StepLoop([broken, healthy], max_batch_size=4, max_queue_items=32, metrics=metrics)
+        steps.start()
+        futures = steps.submit([item(seed=n, steps=2) for n in range(6)])
+        while steps.lanes[0].serving:
+            await asyncio.sleep(0.01)
+        healthy.gate.set()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [n for n, o in enumerate(outcomes) if isinstance(o, BaseException)]
+        assert failed and all(isinstance(outcomes[n], EngineFailure) for n in failed)
+        # Only images the broken engine held failed, and each of them failed once there.
+        assert set(failed) <= set(broken.admitted)
+        assert all(outcomes[n].seed == n for n in range(6) if n not in failed)  # type: ignore[union-attr]
+        # Out of rotation: later images all go to the healthy engine.
+        later = await asyncio.gather(*steps.submit([item(seed=10 + n) for n in range(5)]))
+        assert [r.seed for r in later] == [10, 11, 12, 13, 14]
+        assert not {10, 11, 12, 13, 14} & set(broken.admitted)
+        assert sample(metrics, "sd_engines_serving") == 1
+        assert sample(metrics, "sd_engine_failures_total", "0") == 3
+        assert sample(metrics, "sd_engine_failures_total", "1") == 0
+        assert [lane.serving for lane in steps.lanes] == [False, True]
+        await steps.close()
+
+    run(test)
+
+
+def test_when_every_engine_has_failed_new_requests_get_503_and_waiting_images_fail() -> None:
+    async def test() -> None:
+        steps = StepLoop([Recording(broken=True)], max_batch_size=1, max_queue_items=32, metrics=Metrics())
+        steps.start()
+        outcomes = await asyncio.gather(
+            *steps.submit([item(seed=n) for n in range(5)]), return_exceptions=True
+        )
+        assert all(isinstance(o, EngineFailure | NotReadyError) for o in outcomes)
+        assert sum(isinstance(o, NotReadyError) for o in outcomes) == 2  # 3 failed there, 2 waited
+        with pytest.raises(NotReadyError, match="restart the server"):
+            steps.submit([item()])
+        await steps.close()
+
+    run(test)
+
+
+def test_sd_devices_lists_one_engine_per_device_and_sd_device_stays_a_shorthand() -> None:
+    assert Settings(devices="cuda:0, cuda:2").device_list == ("cuda:0", "cuda:2")
+    assert Settings(devices="cpu,cpu").device_list == ("cpu", "cpu")
+    assert Settings(devices="all").device_list == ("all",)
+    assert Settings(device="cuda:1").device_list == ("cuda:1",)
+    assert Settings().device_list == ("all",)  # every CUDA device, or the default device without one
+    for bad in ("gpu0", "cuda:0,,cuda:1", "all,cpu", ""):
+        with pytest.raises(ValidationError, match="SD_DEVICES"):
+            Settings(devices=bad)
