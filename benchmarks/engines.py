@@ -1,0 +1,187 @@
+"""Engines benchmark: does the step loop's one queue in front of N engine threads scale with N, or
+does the GIL serialize them?
+
+    python benchmarks/engines.py                          # N = 1, 2, 4; 10 % of each step holds the GIL
+    python benchmarks/engines.py --gil-fraction 0.25 --seconds 10
+
+Each fake step engine (one per "device") spends ``--step-ms`` per denoising step, whatever its
+running set: ``--gil-fraction`` of it in a pure-Python busy loop (holding the GIL, as Python-side
+kernel launches do) and the rest sleeping (the GIL released, as while CUDA kernels run). Closed-loop
+clients, ``N x --batch`` of them (enough to fill every engine), each submit one image of ``--steps``
+steps to the real StepLoop (service/runtime/batching/steploop.py, in process, no HTTP) and submit
+the next when it is done. Throughput is compared with N x one engine's; the goal is >= 0.9.
+Prints a table and writes JSON + markdown to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.types import GenerationItem, GenerationResult, ModelInfo  # noqa: E402
+from service.runtime.batching.steploop import StepLoop  # noqa: E402
+from service.runtime.metrics import Metrics  # noqa: E402
+
+INFO = ModelInfo(
+    name="gil-bench", architecture="fake", native_height=8, native_width=8, schedulers=("default",),
+    default_scheduler="pndm", safety_checker=False, device="fake", dtype="fp32", random_weights=True,
+)  # fmt: skip
+IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)
+
+
+class GilStepEngine:
+    """A step costs ``step_s``: ``gil_fraction`` of it spinning in Python, the rest asleep."""
+
+    def __init__(self, step_s: float, gil_fraction: float) -> None:
+        self._busy_s = step_s * gil_fraction
+        self._sleep_s = step_s - self._busy_s
+        self._running: dict[int, list[int]] = {}  # handle -> [done, steps]
+        self._next = 0
+        self.steps = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return INFO
+
+    def validate(self, items: Sequence[GenerationItem]) -> None:
+        pass
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def admit(self, item: GenerationItem) -> int:
+        self._next += 1
+        self._running[self._next] = [0, item.num_inference_steps]
+        return self._next
+
+    def step(self) -> list[int]:
+        deadline = time.perf_counter() + self._busy_s
+        spins = 0
+        while time.perf_counter() < deadline:  # holds the GIL
+            spins += 1
+        time.sleep(self._sleep_s)  # releases it
+        self.steps += 1
+        finished = []
+        for handle, state in self._running.items():
+            state[0] += 1
+            if state[0] >= state[1]:
+                finished.append(handle)
+        return finished
+
+    def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
+        for handle in handles:
+            del self._running[handle]
+        return [GenerationResult(image=IMAGE, nsfw_content_detected=False, seed=0) for _ in handles]
+
+    def cancel(self, handle: int) -> None:
+        self._running.pop(handle, None)
+
+
+async def measure(engines: int, args: argparse.Namespace) -> dict[str, Any]:
+    fakes = [GilStepEngine(args.step_ms / 1000, args.gil_fraction) for _ in range(engines)]
+    queue = StepLoop(fakes, max_batch_size=args.batch, max_queue_items=1024, metrics=Metrics())
+    queue.start()
+    done = 0
+    counting = False
+    stop = asyncio.Event()
+
+    async def client(seed: int) -> None:
+        nonlocal done
+        while not stop.is_set():
+            item = GenerationItem(prompt="p", seed=seed, num_inference_steps=args.steps, height=8, width=8)
+            (future,) = queue.submit([item])
+            await future
+            if counting:
+                done += 1
+
+    clients = [asyncio.create_task(client(n)) for n in range(engines * args.batch)]
+    await asyncio.sleep(args.warmup_s)  # every engine full
+    counting, started, steps_before = True, time.perf_counter(), sum(f.steps for f in fakes)
+    await asyncio.sleep(args.seconds)
+    counting, elapsed = False, time.perf_counter() - started
+    steps = sum(f.steps for f in fakes) - steps_before
+    stop.set()
+    await asyncio.gather(*clients)
+    await queue.close()
+    return {
+        "engines": engines,
+        "images_per_s": done / elapsed,
+        "steps_per_s_per_engine": steps / elapsed / engines,
+        "ideal_steps_per_s_per_engine": 1000 / args.step_ms,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engines", default="1,2,4")
+    p.add_argument("--step-ms", type=float, default=20.0)
+    p.add_argument("--gil-fraction", type=float, default=0.10)
+    p.add_argument("--steps", type=int, default=10, help="steps per image")
+    p.add_argument("--batch", type=int, default=4, help="SD_MAX_BATCH_SIZE of each engine")
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engines-gil"))
+    args = p.parse_args(argv)
+    runs = [asyncio.run(measure(int(n), args)) for n in args.engines.split(",")]
+    one = next(run["images_per_s"] for run in runs if run["engines"] == 1)
+    for run in runs:
+        run["scaling"] = run["images_per_s"] / (run["engines"] * one)
+    report = {
+        "benchmark": "engines-gil",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": "python benchmarks/engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "goal": "images/s >= 0.9 x N x one engine's",
+        "runs": runs,
+        "passed": all(run["scaling"] >= 0.9 for run in runs),
+    }
+    lines = [
+        f"# N engines behind one queue: {args.gil_fraction:.0%} of each {args.step_ms:g} ms step "
+        "holds the GIL",
+        "",
+        f"{report['machine']}; {args.batch} images per engine, {args.steps} steps per image, "
+        f"{args.engines.replace(',', ', ')} engines, closed-loop clients (N x {args.batch}), "
+        f"{args.seconds:g} s each.",
+        f"Command: `{report['command'].strip()}`",
+        "",
+        "| engines | images/s | x one engine | of N x one engine | steps/s per engine (ideal) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['engines']} | {run['images_per_s']:.1f} | {run['images_per_s'] / one:.2f} | "
+            f"{run['scaling']:.3f} | {run['steps_per_s_per_engine']:.1f} "
+            f"({run['ideal_steps_per_s_per_engine']:.0f}) |"
+        )
+    lines += ["", f"Goal {report['goal']}: {'met' if report['passed'] else 'NOT met'}."]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
