@@ -117,6 +117,13 @@ class Engine:
         check_scheduler_name(item.scheduler)
         if not isinstance(item.prompt, str) or not isinstance(item.negative_prompt, str):
             raise InvalidRequestError("prompt and negative_prompt must be strings")
+        for name, text in (("prompt", item.prompt), ("negative_prompt", item.negative_prompt)):
+            try:
+                text.encode("utf-8")  # a lone surrogate (JSON's "\ud800") breaks the tokenizer
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"{name} is not valid Unicode (it holds a lone surrogate)"
+                ) from None
         guidance = item.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
             raise InvalidRequestError(f"guidance_scale must be finite, got {guidance}")

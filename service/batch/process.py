@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from model.errors import InvalidRequestError
-from model.types import GenerationResult
+from model.types import GenerationItem, GenerationResult
 from service.batch.files.inputs import InputRow
 from service.batch.files.records import Record, image_path, record_path
 from service.batch.params import JobParams
-from service.runtime.batching.oom import generate_splitting_on_oom
+from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.engines import ServingEngine
 from service.runtime.images import encode_png
 from service.storage import Storage, StorageError
@@ -45,21 +45,33 @@ class Outcome:
 
 
 def generate_batch(engine: ServingEngine, rows: Sequence[InputRow], params: JobParams) -> list[Outcome]:
-    """Generate one engine batch (all rows valid, one batch key). Never raises for the engine's errors."""
-    items = [params.item(r.prompt, r.negative_prompt, _seed(r), engine.info) for r in rows]
-    try:
-        results = generate_splitting_on_oom(engine, items)
-    except InvalidRequestError as error:
-        return [Outcome(row, error=f"invalid request: {error}") for row in rows]
-    except Exception as error:  # the engine failed for the whole batch; the rows may succeed later
-        log.warning("engine failed on a batch of %d: %s", len(rows), error)
-        return [Outcome(row, error=f"engine error: {error}", retryable=True) for row in rows]
-    return [
-        Outcome(row, result=r)
-        if isinstance(r, GenerationResult)
-        else Outcome(row, error=str(r), retryable=True)
-        for row, r in zip(rows, results, strict=True)
-    ]
+    """Generate one engine batch (one batch key). Never raises for the engine's errors, and one
+    row's failure never fails its neighbours: each row is validated alone first (what the engine
+    refuses fails that row, for good), and a batch that fails anyway is retried row by row."""
+    # 1. Validation, row by row: an invalid row fails alone and is never retried.
+    outcomes: dict[int, Outcome] = {}
+    valid: list[tuple[int, GenerationItem]] = []
+    for index, row in enumerate(rows):
+        item = params.item(row.prompt, row.negative_prompt, _seed(row), engine.info)
+        try:
+            engine.validate([item])
+        except InvalidRequestError as error:
+            outcomes[index] = Outcome(row, error=f"invalid request: {error}")
+            continue
+        valid.append((index, item))
+    # 2. The valid rows together; out of memory halves, any other failure isolates the culprit.
+    if valid:
+        results = generate_isolating_failures(engine, [item for _, item in valid])
+        for (index, _), result in zip(valid, results, strict=True):
+            row = rows[index]
+            if isinstance(result, GenerationResult):
+                outcomes[index] = Outcome(row, result=result)
+            elif isinstance(result, InvalidRequestError):
+                outcomes[index] = Outcome(row, error=f"invalid request: {result}")
+            else:  # the engine failed for this row; it may succeed on a later attempt
+                log.warning("engine failed on row %d of %s: %s", row.row, row.file, result)
+                outcomes[index] = Outcome(row, error=f"engine error: {result}", retryable=True)
+    return [outcomes[index] for index in range(len(rows))]
 
 
 def write_success(

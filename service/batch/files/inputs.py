@@ -153,8 +153,21 @@ def parse_file(file: InputFile, data: bytes, job_seed: int | None, source: str) 
     return [_row(file, number, record, job_seed) for number, record in enumerate(records)]
 
 
+def _valid_unicode(text: object) -> tuple[object, bool]:
+    """``text`` made safe to write anywhere, and whether it was valid: a lone surrogate (JSON can
+    carry one, as "\\ud800") is written back as its escape, and the row fails."""
+    if not isinstance(text, str):
+        return text, True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8"), False
+    return text, True
+
+
 def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | None) -> InputRow:
-    prompt, negative = record.get("prompt"), record.get("negative_prompt")
+    prompt, prompt_ok = _valid_unicode(record.get("prompt"))
+    negative, negative_ok = _valid_unicode(record.get("negative_prompt"))
 
     def row(seed: int | None, error: str = "") -> InputRow:
         return InputRow(
@@ -176,6 +189,8 @@ def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | N
         return row(None, "empty prompt: give the row a non-empty prompt")
     if negative is not None and not isinstance(negative, str):
         return row(None, f"negative_prompt must be a string, got {_short(negative)}")
+    if not (prompt_ok and negative_ok):
+        return row(None, "the prompt is not valid Unicode (it holds a lone surrogate); fix the input file")
     seed, seed_error = _seed(record.get("seed"))
     if seed_error:
         return row(None, seed_error)
