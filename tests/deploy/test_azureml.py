@@ -56,9 +56,18 @@ def endpoint() -> ManagedOnlineEndpoint:
     return loaded
 
 
-@pytest.fixture(scope="module")
-def deployment() -> ManagedOnlineDeployment:
-    loaded = load(AZUREML / "online-deployment.yml")
+# GPUs of the VMs the model catalog lists (and of the A100 NC-series), for the concurrency rule.
+GPUS_PER_INSTANCE = {
+    "Standard_NC6s_v3": 1, "Standard_NC12s_v3": 2, "Standard_NC24s_v3": 4, "Standard_ND40rs_v2": 8,
+    "Standard_ND96asr_v4": 8, "Standard_ND96amsr_A100_v4": 8,
+    "Standard_NC24ads_A100_v4": 1, "Standard_NC48ads_A100_v4": 2, "Standard_NC96ads_A100_v4": 4,
+}  # fmt: skip
+ONLINE_DEPLOYMENTS = ["online-deployment.yml", "online-deployment-multi-gpu.yml"]
+
+
+@pytest.fixture(scope="module", params=ONLINE_DEPLOYMENTS)
+def deployment(request: pytest.FixtureRequest) -> ManagedOnlineDeployment:
+    loaded = load(AZUREML / request.param)
     assert isinstance(loaded, ManagedOnlineDeployment)
     return loaded
 
@@ -116,10 +125,20 @@ def test_concurrency_and_timeout_match_the_servers_batching(
     request = deployment.request_settings
     assert request is not None, "set request_settings"
     assert request.request_timeout_ms == 90_000
-    # Azure lets this many requests in at once; more queue there, and the server batches what arrives.
-    assert request.max_concurrent_requests_per_instance == settings.max_batch_size, (
-        f"max_concurrent_requests_per_instance {request.max_concurrent_requests_per_instance} must equal "
-        f"SD_MAX_BATCH_SIZE {settings.max_batch_size}: set both in online-deployment.yml"
+    # Azure lets this many requests in at once; more queue there, and the server batches what arrives:
+    # one full batch per GPU (one engine each, SD_DEVICES).
+    gpus = GPUS_PER_INSTANCE.get(deployment.instance_type or "")
+    assert gpus, f"{deployment.instance_type}: add its GPU count to GPUS_PER_INSTANCE"
+    devices = settings.device_list
+    assert devices == ("all",) or len(devices) == gpus, (
+        f"SD_DEVICES lists {len(devices)} devices; {deployment.instance_type} has {gpus} GPUs: set all"
+    )
+    assert request.max_concurrent_requests_per_instance == settings.max_batch_size * gpus, (
+        f"max_concurrent_requests_per_instance {request.max_concurrent_requests_per_instance} must be "
+        f"SD_MAX_BATCH_SIZE {settings.max_batch_size} x {gpus} GPUs ({deployment.instance_type})"
+    )
+    assert settings.max_queue_items >= request.max_concurrent_requests_per_instance, (
+        "SD_MAX_QUEUE_ITEMS must hold at least one image of every request Azure lets in, or it answers 429"
     )
     assert settings.request_timeout_s * 1000 < request.request_timeout_ms, (
         "SD_REQUEST_TIMEOUT_S must end before Azure's request_timeout_ms, so clients get the server's 504"
