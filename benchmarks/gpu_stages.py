@@ -268,7 +268,8 @@ def run_cases(
         seconds, peaks[batch], images = _timed(plan, generate, batch)
         times[batch] = [seconds]
         row = _row(plan, batch, times[batch], tflop, warmup_s, peaks[batch])
-        if save_reference:
+        if save_reference:  # stock diffusers: NaN would show here (the engine refuses it instead)
+            row["nonfinite_pixels"] = int(np.count_nonzero(~np.isfinite(images.astype(np.float32))))
             plan.reference_dir.mkdir(parents=True, exist_ok=True)
             np.save(reference_path(plan, spec, batch), images)
         if compare:

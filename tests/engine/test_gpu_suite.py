@@ -73,6 +73,7 @@ def test_dry_run_goes_through_every_stage_and_records_each(tmp_path: Path) -> No
             assert c["images_per_s"] == pytest.approx(c["batch_size"] / c["seconds_per_batch"])
             assert c["mfu"] == pytest.approx(c["tflop_per_image"] / c["seconds_per_image"] / 790)
             assert 1 <= c["timed_runs"] <= 2 and c["peak_host_rss_gib"] > 0
+    assert all(c["nonfinite_pixels"] == 0 for c in found["02-diffusers.json"]["cases"])
     for name in ("03-engine.json", "04-compiled.json"):
         assert all(c["mean_abs_diff_vs_diffusers"] < 0.01 for c in found[name]["cases"]), name
         assert found[name]["all_within_0_01"] is True
