@@ -56,4 +56,7 @@ EXPOSE 5001
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SD_PORT', '5001') + '/', timeout=8)"]
 
+# One engine per GPU the container sees, behind one queue (SD_DEVICES is unset, so "all" on CUDA):
+# `docker run --gpus all` on a multi-GPU VM serves every GPU; SD_DEVICES=cuda:0,cuda:1 or SD_DEVICE=cuda:1
+# picks some. Scale SD_MAX_QUEUE_ITEMS and the front end's concurrency by the GPU count (README).
 CMD ["sd-endpoint", "serve", "--host", "0.0.0.0"]
