@@ -190,7 +190,16 @@ def fastest(plan: Plan, candidates: tuple[str, ...]) -> tuple[str, str]:
 
 
 def _stop(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM or SIGINT: once; what follows only completes the records and the report."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise SuiteStopped
+
+
+def _skip(out: Path, index: int, name: str, title: str, reason: str) -> None:
+    record = {"stage": index, "name": name, "title": title, "status": "skipped"}
+    write_json(stage_file(out, index, name), record | {"skipped_for_time": [f"not started: {reason}"]})
+    print(f"[{name}] skipped: {reason}", flush=True)
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -224,6 +233,7 @@ def run_suite(args: argparse.Namespace) -> int:
 
         preload()
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     print(f"GPU suite: {len(stages)} stages in at most {args.budget_s:.0f} s -> {out}", flush=True)
     stopped = False
     for position, (index, name, title, _) in enumerate(stages):
@@ -231,35 +241,26 @@ def run_suite(args: argparse.Namespace) -> int:
         left = deadline - time.time()
         budget = min(caps[name], left - RESERVE_S * later)
         if stopped or budget < MIN_STAGE_S:
-            reason = "the suite was stopped" if stopped else f"{left:.0f} s left of {args.budget_s:.0f} s"
-            write_json(
-                stage_file(out, index, name),
-                {
-                    "stage": index,
-                    "name": name,
-                    "title": title,
-                    "status": "skipped",
-                    "skipped_for_time": [f"not started: {reason}"],
-                },
-            )
-            print(f"[{name}] skipped: {reason}", flush=True)
+            _skip(out, index, name, title, "the suite was stopped" if stopped else f"{left:.0f} s left")
             continue
-        stage_plan = Plan(**asdict(plan))
-        stage_plan.stage, stage_plan.index, stage_plan.title = name, index, title
-        stage_plan.budget_s = budget
-        stage_plan.extra = plan.extra | ({"hang": True} if name == args.hang else {})
-        stage_plan.deadline = time.time() + budget - GRACE_S
-        if name in ("profile", "sd2"):
-            candidates = ("engine", "compiled") if name == "profile" else ENGINE_VARIANTS
-            variant, reason = fastest(plan, candidates)
-            stage_plan.fastest = stage_plan.sd2_variant = variant
-            stage_plan.fastest_reason = reason
-        deepspeed_path = name == "deepspeed" or (name == "sd2" and stage_plan.sd2_variant == "deepspeed")
         try:
+            stage_plan = Plan(**asdict(plan))
+            stage_plan.stage, stage_plan.index, stage_plan.title = name, index, title
+            stage_plan.budget_s = budget
+            stage_plan.extra = plan.extra | ({"hang": True} if name == args.hang else {})
+            stage_plan.deadline = time.time() + budget - GRACE_S
+            if name in ("profile", "sd2"):
+                candidates = ("engine", "compiled") if name == "profile" else ENGINE_VARIANTS
+                variant, reason = fastest(plan, candidates)
+                stage_plan.fastest = stage_plan.sd2_variant = variant
+                stage_plan.fastest_reason = reason
+            deepspeed_path = name == "deepspeed" or (name == "sd2" and stage_plan.sd2_variant == "deepspeed")
             # 2) + 3)
             stopped = not run_stage_process(stage_plan, deepspeed_path, fork)
-        except SuiteStopped:
+        except SuiteStopped:  # between stage processes
             stopped = True
+            if read_record(plan.out, index, name) is None:
+                _skip(out, index, name, title, "the suite was stopped")
     # 4)
     print(report(plan.out), flush=True)
     print(f"GPU suite done in {time.time() - started:.0f} s", flush=True)
@@ -365,6 +366,7 @@ def _forked_stage(plan_file: Path, read: int, write: int) -> None:
     try:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.close(read)
         os.dup2(write, 1)
         os.dup2(write, 2)
