@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from model.errors import EngineFailure
+import service.runtime.lifecycle as lifecycle_module
+from model.errors import EngineFailure, ModelLoadError
 from model.types import GenerationItem
 from service.runtime.batching.steploop import StepLoop
+from service.runtime.engines import resolve_devices
 from service.runtime.errors import NotReadyError
+from service.runtime.lifecycle import Lifecycle, Phase
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from tests.runtime.fakes import item
@@ -143,3 +147,70 @@ def test_sd_devices_lists_one_engine_per_device_and_sd_device_stays_a_shorthand(
     for bad in ("gpu0", "cuda:0,,cuda:1", "all,cpu", ""):
         with pytest.raises(ValidationError, match="SD_DEVICES"):
             Settings(devices=bad)
+
+
+class SlowLoad(FakeStepEngine):
+    """An engine whose load and warm-up each take ``LOAD_S`` (recording when they ran)."""
+
+    def __init__(self, device: str | None) -> None:
+        super().__init__()
+        self.device = device
+        self._span("load")
+
+    def _span(self, what: str) -> None:
+        started = time.monotonic()
+        time.sleep(LOAD_S)
+        SPANS.append((f"{what} {self.device}", started, time.monotonic()))
+
+    def warmup(self) -> None:
+        self._span("warmup")
+
+
+LOAD_S = 0.3
+SPANS: list[tuple[str, float, float]] = []
+
+
+def overlapping(spans: list[tuple[str, float, float]], prefix: str) -> bool:
+    (_, a0, a1), (_, b0, b1) = [span for span in spans if span[0].startswith(prefix)]
+    return a0 < b1 and b0 < a1
+
+
+def test_every_device_loads_and_warms_up_at_once_before_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(settings: Settings, device: str | None = "settings") -> FakeStepEngine:
+        if device == "cuda:7":
+            raise ModelLoadError("CUDA error: invalid device ordinal")
+        return SlowLoad(device)
+
+    monkeypatch.setattr(lifecycle_module, "load_engine", load)
+
+    async def start(devices: str) -> Lifecycle:
+        lifecycle = Lifecycle(Settings(model="/models/sd", devices=devices), Metrics())
+        lifecycle.begin()
+        await lifecycle.wait_started()
+        return lifecycle
+
+    async def test() -> None:
+        SPANS.clear()
+        ready = await start("cuda:0,cuda:1")
+        assert ready.phase is Phase.READY and ready.runtime is not None
+        assert [e.device for e in ready.runtime.engines] == ["cuda:0", "cuda:1"]  # type: ignore[attr-defined]
+        assert overlapping(SPANS, "load") and overlapping(SPANS, "warmup")
+        await ready.stop()
+        failed = await start("cuda:0,cuda:7")
+        assert failed.phase is Phase.FAILED and "invalid device ordinal" in failed.failure
+
+    run(test)
+
+
+def test_all_is_every_visible_cuda_device_or_the_default_device_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert resolve_devices(Settings()) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert resolve_devices(Settings(devices="cuda:2,cpu")) == ["cuda:2", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_devices(Settings(devices="all")) == [None]
+    assert resolve_devices(Settings(device="cpu")) == ["cpu"]
