@@ -121,12 +121,13 @@ class Lane:
                 continue  # another lane took what had arrived
             self._metrics.running_images.set(self.load)
             self.in_engine = True
+            iteration = loop.run_in_executor(self._engine_thread, self._iterate, leaving, admitting)
             try:
-                outcome = await asyncio.shield(
-                    loop.run_in_executor(self._engine_thread, self._iterate, leaving, admitting)
-                )
+                outcome = await asyncio.shield(iteration)
             except asyncio.CancelledError:
-                self.in_engine = False
+                # Abandoned, but the engine thread still runs it: busy until it returns, so that a
+                # stop does not release the model under it (and the host exits without joining it).
+                iteration.add_done_callback(self._iteration_over)
                 fail([*admitting, *self.running.values()], ShuttingDownError(
                     "the server shut down before this image was done"
                 ))  # fmt: skip
@@ -135,6 +136,9 @@ class Lane:
             self.admitting = []
             # 3. Hand out what it did.
             self._apply(outcome)
+
+    def _iteration_over(self, _: object) -> None:
+        self.in_engine = False
 
     def _take_leaving(self) -> list[int]:
         """Handles to drop: cancelled images, and any image whose future was failed meanwhile."""
