@@ -122,6 +122,31 @@ def test_a_failing_device_fails_only_its_own_images_and_leaves_the_rotation() ->
     run(test)
 
 
+def test_images_a_failed_device_put_back_run_in_company_on_the_others() -> None:
+    async def test() -> None:
+        healthy, broken = Recording(), Recording(broken=True)
+        healthy.gate = threading.Event()
+        steps = StepLoop([healthy, broken], max_batch_size=4, max_queue_items=32, metrics=Metrics())
+        steps.start()
+        first = steps.submit([item(seed=1, steps=2)])
+        await asyncio.to_thread(healthy.step_started.acquire, True, 10)  # engine 0 holds seed 1
+        # Engine 1 takes all four, its step fails, each reruns alone there: 2 and 3 fail, and the
+        # third failure in a row takes it out; 4 and 5 were not to blame.
+        later = steps.submit([item(seed=n, steps=2) for n in (2, 3, 4, 5)])
+        while steps.lanes[1].serving:
+            await asyncio.sleep(0.01)
+        healthy.gate.set()
+        outcomes = await asyncio.gather(*first, *later, return_exceptions=True)
+        await steps.close()
+        assert [type(o).__name__ for o in outcomes] == [
+            "GenerationResult", "EngineFailure", "EngineFailure", "GenerationResult", "GenerationResult"
+        ]  # fmt: skip
+        assert broken.admitted == [2, 3, 4, 5, 2, 3] and healthy.admitted == [1, 4, 5]
+        assert [1, 4, 5] in healthy.steps or [4, 5] in healthy.steps  # together, not one by one
+
+    run(test)
+
+
 def test_when_every_engine_has_failed_new_requests_get_503_and_waiting_images_fail() -> None:
     async def test() -> None:
         steps = StepLoop([Recording(broken=True)], max_batch_size=1, max_queue_items=32, metrics=Metrics())

@@ -68,6 +68,7 @@ class StepLoop:
             for index, each in enumerate(engines)
         ]
         self._holder: dict[int, Lane] = {}  # id(image) -> the lane that holds it (for cancellation)
+        self._suspected_by: dict[int, int] = {}  # id(image) -> the lane whose failed step requeued it
         self._closed = False
         metrics.engines_serving.set(len(self.lanes))
 
@@ -124,6 +125,7 @@ class StepLoop:
     def _left(self, image: Image, _: object = None) -> None:
         """An image's future is done: a cancelled one leaves the queue now, or its engine next step."""
         lane = self._holder.pop(id(image), None)
+        self._suspected_by.pop(id(image), None)
         if not image.future.cancelled():
             return
         try:
@@ -164,6 +166,7 @@ class StepLoop:
                 break
             admitting.append(self._waiting.popleft())
             self._holder[id(head)] = lane
+            self._suspected_by.pop(id(head), None)
             if head.suspect:
                 break
         if admitting:
@@ -176,14 +179,22 @@ class StepLoop:
     def requeue(self, images: list[Image]) -> None:
         """Back to the front of the queue, in order (out of memory, or to run alone)."""
         for image in images:
-            self._holder.pop(id(image), None)
+            lane = self._holder.pop(id(image), None)
+            if image.suspect and lane is not None:
+                self._suspected_by[id(image)] = lane.index
         self._waiting.extendleft(reversed(images))
         self._metrics.queue_depth.set(len(self._waiting))
         if images:
             self._wake()
 
     def lane_down(self, lane: Lane) -> None:
+        """``lane`` left the rotation: the images its failed steps put back were not to blame (its
+        device was), so they run in company again on the others."""
         self._metrics.engines_serving.set(len(self.serving))
+        for image in self._waiting:
+            if self._suspected_by.get(id(image)) == lane.index:
+                image.suspect = False
+                del self._suspected_by[id(image)]
         if not self.serving:
             log.error("no engine is left in rotation: %s", NO_ENGINE_LEFT)
             waiting, self._waiting = list(self._waiting), deque()
