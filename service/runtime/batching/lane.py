@@ -44,8 +44,8 @@ class _Outcome:
     refused: list[tuple[Image, Exception]] = field(default_factory=list)
     results: list[tuple[int, GenerationResult | Exception]] = field(default_factory=list)
     step_error: Exception | None = None
-    stepped: int = 0
-    seconds: float = 0.0
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) of each step
+    first_step_done: float | None = None  # monotonic time at the end of the iteration's first step
 
 
 class ImageSource(Protocol):
@@ -56,6 +56,8 @@ class ImageSource(Protocol):
     def take(self, lane: Lane) -> list[Image]: ...
 
     def requeue(self, images: list[Image]) -> None: ...
+
+    def has_waiting(self) -> bool: ...
 
     def lane_down(self, lane: Lane) -> None: ...
 
@@ -155,9 +157,14 @@ class Lane:
             self._leaving.add(image.handle)
 
     def _iterate(self, leaving: list[int], admitting: list[Image]) -> _Outcome:
-        """In the engine thread: cancel, admit, one step, retire. Never raises for engine errors."""
+        """In the engine thread: cancel, admit, then step until there is something to hand back.
+
+        The engine steps on without a round trip through the event loop for as long as nothing
+        finished, nothing left and no waiting image could join (the event loop may be busy with
+        HTTP and PNGs; the engine must not wait for it between steps). Never raises for engine
+        errors: a failed step ends the iteration, the steps before it stand.
+        """
         engine, outcome = self.engine, _Outcome()
-        started = time.perf_counter()
         for handle in leaving:
             engine.cancel(handle)
         for image in admitting:
@@ -166,25 +173,42 @@ class Lane:
             except Exception as error:  # this item only: the engine cannot take it
                 outcome.refused.append((image, error))
         running = len(self.running) + len(outcome.admitted)
-        if running:
+        while running:
+            started = time.perf_counter()
             try:
                 finished = engine.step()
-            except Exception as error:  # nothing advanced: the loop decides who leaves
+            except Exception as error:  # nothing advanced in this step: the loop decides who leaves
                 outcome.step_error = error
-                return outcome
-            outcome.stepped = running
+                break
+            outcome.steps.append((running, time.perf_counter() - started))
+            if outcome.first_step_done is None:
+                outcome.first_step_done = time.monotonic()
             if finished:
                 outcome.results = self._retire(finished)
-        outcome.seconds = time.perf_counter() - started
+                break
+            if self._should_hand_back(outcome):
+                break
         return outcome
 
+    def _should_hand_back(self, outcome: _Outcome) -> bool:
+        """Whether the event loop has something to do at this step boundary: an image left (or was
+        failed), or a waiting image could join. Read from the engine thread: each check is one
+        attribute or length read, and a stale answer only costs one more step."""
+        if self._leaving or not self.serving:
+            return True
+        images = [*self.running.values(), *(image for image, _ in outcome.admitted)]
+        if any(image.future.done() for image in images):
+            return True
+        return len(images) < self.room and self._source.has_waiting()
+
     def _retire(self, handles: list[int]) -> list[tuple[int, GenerationResult | Exception]]:
-        """Decode the finished images together; on failure one by one, so each gets its own outcome."""
+        """Decode the finished images together; on failure one by one, so each gets its own outcome
+        (a handle whose decode failed stays in the engine: the lane cancels it next iteration)."""
         try:
             return list(zip(handles, self.engine.retire(handles), strict=True))
-        except Exception:
+        except Exception as error:
             if len(handles) == 1:
-                raise
+                return [(handles[0], error)]
         outcomes: list[tuple[int, GenerationResult | Exception]] = []
         for handle in handles:
             try:
@@ -203,25 +227,28 @@ class Lane:
         for image, error in outcome.refused:
             fail([image], error)
         self._metrics.admitted_per_step.observe(len(outcome.admitted))
-        # 2. A failed step: nothing advanced; shrink or isolate, then go round again.
+        # 2. The steps that happened: first-step times, step metrics.
+        if outcome.steps:
+            self.failures = 0
+        for images, seconds in outcome.steps:
+            self._metrics.step_seconds.observe(seconds)
+            self._metrics.batch_size.observe(images)
+        if outcome.first_step_done is not None:
+            for image in self.running.values():
+                if image.first_step:
+                    image.first_step = False
+                    self._metrics.first_step_wait.observe(outcome.first_step_done - image.arrived)
+        # 3. A failed step (its images as they were): shrink or isolate, then go round again.
         if outcome.step_error is not None:
             self._recover(outcome.step_error)
             return
-        # 3. A step happened: first-step times, step metrics, finished images out.
-        now = time.monotonic()
-        for image in self.running.values():
-            if image.first_step:
-                image.first_step = False
-                self._metrics.first_step_wait.observe(now - image.arrived)
-        if outcome.stepped:
-            self.failures = 0
-            self._metrics.step_seconds.observe(outcome.seconds)
-            self._metrics.batch_size.observe(outcome.stepped)
+        # 4. Finished images out.
         for handle, result in outcome.results:
             if handle not in self.running:
                 continue
             image = self.running.pop(handle)
-            if isinstance(result, Exception):
+            if isinstance(result, Exception):  # its decode failed: it leaves the engine too
+                self._leaving.add(handle)
                 fail([image], result)
                 continue
             self.room = min(self.room + 1, self.max_batch_size)

@@ -145,6 +145,10 @@ class StepLoop:
         finally:
             lane.idle = False
 
+    def has_waiting(self) -> bool:
+        """Whether images wait (read from engine threads: one length read)."""
+        return bool(self._waiting)
+
     def take(self, lane: Lane) -> list[Image]:
         """Waiting images for ``lane`` to admit now: oldest first while it has room; a suspect runs
         alone; while other lanes are idle, a busy lane leaves the images to them and an idle one
