@@ -41,12 +41,6 @@ def server(engine: GatedEngine) -> Iterator[ThreadServer]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(8) as executor:
-        yield executor
-
-
 def post(url: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{url}/score", json=body, timeout=120)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -45,14 +46,19 @@ def server(engine: RowLimitedEngine) -> Iterator[ThreadServer]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(8) as executor:
-        yield executor
-
-
 def send(pool: ThreadPoolExecutor, url: str, body: dict[str, Any]) -> Future[httpx.Response]:
     return pool.submit(httpx.post, f"{url}/score", json=body, timeout=120)
+
+
+def wait_for_all_in(url: str, images: int) -> None:
+    """Until ``images`` are in the server, running or waiting (however their arrivals interleaved)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = metrics(url)
+        if metric_value(text, "sd_queue_depth") + metric_value(text, "sd_running_images") == images:
+            return
+        assert time.monotonic() < deadline, f"{images} images never arrived"
+        time.sleep(0.02)
 
 
 def metrics(url: str) -> str:
@@ -96,7 +102,7 @@ def test_out_of_memory_shrinks_the_running_set_then_it_grows_again(
         with held(engine):
             futures = [send(pool, server.url, request_body([f"image {n}"], seed=n)) for n in range(4)]
             engine.wait_until_held()
-            wait_for_metric(server.url, "sd_queue_depth", 3)  # all join at the next step: 4 > 2 rows
+            wait_for_all_in(server.url, 4)  # all join at the next step: 4 > 2 rows
         assert [f.result().status_code for f in futures] == [200] * 4
         assert [f.result().json()[0]["seed"] for f in futures] == [0, 1, 2, 3]
     finally:
@@ -107,7 +113,7 @@ def test_out_of_memory_shrinks_the_running_set_then_it_grows_again(
             send(pool, server.url, request_body([f"again {n}"], num_inference_steps=3)) for n in range(4)
         ]
         engine.wait_until_held()
-        wait_for_metric(server.url, "sd_queue_depth", 3)  # the first image's step holds the rest
+        wait_for_all_in(server.url, 4)  # the first step holds; the rest join at the next
     assert all(f.result().status_code == 200 for f in futures)
     assert metric_value(metrics(server.url), "sd_running_images") == 0
     assert metric_value(metrics(server.url), "sd_batch_size_bucket", 'le="3.0"') < metric_value(

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from model.types import BatchKey, GenerationItem, GenerationResult
 from service.runtime.batching.oom import generate_isolating_failures
+from service.runtime.batching.room import check_room
 from service.runtime.engines import ServingEngine
-from service.runtime.errors import ContractError, QueueFullError, ShuttingDownError
+from service.runtime.errors import ShuttingDownError
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,10 @@ class Batcher:
     def submit(self, items: Sequence[GenerationItem]) -> list[asyncio.Future[GenerationResult]]:
         """Queue ``items``; one future per item, in order. Raises QueueFullError when there is no room."""
         # 1. Refuse whole requests, never part of one, so the queue never holds half a request.
-        if self._closed:
-            raise ShuttingDownError("the server is shutting down; send the request to another instance")
-        if len(items) > self._max_queue_items:  # would never fit: a 429 would be retried forever
-            raise ContractError(
-                f"the request asks for {len(items)} images; this server queues at most "
-                f"{self._max_queue_items} at once (SD_MAX_QUEUE_ITEMS): send fewer prompts or images"
-            )
-        if len(self._queue) + len(items) > self._max_queue_items:
-            self._metrics.rejections.inc()
-            raise QueueFullError(
-                f"the queue is full ({len(self._queue)} of {self._max_queue_items} images waiting); "
-                "retry after the Retry-After seconds"
-            )
+        check_room(
+            closed=self._closed, waiting=len(self._queue), incoming=len(items),
+            max_queue_items=self._max_queue_items, metrics=self._metrics,
+        )  # fmt: skip
         # 2. Register each future before the item becomes visible to the worker.
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[GenerationResult]] = []

@@ -40,8 +40,9 @@ from collections.abc import Sequence
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.lane import Image, Lane, fail
+from service.runtime.batching.room import check_room
 from service.runtime.engines import ServingEngine
-from service.runtime.errors import ContractError, NotReadyError, QueueFullError, ShuttingDownError
+from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,21 +90,12 @@ class StepLoop:
     def submit(self, items: Sequence[GenerationItem]) -> list[asyncio.Future[GenerationResult]]:
         """Queue ``items``; one future per item, in order. Raises QueueFullError when there is no room."""
         # 1. Refuse whole requests, never part of one.
-        if self._closed:
-            raise ShuttingDownError("the server is shutting down; send the request to another instance")
-        if not self.serving:
+        if not self._closed and not self.serving:
             raise NotReadyError(NO_ENGINE_LEFT)
-        if len(items) > self._max_queue_items:  # would never fit: a 429 would be retried forever
-            raise ContractError(
-                f"the request asks for {len(items)} images; this server queues at most "
-                f"{self._max_queue_items} at once (SD_MAX_QUEUE_ITEMS): send fewer prompts or images"
-            )
-        if len(self._waiting) + len(items) > self._max_queue_items:
-            self._metrics.rejections.inc()
-            raise QueueFullError(
-                f"the queue is full ({len(self._waiting)} of {self._max_queue_items} images waiting); "
-                "retry after the Retry-After seconds"
-            )
+        check_room(
+            closed=self._closed, waiting=len(self._waiting), incoming=len(items),
+            max_queue_items=self._max_queue_items, metrics=self._metrics,
+        )  # fmt: skip
         # 2. Register each future before the image becomes visible to the lanes.
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[GenerationResult]] = []
