@@ -147,8 +147,16 @@ def write_job(output: Storage, params: JobParams) -> None:
 
 
 def discard_partial_writes(output: Storage) -> int:
-    """Remove the temporary files of local writes that a killed writer left; they were never results."""
-    return output.discard_partial_writes(IMAGES_DIR) + output.discard_partial_writes(RECORDS_DIR)
+    """Remove the temporary files of local writes that a killed writer left; they were never results.
+
+    Below images/ and records/, and at the output's root, where a run killed while finalizing
+    leaves those of the predictions file and summary.json (the root's other folders are not ours).
+    """
+    return (
+        output.discard_partial_writes(IMAGES_DIR)
+        + output.discard_partial_writes(RECORDS_DIR)
+        + output.discard_partial_writes("", recursive=False)
+    )
 
 
 def _job_parameters(output: Storage) -> dict[str, Any] | None:

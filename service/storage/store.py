@@ -128,17 +128,20 @@ class Storage:
         except Exception as error:
             raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
 
-    def discard_partial_writes(self, prefix: str = "") -> int:
-        """Remove temporary files that a killed writer left below ``prefix``; returns how many."""
+    def discard_partial_writes(self, prefix: str = "", *, recursive: bool = True) -> int:
+        """Remove temporary files that a killed writer left below ``prefix`` (in ``prefix`` itself
+        only, unless ``recursive``); returns how many."""
         if not self.is_local:
             return 0  # remote uploads that never committed are invisible and expire on their own
         base = self._full(prefix.strip("/"))
         removed = 0
-        for folder, _dirs, files in os.walk(base):
+        for folder, dirs, files in os.walk(base):
             for name in files:
-                if PARTIAL_MARKER in name:
+                if name.startswith(".") and PARTIAL_MARKER in name:
                     os.unlink(os.path.join(folder, name))
                     removed += 1
+            if not recursive:
+                dirs.clear()
         return removed
 
 

@@ -141,6 +141,9 @@ def test_an_image_without_its_record_and_leftover_temporary_files_are_repaired(
     (output / "records/p/1.json").unlink()
     (output / "images/p/.2.png.partial-0123456789ab").write_bytes(b"\x89PNG half")
     (output / "records/p/.2.json.partial-0123456789ab").write_bytes(b'{"row"')
+    # ... and while finalizing: the summary and the predictions file at the output's root.
+    (output / ".summary.json.partial-0123456789ab").write_bytes(b'{"total"')
+    (output / ".predictions.csv.partial-0123456789ab").write_bytes(b"prompt,")
     untouched = {name: (output / name).stat().st_mtime_ns for name in ("images/p/0.png", "records/p/2.json")}
     capsys.readouterr()
     assert main(args) == 0
@@ -150,3 +153,4 @@ def test_an_image_without_its_record_and_leftover_temporary_files_are_repaired(
     assert json.loads((output / "records/p/1.json").read_text())["status"] == "ok"
     assert sorted(p.name for p in (output / "images/p").iterdir()) == ["0.png", "1.png", "2.png"]
     assert sorted(p.name for p in (output / "records/p").iterdir()) == ["0.json", "1.json", "2.json"]
+    assert [p.name for p in output.rglob("*") if ".partial-" in p.name] == []
