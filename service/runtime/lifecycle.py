@@ -3,7 +3,8 @@
 Readiness (``GET /``) is true only between a finished warm-up and the start of a drain, and while
 at least one engine is in rotation. The model loads after the app has started, so that probes get
 a prompt 503 while it loads: one engine per device of SD_DEVICES, loaded and warmed up in parallel
-threads (each device's work releases the GIL in torch's kernels).
+threads (each device's work releases the GIL in torch's kernels). Each engine's thread is the one
+that steps it afterwards (engines.engine_thread says why it must be one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from schemas.score import ScoreLimits
 from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import NO_ENGINE_LEFT, StepLoop
-from service.runtime.engines import ServingEngine, load_engine, resolve_devices
+from service.runtime.engines import ServingEngine, engine_thread, load_engine, resolve_devices
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
@@ -101,21 +102,32 @@ class Lifecycle:
 
     async def _start(self) -> None:
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        threads: list[ThreadPoolExecutor] = []  # one per engine, in engine order
         try:
-            # 1. Load (unless the caller gave engines) and warm up, off the event loop, every device at once.
-            engines = self._given_engines or await self._load()
+            # 1. Load (unless the caller gave engines) and warm up, off the event loop, every
+            #    device at once, each engine in the thread that will step it.
+            engines = self._given_engines or await self._load(threads)
+            threads += [engine_thread(index) for index in range(len(threads), len(engines))]
             self._warn_if_random(engines[0])
-            await asyncio.gather(*(asyncio.to_thread(engine.warmup) for engine in engines))
+            pairs = zip(engines, threads, strict=True)
+            await asyncio.gather(*(loop.run_in_executor(thread, engine.warmup) for engine, thread in pairs))
+        except asyncio.CancelledError:
+            _release(threads)  # stopped while loading
+            raise
         except Exception as error:
             self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
             log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
+            _release(threads)
             return
-        # 2. The serving pieces; a failure here must not leave readiness "loading" forever.
+        # 2. The serving pieces (which own the threads from now on); a failure here must not
+        #    leave readiness "loading" forever.
         try:
-            self.runtime = self._assemble(engines)
+            self.runtime = self._assemble(engines, threads)
         except Exception:
             self.phase, self.failure = Phase.FAILED, "the server could not start serving the loaded model"
             log.exception(self.failure)
+            _release(threads)
             return
         seconds = time.monotonic() - started
         self.metrics.model_load_seconds.set(seconds)
@@ -126,8 +138,10 @@ class Lifecycle:
                 ", ".join(engine.info.device for engine in self.runtime.engines),
             )  # fmt: skip
 
-    async def _load(self) -> list[ServingEngine]:
-        """One engine per device, loaded in parallel threads; any failure fails the start."""
+    async def _load(self, threads: list[ThreadPoolExecutor]) -> list[ServingEngine]:
+        """One engine per device, each loaded in its own new thread (appended to ``threads``), in
+        parallel; any failure fails the start."""
+        loop = asyncio.get_running_loop()
         devices = await asyncio.to_thread(resolve_devices, self.settings)
         if len(devices) > 1 and self.settings.batching == "request":
             log.warning(
@@ -135,17 +149,21 @@ class Lifecycle:
                 "(SD_BATCHING=step serves every device)", devices[0], ", ".join(map(str, devices)),
             )  # fmt: skip
             devices = devices[:1]
+        threads += [engine_thread(index) for index in range(len(devices))]
         if self.settings.model_spec.startswith("random:"):
             # Random weights are drawn from torch's one global generator: loads at once would
             # interleave their draws and make engines that draw different images. One at a time.
             results: list[ServingEngine | BaseException] = []
-            for device in devices:
+            for device, thread in zip(devices, threads, strict=True):
                 try:
-                    results.append(await asyncio.to_thread(load_engine, self.settings, device))
+                    results.append(await loop.run_in_executor(thread, load_engine, self.settings, device))
                 except Exception as error:
                     results.append(error)
         else:
-            loads = [asyncio.to_thread(load_engine, self.settings, device) for device in devices]
+            loads = [
+                loop.run_in_executor(thread, load_engine, self.settings, device)
+                for device, thread in zip(devices, threads, strict=True)
+            ]
             results = list(await asyncio.gather(*loads, return_exceptions=True))
         engines = [result for result in results if not isinstance(result, BaseException)]
         for result, device in zip(results, devices, strict=True):
@@ -156,7 +174,7 @@ class Lifecycle:
                 raise result
         return engines
 
-    def _assemble(self, engines: list[ServingEngine]) -> Runtime:
+    def _assemble(self, engines: list[ServingEngine], threads: list[ThreadPoolExecutor]) -> Runtime:
         settings = self.settings
         limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
         encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
@@ -169,6 +187,7 @@ class Lifecycle:
                 max_queue_items=settings.max_queue_items,
                 metrics=self.metrics,
                 max_failures=settings.engine_max_failures,
+                threads=threads,
             )
         else:
             engines = engines[:1]
@@ -179,7 +198,9 @@ class Lifecycle:
                 max_wait_s=settings.max_batch_wait_ms / 1000,
                 max_queue_items=settings.max_queue_items,
                 metrics=self.metrics,
+                thread=threads[0],
             )
+            _release(threads[1:])
         batcher.start()
         return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool, engines)
 
@@ -272,3 +293,9 @@ class Lifecycle:
             return
         for engine in runtime.engines:
             engine.close()
+
+
+def _release(threads: Sequence[ThreadPoolExecutor]) -> None:
+    """Let engine threads that nothing will use again end (the work they run, if any, finishes)."""
+    for thread in threads:
+        thread.shutdown(wait=False, cancel_futures=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from model.types import BatchKey, GenerationItem, GenerationResult
 from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.batching.room import check_room
-from service.runtime.engines import ServingEngine
+from service.runtime.engines import ServingEngine, engine_thread
 from service.runtime.errors import ShuttingDownError
 from service.runtime.metrics import Metrics
 
@@ -49,6 +49,7 @@ class Batcher:
         max_wait_s: float,
         max_queue_items: int,
         metrics: Metrics,
+        thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch_size = max_batch_size
@@ -57,8 +58,9 @@ class Batcher:
         self._metrics = metrics
         self._queue: deque[_Waiting] = deque()
         self._arrivals = asyncio.Event()
-        # One thread: the engine is not re-entrant, and one batch at a time keeps the GPU saturated.
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # The engine's one thread (engines.engine_thread; given: the one it was loaded and warmed up
+        # in, owned from now on): one batch at a time keeps the GPU saturated.
+        self._engine_thread = thread or engine_thread(0)
         self._worker: asyncio.Task[None] | None = None
         self._running: list[_Waiting] = []  # the batch in the engine now
         self._closed = False

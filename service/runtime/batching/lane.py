@@ -19,7 +19,7 @@ from typing import Protocol
 
 from model.errors import EngineOutOfMemoryError
 from model.types import GenerationItem, GenerationResult
-from service.runtime.engines import ServingEngine
+from service.runtime.engines import ServingEngine, engine_thread
 from service.runtime.errors import ShuttingDownError
 from service.runtime.metrics import Metrics
 
@@ -78,6 +78,7 @@ class Lane:
         max_batch_size: int,
         max_failures: int,
         metrics: Metrics,
+        thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.index = index
         self.engine = engine
@@ -93,8 +94,9 @@ class Lane:
         self.idle = False  # waiting for images
         self.serving = True  # in rotation
         self.failures = 0  # consecutive failed steps (not out of memory)
-        # One thread: the engine is not re-entrant; every engine call of an iteration runs there.
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{index}")
+        # The engine's one thread (the one it was loaded and warmed up in, when given; the lane
+        # owns it from now on): every engine call of an iteration runs there.
+        self._engine_thread = thread or engine_thread(index)
         self._worker: asyncio.Task[None] | None = None
         self.in_engine = False
 

@@ -37,6 +37,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.lane import Image, Lane, fail
@@ -59,14 +60,19 @@ class StepLoop:
         max_queue_items: int,
         metrics: Metrics,
         max_failures: int = 3,
+        threads: Sequence[ThreadPoolExecutor] = (),
     ) -> None:
+        """``threads``: each engine's own thread (engines.engine_thread), which its lane takes
+        over; a lane makes one for an engine without."""
         engines = list(engine) if isinstance(engine, Sequence) else [engine]
+        given = list(threads) + [None] * (len(engines) - len(threads))
         self._max_queue_items = max_queue_items
         self._metrics = metrics
         self._waiting: deque[Image] = deque()
+        limits = {"max_batch_size": max_batch_size, "max_failures": max_failures}
         self.lanes = [
-            Lane(index, each, self, max_batch_size=max_batch_size, max_failures=max_failures, metrics=metrics)
-            for index, each in enumerate(engines)
+            Lane(index, each, self, **limits, metrics=metrics, thread=thread)
+            for index, (each, thread) in enumerate(zip(engines, given, strict=True))
         ]
         self._holder: dict[int, Lane] = {}  # id(image) -> the lane that holds it (for cancellation)
         self._suspected_by: dict[int, int] = {}  # id(image) -> the lane whose failed step requeued it
