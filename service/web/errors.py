@@ -47,6 +47,10 @@ class BodyTooLargeError(ServiceError):
     """The body is larger than SD_MAX_BODY_BYTES."""
 
 
+class UnsupportedEncodingError(ServiceError):
+    """The body comes with a Content-Encoding (gzip, ...) that the server does not decode."""
+
+
 class HeaderTooLongError(ServiceError):
     """A request-id header is longer than the limit."""
 
@@ -75,6 +79,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
+    UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
     ContractError: ErrorKind(422, "invalid_request"),
     InvalidRequestError: ErrorKind(422, "invalid_request"),
     QueueFullError: ErrorKind(429, "too_many_requests", RETRY_AFTER_S),

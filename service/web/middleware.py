@@ -24,6 +24,7 @@ from service.web.errors import (
     BodyTooLargeError,
     HeaderTooLongError,
     UnauthorizedError,
+    UnsupportedEncodingError,
     error_response,
 )
 
@@ -151,7 +152,9 @@ class ApiKeyMiddleware:
 
 class BodyLimitMiddleware:
     """413 for bodies over the limit: at once from Content-Length, or while streaming a chunked one;
-    408 for a body that does not arrive within its deadline (a client sending a byte a second)."""
+    408 for a body that does not arrive within its deadline (a client sending a byte a second);
+    415 for a body in a Content-Encoding other than identity (it would be parsed as if it were
+    plain, or a compressed one be a 400 that does not say why; and the size limit is on the wire)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30) -> None:
         self.app = app
@@ -162,9 +165,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await error_response(self._too_large())(scope, receive, send)
+            await error_response(self._too_large(), path=scope["path"])(scope, receive, send)
+            return
+        listed = ",".join(headers.getlist("content-encoding")).split(",")
+        encodings = {part.strip().lower() for part in listed} - {"", "identity"}
+        has_body = declared not in (None, "0") or "transfer-encoding" in headers
+        if has_body and encodings:
+            shown = ", ".join(sorted(encodings))[:100]
+            error = UnsupportedEncodingError(
+                f"the body's Content-Encoding ({shown}) is not supported; send it uncompressed"
+            )
+            await error_response(error, path=scope["path"])(scope, receive, send)
             return
         received = 0
         complete = False
@@ -194,5 +208,6 @@ class BodyLimitMiddleware:
 
     def _too_large(self) -> BodyTooLargeError:
         return BodyTooLargeError(
-            f"the body is larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES); send fewer prompts"
+            f"the body is larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES); "
+            "send fewer or shorter prompts"
         )

@@ -38,7 +38,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "The body is not JSON.",
         401: "Missing or unknown API key (when SD_API_KEYS is set).",
+        408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
         413: "The body is larger than SD_MAX_BODY_BYTES.",
+        415: "The body has a Content-Encoding (gzip, ...); send it uncompressed.",
         422: "The JSON does not follow the contract (the message says where and why).",
         429: "The queue is full; retry after Retry-After seconds.",
         431: "A request-id header is longer than 100 characters.",

@@ -1,4 +1,5 @@
-"""API keys (401), body size (413) and request-id length (431), against a real server."""
+"""API keys (401), body size (413), content encoding (415) and request-id length (431), against a
+real server."""
 
 from __future__ import annotations
 
@@ -76,6 +77,36 @@ def test_a_chunked_body_over_the_limit_is_413(server: ThreadServer) -> None:
         f"{server.url}/score", json=request_body(["after"]), headers=bearer(KEYS[0]), timeout=60
     )
     assert fine.status_code == 200
+
+
+def test_a_body_over_the_limit_on_the_openai_route_is_413_in_openai_shape(server: ThreadServer) -> None:
+    too_big = json.dumps({"prompt": "x" * MAX_BODY}).encode()
+    response = httpx.post(f"{server.url}/v1/images/generations", content=too_big, headers=bearer(KEYS[0]))
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("body_too_large", "invalid_request_error")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip", "x-made-up"])
+@pytest.mark.parametrize("path", ["/score", "/v1/images/generations"])
+def test_a_compressed_body_is_415_not_parsed_as_plain(server: ThreadServer, encoding: str, path: str) -> None:
+    # A plain body labelled gzip would otherwise be served, and a really compressed one be a 400
+    # malformed_json that does not say why.
+    body = request_body(["labelled"]) if path == "/score" else {"prompt": "labelled", "n": 1}
+    headers = {**bearer(KEYS[0]), "Content-Encoding": encoding}
+    response = httpx.post(f"{server.url}{path}", json=body, headers=headers)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_content_encoding"
+    assert "uncompressed" in error["message"] and encoding.split(",")[-1].strip() in error["message"]
+    assert ("type" in error) == path.startswith("/v1/")  # OpenAI's shape on its route
+    # identity is no encoding at all, and a request without a body has nothing to decode.
+    plain = httpx.post(
+        f"{server.url}/score", json=request_body(["plain"]), timeout=60,
+        headers={**bearer(KEYS[0]), "Content-Encoding": "identity"},
+    )  # fmt: skip
+    assert plain.status_code == 200
+    assert httpx.get(f"{server.url}/health/live", headers={"Content-Encoding": "gzip"}).status_code == 200
 
 
 @pytest.mark.parametrize("header", ["x-request-id", "x-ms-request-id", "x-ms-client-request-id"])
