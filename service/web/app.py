@@ -28,6 +28,7 @@ from service.web.errors import error_response
 from service.web.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    HeadMiddleware,
     RequestContextMiddleware,
     SlashRedirectMiddleware,
 )
@@ -76,7 +77,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)
 
-    # Middleware: the last added runs first. Ids and metrics, then keys, then the body size.
+    # Middleware: the last added runs first. Ids and metrics, HEAD, slashes, then keys, then the body.
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     # relative (and runs before the key check, like routing's 404 would).
     app.router.redirect_slashes = False
     app.add_middleware(SlashRedirectMiddleware, route_paths=route_paths)
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
 
     app.include_router(routes.router)

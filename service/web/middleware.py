@@ -1,5 +1,5 @@
 """Pure ASGI middleware, outermost first: request context (ids, metrics, access log, last-resort 500),
-API keys, body size. Pure ASGI rather than BaseHTTPMiddleware so that the body is never buffered
+HEAD as GET, trailing-slash redirects, API keys, body size and encoding. Pure ASGI rather than BaseHTTPMiddleware so that the body is never buffered
 here and the endpoint can still see the client disconnect."""
 
 from __future__ import annotations
@@ -98,6 +98,26 @@ class RequestContextMiddleware:
             level = logging.DEBUG if path in PROBE_PATHS and status < 500 else logging.INFO
             log.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
             request_id_var.reset(token)
+
+
+class HeadMiddleware:
+    """HEAD is GET without the body (RFC 9110 asks every server to take it; uptime checkers send
+    it): the route answers as for GET, with the same status and headers, Content-Length included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 class SlashRedirectMiddleware:

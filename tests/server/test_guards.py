@@ -117,3 +117,15 @@ def test_a_request_id_over_100_characters_is_431(server: ThreadServer, header: s
     assert "i" * 101 not in str(response.headers)
     accepted = httpx.get(f"{server.url}/", headers={header: "i" * 100})
     assert accepted.status_code == 200 and accepted.headers[header] == "i" * 100
+
+
+def test_head_is_get_without_the_body(server: ThreadServer) -> None:
+    for path in ("/", "/health/live", "/health/ready", "/metrics", "/ui"):
+        got, head = httpx.get(f"{server.url}{path}"), httpx.head(f"{server.url}{path}")
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert httpx.head(f"{server.url}/nowhere", headers=bearer(KEYS[0])).status_code == 404
+    not_allowed = httpx.head(f"{server.url}/score", headers=bearer(KEYS[0]))
+    assert (not_allowed.status_code, not_allowed.headers["allow"]) == (405, "POST")
+    assert httpx.head(f"{server.url}/info").status_code == 401  # the key is still checked
+    assert httpx.head(f"{server.url}/info", headers=bearer(KEYS[0])).status_code == 200
