@@ -1,6 +1,7 @@
 """Pure ASGI middleware, outermost first: request context (ids, metrics, access log, last-resort 500),
-HEAD as GET, trailing-slash redirects, API keys, body size and encoding. Pure ASGI rather than BaseHTTPMiddleware so that the body is never buffered
-here and the endpoint can still see the client disconnect."""
+HEAD as GET, trailing-slash redirects, API keys, body size and encoding. Pure ASGI rather than
+BaseHTTPMiddleware so that the body is never buffered here and the endpoint can still see the
+client disconnect."""
 
 from __future__ import annotations
 

@@ -291,7 +291,10 @@ def test_each_engine_is_loaded_warmed_up_and_run_in_one_thread_of_its_own(
         await lifecycle.stop()
         engines: list[ThreadRecording] = list(runtime.engines)  # type: ignore[arg-type]
         assert len(engines) == (2 if batching == "step" else 1)
-        calls = {"step": {"load", "warmup", "admit", "step", "retire"}, "request": {"load", "warmup", "generate"}}
+        calls = {
+            "step": {"load", "warmup", "admit", "step", "retire"},
+            "request": {"load", "warmup", "generate"},
+        }
         served = [engine for engine in engines if len(engine.threads) > 2]
         assert served, "no engine ran an image"
         for engine in served:
