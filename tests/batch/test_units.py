@@ -90,6 +90,31 @@ def test_a_csv_without_prompt_column_is_refused_naming_its_columns() -> None:
         parse("p.csv", "text,x\nhello,1\n")
 
 
+@pytest.mark.parametrize(
+    ("header", "twice"),
+    [
+        ("prompt,prompt", "prompt"),
+        ("prompt,seed, seed", "seed"),
+        ("negative_prompt,prompt,negative_prompt", "negative_prompt"),
+    ],
+)
+def test_a_csv_with_a_column_twice_is_refused_rather_than_read_from_one_of_them(
+    header: str, twice: str
+) -> None:
+    with pytest.raises(BatchConfigError, match=f"has 2 '{twice}' columns; keep one"):
+        parse("p.csv", f"{header}\na,b,c\n")
+
+
+def test_parquet_with_a_column_twice_is_refused(tmp_path: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.table([["a"], ["b"]], names=["prompt", "prompt"])
+    pyarrow.parquet.write_table(table, tmp_path / "p.parquet")
+    with pytest.raises(BatchConfigError, match="has 2 'prompt' columns; keep one"):
+        parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+
+
 def test_a_file_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(BatchConfigError, match="not UTF-8"):
         parse_file(InputFile("p.csv"), b"prompt\n\xff\xfe\xfa\n", None, "p.csv")

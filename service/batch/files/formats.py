@@ -9,7 +9,8 @@ the file has them, ``negative_prompt`` and ``seed`` (inputs.py checks the values
 - ``.parquet`` / ``.pqt``: a table with a ``prompt`` column (and the same optional ones).
 - ``.txt``: one prompt a line; blank lines are not rows.
 
-A file that cannot be read as its format at all (no ``prompt`` column, not UTF-8, not Parquet)
+A file that cannot be read as its format at all (no ``prompt`` column, one of the columns above
+twice, not UTF-8, not Parquet)
 raises BatchConfigError: the job stops before it starts. A row that is wrong is the row's problem.
 """
 
@@ -54,12 +55,21 @@ def _missing_prompt(source: str, header: list[str]) -> BatchConfigError:
     return BatchConfigError(f"{source} has no 'prompt' column (found {found}{more}); add a prompt column")
 
 
+def _check_header(source: str, header: list[str]) -> None:
+    """A ``prompt`` column, and each column this project reads at most once (which of two would
+    be meant cannot be known)."""
+    if "prompt" not in header:
+        raise _missing_prompt(source, header)
+    for key in ROW_KEYS:
+        if header.count(key) > 1:
+            raise BatchConfigError(f"{source} has {header.count(key)} {key!r} columns; keep one")
+
+
 def _csv_records(text: str, source: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = [(name or "").strip() for name in (reader.fieldnames or [])]
-        if "prompt" not in header:
-            raise _missing_prompt(source, header)
+        _check_header(source, header)
         reader.fieldnames = header
         return [{key: record.get(key) for key in ROW_KEYS if key in header} for record in reader]
     except csv.Error as error:
@@ -92,8 +102,7 @@ def _parquet_records(data: bytes, source: str) -> list[dict[str, Any]]:
     try:
         parquet = pyarrow.parquet.ParquetFile(pyarrow.BufferReader(data))
         names = list(parquet.schema_arrow.names)
-        if "prompt" not in names:
-            raise _missing_prompt(source, names)
+        _check_header(source, names)
         wanted = [name for name in ROW_KEYS if name in names]
         table = parquet.read(columns=wanted)
         columns = {name: table.column(name).to_pylist() for name in wanted}
