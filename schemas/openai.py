@@ -1,7 +1,10 @@
 """OpenAI's Images API on the wire: ``POST /v1/images/generations``, ``GET /v1/models`` and the error body.
 
 Only the parts a text-to-image server can honour are accepted; anything else is refused by name, as on
-``/score``. The Stable Diffusion parameters OpenAI has no name for (steps, guidance, seed, negative
+``/score``. OpenAI's own options that make no difference here (``quality``, ``style``, ``moderation``,
+and the values of ``background`` and ``output_format`` that are what this server gives anyway) are
+accepted, so that clients that always send them work unchanged; the values it cannot give are
+refused with why. The Stable Diffusion parameters OpenAI has no name for (steps, guidance, seed, negative
 prompt, scheduler) are extensions that SDKs send through ``extra_body``. Their bounds are the very
 field definitions of ``/score``'s parameters (``ScoreParameters``), so both routes take the same
 values; operator limits arrive as the same validation context (``ScoreLimits``).
@@ -29,6 +32,19 @@ from schemas.score import (
 
 B64_JSON = "b64_json"
 AUTO_SIZE = "auto"
+# OpenAI's options (dall-e-2/3's and gpt-image-1's) and the values accepted: none changes the image
+# (the steps set the quality, the server's safety checker moderates, PNG is what comes back).
+OPENAI_OPTIONS: dict[str, tuple[str, ...]] = {
+    "quality": ("auto", "standard", "hd", "low", "medium", "high"),
+    "style": ("vivid", "natural"),
+    "moderation": ("auto", "low"),
+    "background": ("auto", "opaque"),
+    "output_format": ("png",),
+}
+_WHY_NOT = {
+    "background": "Stable Diffusion draws opaque images",
+    "output_format": "images come back as PNG, lossless; convert them on your side",
+}
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 SIZE_RULE = (  # after the field's name
     f'must be "WIDTHxHEIGHT" with each side a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to '
@@ -48,6 +64,11 @@ SAMPLE_IMAGES_REQUEST: dict[str, Any] = {
 def _as_on_score(name: str) -> Any:
     """/score's definition of a parameter (type bounds, default, description), reused as is."""
     return ScoreParameters.model_fields[name]
+
+
+def _option(description: str) -> Any:
+    """An optional short string option of OpenAI's (its values are checked by a validator)."""
+    return Field(default=None, max_length=16, description=description)
 
 
 def _error(message: str) -> PydanticCustomError:
@@ -83,6 +104,12 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(
         default=None, description="Accepted for compatibility; ignored and never logged."
     )
+    # OpenAI's options of its own models: accepted where this server gives what they ask anyway.
+    quality: str | None = _option("Accepted (auto, standard, hd, low, medium, high); no effect: steps do.")
+    style: str | None = _option("Accepted (vivid, natural); no effect.")
+    moderation: str | None = _option("Accepted (auto, low); no effect: the server's safety checker decides.")
+    background: str | None = _option('"auto" or "opaque": Stable Diffusion draws no transparency.')
+    output_format: str | None = _option('Only "png" (the default).')
     # Extensions (extra_body in the SDKs): the same fields, bounds and defaults as /score's parameters.
     negative_prompt: str | None = _as_on_score("negative_prompt")
     seed: int | None = _as_on_score("seed")
@@ -119,6 +146,15 @@ class ImageGenerationRequest(BaseModel):
         ):
             raise _error(SIZE_RULE)
         return value
+
+    @field_validator(*OPENAI_OPTIONS)
+    @classmethod
+    def _one_of_openais(cls, value: str | None, info: ValidationInfo) -> str | None:
+        name = str(info.field_name)
+        if value is None or value in OPENAI_OPTIONS[name]:
+            return value
+        why = f" ({_WHY_NOT[name]})" if name in _WHY_NOT else ""
+        raise _error(f"must be one of: {', '.join(OPENAI_OPTIONS[name])}{why}")
 
     @field_validator("response_format")
     @classmethod

@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "random:tiny"
+MAX_MODEL_NAME_CHARS = 200
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,3})?|mps|xpu(:[0-9]{1,3})?")
 
 
@@ -58,6 +59,10 @@ class Settings(BaseSettings):
         default=None, description="Comma-separated bearer keys; two allow rotation."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    served_model_names: str | None = Field(
+        default=None,
+        description="Comma-separated ids the OpenAI API answers to (e.g. dall-e-3); unset: the model's name.",
+    )
     max_connections: int = Field(
         default=256, ge=1, description="Open connections (and requests) at once; beyond it: 503."
     )
@@ -107,6 +112,26 @@ class Settings(BaseSettings):
                     "such as cuda:0,cuda:1 (or cpu,cpu)"
                 )
         return ",".join(entries)
+
+    @field_validator("served_model_names")
+    @classmethod
+    def _check_served_names(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        for name in names:
+            if len(name) > MAX_MODEL_NAME_CHARS or not name.isprintable():
+                raise ValueError(
+                    f"SD_SERVED_MODEL_NAMES: {name[:40]!r} is not a model id; use printable names of at most "
+                    f"{MAX_MODEL_NAME_CHARS} characters, comma-separated"
+                )
+        return ",".join(names) or None
+
+    @property
+    def served_model_name_list(self) -> tuple[str, ...]:
+        """The ids the OpenAI API answers to, in order (the first is the one it lists first);
+        empty: the loaded model's own name."""
+        return tuple(self.served_model_names.split(",")) if self.served_model_names else ()
 
     @property
     def device_list(self) -> tuple[str, ...]:

@@ -56,26 +56,32 @@ def _lifecycle(request: Request) -> Lifecycle:
     return lifecycle
 
 
-def _served(info: ModelInfo) -> OpenAIModel:
-    return OpenAIModel(id=info.name, created=_STARTED, owned_by=OWNER)
+def _served_names(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
+    """The ids the server answers to: SD_SERVED_MODEL_NAMES (so that clients that always send
+    "dall-e-3" work unchanged), else the model's own name."""
+    return lifecycle.settings.served_model_name_list or (info.name,)
 
 
-def _require_served(model: str | None, info: ModelInfo) -> None:
-    if model is not None and model != info.name:
+def _served(name: str) -> OpenAIModel:
+    return OpenAIModel(id=name, created=_STARTED, owned_by=OWNER)
+
+
+def _require_served(model: str | None, names: tuple[str, ...]) -> None:
+    if model is not None and model not in names:
+        shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
         raise ModelNotFoundError(
-            f"this server serves only {info.name!r} (GET /v1/models); send that id or leave model out"
+            f"this server serves only {shown} (GET /v1/models); send one of those ids or leave model out"
         )
 
 
-async def _generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
+async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> dict[str, Any]:
     """Bytes -> OpenAI's images answer, through /score's parsing rules and generation path."""
     # 1. Parse with /score's rules and limits; check the model, then build the items.
     request = parse_body(
         body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
     )
-    info = runtime.engine.info
-    _require_served(request.model, info)
-    items = openai_to_items(request, info)
+    _require_served(request.model, names)
+    items = openai_to_items(request, runtime.engine.info)
     # 2. The shared path: validate, queue, await, encode.
     results, images = await runtime.scorer.generate(items, prompts=1)
     return {"created": int(time.time()), "data": to_image_data(results, images)}
@@ -94,7 +100,12 @@ async def _generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
     },
 )
 async def create_images(request: Request) -> Any:
-    return await answer_generation(request, _generate)
+    lifecycle = _lifecycle(request)
+
+    async def generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
+        return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info))
+
+    return await answer_generation(request, generate)
 
 
 @router.get(
@@ -104,7 +115,9 @@ async def create_images(request: Request) -> Any:
     responses={key: value for key, value in _ERRORS.items() if key in (401, 503)},
 )
 def list_models(request: Request) -> OpenAIModelList:
-    return OpenAIModelList(data=[_served(_lifecycle(request).require_ready().engine.info)])
+    lifecycle = _lifecycle(request)
+    names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
+    return OpenAIModelList(data=[_served(name) for name in names])
 
 
 @router.get(
@@ -114,6 +127,6 @@ def list_models(request: Request) -> OpenAIModelList:
     responses={key: value for key, value in _ERRORS.items() if key in (401, 404, 503)},
 )
 def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
-    info = _lifecycle(request).require_ready().engine.info
-    _require_served(model_id, info)
-    return _served(info)
+    lifecycle = _lifecycle(request)
+    _require_served(model_id, _served_names(lifecycle, lifecycle.require_ready().engine.info))
+    return _served(model_id)

@@ -30,6 +30,9 @@ from tests.helpers.servers import decode_png, metric_value, request_body, wait_f
 pytestmark = pytest.mark.slow
 KEY = "openai-test-key"
 SERVED = "random:tiny"
+ALIAS = (
+    "dall-e-3"  # SD_SERVED_MODEL_NAMES of the main server: what clients that always send a model name send
+)
 FAST = {"num_inference_steps": 1}  # one step: the images are noise either way, and it is quick
 SECRET_USER = "user-7f3a-never-logged"
 SECRET_PROMPT = "a prompt that must never reach the log 52c1"
@@ -38,7 +41,10 @@ SECRET_PROMPT = "a prompt that must never reach the log 52c1"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("openai") / "server.log"
-    running = start_server(log_path, SD_API_KEYS=KEY, SD_LOG_FORMAT="json", SD_MAX_BATCH_WAIT_MS="0")
+    running = start_server(
+        log_path, SD_API_KEYS=KEY, SD_LOG_FORMAT="json", SD_MAX_BATCH_WAIT_MS="0",
+        SD_SERVED_MODEL_NAMES=f"{SERVED}, {ALIAS}",
+    )  # fmt: skip
     yield running
     stop_server(running)
 
@@ -125,7 +131,12 @@ def test_the_same_seed_gives_the_same_images_and_score_draws_them_the_same(
         ({"size": "2048x2048"}, "size", "multiple of 8 from 128 to 1024"),
         ({"size": "512"}, "size", "WIDTHxHEIGHT"),
         ({"response_format": "url"}, "response_format", "b64_json"),
-        ({"quality": "hd"}, "quality", "not permitted"),
+        ({"quality": "ultra"}, "quality", "must be one of: auto, standard, hd"),
+        ({"style": "baroque"}, "style", "must be one of: vivid, natural"),
+        ({"moderation": "none"}, "moderation", "must be one of: auto, low"),
+        ({"background": "transparent"}, "background", "draws opaque images"),
+        ({"output_format": "webp"}, "output_format", "must be one of: png (images come back as PNG"),
+        ({"output_compression": 50}, "output_compression", "not permitted"),
         ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps", "greater than or equal to 1"),
         ({"extra_body": {"guidance_scale": 31}}, "guidance_scale", "less than or equal to 30"),
         ({"extra_body": {"scheduler": "no-such"}}, "scheduler", "must be one of"),
@@ -169,18 +180,39 @@ def test_a_wrong_or_missing_key_raises_authentication_error(server: Server) -> N
     assert bare.status_code == 401 and set(bare.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_models_lists_and_retrieves_only_the_served_model(client: openai.OpenAI) -> None:
+def test_openais_own_options_with_values_this_server_gives_anyway_are_accepted(client: openai.OpenAI) -> None:
+    # What dall-e-3 and gpt-image-1 clients send by habit; none of it changes the image.
+    answer = client.images.generate(
+        prompt="a green cone", quality="hd", style="natural", background="opaque", output_format="png",
+        moderation="low", extra_body={"seed": 5, **FAST},
+    )  # fmt: skip
+    [plain] = client.images.generate(prompt="a green cone", extra_body={"seed": 5, **FAST}).data
+    assert same_image(pixels(answer.data[0].b64_json), pixels(plain.b64_json))
+
+
+def test_models_lists_and_retrieves_the_served_names_and_only_those(client: openai.OpenAI) -> None:
     assert [(model.id, model.object, model.owned_by) for model in client.models.list()] == [
-        (SERVED, "model", "sd-endpoint")
-    ]
-    assert client.models.retrieve(SERVED).id == SERVED
+        (SERVED, "model", "sd-endpoint"), (ALIAS, "model", "sd-endpoint"),
+    ]  # fmt: skip
+    assert client.models.retrieve(SERVED).id == SERVED and client.models.retrieve(ALIAS).id == ALIAS
+    # A client that always sends "dall-e-3" works unchanged once the operator names it.
+    [image] = client.images.generate(prompt="x", model=ALIAS, extra_body={"seed": 3, **FAST}).data
+    [same] = client.images.generate(prompt="x", model=SERVED, extra_body={"seed": 3, **FAST}).data
+    assert same_image(pixels(image.b64_json), pixels(same.b64_json))
     with pytest.raises(openai.NotFoundError) as raised:
-        client.models.retrieve("dall-e-3")
+        client.models.retrieve("gpt-image-1")
     assert raised.value.body["code"] == "model_not_found"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as raised:
-        client.images.generate(prompt="x", model="dall-e-3", extra_body=FAST)
+        client.images.generate(prompt="x", model="gpt-image-1", extra_body=FAST)
     assert raised.value.body["param"] == "model"  # type: ignore[index]
-    assert SERVED in raised.value.body["message"]  # type: ignore[index]
+    assert SERVED in raised.value.body["message"] and ALIAS in raised.value.body["message"]  # type: ignore[index]
+
+
+def test_without_served_names_only_the_model_itself_is_listed(full_queue: str) -> None:
+    client = openai.OpenAI(base_url=f"{full_queue}/v1", api_key="unused", max_retries=0)
+    assert [model.id for model in client.models.list()] == [SERVED]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(ALIAS)
 
 
 def test_score_keeps_its_own_shapes_beside_the_openai_api(server: Server) -> None:

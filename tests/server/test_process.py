@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from schemas.score import SAMPLE_REQUEST
@@ -175,6 +176,14 @@ def test_settings_default_to_azureml_model_dir_then_random_tiny(monkeypatch: pyt
     assert Settings().model_spec == "/models/sd"
     monkeypatch.setenv("SD_API_KEYS", " one, two ,")
     assert Settings().api_key_list == (b"one", b"two")
+    monkeypatch.setenv("SD_SERVED_MODEL_NAMES", " sd-v1-4, dall-e-3 ,")
+    assert Settings().served_model_name_list == ("sd-v1-4", "dall-e-3")
+    monkeypatch.setenv("SD_SERVED_MODEL_NAMES", " , ")
+    assert Settings().served_model_name_list == ()
+    for bad in ("ok,bad\tname", "x" * 201):
+        monkeypatch.setenv("SD_SERVED_MODEL_NAMES", bad)
+        with pytest.raises(ValidationError, match="SD_SERVED_MODEL_NAMES"):
+            Settings()
 
 
 @pytest.fixture()
