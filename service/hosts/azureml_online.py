@@ -12,6 +12,7 @@ left to the inference server, which configures its own handlers.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -76,17 +77,30 @@ def init(settings: Settings | None = None) -> None:
 
 
 def run(raw_data: str | bytes | Any) -> Any:
-    """Score one request body (the JSON text, or a request object with ``get_data``)."""
+    """Score one request body: the JSON text, a request object with ``get_data``, or the JSON
+    already parsed (a dict or list, as a caller that decoded it first passes)."""
     if _bridge is None:
         raise RuntimeError("init() has not run; the inference server calls it once before run()")
     body = raw_data.get_data() if hasattr(raw_data, "get_data") else raw_data
-    status, payload = _bridge.score(body.encode() if isinstance(body, str) else bytes(body))
+    status, payload = _bridge.score(_as_bytes(body))
     if status == 200:
         return payload
     response_class = _aml_response_class()
     if response_class is None:
         return payload
     return response_class(payload, status, json_str=True)
+
+
+def _as_bytes(body: object) -> bytes:
+    """The body as the scorer parses it: whatever is wrong with it is the parser's to say (400/422)."""
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogatepass")  # a lone surrogate stays, to be refused
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    try:  # parsed already (a dict or list): the same JSON again
+        return json.dumps(body).encode()
+    except (TypeError, ValueError):
+        return b""  # not JSON at all: the parser answers 400 malformed_json
 
 
 def shutdown() -> None:

@@ -203,6 +203,12 @@ def test_azureml_entry_script_serves_the_same_contract(azureml_entry: None) -> N
     error = azureml_score.run(json.dumps(request_body(["a", "b", "c"])))
     assert error["error"]["status"] == 422 and "at most 2" in error["error"]["message"]
     assert azureml_score.run(b"{not json")["error"]["status"] == 400
+    # Already parsed, a lone surrogate in text, something that is not JSON at all: answers, not crashes.
+    assert len(azureml_score.run(request_body(["parsed"], seed=3))) == 1
+    assert azureml_score.run('{"input_data": {"columns": ["prompt"], "data": ["\ud800"]}}')["error"][
+        "status"
+    ] in (400, 422)
+    assert azureml_score.run(object())["error"]["status"] == 400
     assert np.array_equal(
         decode_png(azureml_score.run(json.dumps(request_body(["a"], seed=3)))[0]["generated_image"]),
         decode_png(azureml_score.run(json.dumps(request_body(["a"], seed=3)))[0]["generated_image"]),
