@@ -3,397 +3,29 @@
 A stage reads the suite's plan (a JSON file), does its work within its deadline and keeps its
 record (``<out>/NN-name.json``) up to date after every case, so that whatever it finished before
 being stopped stays on disk. It never raises: a failure is recorded as the stage's error.
+
+What the stages share is in gpu_plan.py (the plan and the record) and gpu_cases.py (devices,
+case timing, engine variants); the profile stage is in gpu_profile.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import functools
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
-
-PROMPT = "a photograph of an astronaut riding a horse"
-PEAK_TFLOPS = 790.0  # the H200's measured dense bf16/fp16 matmul rate
-MAX_MEAN_ABS_DIFF = 0.01
-ENGINE_VARIANTS = ("engine", "compiled", "deepspeed")
-
-
-@dataclass
-class Plan:
-    """What the suite decided; written by the suite, read by each stage process."""
-
-    out: str
-    work: str
-    dry_run: bool
-    device: str
-    dtype: str
-    model: str
-    sd2_model: str
-    size: int
-    steps: int
-    batch_sizes: list[int]
-    repeats: int
-    warm_steps: int
-    profile_steps: int
-    compile_backend: str
-    deepspeed_site: str | None
-    tests: list[str]
-    flops_file: str
-    init_on_device: bool
-    cpu_threads: int = 0  # torch's intra-op threads; 0: torch's default
-    stage: str = ""
-    index: int = 0
-    title: str = ""
-    deadline: float = 0.0  # time.time() by which the stage must have ended
-    budget_s: float = 0.0
-    fastest: str = "engine"
-    fastest_reason: str = ""
-    sd2_variant: str = "engine"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def left(self) -> float:
-        return self.deadline - time.time()
-
-    @property
-    def reference_dir(self) -> Path:
-        return Path(self.work) / "reference"
-
-    @property
-    def compile_cache(self) -> Path:
-        return Path(self.work) / "compile-cache"
-
-
-def stage_file(out: str | Path, index: int, name: str) -> Path:
-    return Path(out) / f"{index:02d}-{name}.json"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-class Record:
-    """A stage's JSON record, saved after every change."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.path = stage_file(plan.out, plan.index, plan.stage)
-        self.data: dict[str, Any] = {
-            "stage": plan.index,
-            "name": plan.stage,
-            "title": plan.title,
-            "status": "running",
-            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "dry_run": plan.dry_run,
-            "budget_s": round(plan.budget_s, 1),
-            "config": {},
-            "cases": [],
-            "skipped_for_time": [],
-            "notes": [],
-        }
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
-
-    def config(self, **values: Any) -> None:
-        self.data["config"].update(values)
-        self.save()
-
-    def note(self, text: str) -> None:
-        self.data["notes"].append(text)
-        self.save()
-
-    def skipped(self, text: str) -> None:
-        self.data["skipped_for_time"].append(text)
-        self.save()
-
-    def case(self, row: dict[str, Any]) -> dict[str, Any]:
-        self.data["cases"].append(row)
-        self.save()
-        return row
-
-    def finish(self, status: str, **values: Any) -> None:
-        self.data.update(values, status=status)
-        self.save()
-
-
-# ---------------------------------------------------------------------------------------- devices
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _reset_peak(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device: str) -> float | None:
-    import torch
-
-    if device.startswith("cuda"):
-        return float(torch.cuda.max_memory_allocated() / 2**30)
-    return None
-
-
-def _host_peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-
-
-@contextlib.contextmanager
-def _init_device(plan: Plan) -> Iterator[None]:
-    """Random weights drawn on the run's device (seconds instead of a CPU init per stage)."""
-    import torch
-
-    if plan.init_on_device and plan.device != "cpu":
-        with torch.device(plan.device):
-            yield
-    else:
-        yield
-
-
-def use_compile_backend(backend: str) -> None:
-    """Make every torch.compile of this process use ``backend`` (the dry run's "eager": Dynamo
-    traces the same graphs, Inductor generates no code, so the CPU run fits CI)."""
-    import torch
-
-    if backend == "inductor":
-        return
-    original = torch.compile
-
-    def compile_with(model: Any = None, **kwargs: Any) -> Any:
-        kwargs.pop("mode", None)
-        kwargs["backend"] = backend
-        return original(model, **kwargs)
-
-    torch.compile = compile_with
-
-
-# ------------------------------------------------------------------------------------------ cases
-
-
-def arch_of(spec: str) -> str:
-    return spec.split(":")[1] if spec.startswith("random:") else spec
-
-
-def flops_entry(plan: Plan, spec: str) -> tuple[dict[str, Any], str]:
-    import flops
-
-    return flops.lookup(arch_of(spec), plan.size, Path(plan.flops_file))
-
-
-def image_tflop(entry: dict[str, Any], steps: int, checker: bool) -> float:
-    import flops
-
-    return float(flops.image_tflop(entry, steps, checker))
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Bx H x W x 3 in [0,1] (diffusers' np output) -> uint8 as its PIL conversion rounds it."""
-    if images.dtype == np.uint8:
-        return images
-    return np.asarray((images * 255).round().clip(0, 255), dtype=np.uint8)
-
-
-def reference_path(plan: Plan, spec: str, batch: int) -> Path:
-    safe = spec.replace(":", "-").replace("/", "-")
-    return plan.reference_dir / f"{safe}-{plan.size}px-{plan.steps}steps-b{batch}.npy"
-
-
-def mean_abs_diff(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean absolute difference of two 8-bit image batches, in [0,1] units."""
-    a = to_uint8(images).astype(np.int16)
-    b = to_uint8(reference).astype(np.int16)
-    return float(np.abs(a - b).mean() / 255)
-
-
-Generate = Callable[[int, int], np.ndarray]  # (batch, steps) -> B x H x W x 3 images
-
-
-def run_cases(
-    plan: Plan,
-    record: Record,
-    generate: Generate,
-    spec: str,
-    checker: bool,
-    compiled: bool,
-    compare: bool = False,
-    save_reference: bool = False,
-) -> list[dict[str, Any]]:
-    """Time ``generate`` at every batch size: first one timed run of each (so that every case gets
-    a figure), then more runs, up to ``plan.repeats``, while the deadline allows. The figure is
-    the median. Warm-up is untimed: a few steps (and, when compiled, a full run: CUDA graphs are
-    recorded on the first runs of a path)."""
-    entry, source = flops_entry(plan, spec)
-    tflop = image_tflop(entry, plan.steps, checker)
-    record.config(tflop_per_image=tflop, flops_source=source, peak_tflops=PEAK_TFLOPS)
-    rows: list[dict[str, Any]] = []
-    times: dict[int, list[float]] = {}
-    peaks: dict[int, float | None] = {}
-    for batch in plan.batch_sizes:
-        if plan.left() < 5:
-            record.skipped(f"batch {batch}: not started, {plan.left():.0f} s left")
-            continue
-        start = time.perf_counter()
-        generate(batch, plan.warm_steps)
-        if compiled:
-            generate(batch, plan.steps)
-        warmup_s = time.perf_counter() - start
-        seconds, peaks[batch], images = _timed(plan, generate, batch)
-        times[batch] = [seconds]
-        row = _row(plan, batch, times[batch], tflop, warmup_s, peaks[batch])
-        if save_reference:  # stock diffusers: NaN would show here (the engine refuses it instead)
-            row["nonfinite_pixels"] = int(np.count_nonzero(~np.isfinite(images.astype(np.float32))))
-            plan.reference_dir.mkdir(parents=True, exist_ok=True)
-            np.save(reference_path(plan, spec, batch), images)
-        if compare:
-            ref = reference_path(plan, spec, batch)
-            if ref.is_file():
-                mad = mean_abs_diff(images, np.load(ref))
-                row["mean_abs_diff_vs_diffusers"] = mad
-                row["within_0_01"] = mad < MAX_MEAN_ABS_DIFF
-            else:
-                row["mean_abs_diff_vs_diffusers"] = None
-                row["diff_note"] = "no stage-2 images for this case (stage 2 did not finish it)"
-        rows.append(record.case(row))
-        print(_line(plan.stage, row), flush=True)
-    # more timed runs while time allows
-    for row in rows:
-        batch = row["batch_size"]
-        while len(times[batch]) < plan.repeats:
-            needed = 1.5 * max(times[batch]) + 2
-            if plan.left() < needed:
-                record.skipped(
-                    f"batch {batch}: {len(times[batch])} of {plan.repeats} timed runs "
-                    f"(another needs ~{needed:.0f} s, {plan.left():.0f} s left)"
-                )
-                break
-            seconds, peak, _ = _timed(plan, generate, batch)
-            times[batch].append(seconds)
-            peaks[batch] = None if peak is None else max(peak, peaks[batch] or 0.0)
-            row.update(_row(plan, batch, times[batch], tflop, row["warmup_s"], peaks[batch]))
-            record.save()
-    return rows
-
-
-def _timed(plan: Plan, generate: Generate, batch: int) -> tuple[float, float | None, np.ndarray]:
-    """(seconds, peak GiB allocated during the run, images) of one full generation."""
-    _reset_peak(plan.device)
-    _sync(plan.device)
-    start = time.perf_counter()
-    images = generate(batch, plan.steps)
-    _sync(plan.device)
-    return time.perf_counter() - start, _peak_gib(plan.device), images
-
-
-def _row(
-    plan: Plan, batch: int, runs: list[float], tflop: float, warmup_s: float, peak: float | None
-) -> dict[str, Any]:
-    seconds = statistics.median(runs)
-    per_image = seconds / batch
-    return {
-        "batch_size": batch,
-        "steps": plan.steps,
-        "size": plan.size,
-        "seconds_per_batch": seconds,
-        "seconds_per_image": per_image,
-        "images_per_s": batch / seconds,
-        "timed_runs": len(runs),
-        "run_seconds": [round(r, 4) for r in runs],
-        "warmup_s": round(warmup_s, 2),
-        "peak_gib": peak,
-        "peak_host_rss_gib": None if peak is not None else round(_host_peak_gib(), 2),
-        "tflop_per_image": tflop,
-        "mfu": tflop / per_image / PEAK_TFLOPS,
-    }
-
-
-def _line(stage: str, row: dict[str, Any]) -> str:
-    mad = row.get("mean_abs_diff_vs_diffusers")
-    return (
-        f"[{stage}] batch {row['batch_size']}: {row['seconds_per_image']:.4f} s/image, "
-        f"{row['images_per_s']:.2f} images/s, MFU {row['mfu']:.1%}"
-        + (f", mean |diff| {mad:.5f}" if mad is not None else "")
-    )
-
-
-# --------------------------------------------------------------------------------------- variants
-
-
-def engine_options(plan: Plan, variant: str) -> Any:
-    import model
-
-    buckets = tuple(sorted(set(plan.batch_sizes)))
-    if variant == "engine":
-        return model.EngineOptions(channels_last=True, fuse_qkv=True, batch_buckets=buckets)
-    if variant == "compiled":
-        return model.EngineOptions(
-            channels_last=True,
-            fuse_qkv=True,
-            compile=True,
-            cuda_graphs=True,
-            batch_buckets=buckets,
-            compile_cache_dir=str(plan.compile_cache),
-        )
-    if variant == "deepspeed":
-        # DeepSpeed's own CUDA graphs capture one input shape; the engine's start-up check runs
-        # batch 2, so its kernels run here without them.
-        return model.EngineOptions(accelerator="deepspeed", batch_buckets=buckets)
-    raise ValueError(f"unknown variant {variant!r}")
-
-
-def load_engine(plan: Plan, record: Record, spec: str, variant: str) -> Any:
-    import model
-
-    options = engine_options(plan, variant)
-    record.config(variant=variant, model=spec, options=asdict(options))
-    start = time.perf_counter()
-    with _init_device(plan):
-        engine = model.load(spec, device=plan.device, dtype=plan.dtype, options=options)
-    record.config(load_s=round(time.perf_counter() - start, 2), engine=asdict(engine.info))
-    return engine
-
-
-def _engine_generate(plan: Plan, engine: Any) -> Generate:
-    from model.types import GenerationItem
-
-    def generate(batch: int, steps: int) -> np.ndarray:
-        items = [
-            GenerationItem(
-                prompt=PROMPT, seed=i, num_inference_steps=steps, height=plan.size, width=plan.size
-            )
-            for i in range(batch)
-        ]
-        return np.stack([r.image for r in engine.generate(items)])
-
-    return generate
-
+from gpu_cases import engine_generate, init_device, load_engine, run_cases, use_compile_backend
+from gpu_plan import MAX_MEAN_ABS_DIFF, PROMPT, ROOT, Plan, Record
+from gpu_profile import stage_profile
 
 # ----------------------------------------------------------------------------------------- stages
 
@@ -458,7 +90,7 @@ def stage_diffusers(plan: Plan, record: Record) -> None:
 
     start = time.perf_counter()
     dtype = resolve_dtype(plan.dtype, torch.device(plan.device))
-    with _init_device(plan):
+    with init_device(plan):
         components = load_components(plan.model, dtype)
         components.to(plan.device)
     pipe = StableDiffusionPipeline(**components.modules(), requires_safety_checker=False)
@@ -506,7 +138,7 @@ def _stage_engine_variant(plan: Plan, record: Record, variant: str) -> None:
     rows = run_cases(
         plan,
         record,
-        _engine_generate(plan, engine),
+        engine_generate(plan, engine),
         plan.model,
         checker=engine.info.safety_checker,
         compiled=engine.options.compiled,
@@ -560,103 +192,12 @@ def stage_sd2(plan: Plan, record: Record) -> None:
     run_cases(
         plan,
         record,
-        _engine_generate(plan, engine),
+        engine_generate(plan, engine),
         plan.sd2_model,
         checker=engine.info.safety_checker,
         compiled=engine.options.compiled,
     )
     record.finish("ok")
-
-
-def stage_profile(plan: Plan, record: Record) -> None:
-    """Per step: (profile of 1 + P steps) - (profile of 1 step), over P; the text encoder, decode
-    and checker cancel out, what stays is P denoising steps."""
-    import torch
-
-    engine = load_engine(plan, record, plan.model, plan.fastest)
-    record.config(variant_reason=plan.fastest_reason, profiled_steps=plan.profile_steps)
-    generate = _engine_generate(plan, engine)
-    steps = plan.profile_steps
-    for batch in plan.batch_sizes:
-        if plan.left() < 10:
-            record.skipped(f"batch {batch}: not profiled, {plan.left():.0f} s left")
-            continue
-        generate(batch, 1)
-        generate(batch, 1 + steps)
-        if engine.options.compiled:
-            generate(batch, 1 + steps)
-        one = functools.partial(generate, batch, 1)
-        many = functools.partial(generate, batch, 1 + steps)
-        wall_one, kernels_one = _profiled(plan, one)
-        wall_many, kernels_many = _profiled(plan, many)
-        plain_one, plain_many = _wall(plan, one), _wall(plan, many)
-        per_step: dict[str, dict[str, float]] = {}
-        for name, (us, calls) in kernels_many.items():
-            us_one, calls_one = kernels_one.get(name, (0.0, 0))
-            per_step[name] = {"ms": (us - us_one) / 1000 / steps, "calls": (calls - calls_one) / steps}
-        total_ms = sum(v["ms"] for v in per_step.values())
-        top = sorted(per_step.items(), key=lambda kv: kv[1]["ms"], reverse=True)[:10]
-        row = record.case(
-            {
-                "batch_size": batch,
-                "profiled_steps": steps,
-                "step_wall_ms": (plain_many - plain_one) * 1000 / steps,
-                "step_wall_ms_profiled": (wall_many - wall_one) * 1000 / steps,
-                "timed": "cuda kernels" if torch.cuda.is_available() else "cpu ops (no CUDA)",
-                "kernel_ms_per_step": total_ms,
-                "kernel_launches_per_step": sum(v["calls"] for v in per_step.values()),
-                "top_kernels": [
-                    {
-                        "name": name[:200],
-                        "ms_per_step": v["ms"],
-                        "calls_per_step": v["calls"],
-                        "share": v["ms"] / total_ms if total_ms else None,
-                    }
-                    for name, v in top
-                ],
-            }
-        )
-        print(
-            f"[profile] batch {batch}: {row['step_wall_ms']:.2f} ms/step wall, "
-            f"{total_ms:.2f} ms/step in {row['timed']}; top: {top[0][0][:60] if top else '-'}",
-            flush=True,
-        )
-    record.finish("ok")
-
-
-def _wall(plan: Plan, fn: Callable[[], Any]) -> float:
-    _sync(plan.device)
-    start = time.perf_counter()
-    fn()
-    _sync(plan.device)
-    return time.perf_counter() - start
-
-
-def _profiled(plan: Plan, fn: Callable[[], Any]) -> tuple[float, dict[str, tuple[float, int]]]:
-    """(wall seconds, {kernel or op: (total us, calls)}): CUDA kernels on a GPU, CPU ops without."""
-    import torch
-    from torch.autograd import DeviceType  # type: ignore[attr-defined]
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available() and plan.device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        wall = _wall(plan, fn)
-    table: dict[str, tuple[float, int]] = {}
-    for event in prof.key_averages():
-        if getattr(event, "is_user_annotation", False):
-            continue
-        on_device = event.device_type == DeviceType.CUDA
-        if cuda != on_device:
-            continue
-        us = float(
-            getattr(event, "self_device_time_total", 0.0)
-            if cuda
-            else getattr(event, "self_cpu_time_total", 0.0)
-        )
-        if us > 0:
-            table[event.key] = (us, int(event.count))
-    return wall, table
 
 
 def stage_tests(plan: Plan, record: Record) -> None:
