@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "random:tiny"
@@ -95,7 +95,23 @@ class Settings(BaseSettings):
 
     # Logs.
     log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _some_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set but empty (a secret mounted without content, say) must not mean "no authentication".
+        if value is not None and not value.get_secret_value().replace(",", "").strip():
+            raise ValueError(
+                "SD_API_KEYS: set, but holds no key; set a key (comma-separated for several), or unset "
+                "the variable to serve without keys"
+            )
+        return value
 
     @field_validator("devices")
     @classmethod
@@ -155,3 +171,28 @@ class Settings(BaseSettings):
             return ()
         keys = (key.strip() for key in self.api_keys.get_secret_value().split(","))
         return tuple(key.encode() for key in keys if key)
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names each variable at fault and why (never its value,
+    which may be a key)."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment, with ``overrides`` (command-line options) on top.
+
+    Raises SettingsError, one clause per bad variable, instead of pydantic's multi-line report.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError("; ".join(_describe(problem) for problem in error.errors())) from None
+
+
+def _describe(problem: Any) -> str:
+    field = str(problem["loc"][0]) if problem["loc"] else ""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None and isinstance(info.validation_alias, str) else None
+    variable = alias or f"SD_{field.upper()}"
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    return message if message.startswith(f"{variable}:") else f"{variable}: {message}"

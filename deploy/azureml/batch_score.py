@@ -49,11 +49,11 @@ def init() -> None:
     from service.batch.runner import RunConfig
     from service.logs import configure_logging
     from service.runtime.items import SEED_DRAW_RANGE
-    from service.settings import Settings
+    from service.settings import load_settings
     from service.storage import open_storage
 
     # 1) settings and parameters: a mistake fails init, before any generation
-    settings = Settings()
+    settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
     params = JobParams.from_file(os.environ.get(PARAMS_ENV) or "{}", PARAMS_ENV)
     params.check(settings.max_steps)

@@ -183,10 +183,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from pydantic import ValidationError
-
     from service.batch.errors import BatchConfigError
-    from service.settings import Settings
+    from service.settings import SettingsError, load_settings
 
     names = {
         "model": "model",
@@ -199,10 +197,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         field: value for arg, field in names.items() if (value := getattr(args, arg)) is not None
     }
     try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise BatchConfigError(f"bad setting: {problems}") from error
+        return load_settings(**overrides)
+    except SettingsError as error:
+        raise BatchConfigError(f"bad setting: {error} (or the option that sets it)") from error
 
 
 def params_from_args(args: argparse.Namespace) -> JobParams:

@@ -19,7 +19,7 @@ from typing import Any
 from service.runtime.errors import RequestTimeoutError
 from service.runtime.lifecycle import Lifecycle, Phase
 from service.runtime.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, load_settings
 from service.web.errors import classify
 
 _bridge: _Bridge | None = None
@@ -70,7 +70,7 @@ class _Bridge:
 def init(settings: Settings | None = None) -> None:
     """Load the model (AZUREML_MODEL_DIR unless SD_MODEL says otherwise) and warm it up."""
     global _bridge
-    settings = settings or Settings()
+    settings = settings or load_settings()
     bridge = _Bridge(settings)
     bridge.start()
     _bridge = bridge

@@ -149,10 +149,10 @@ def replica_app(overrides: Mapping[str, Any]) -> FastAPI:
     from ray import serve
 
     from service.logs import configure_logging
-    from service.settings import Settings
+    from service.settings import load_settings
     from service.web.app import create_app
 
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     app.router.lifespan_context = _until_ready(app.router.lifespan_context)

@@ -4,12 +4,14 @@ On SIGTERM (or Ctrl+C) readiness turns 503 at once, requests in flight and in th
 (up to SD_DRAIN_TIMEOUT_S; those still running then are answered 503 shutting_down), then the
 process exits 0 without waiting for engine work nobody waits for. A second signal exits at once
 with status 1.
-If the model cannot be loaded, the process exits 1 so that the orchestrator sees the failure.
+If the model cannot be loaded, the process exits 1 so that the orchestrator sees the failure; a bad
+setting is one line on stderr and exit status 2, before anything loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 # After the drain, uvicorn still waits for open connections; this bounds that last wait.
 FINAL_CLOSE_TIMEOUT_S = 5
+EXIT_BAD_SETTING = 2  # as argparse's usage errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.logs import configure_logging, quiet_library_output
-    from service.settings import Settings
+    from service.settings import SettingsError, load_settings
 
     overrides = {
         name: value for name in ("model", "host", "port") if (value := getattr(args, name)) is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as error:
+        print(f"sd-endpoint serve: error: {error}; fix it (or the option that sets it) and start again",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_SETTING
     configure_logging(settings.log_level, settings.log_format)
     quiet_library_output()  # before the app's imports, which load the model's libraries
     from service.web.app import create_app

@@ -23,6 +23,7 @@ from schemas.score import SAMPLE_REQUEST
 from service.hosts import azureml_online as azureml_score
 from service.settings import Settings
 from tests.helpers.ports import free_port
+from tests.helpers.processes import SERVE
 from tests.helpers.servers import ThreadServer, decode_png, request_body, wait_for_metric, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +185,31 @@ def test_settings_default_to_azureml_model_dir_then_random_tiny(monkeypatch: pyt
         monkeypatch.setenv("SD_SERVED_MODEL_NAMES", bad)
         with pytest.raises(ValidationError, match="SD_SERVED_MODEL_NAMES"):
             Settings()
+    monkeypatch.delenv("SD_SERVED_MODEL_NAMES")
+    monkeypatch.setenv("SD_LOG_LEVEL", " debug")
+    assert Settings().log_level == "DEBUG"
+
+
+def test_bad_settings_stop_the_server_with_one_line_naming_each_variable_and_never_a_key() -> None:
+    # A key variable set but empty (a secret mounted without content) must not serve without keys.
+    env = clean_env(
+        SD_MAX_BATCH_SIZE="0", SD_LOG_LEVEL="LOUD", SD_PORT="http", SD_API_KEYS=" , ",
+        SD_SERVED_MODEL_NAMES="secret-looking\tname",
+    )  # fmt: skip
+    done = subprocess.run(SERVE, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()  # no traceback, no pydantic report
+    assert line.startswith("sd-endpoint serve: error: ")
+    for variable in ("SD_MAX_BATCH_SIZE", "SD_LOG_LEVEL", "SD_PORT", "SD_API_KEYS", "SD_SERVED_MODEL_NAMES"):
+        assert variable in line, variable
+    assert "LOUD" not in line and "http" not in line  # the values stay out (one may be a key)
+    assert done.stdout == ""
+    with_key = subprocess.run(
+        SERVE, env=clean_env(SD_API_KEYS="the-real-key", SD_MAX_PROMPTS="-1"), cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert with_key.returncode == 2 and "SD_MAX_PROMPTS" in with_key.stderr
+    assert "the-real-key" not in with_key.stderr
 
 
 @pytest.fixture()
