@@ -48,11 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("out"), help="folder for the PNG files (default ./out)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default 300)"
+        "--timeout", type=_positive, default=300.0, help="seconds to wait for an answer (default 300)"
     )
     parser.add_argument(
-        "--retries", type=int, default=3, help="how many times to retry when the server is busy (default 3)"
+        "--retries", type=_count, default=3, help="times to retry when the server is busy (default 3)"
     )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,21 +112,31 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if key:
         headers["Authorization"] = f"Bearer {key}"
 
-    # 2. Post, waiting out 429s a bounded number of times.
+    # 2. The output folder, before the server does any work for it.
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ClientError(f"cannot create --out {args.out} ({error.strerror}); pass another folder") from None
+
+    # 3. Post, waiting out 429s a bounded number of times.
     started = time.perf_counter()
-    response = post_with_retries(url, body, headers, timeout_s=args.timeout, retries=max(args.retries, 0))
+    response = post_with_retries(url, body, headers, timeout_s=args.timeout, retries=args.retries)
     elapsed_s = time.perf_counter() - started
     request_id = response.headers.get("x-request-id", request_id)
 
-    # 3. Write one PNG per image, named by prompt and seed so that any image can be made again.
+    # 4. Write one PNG per image, named by prompt and seed so that any image can be made again
+    #    (only an integer seed names a file: nothing the server sends becomes a path of its own).
     items = parse_images(response)
-    args.out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index, item in enumerate(items):
         seed = item.get("seed")
         stem = slug(str(item.get("prompt") or args.prompt))
-        path = args.out / f"{stem}-{seed if seed is not None else index}.png"
-        path.write_bytes(item["png"])
+        number = seed if isinstance(seed, int) and not isinstance(seed, bool) else index
+        path = args.out / f"{stem}-{number}.png"
+        try:
+            path.write_bytes(item["png"])
+        except OSError as error:
+            raise ClientError(f"cannot write {path} ({error.strerror}); pass another --out") from None
         paths.append(path)
         print(f"{path}\tnsfw={nsfw_label(item.get('nsfw_content_detected'))}")
     print(f"{len(paths)} image(s) in {elapsed_s:.1f} s, request id {request_id}", file=sys.stderr)

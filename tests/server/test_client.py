@@ -116,6 +116,21 @@ def test_server_down_says_how_to_start_it(tmp_path: Path) -> None:
     assert "cannot connect" in result.stderr and "sd-endpoint serve" in result.stderr
 
 
+def test_bad_options_and_an_unwritable_folder_are_one_line_before_anything_is_sent(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the errors must come first
+    for option in (["--timeout", "-1"], ["--timeout", "nan"], ["--timeout", "soon"], ["--retries", "-5"]):
+        result = generate("a cat", "--url", url, *option, "--out", str(tmp_path))
+        assert result.returncode == 2, option  # argparse's usage error
+        assert f"argument {option[0]}:" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "a-file").write_text("not a folder")
+    result = generate("a cat", "--url", url, "--out", str(tmp_path / "a-file" / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().startswith("error: cannot create --out")
+        and "cannot connect" not in result.stderr
+    )
+
+
 # ---- 429: a stub server, because a real one cannot be kept busy on cue ----
 
 
@@ -126,11 +141,12 @@ def tiny_png_base64() -> str:
 
 
 class BusyStub:
-    """Answers 429 (Retry-After: 1) to the first ``busy_answers`` posts, then one image with seed 7."""
+    """Answers 429 (Retry-After: 1) to the first ``busy_answers`` posts, then one image with ``seed``."""
 
-    def __init__(self, busy_answers: int) -> None:
+    def __init__(self, busy_answers: int, seed: object = 7) -> None:
         self.busy_answers = busy_answers
         self.requests = 0
+        self.seed = seed
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -149,7 +165,7 @@ class BusyStub:
                             "prompt": "a cat",
                             "generated_image": tiny_png_base64(),
                             "nsfw_content_detected": None,
-                            "seed": 7,
+                            "seed": stub.seed,
                         }
                     ]
                 data = json.dumps(payload).encode()
@@ -194,3 +210,12 @@ def test_busy_server_is_given_up_on_after_bounded_retries(tmp_path: Path) -> Non
     assert stub.requests == 3
     assert "error: the server is still busy after 3 attempts (429: queue full)" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_an_integer_seed_from_the_server_names_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with BusyStub(busy_answers=0, seed="../../escaped") as stub:
+        result = generate("a cat", "--url", stub.url, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["a-cat-0.png"]  # numbered by position instead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
