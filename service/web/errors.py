@@ -38,6 +38,19 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 RETRY_AFTER_OVERLOADED_S = 5
 
+# The answers any generating route may give besides its own parsing errors (keys, the body's guards,
+# the queue, readiness, the deadline), described once for every route's OpenAPI entry.
+SHARED_ERROR_DESCRIPTIONS: dict[int, str] = {
+    401: "Missing or unknown API key (when SD_API_KEYS is set).",
+    408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
+    413: "The body is larger than SD_MAX_BODY_BYTES.",
+    415: "The body has a Content-Encoding (gzip, ...); send it uncompressed.",
+    429: "The queue is full; retry after Retry-After seconds.",
+    431: "A request-id header is longer than 100 characters.",
+    503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
+    504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
+}
+
 
 class UnauthorizedError(ServiceError):
     """No bearer key, or one that is not configured."""

@@ -27,7 +27,7 @@ from schemas.openai import (
 from service.runtime.convert import openai_to_items, to_image_data
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body
-from service.web.errors import ModelNotFoundError
+from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
 from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -36,17 +36,13 @@ _STARTED = int(time.time())  # a model's "created": when this server process sta
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request: not JSON, an unknown field, a value out of bounds (param names the field).",
-        401: "Missing or unknown API key (when SD_API_KEYS is set).",
-        404: "model names a model this server does not serve.",
-        408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
-        413: "The body is larger than SD_MAX_BODY_BYTES.",
-        415: "The body has a Content-Encoding (gzip, ...); send it uncompressed.",
-        429: "The queue is full; retry after Retry-After seconds.",
-        503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
-        504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
-    }.items()
+    for status, description in sorted(
+        {
+            400: "Invalid request: not JSON, an unknown field, a value out of bounds (param names it).",
+            404: "model names a model this server does not serve.",
+            **SHARED_ERROR_DESCRIPTIONS,
+        }.items()
+    )
 }
 _REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
 

@@ -26,7 +26,7 @@ from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import RequestTimeoutError
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
-from service.web.errors import error_json, error_response
+from service.web.errors import SHARED_ERROR_DESCRIPTIONS, error_json, error_response
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -35,18 +35,13 @@ T = TypeVar("T")
 CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away"; nobody reads it but the metrics
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "The body is not JSON.",
-        401: "Missing or unknown API key (when SD_API_KEYS is set).",
-        408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
-        413: "The body is larger than SD_MAX_BODY_BYTES.",
-        415: "The body has a Content-Encoding (gzip, ...); send it uncompressed.",
-        422: "The JSON does not follow the contract (the message says where and why).",
-        429: "The queue is full; retry after Retry-After seconds.",
-        431: "A request-id header is longer than 100 characters.",
-        503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
-        504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
-    }.items()
+    for status, description in sorted(
+        {
+            400: "The body is not JSON.",
+            422: "The JSON does not follow the contract (the message says where and why).",
+            **SHARED_ERROR_DESCRIPTIONS,
+        }.items()
+    )
 }
 
 

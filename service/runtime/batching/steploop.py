@@ -69,9 +69,16 @@ class StepLoop:
         self._max_queue_items = max_queue_items
         self._metrics = metrics
         self._waiting: deque[Image] = deque()
-        limits = {"max_batch_size": max_batch_size, "max_failures": max_failures}
         self.lanes = [
-            Lane(index, each, self, **limits, metrics=metrics, thread=thread)
+            Lane(
+                index,
+                each,
+                self,
+                max_batch_size=max_batch_size,
+                max_failures=max_failures,
+                metrics=metrics,
+                thread=thread,
+            )
             for index, (each, thread) in enumerate(zip(engines, given, strict=True))
         ]
         self._holder: dict[int, Lane] = {}  # id(image) -> the lane that holds it (for cancellation)
