@@ -1,6 +1,6 @@
 """Every setting of the server and of batch jobs, read once from the environment (prefix ``SD_``,
-plus Azure ML's ``AZUREML_MODEL_DIR``) at start-up. Command-line options override these values by
-passing them to the constructor.
+plus Azure ML's ``AZUREML_MODEL_DIR`` and OpenMP's ``OMP_NUM_THREADS``) at start-up. Command-line
+options override these values by passing them to the constructor.
 
 Only these other modules touch the environment, each for a reason outside these settings
 (tests/test_layout.py keeps this list true):
@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     compile: bool = False
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None
+    # Torch's CPU threads per engine ("auto": service/runtime/engines.py cpu_threads_per_engine says
+    # how many and why). OMP_NUM_THREADS, when set (Ray sets it per actor), is respected under auto.
+    cpu_threads: int | Literal["auto"] = Field(
+        default="auto", description="Torch CPU threads per engine: auto, or a number from 1 to 1024."
+    )
+    omp_num_threads: str | None = Field(default=None, validation_alias="OMP_NUM_THREADS")
 
     # HTTP.
     host: str = "127.0.0.1"
@@ -101,6 +107,18 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("cpu_threads", mode="before")
+    @classmethod
+    def _check_cpu_threads(cls, value: object) -> object:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text == "auto":
+            return "auto"
+        if isinstance(text, str) and re.fullmatch(r"[0-9]{1,4}", text) and 1 <= int(text) <= 1024:
+            return int(text)
+        if isinstance(text, int) and not isinstance(text, bool) and 1 <= text <= 1024:
+            return text
+        raise ValueError("SD_CPU_THREADS: not a thread count; use auto, or a whole number from 1 to 1024")
 
     @field_validator("api_keys")
     @classmethod

@@ -18,9 +18,18 @@ if TYPE_CHECKING:
 
 def load_job_engine(settings: Settings, params: JobParams) -> ServingEngine:
     """Load the model and check ``params`` against it; BatchConfigError (exit 2) when either fails."""
-    from model.errors import InvalidRequestError, ModelLoadError
-    from service.runtime.engines import load_engine
+    import torch
 
+    from model.errors import InvalidRequestError, ModelLoadError
+    from service.runtime.engines import available_cores, cpu_threads_per_engine, load_engine, use_cpu_threads
+
+    # 1. This thread's torch CPU threads (the job steps its engine here), by the server's policy.
+    device = None if settings.device == "auto" else settings.device
+    kind = device or ("cuda" if torch.cuda.is_available() else None)
+    threads = cpu_threads_per_engine(settings, [kind], available_cores())[0]
+    if threads is not None:
+        use_cpu_threads(threads)
+    # 2. The model, then the parameters against it.
     try:
         engine = load_engine(settings)
     except ModelLoadError as error:

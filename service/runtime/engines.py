@@ -8,6 +8,8 @@ runs, which is always in a thread or a worker process.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -47,15 +49,69 @@ class ServingEngine(Protocol):
     def cancel(self, handle: int) -> None: ...
 
 
-def engine_thread(index: int) -> ThreadPoolExecutor:
-    """The one thread that runs all of an engine's work: its load, its warm-up and every step.
+# Torch CPU threads of an engine on a GPU: its CPU work is small (scheduler arithmetic, the
+# safety checker's pre-processing), and a wide team on every GPU's engine would oversubscribe the host.
+GPU_ENGINE_CPU_THREADS = 2
+
+
+def engine_thread(index: int, cpu_threads: int | None = None) -> ThreadPoolExecutor:
+    """The one thread that runs all of an engine's work: its load, its warm-up and every step,
+    with ``cpu_threads`` torch threads (None: torch's own default).
 
     One thread, first because the engine is not re-entrant; and because torch keeps per-thread
     state that a second thread would not share: on the CPU, an OpenMP thread team per calling
     thread (with two teams on a 2-core VM, libgomp stops spin-waiting and random:tiny's 20 steps
-    took 0.55 s instead of 0.16 s), on CUDA the current device and stream.
+    took 0.55 s instead of 0.16 s), on CUDA the current device and stream. The thread count is
+    one of those per-thread settings, so it is set in the thread itself, before anything runs there.
     """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{index}")
+    if cpu_threads is None:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{index}")
+    name = f"engine-{index}"
+    return ThreadPoolExecutor(1, name, initializer=use_cpu_threads, initargs=(cpu_threads,))
+
+
+def use_cpu_threads(count: int) -> None:
+    """Give the calling thread's torch operations ``count`` CPU threads. Imports torch."""
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (what
+    a container's CPU limit sets; the mask still shows every core of the host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limit:
+            quota, period = limit.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read: the mask alone
+    return max(1, cores)
+
+
+def cpu_threads_per_engine(settings: Settings, devices: Sequence[str | None], cores: int) -> list[int | None]:
+    """Torch CPU threads for each engine of ``devices`` (in order) on a host with ``cores`` usable
+    cores; None leaves torch's default (OMP_NUM_THREADS, which the user or Ray set).
+
+    1. SD_CPU_THREADS, when it is a number, for every engine.
+    2. Under auto, OMP_NUM_THREADS when set: someone sized the threads for this process already.
+    3. CPU engines share all cores but one, evenly. The core left over is the server's own (HTTP,
+       PNG encoding) and any neighbour's: a team as wide as the machine waits at every operation's
+       barrier for whichever of its threads the OS has descheduled, and throughput collapses as
+       soon as anything else runs (benchmarks/cpu_threads.py measures each policy).
+    4. Engines on GPUs: a small team each (GPU_ENGINE_CPU_THREADS), within what is left.
+    """
+    if isinstance(settings.cpu_threads, int):
+        return [settings.cpu_threads] * len(devices)
+    if settings.omp_num_threads is not None:
+        return [None] * len(devices)
+    budget = max(1, cores - 1)
+    on_cpu = [device is None or device.startswith("cpu") for device in devices]
+    cpu_share = max(1, budget // max(1, sum(on_cpu)))
+    gpu_share = max(1, min(GPU_ENGINE_CPU_THREADS, budget // max(1, len(devices))))
+    return [cpu_share if cpu else gpu_share for cpu in on_cpu]
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:

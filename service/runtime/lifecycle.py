@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from schemas.score import ScoreLimits
 from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import NO_ENGINE_LEFT, StepLoop
-from service.runtime.engines import ServingEngine, engine_thread, load_engine, resolve_devices
+from service.runtime.engines import (
+    ServingEngine,
+    available_cores,
+    cpu_threads_per_engine,
+    engine_thread,
+    load_engine,
+    resolve_devices,
+)
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
@@ -149,7 +156,10 @@ class Lifecycle:
                 "(SD_BATCHING=step serves every device)", devices[0], ", ".join(map(str, devices)),
             )  # fmt: skip
             devices = devices[:1]
-        threads += [engine_thread(index) for index in range(len(devices))]
+        counts = cpu_threads_per_engine(self.settings, devices, available_cores())
+        threads += [engine_thread(index, count) for index, count in enumerate(counts)]
+        shown = ", ".join("torch's default" if count is None else str(count) for count in counts)
+        log.info("torch CPU threads per engine: %s (SD_CPU_THREADS)", shown)
         if self.settings.model_spec.startswith("random:"):
             # Random weights are drawn from torch's one global generator: loads at once would
             # interleave their draws and make engines that draw different images. One at a time.

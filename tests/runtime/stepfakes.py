@@ -3,14 +3,17 @@ a step costs nothing (or waits on a gate), and failures are injected by prompt o
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from model.errors import EngineFailure, EngineOutOfMemoryError, InvalidRequestError
 from model.types import GenerationItem, GenerationResult
+from service.settings import Settings
 from tests.runtime.fakes import FakeEngine
 
 
@@ -72,3 +75,54 @@ class FakeStepEngine(FakeEngine):
     def cancel(self, handle: int) -> None:
         if self.running.pop(handle, None) is not None:
             self.cancelled.append(handle)
+
+
+class ThreadRecording(FakeStepEngine):
+    """Records the thread of its load and of every later call to it, and torch's CPU thread
+    count in each of those calls."""
+
+    def __init__(self, device: str | None) -> None:
+        super().__init__()
+        self.device = device
+        self.threads = {("load", threading.get_ident())}
+        self.cpu_threads = {torch.get_num_threads()}
+
+    def _saw(self, call: str) -> None:
+        self.threads.add((call, threading.get_ident()))
+        self.cpu_threads.add(torch.get_num_threads())
+
+    def warmup(self) -> None:
+        self._saw("warmup")
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        self._saw("generate")
+        return super().generate(items)
+
+    def admit(self, item: GenerationItem) -> int:
+        self._saw("admit")
+        return super().admit(item)
+
+    def step(self) -> list[int]:
+        self._saw("step")
+        return super().step()
+
+    def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
+        self._saw("retire")
+        return super().retire(handles)
+
+
+async def serve_six_images(settings: Settings) -> list[ThreadRecording]:
+    """A Lifecycle on ``settings`` (whose load_engine the caller patched to give ThreadRecording
+    engines) serves six 3-step images in seed order, stops, and hands back its engines."""
+    from service.runtime.lifecycle import Lifecycle
+    from service.runtime.metrics import Metrics
+    from tests.runtime.fakes import item
+
+    lifecycle = Lifecycle(settings, Metrics())
+    lifecycle.begin()
+    await lifecycle.wait_started()
+    runtime = lifecycle.require_ready()
+    results = await asyncio.gather(*runtime.batcher.submit([item(seed=s, steps=3) for s in range(6)]))
+    assert [r.seed for r in results] == list(range(6))
+    await lifecycle.stop()
+    return list(runtime.engines)  # type: ignore[arg-type]

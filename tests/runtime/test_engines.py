@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 import service.runtime.lifecycle as lifecycle_module
 from model.errors import EngineFailure, ModelLoadError
-from model.types import GenerationItem, GenerationResult
+from model.types import GenerationItem
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.engines import resolve_devices
 from service.runtime.errors import NotReadyError
@@ -23,7 +23,7 @@ from service.runtime.lifecycle import Lifecycle, Phase
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from tests.runtime.fakes import item
-from tests.runtime.stepfakes import FakeStepEngine
+from tests.runtime.stepfakes import FakeStepEngine, ThreadRecording, serve_six_images
 
 
 class Recording(FakeStepEngine):
@@ -241,37 +241,6 @@ def test_all_is_every_visible_cuda_device_or_the_default_device_without_one(
     assert resolve_devices(Settings(device="cpu")) == ["cpu"]
 
 
-class ThreadRecording(FakeStepEngine):
-    """Records the thread of its load and of every later call to it."""
-
-    def __init__(self, device: str | None) -> None:
-        super().__init__()
-        self.device = device
-        self.threads = {("load", threading.get_ident())}
-
-    def _saw(self, call: str) -> None:
-        self.threads.add((call, threading.get_ident()))
-
-    def warmup(self) -> None:
-        self._saw("warmup")
-
-    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
-        self._saw("generate")
-        return super().generate(items)
-
-    def admit(self, item: GenerationItem) -> int:
-        self._saw("admit")
-        return super().admit(item)
-
-    def step(self) -> list[int]:
-        self._saw("step")
-        return super().step()
-
-    def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
-        self._saw("retire")
-        return super().retire(handles)
-
-
 @pytest.mark.parametrize("batching", ["step", "request"])
 def test_each_engine_is_loaded_warmed_up_and_run_in_one_thread_of_its_own(
     batching: str, monkeypatch: pytest.MonkeyPatch
@@ -282,14 +251,7 @@ def test_each_engine_is_loaded_warmed_up_and_run_in_one_thread_of_its_own(
 
     async def test() -> None:
         settings = Settings(model="/models/sd", devices="cuda:0,cuda:1", batching=batching)
-        lifecycle = Lifecycle(settings, Metrics())
-        lifecycle.begin()
-        await lifecycle.wait_started()
-        runtime = lifecycle.require_ready()
-        results = await asyncio.gather(*runtime.batcher.submit([item(seed=s, steps=3) for s in range(6)]))
-        assert [r.seed for r in results] == list(range(6))
-        await lifecycle.stop()
-        engines: list[ThreadRecording] = list(runtime.engines)  # type: ignore[arg-type]
+        engines = await serve_six_images(settings)
         assert len(engines) == (2 if batching == "step" else 1)
         calls = {
             "step": {"load", "warmup", "admit", "step", "retire"},
