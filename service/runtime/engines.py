@@ -8,10 +8,10 @@ runs, which is always in a thread or a worker process.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
@@ -77,17 +77,24 @@ def use_cpu_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def available_cores() -> int:
-    """The CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (what
-    a container's CPU limit sets; the mask still shows every core of the host)."""
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota (what a
+    container's CPU limit sets, while the mask still shows every core of the host), rounded down: a
+    team wider than the quota is throttled in every period."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as limit:
-            quota, period = limit.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit to read: the mask alone
+    limits = (("cpu.max",), ("cpu", "cpu.cfs_quota_us"))  # cgroup v2, then v1
+    for parts in limits:
+        try:
+            text = cgroup.joinpath(*parts).read_text()
+            if parts == ("cpu.max",):
+                quota, period = text.split()[:2]
+            else:
+                quota, period = text.strip(), cgroup.joinpath("cpu", "cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            continue  # no such limit to read here
+        if quota not in ("max", "-1") and quota.isdigit() and period.isdigit() and int(period) > 0:
+            cores = min(cores, max(1, int(quota) // int(period)))
+        break
     return max(1, cores)
 
 

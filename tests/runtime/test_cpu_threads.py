@@ -4,10 +4,12 @@ pure function, its setting, and that each engine's own thread, and a batch job's
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +73,29 @@ def test_available_cores_follows_the_affinity_mask() -> None:
     assert pinned.returncode == 0, pinned.stderr
     assert pinned.stdout.strip() == "1"
     assert 1 <= available_cores() <= (torch.get_num_threads() + 1024)
+
+
+@pytest.mark.parametrize(
+    "files,limit",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1),  # a 1.5-CPU container: one thread, not a throttled two
+        ({"cpu.max": "400000 100000\n"}, 4),
+        ({"cpu.max": "50000 100000\n"}, 1),  # 500m
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_container_cpu_limit_caps_the_cores(
+    files: dict[str, str], limit: int | None, tmp_path: Path
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    mask = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path) == (mask if limit is None else min(mask, limit))
 
 
 @pytest.mark.parametrize("setting,cores,expected", [(3, 2, 3), ("auto", 7, 3), ("auto", 2, 1)])
