@@ -150,21 +150,13 @@ class Lifecycle:
             )  # fmt: skip
             devices = devices[:1]
         threads += [engine_thread(index) for index in range(len(devices))]
-        if self.settings.model_spec.startswith("random:"):
-            # Random weights are drawn from torch's one global generator: loads at once would
-            # interleave their draws and make engines that draw different images. One at a time.
-            results: list[ServingEngine | BaseException] = []
-            for device, thread in zip(devices, threads, strict=True):
-                try:
-                    results.append(await loop.run_in_executor(thread, load_engine, self.settings, device))
-                except Exception as error:
-                    results.append(error)
-        else:
-            loads = [
-                loop.run_in_executor(thread, load_engine, self.settings, device)
-                for device, thread in zip(devices, threads, strict=True)
-            ]
-            results = list(await asyncio.gather(*loads, return_exceptions=True))
+        # In parallel: the model's loader reads one device's weights at a time (diffusers builds
+        # models under process-wide contexts; model/loading says why) and moves them in parallel.
+        loads = [
+            loop.run_in_executor(thread, load_engine, self.settings, device)
+            for device, thread in zip(devices, threads, strict=True)
+        ]
+        results = list(await asyncio.gather(*loads, return_exceptions=True))
         engines = [result for result in results if not isinstance(result, BaseException)]
         for result, device in zip(results, devices, strict=True):
             if isinstance(result, BaseException):

@@ -34,9 +34,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def start_server(log_path: Path, **env: str) -> Server:
-    """`sd-endpoint serve` on random:tiny and a free port, returned once GET / answers "Healthy"."""
+    """`sd-endpoint serve` on random:tiny (unless ``env`` names SD_MODEL) and a free port, returned
+    once GET / answers "Healthy"."""
     port = free_port()
-    environment = clean_env(SD_MODEL="random:tiny", SD_HOST="127.0.0.1", SD_PORT=str(port), **env)
+    defaults = {"SD_MODEL": "random:tiny", "SD_HOST": "127.0.0.1", "SD_PORT": str(port)}
+    environment = clean_env(**{**defaults, **env})
     with log_path.open("wb") as log:
         process = subprocess.Popen(SERVE, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ RANDOM_PREFIX = "random:"
 # Where Azure ML's model catalog puts the diffusers folder inside a registered model.
 AZUREML_MODEL_SUBDIR = Path("mlflow_model_folder") / "artifacts" / "INPUT_model_path"
 _SEARCH_DEPTH = 4
+# Held while components are read or built. diffusers and transformers build models inside
+# process-wide contexts (accelerate's init_empty_weights patches nn.Module for every thread, torch's
+# default dtype, torch.nn.init, the global generator for random weights): a second load running in
+# another thread meanwhile builds meta tensors ("Unsupported device type 'meta'") or takes the other
+# load's dtype. Reading is serialised; moving to the devices, the slow part, stays parallel.
+READING = threading.RLock()
 
 
 @dataclass
@@ -130,7 +137,13 @@ def load_components(spec: str, dtype: torch.dtype) -> Components:
     """Resolve ``spec`` and load its components on the CPU in ``dtype``.
 
     Steps: 1) random architectures, 2) local folders (plain or Azure ML layout), 3) hub ids.
+    One read at a time in the process (READING says why).
     """
+    with READING:
+        return _load_components(spec, dtype)
+
+
+def _load_components(spec: str, dtype: torch.dtype) -> Components:
     # 1) built in process, no files at all
     if spec.startswith(RANDOM_PREFIX):
         arch, seed = parse_random_spec(spec)
@@ -173,6 +186,11 @@ def load_components(spec: str, dtype: torch.dtype) -> Components:
 
 def load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """A checker configured apart from the model: a folder with safety_checker/ + feature_extractor/."""
+    with READING:
+        return _load_safety_checker(folder, dtype)
+
+
+def _load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
