@@ -18,6 +18,7 @@ import torch
 from model.architectures import build_components
 from model.errors import ModelLoadError
 from model.export import RANDOM_MARKER
+from model.loading.folders import load_folder
 from model.types import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -110,21 +111,10 @@ def _architecture_of(unet_config: Any) -> str:
     return "custom"
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, name: str) -> Components:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype)
+def _from_folder(folder: Path, dtype: torch.dtype, name: str, variant: str | None) -> Components:
+    parts = load_folder(folder, dtype, variant)
     return Components(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        safety_checker=pipe.safety_checker,
-        feature_extractor=pipe.feature_extractor,
-        name=name,
-        architecture=_architecture_of(pipe.unet.config),
-        random_weights=False,
+        **parts, name=name, architecture=_architecture_of(parts["unet"].config), random_weights=False
     )
 
 
@@ -133,17 +123,18 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def load_components(spec: str, dtype: torch.dtype) -> Components:
-    """Resolve ``spec`` and load its components on the CPU in ``dtype``.
+def load_components(spec: str, dtype: torch.dtype, variant: str | None = None) -> Components:
+    """Resolve ``spec`` and load its components on the CPU in ``dtype``; ``variant`` picks the
+    weight files (``fp16``: ``*.fp16.safetensors``) where a folder holds several.
 
     Steps: 1) random architectures, 2) local folders (plain or Azure ML layout), 3) hub ids.
     One read at a time in the process (READING says why).
     """
     with READING:
-        return _load_components(spec, dtype)
+        return _load_components(spec, dtype, variant)
 
 
-def _load_components(spec: str, dtype: torch.dtype) -> Components:
+def _load_components(spec: str, dtype: torch.dtype, variant: str | None) -> Components:
     # 1) built in process, no files at all
     if spec.startswith(RANDOM_PREFIX):
         arch, seed = parse_random_spec(spec)
@@ -158,30 +149,38 @@ def _load_components(spec: str, dtype: torch.dtype) -> Components:
         if not path.is_dir():
             raise ModelLoadError(f"model path {path} is a file; give the folder that holds model_index.json")
         folder = find_diffusers_folder(path)
-        try:
-            components = _load_pretrained(str(folder), dtype, name=str(path))
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from error
+        components = _from_folder(folder, dtype, str(path), variant)
         marker = folder / RANDOM_MARKER
         if marker.is_file():  # written by make-model: "random:<arch>:<seed>"
             components.random_weights = True
             components.architecture = marker.read_text().strip().split(":")[1]
         return components
-    # 3) the Hugging Face Hub
+    # 3) the Hugging Face Hub (its cache first: offline, a cached id resolves without a network)
     if not _looks_like_hub_id(spec):
         raise ModelLoadError(
-            f"model {spec!r} is neither an existing folder, a hub id (org/name) nor random:<arch>"
+            f"model {spec!r} is neither an existing folder (looked for {path.absolute()}), a hub id "
+            "(org/name) nor random:<arch>; check the path"
         )
     try:
-        return _load_pretrained(spec, dtype, name=spec)
+        folder = Path(_download(spec, variant))
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         text = str(error).strip()
         reason = text.splitlines()[0] if text else type(error).__name__
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise ModelLoadError(
-            f"could not download {spec!r} from the Hugging Face Hub ({reason}). Without a network, set "
-            f"SD_MODEL (or --model) to a local diffusers folder, e.g. one written by `sd-endpoint make-model`"
+            f"model {spec!r} is no folder here (looked for {path.absolute()}), and as a Hugging Face Hub id "
+            f"it is neither in the local cache nor downloadable ({reason}). Fix the path, or, without a "
+            "network, set SD_MODEL (or --model) to a local diffusers folder, e.g. one written by "
+            "`sd-endpoint make-model`"
         ) from None
+    return _from_folder(folder, dtype, spec, variant)
+
+
+def _download(spec: str, variant: str | None) -> str:
+    """The hub id's folder in the Hugging Face cache, fetched if it is not there yet."""
+    from diffusers import StableDiffusionPipeline
+
+    return str(StableDiffusionPipeline.download(spec, variant=variant))
 
 
 def load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
