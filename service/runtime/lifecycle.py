@@ -110,6 +110,7 @@ class Lifecycle:
             engines = self._given_engines or await self._load(threads)
             threads += [engine_thread(index) for index in range(len(threads), len(engines))]
             self._warn_if_random(engines[0])
+            self._warn_if_unchecked(engines[0])
             pairs = zip(engines, threads, strict=True)
             await asyncio.gather(*(loop.run_in_executor(thread, engine.warmup) for engine, thread in pairs))
         except asyncio.CancelledError:
@@ -203,6 +204,18 @@ class Lifecycle:
             log.warning(
                 "%s\n  model %s has RANDOM WEIGHTS: every image it makes is noise.\n"
                 "  Set SD_MODEL (or --model) to a Stable Diffusion folder to serve real images.\n%s",
+                banner, engine.info.name, banner,
+            )  # fmt: skip
+
+    @staticmethod
+    def _warn_if_unchecked(engine: ServingEngine) -> None:
+        if not engine.info.safety_checker:
+            banner = "!" * 78
+            log.warning(
+                "%s\n  model %s has NO SAFETY CHECKER: its images go out unchecked "
+                "(nsfw_content_detected is null).\n"
+                "  Set SD_SAFETY_CHECKER to a folder with safety_checker/ and feature_extractor/ "
+                "to check them.\n%s",
                 banner, engine.info.name, banner,
             )  # fmt: skip
 

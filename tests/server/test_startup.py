@@ -1,11 +1,13 @@
-"""Starting `sd-endpoint serve` as an operator sees it: an address it cannot listen on fails at once,
-before any model loads, in one line; the server's own banners read as lines in the text log while
-what clients send stays escaped."""
+"""Starting `sd-endpoint serve` (and a batch job) as an operator sees it: an address it cannot listen
+on fails at once, before any model loads, in one line; a broken weight folder is one line naming the
+file; the server's own banners read as lines in the text log while what clients send stays escaped."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 
 from service.logs import RequestContextFilter, TextFormatter
 from tests.helpers.processes import REPO, SERVE, clean_env, start_server, stop_server
+from tests.helpers.weights import save_with_diffusers
 
 PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) \S+ \[\S+\] ")
 # A model that takes a while to load: the failure must come before it starts.
@@ -32,7 +35,7 @@ def busy_port() -> Iterator[int]:
 
 
 def serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = clean_env(SD_MODEL="random:tiny", **env)
+    environment = clean_env(**{"SD_MODEL": "random:tiny", **env})
     return subprocess.run(
         [*SERVE, *args], env=environment, cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -118,3 +121,50 @@ def test_a_traceback_follows_the_last_line_and_odd_records_stay_one_line() -> No
     assert PREFIX.match(text[1]) and text[1].endswith("second x") and text[2].startswith("Traceback")
     for odd in (record("%(a)s\n%(b)s", {"a": 1, "b": "2"}), record(ValueError("a\nb"))):  # type: ignore[arg-type]
         assert len(formatted(odd)) == 1
+
+
+# -- 5. a broken weight folder: one line, on serve and on batch ------------------------------------
+@pytest.fixture(scope="module")
+def zero_byte_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = save_with_diffusers(tmp_path_factory.mktemp("broken") / "sd", seed=1)
+    (folder / "text_encoder" / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_serve_on_a_broken_folder_exits_1_naming_the_file_without_a_traceback(
+    zero_byte_encoder: Path,
+) -> None:
+    done = serve("--port", "0", SD_MODEL=str(zero_byte_encoder))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    named = str(zero_byte_encoder / "text_encoder" / "model.safetensors")
+    assert errors and all(named in line and "empty (0 bytes)" in line for line in errors), errors
+
+
+def test_batch_on_a_broken_folder_exits_2_with_one_line(zero_byte_encoder: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a red cat\n")
+    command = [sys.executable, "-m", "service.cli.main", "batch", "--input", str(tmp_path / "in"),
+               "--output", str(tmp_path / "out"), "--model", str(zero_byte_encoder)]  # fmt: skip
+    done = subprocess.run(command, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith("sd-endpoint batch: error: ") and "text_encoder" in line and "0 bytes" in line
+
+
+def test_a_model_without_a_safety_checker_says_so_once_loudly(tmp_path: Path) -> None:
+    folder = save_with_diffusers(tmp_path / "sd", arch="tiny", seed=1)
+    shutil.rmtree(folder / "safety_checker")
+    shutil.rmtree(folder / "feature_extractor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    running = start_server(tmp_path / "server.log", SD_MODEL=str(folder), SD_DEVICES="cpu,cpu")
+    stop_server(running)
+    text = running.log_path.read_text()
+    assert text.count("NO SAFETY CHECKER: its images go out unchecked") == 1
+    checked = start_server(tmp_path / "checked.log")  # random:tiny has a checker
+    stop_server(checked)
+    assert "NO SAFETY CHECKER" not in checked.log_path.read_text()
