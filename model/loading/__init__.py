@@ -19,6 +19,8 @@ from model.architectures import build_components
 from model.errors import ModelLoadError
 from model.export import RANDOM_MARKER
 from model.loading.folders import load_folder
+from model.loading.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
+from model.loading.single_file import load_single_file
 from model.types import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -123,18 +125,21 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def load_components(spec: str, dtype: torch.dtype, variant: str | None = None) -> Components:
+def load_components(
+    spec: str, dtype: torch.dtype, variant: str | None = None, config: str | None = None
+) -> Components:
     """Resolve ``spec`` and load its components on the CPU in ``dtype``; ``variant`` picks the
-    weight files (``fp16``: ``*.fp16.safetensors``) where a folder holds several.
+    weight files (``fp16``: ``*.fp16.safetensors``) where a folder holds several; ``config`` (a
+    diffusers folder or cached hub id) describes a single checkpoint file of another architecture.
 
     Steps: 1) random architectures, 2) local folders (plain or Azure ML layout), 3) hub ids.
     One read at a time in the process (READING says why).
     """
     with READING:
-        return _load_components(spec, dtype, variant)
+        return _load_components(spec, dtype, variant, config)
 
 
-def _load_components(spec: str, dtype: torch.dtype, variant: str | None) -> Components:
+def _load_components(spec: str, dtype: torch.dtype, variant: str | None, config: str | None) -> Components:
     # 1) built in process, no files at all
     if spec.startswith(RANDOM_PREFIX):
         arch, seed = parse_random_spec(spec)
@@ -147,7 +152,13 @@ def _load_components(spec: str, dtype: torch.dtype, variant: str | None) -> Comp
     path = Path(os.path.expanduser(spec))
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model path {path} is a file; give the folder that holds model_index.json")
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(
+                    f"model path {path} is a file but not a checkpoint; give a .safetensors or .ckpt file, "
+                    "or the folder that holds model_index.json"
+                )
+            parts, architecture = load_single_file(path, dtype, config)
+            return Components(**parts, name=str(path), architecture=architecture, random_weights=False)
         folder = find_diffusers_folder(path)
         components = _from_folder(folder, dtype, str(path), variant)
         marker = folder / RANDOM_MARKER

@@ -112,5 +112,6 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         safety_checker=checker,
         options=options,
         variant=settings.model_variant,
+        config=settings.model_config_dir,
     )
     return engine

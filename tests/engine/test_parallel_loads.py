@@ -19,10 +19,11 @@ import accelerate
 import numpy as np
 import pytest
 import torch
+from diffusers.loaders import single_file_model, single_file_utils
 
 import model
 from model.types import GenerationItem
-from tests.helpers.weights import save_with_diffusers
+from tests.helpers.weights import save_single_file, save_with_diffusers
 
 ITEM = GenerationItem(prompt="a lighthouse", seed=3, num_inference_steps=2, height=128, width=128)
 WAIT_S = 2.0
@@ -31,6 +32,11 @@ WAIT_S = 2.0
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_with_diffusers(tmp_path_factory.mktemp("weights") / "sd", seed=7)
+
+
+@pytest.fixture(scope="module")
+def single(folder: Path) -> Path:
+    return save_single_file(folder, folder.parent / "sd.safetensors")
 
 
 class Overlap:
@@ -61,15 +67,21 @@ class Overlap:
             self.first_left.set()
 
 
-def test_two_loads_of_one_folder_at_once_both_work_and_draw_the_same_image(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["folder", "single file"])
+def test_two_loads_at_once_both_work_and_draw_the_same_image(
+    folder: Path, single: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    alone = model.load(str(folder), device="cpu").generate([ITEM])[0].image
+    spec = str(folder if kind == "folder" else single)
+    alone = model.load(spec, device="cpu", config=str(folder)).generate([ITEM])[0].image
     register = torch.nn.Module.register_parameter
     overlap = Overlap()
+    # diffusers' folder loader calls accelerate.init_empty_weights; its single-file loaders hold
+    # their own reference to it
     monkeypatch.setattr(accelerate, "init_empty_weights", overlap)
+    for module in (single_file_utils, single_file_model):
+        monkeypatch.setattr(module, "init_empty_weights", overlap)
     with ThreadPoolExecutor(2) as pool:
-        loads = [pool.submit(model.load, str(folder), "cpu") for _ in range(2)]
+        loads = [pool.submit(model.load, spec, "cpu", config=str(folder)) for _ in range(2)]
         engines = [load.result() for load in loads]
     assert overlap.entries >= 2  # the wrapper was in the path of both loads
     assert not overlap.overlapped  # one read at a time: the second never entered during the first
