@@ -30,8 +30,8 @@ EXIT_CANNOT_SERVE = 1  # as a model that cannot load
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="model spec (SD_MODEL): a diffusers folder, an Azure ML model folder, a hub id or random:tiny; "
-        "default AZUREML_MODEL_DIR, else random:tiny",
+        help="model spec (SD_MODEL): a diffusers folder, a .safetensors/.ckpt file, an Azure ML model "
+        "folder, a hub id or random:tiny; default AZUREML_MODEL_DIR, else random:tiny",
     )
     parser.add_argument("--host", help="address to listen on (SD_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (SD_PORT, default 5001)")
