@@ -9,6 +9,7 @@ at it, so that the shared environment's libraries (torch, diffusers) serve it un
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import re
 import shutil
@@ -72,7 +73,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Install:
             shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(path, source / name)
-    pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(base / "dist"), ".", cwd=source)
+    # The build backend from this environment when it has one (offline); else pip fetches it, as
+    # the Dockerfile's `pip install .` does.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    pip("wheel", "--no-deps", *isolation, "--wheel-dir", str(base / "dist"), ".", cwd=source)
     (wheel,) = (base / "dist").glob("sd_endpoint-*.whl")
     pip("install", "--no-deps", "--no-compile", "--target", str(base / "site"), str(wheel), cwd=base)
     outside = base / "work"
