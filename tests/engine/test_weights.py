@@ -172,3 +172,19 @@ def test_sd_model_variant_reaches_the_loader_and_odd_values_are_refused(fp16_onl
     for odd in ("../fp16", "fp16.safetensors", "", "a b", "x" * 41):
         with pytest.raises(SettingsError, match="SD_MODEL_VARIANT"):
             load_settings(model_variant=odd)
+
+
+def test_a_hub_id_resolves_offline_from_a_populated_cache(plain: Path, tmp_path: Path) -> None:
+    """The Hugging Face cache's layout (hub/models--org--name/{refs/main, snapshots/REV/}), filled
+    with a folder diffusers saved: no network is needed, nor tried (HF_HUB_OFFLINE=1)."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--my-org--tiny-sd"
+    shutil.copytree(plain, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = "import model\ne = model.load('my-org/tiny-sd', device='cpu')"
+    code += "\nprint(e.info.name, e.info.safety_checker)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["my-org/tiny-sd", "True"]
