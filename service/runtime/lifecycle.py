@@ -118,7 +118,7 @@ class Lifecycle:
             raise
         except Exception as error:
             self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
-            log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
+            log.error("%s; check SD_MODEL (or --model)", self.failure)
             _release(threads)
             return
         # 2. The serving pieces (which own the threads from now on); a failure here must not
@@ -159,12 +159,18 @@ class Lifecycle:
         ]
         results = list(await asyncio.gather(*loads, return_exceptions=True))
         engines = [result for result in results if not isinstance(result, BaseException)]
-        for result, device in zip(results, devices, strict=True):
-            if isinstance(result, BaseException):
-                log.error("the engine on %s did not load: %s", device or "the default device", result)
-                for engine in engines:
-                    engine.close()
-                raise result
+        failed = [
+            (device, r) for device, r in zip(devices, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if failed:
+            for engine in engines:
+                engine.close()
+            # One line says it (the start's failure, logged by the caller), unless the devices
+            # failed for different reasons: then each device's own.
+            if len({str(error) for _, error in failed}) > 1:
+                for device, error in failed:
+                    log.error("the engine on %s did not load: %s", device or "the default device", error)
+            raise failed[0][1]
         return engines
 
     def _assemble(self, engines: list[ServingEngine], threads: list[ThreadPoolExecutor]) -> Runtime:

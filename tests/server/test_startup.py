@@ -131,15 +131,16 @@ def zero_byte_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_serve_on_a_broken_folder_exits_1_naming_the_file_without_a_traceback(
-    zero_byte_encoder: Path,
+@pytest.mark.parametrize("devices", ["cpu", "cpu,cpu"])
+def test_serve_on_a_broken_folder_exits_1_with_one_line_naming_the_file(
+    zero_byte_encoder: Path, devices: str
 ) -> None:
-    done = serve("--port", "0", SD_MODEL=str(zero_byte_encoder))
+    done = serve("--port", "0", SD_MODEL=str(zero_byte_encoder), SD_DEVICES=devices)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    [error] = [line for line in done.stderr.splitlines() if " ERROR " in line]
     named = str(zero_byte_encoder / "text_encoder" / "model.safetensors")
-    assert errors and all(named in line and "empty (0 bytes)" in line for line in errors), errors
+    assert named in error and "empty (0 bytes)" in error and "SD_MODEL" in error
 
 
 def test_batch_on_a_broken_folder_exits_2_with_one_line(zero_byte_encoder: Path, tmp_path: Path) -> None:
