@@ -5,6 +5,7 @@ apart by their tensors' names and shapes alone."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -171,3 +172,44 @@ def test_batch_takes_a_single_file_with_sd_model_config(folder: Path, tmp_path: 
     command[command.index("--output") + 1] = str(tmp_path / "out2")
     without = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert without.returncode == 2 and "SD_MODEL_CONFIG" in without.stderr
+
+
+def cache_tokenizer(home: Path, repo: str, subfolder: str) -> None:
+    """A CLIP tokenizer of the published vocabulary's size in a Hugging Face cache's layout (the
+    real one cannot be downloaded here; only its size and kind matter to the configs)."""
+    from transformers import CLIPTokenizer
+
+    from model.architectures import BOS, EOS, _byte_alphabet
+
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [char + "</w>" for char in alphabet]
+    tokens += [f"filler{index}</w>" for index in range(49408 - len(tokens) - 2)] + [BOS, EOS]
+    revision = "1" * 40
+    cached = home / "hub" / f"models--{repo.replace('/', '--')}"
+    CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[]).save_pretrained(
+        cached / "snapshots" / revision / subfolder
+    )
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text(revision)
+
+
+@pytest.mark.parametrize("arch", ["sd-v1-4", "sd-2-base"])
+def test_a_recognised_architecture_gets_the_published_configs_offline(tmp_path: Path, arch: str) -> None:
+    from model.loading.single_file import TOKENIZERS
+
+    repo, subfolder = TOKENIZERS[arch]
+    cache_tokenizer(tmp_path / "hf", repo, subfolder)
+    code = (
+        "import pathlib\nfrom model.loading.single_file import write_configs\n"
+        f"write_configs({arch!r}, pathlib.Path({str(tmp_path / 'c')!r}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    configs = tmp_path / "c"
+    unet = UNet2DConditionModel.load_config(configs / "unet")
+    for key, value in CONFIGS[arch].unet.items():
+        assert unet[key] == (list(value) if isinstance(value, tuple) else value), key
+    text = json.loads((configs / "text_encoder" / "config.json").read_text())
+    assert text["num_hidden_layers"] == CONFIGS[arch].text_encoder["num_hidden_layers"]
+    assert json.loads((configs / "model_index.json").read_text())["safety_checker"] == [None, None]
