@@ -47,11 +47,15 @@ def load(
     *,
     safety_checker: str | None = None,
     options: EngineOptions | None = None,
+    variant: str | None = None,
+    config: str | None = None,
 ) -> Engine:
     """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine."""
     from model.loader import load as load_engine
 
-    return load_engine(spec, device, dtype, safety_checker=safety_checker, options=options)
+    return load_engine(
+        spec, device, dtype, safety_checker=safety_checker, options=options, variant=variant, config=config
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -22,8 +22,12 @@ def load(
     *,
     safety_checker: str | None = None,
     options: EngineOptions | None = None,
+    variant: str | None = None,
+    config: str | None = None,
 ) -> Engine:
-    """Load ``spec`` onto ``device`` and return a ready engine.
+    """Load ``spec`` onto ``device`` and return a ready engine (``variant``: the weight files to
+    read, ``fp16`` for ``*.fp16.safetensors``, where a folder holds several; ``config``: a diffusers
+    folder or cached hub id whose configs describe a single checkpoint file).
 
     Steps: 1) device and precision, 2) components, 3) a separately configured checker,
     4) move to the device, 5) accelerator or our own optimisations.
@@ -34,7 +38,7 @@ def load(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     # 2) the components, on the CPU
-    components = load_components(spec, torch_dtype)
+    components = load_components(spec, torch_dtype, variant, config)
     # 3) a checker from elsewhere works for any model, including ones shipped without one
     if safety_checker:
         components.safety_checker, components.feature_extractor = load_safety_checker(
@@ -46,7 +50,9 @@ def load(
     if options.accelerator == "deepspeed":
         from model.optimizations.deepspeed_kernels import load_with_deepspeed
 
-        engine = load_with_deepspeed(spec, components, torch_device, torch_dtype, options, safety_checker)
+        engine = load_with_deepspeed(
+            spec, components, torch_device, torch_dtype, options, safety_checker, variant, config
+        )
     else:
         applied = torch_compile.apply(components, options)
         engine = Engine(components, torch_device, torch_dtype, options)

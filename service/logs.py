@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import numbers
 import re
 import sys
 from datetime import datetime, timezone
@@ -52,18 +53,44 @@ class RequestContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """The text format, with every field's control characters escaped (one record, one line;
-    only a traceback, which our code writes, spans several)."""
+    """The text format. What a record's arguments bring (paths, ids, error text: anything a client
+    may have sent) has its control characters escaped; the line breaks of the format string itself,
+    which is code (the server's banners), start new lines, each with the usual prefix."""
 
     def __init__(self) -> None:
         super().__init__(_TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
         safe = logging.makeLogRecord(record.__dict__)
-        safe.msg, safe.args = escape_controls(record.getMessage()), None
+        safe.args = None
         safe.name = escape_controls(record.name)
         safe.request_id = escape_controls(str(getattr(record, "request_id", "-")))
-        return super().format(safe)
+        lines = _own_lines(record)
+        if lines is None:  # not a plain format string with positional arguments: one escaped line
+            safe.msg = escape_controls(record.getMessage())
+            return super().format(safe)
+        # Every line a record of its own (same time, level, logger and id); a traceback, which only
+        # our code writes, follows the last one.
+        formatted = []
+        for index, line in enumerate(lines):
+            one = logging.makeLogRecord({**safe.__dict__, "msg": line})
+            if index < len(lines) - 1:
+                one.exc_info, one.exc_text, one.stack_info = None, None, None
+            formatted.append(super().format(one))
+        return "\n".join(formatted)
+
+
+def _own_lines(record: logging.LogRecord) -> list[str] | None:
+    """The message as lines: the format string split where it breaks, each line with its arguments
+    put in escaped (numbers as they are); None when the record has no such format string."""
+    if not isinstance(record.msg, str) or not isinstance(record.args, tuple):
+        return None
+    args = tuple(arg if isinstance(arg, numbers.Number) else escape_controls(str(arg)) for arg in record.args)
+    try:
+        message = record.msg % args if args else record.msg
+    except (TypeError, ValueError):
+        return None
+    return [escape_controls(line) for line in message.split("\n")]
 
 
 class JsonFormatter(logging.Formatter):

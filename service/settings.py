@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         default=None, description="Model spec; unset: AZUREML_MODEL_DIR, then random:tiny."
     )
     azureml_model_dir: str | None = Field(default=None, validation_alias="AZUREML_MODEL_DIR")
+    model_config_dir: str | None = Field(
+        default=None,
+        validation_alias="SD_MODEL_CONFIG",
+        description="For a single checkpoint file of another architecture: a diffusers folder or hub id.",
+    )
+    model_variant: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,40}$", description="Weight variant to load (fp16: *.fp16.*)."
+    )
     device: str = "auto"
     # One engine per device: "all" (every visible CUDA device), or a list ("cuda:0,cuda:2", "cpu,cpu").
     # Unset: SD_DEVICE's one device, or "all" when that is "auto" and CUDA is present.

@@ -60,6 +60,8 @@ def load_with_deepspeed(
     dtype: torch.dtype,
     options: EngineOptions,
     safety_checker: str | None,
+    variant: str | None = None,
+    config: str | None = None,
 ) -> Engine:
     """Steps: 1) reference images on our path, 2) inject, 3) compare, 4) on failure, fall back."""
     plain = Engine(components, device, dtype, options)
@@ -79,7 +81,7 @@ def load_with_deepspeed(
         log.warning("DeepSpeed accelerator not used (%s); falling back to the engine's own path", reason)
         # 4) fresh components: a failed or partial injection may have modified the old ones
         del plain, components
-        fresh = load_components(spec, dtype)
+        fresh = load_components(spec, dtype, variant, config)
         if safety_checker:
             fresh.safety_checker, fresh.feature_extractor = load_safety_checker(safety_checker, dtype)
         fresh.to(device)

@@ -6,6 +6,7 @@ Used by `sd-endpoint batch`, each actor of a Ray job and the Azure ML batch entr
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from service.batch.errors import BatchConfigError
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from service.batch.params import JobParams
     from service.runtime.engines import ServingEngine
     from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def load_job_engine(settings: Settings, params: JobParams) -> ServingEngine:
@@ -34,6 +37,13 @@ def load_job_engine(settings: Settings, params: JobParams) -> ServingEngine:
         engine = load_engine(settings)
     except ModelLoadError as error:
         raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
+    if not engine.info.safety_checker:
+        log.warning(
+            "model %s has NO SAFETY CHECKER: its images are written unchecked (nsfw_content_detected "
+            "is empty); set SD_SAFETY_CHECKER to a folder with safety_checker/ and feature_extractor/ "
+            "to check them",
+            engine.info.name,
+        )
     try:
         engine.validate([params.item("parameter check", "", 0, engine.info)])
     except InvalidRequestError as error:

@@ -168,5 +168,13 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
     checker = str(settings.safety_checker) if settings.safety_checker else None
     # 2. The model.
     log.info("loading model %s on %s", settings.model_spec, device or "the default device")
-    engine: ServingEngine = load(settings.model_spec, device, dtype, safety_checker=checker, options=options)
+    engine: ServingEngine = load(
+        settings.model_spec,
+        device,
+        dtype,
+        safety_checker=checker,
+        options=options,
+        variant=settings.model_variant,
+        config=settings.model_config_dir,
+    )
     return engine

@@ -117,6 +117,7 @@ class Lifecycle:
             engines = self._given_engines or await self._load(threads)
             threads += [engine_thread(index) for index in range(len(threads), len(engines))]
             self._warn_if_random(engines[0])
+            self._warn_if_unchecked(engines[0])
             pairs = zip(engines, threads, strict=True)
             await asyncio.gather(*(loop.run_in_executor(thread, engine.warmup) for engine, thread in pairs))
         except asyncio.CancelledError:
@@ -124,7 +125,7 @@ class Lifecycle:
             raise
         except Exception as error:
             self.phase, self.failure = Phase.FAILED, f"the model could not be loaded: {error}"
-            log.error("%s; check SD_MODEL (or --model) and the logs above", self.failure)
+            log.error("%s; check SD_MODEL (or --model)", self.failure)
             _release(threads)
             return
         # 2. The serving pieces (which own the threads from now on); a failure here must not
@@ -160,28 +161,26 @@ class Lifecycle:
         threads += [engine_thread(index, count) for index, count in enumerate(counts)]
         shown = ", ".join("torch's default" if count is None else str(count) for count in counts)
         log.info("torch CPU threads per engine: %s (SD_CPU_THREADS)", shown)
-        if self.settings.model_spec.startswith("random:"):
-            # Random weights are drawn from torch's one global generator: loads at once would
-            # interleave their draws and make engines that draw different images. One at a time.
-            results: list[ServingEngine | BaseException] = []
-            for device, thread in zip(devices, threads, strict=True):
-                try:
-                    results.append(await loop.run_in_executor(thread, load_engine, self.settings, device))
-                except Exception as error:
-                    results.append(error)
-        else:
-            loads = [
-                loop.run_in_executor(thread, load_engine, self.settings, device)
-                for device, thread in zip(devices, threads, strict=True)
-            ]
-            results = list(await asyncio.gather(*loads, return_exceptions=True))
+        # In parallel: the model's loader reads one device's weights at a time (diffusers builds
+        # models under process-wide contexts; model/loading says why) and moves them in parallel.
+        loads = [
+            loop.run_in_executor(thread, load_engine, self.settings, device)
+            for device, thread in zip(devices, threads, strict=True)
+        ]
+        results = list(await asyncio.gather(*loads, return_exceptions=True))
         engines = [result for result in results if not isinstance(result, BaseException)]
-        for result, device in zip(results, devices, strict=True):
-            if isinstance(result, BaseException):
-                log.error("the engine on %s did not load: %s", device or "the default device", result)
-                for engine in engines:
-                    engine.close()
-                raise result
+        failed = [
+            (device, r) for device, r in zip(devices, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if failed:
+            for engine in engines:
+                engine.close()
+            # One line says it (the start's failure, logged by the caller), unless the devices
+            # failed for different reasons: then each device's own.
+            if len({str(error) for _, error in failed}) > 1:
+                for device, error in failed:
+                    log.error("the engine on %s did not load: %s", device or "the default device", error)
+            raise failed[0][1]
         return engines
 
     def _assemble(self, engines: list[ServingEngine], threads: list[ThreadPoolExecutor]) -> Runtime:
@@ -221,6 +220,18 @@ class Lifecycle:
             log.warning(
                 "%s\n  model %s has RANDOM WEIGHTS: every image it makes is noise.\n"
                 "  Set SD_MODEL (or --model) to a Stable Diffusion folder to serve real images.\n%s",
+                banner, engine.info.name, banner,
+            )  # fmt: skip
+
+    @staticmethod
+    def _warn_if_unchecked(engine: ServingEngine) -> None:
+        if not engine.info.safety_checker:
+            banner = "!" * 78
+            log.warning(
+                "%s\n  model %s has NO SAFETY CHECKER: its images go out unchecked "
+                "(nsfw_content_detected is null).\n"
+                "  Set SD_SAFETY_CHECKER to a folder with safety_checker/ and feature_extractor/ "
+                "to check them.\n%s",
                 banner, engine.info.name, banner,
             )  # fmt: skip
 

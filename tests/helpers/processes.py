@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return environment
 
 
-def start_server(log_path: Path, **env: str) -> Server:
-    """`sd-endpoint serve` on random:tiny and a free port, returned once GET / answers "Healthy"."""
+def start_server(log_path: Path, *, command: Sequence[str] = SERVE, cwd: Path = REPO, **env: str) -> Server:
+    """`sd-endpoint serve` (``command``, run in ``cwd``) on random:tiny (unless ``env`` names SD_MODEL)
+    and a free port, returned once GET / answers "Healthy"."""
     port = free_port()
-    environment = clean_env(SD_MODEL="random:tiny", SD_HOST="127.0.0.1", SD_PORT=str(port), **env)
+    defaults = {"SD_MODEL": "random:tiny", "SD_HOST": "127.0.0.1", "SD_PORT": str(port)}
+    environment = clean_env(**{**defaults, **env})
     with log_path.open("wb") as log:
-        process = subprocess.Popen(SERVE, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + STARTUP_LIMIT_S
     while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
 """Two engines (SD_DEVICES=cpu,cpu) behind one queue in a real `sd-endpoint serve` process on
 random:tiny: /info lists both, concurrent requests are served by both (the metrics' engine label),
-every image is the one-engine server's image for the same seed, and SIGTERM drains both."""
+every image is the one-engine server's image for the same seed, and SIGTERM drains both; a folder
+saved by diffusers itself starts on two devices every time."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import pytest
 
 from tests.helpers.processes import Server, start_server, stop_server
 from tests.helpers.servers import decode_png, metric_value
+from tests.helpers.weights import save_with_diffusers
 
 REQUESTS = 6
+FOLDER_STARTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,20 @@ def test_sigterm_lets_the_images_on_both_engines_finish_then_exits_0(tmp_path: P
         assert running.process.wait(timeout=60) == 0
     finally:
         stop_server(running)
+
+
+def test_a_diffusers_folder_starts_on_two_devices_every_time(tmp_path: Path) -> None:
+    """Both engines read the folder at once; they raced in diffusers' loader (3 starts in 5 failed)."""
+    folder = save_with_diffusers(tmp_path / "sd", seed=2)
+    images = []
+    for start in range(FOLDER_STARTS):
+        running = start_server(tmp_path / f"server{start}.log", SD_DEVICES="cpu,cpu", SD_MODEL=str(folder))
+        try:
+            engines = httpx.get(f"{running.url}/info").json()["engines"]
+            assert [(e["device"], e["serving"]) for e in engines] == [("cpu", True), ("cpu", True)]
+            answers = scores(running.url, [5, 5], 2)
+            assert [a.status_code for a in answers] == [200, 200]
+            images += [decode_png(a.json()[0]["generated_image"]) for a in answers]
+        finally:
+            stop_server(running)
+    assert all(np.array_equal(image, images[0]) for image in images)

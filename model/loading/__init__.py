@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import torch
 from model.architectures import build_components
 from model.errors import ModelLoadError
 from model.export import RANDOM_MARKER
+from model.loading.folders import load_folder
+from model.loading.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
+from model.loading.single_file import load_single_file
 from model.types import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,12 @@ RANDOM_PREFIX = "random:"
 # Where Azure ML's model catalog puts the diffusers folder inside a registered model.
 AZUREML_MODEL_SUBDIR = Path("mlflow_model_folder") / "artifacts" / "INPUT_model_path"
 _SEARCH_DEPTH = 4
+# Held while components are read or built. diffusers and transformers build models inside
+# process-wide contexts (accelerate's init_empty_weights patches nn.Module for every thread, torch's
+# default dtype, torch.nn.init, the global generator for random weights): a second load running in
+# another thread meanwhile builds meta tensors ("Unsupported device type 'meta'") or takes the other
+# load's dtype. Reading is serialised; moving to the devices, the slow part, stays parallel.
+READING = threading.RLock()
 
 
 @dataclass
@@ -103,21 +113,10 @@ def _architecture_of(unet_config: Any) -> str:
     return "custom"
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, name: str) -> Components:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype)
+def _from_folder(folder: Path, dtype: torch.dtype, name: str, variant: str | None) -> Components:
+    parts = load_folder(folder, dtype, variant)
     return Components(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        safety_checker=pipe.safety_checker,
-        feature_extractor=pipe.feature_extractor,
-        name=name,
-        architecture=_architecture_of(pipe.unet.config),
-        random_weights=False,
+        **parts, name=name, architecture=_architecture_of(parts["unet"].config), random_weights=False
     )
 
 
@@ -126,11 +125,21 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def load_components(spec: str, dtype: torch.dtype) -> Components:
-    """Resolve ``spec`` and load its components on the CPU in ``dtype``.
+def load_components(
+    spec: str, dtype: torch.dtype, variant: str | None = None, config: str | None = None
+) -> Components:
+    """Resolve ``spec`` and load its components on the CPU in ``dtype``; ``variant`` picks the
+    weight files (``fp16``: ``*.fp16.safetensors``) where a folder holds several; ``config`` (a
+    diffusers folder or cached hub id) describes a single checkpoint file of another architecture.
 
     Steps: 1) random architectures, 2) local folders (plain or Azure ML layout), 3) hub ids.
+    One read at a time in the process (READING says why).
     """
+    with READING:
+        return _load_components(spec, dtype, variant, config)
+
+
+def _load_components(spec: str, dtype: torch.dtype, variant: str | None, config: str | None) -> Components:
     # 1) built in process, no files at all
     if spec.startswith(RANDOM_PREFIX):
         arch, seed = parse_random_spec(spec)
@@ -143,36 +152,55 @@ def load_components(spec: str, dtype: torch.dtype) -> Components:
     path = Path(os.path.expanduser(spec))
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model path {path} is a file; give the folder that holds model_index.json")
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(
+                    f"model path {path} is a file but not a checkpoint; give a .safetensors or .ckpt file, "
+                    "or the folder that holds model_index.json"
+                )
+            parts, architecture = load_single_file(path, dtype, config)
+            return Components(**parts, name=str(path), architecture=architecture, random_weights=False)
         folder = find_diffusers_folder(path)
-        try:
-            components = _load_pretrained(str(folder), dtype, name=str(path))
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from error
+        components = _from_folder(folder, dtype, str(path), variant)
         marker = folder / RANDOM_MARKER
         if marker.is_file():  # written by make-model: "random:<arch>:<seed>"
             components.random_weights = True
             components.architecture = marker.read_text().strip().split(":")[1]
         return components
-    # 3) the Hugging Face Hub
+    # 3) the Hugging Face Hub (its cache first: offline, a cached id resolves without a network)
     if not _looks_like_hub_id(spec):
         raise ModelLoadError(
-            f"model {spec!r} is neither an existing folder, a hub id (org/name) nor random:<arch>"
+            f"model {spec!r} is neither an existing folder (looked for {path.absolute()}), a hub id "
+            "(org/name) nor random:<arch>; check the path"
         )
     try:
-        return _load_pretrained(spec, dtype, name=spec)
+        folder = Path(_download(spec, variant))
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         text = str(error).strip()
         reason = text.splitlines()[0] if text else type(error).__name__
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise ModelLoadError(
-            f"could not download {spec!r} from the Hugging Face Hub ({reason}). Without a network, set "
-            f"SD_MODEL (or --model) to a local diffusers folder, e.g. one written by `sd-endpoint make-model`"
+            f"model {spec!r} is no folder here (looked for {path.absolute()}), and as a Hugging Face Hub id "
+            f"it is neither in the local cache nor downloadable ({reason}). Fix the path, or, without a "
+            "network, set SD_MODEL (or --model) to a local diffusers folder, e.g. one written by "
+            "`sd-endpoint make-model`"
         ) from None
+    return _from_folder(folder, dtype, spec, variant)
+
+
+def _download(spec: str, variant: str | None) -> str:
+    """The hub id's folder in the Hugging Face cache, fetched if it is not there yet."""
+    from diffusers import StableDiffusionPipeline
+
+    return str(StableDiffusionPipeline.download(spec, variant=variant))
 
 
 def load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """A checker configured apart from the model: a folder with safety_checker/ + feature_extractor/."""
+    with READING:
+        return _load_safety_checker(folder, dtype)
+
+
+def _load_safety_checker(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
