@@ -10,7 +10,7 @@ the file has them, ``negative_prompt`` and ``seed`` (inputs.py checks the values
 - ``.txt``: one prompt a line; blank lines are not rows.
 
 A file that cannot be read as its format at all (no ``prompt`` column, one of the columns above
-twice, not UTF-8, not Parquet)
+twice, not Parquet)
 raises BatchConfigError: the job stops before it starts. A row that is wrong is the row's problem.
 """
 
@@ -38,10 +38,9 @@ def parse_records(fmt: str, data: bytes, source: str) -> list[dict[str, Any]]:
     """The rows of one file's bytes; ``source`` names the file in errors."""
     if fmt == "parquet":
         return _parquet_records(data, source)
-    try:
-        text = data.decode("utf-8-sig")  # -sig: Excel starts its CSV files with a byte-order mark
-    except UnicodeDecodeError as error:
-        raise BatchConfigError(f"{source} is not UTF-8 text ({error}); save it as UTF-8") from error
+    # -sig: Excel starts its CSV files with a byte-order mark. Bytes that are not UTF-8 become lone
+    # surrogates, which fail the rows that hold them (inputs.py), not the whole file.
+    text = data.decode("utf-8-sig", "surrogateescape")
     if fmt == "csv":
         return _csv_records(text, source)
     if fmt == "jsonl":
@@ -66,27 +65,51 @@ def _check_header(source: str, header: list[str]) -> None:
 
 
 def _csv_records(text: str, source: str) -> list[dict[str, Any]]:
+    # No field can be longer than the file: the csv module's own limit (131,072 characters) would
+    # end the whole file at one long cell, whereas an over-long prompt is that row's problem.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = [(name or "").strip() for name in (reader.fieldnames or [])]
-        _check_header(source, header)
-        reader.fieldnames = header
-        return [{key: record.get(key) for key in ROW_KEYS if key in header} for record in reader]
     except csv.Error as error:
         raise BatchConfigError(f"{source} is not valid CSV ({error}); check its quoting") from error
+    _check_header(source, header)
+    reader.fieldnames = header
+    records: list[dict[str, Any]] = []
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as error:  # this row only; the reader goes on at the next line
+            records.append({"_error": f"the row is not valid CSV ({error})"})
+            continue
+        records.append({key: record.get(key) for key in ROW_KEYS if key in header})
 
 
 def _jsonl_records(text: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    for line in text.splitlines():
+    # Lines end at \n (or \r\n) only, as JSON Lines says: U+2028, U+0085 and the other breaks that
+    # str.splitlines() knows are valid inside a JSON string, written raw by ensure_ascii=False.
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            value = {"_error": f"line is not valid JSON ({error.msg})"}
-        records.append(value if isinstance(value, dict) else {"_error": "line is not a JSON object"})
+        records.append(_json_object(line))
     return records
+
+
+def _json_object(line: str) -> dict[str, Any]:
+    """One JSON Lines row; a row that cannot be one carries its ``_error`` instead."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return {"_error": f"line is not valid JSON ({error.msg})"}
+    except RecursionError:
+        return {"_error": "line is nested too deeply to read"}
+    except ValueError:  # Python converts integers of at most 4,300 digits
+        return {"_error": "line holds an integer of more than 4,300 digits"}
+    return value if isinstance(value, dict) else {"_error": "line is not a JSON object"}
 
 
 def _txt_records(text: str) -> list[dict[str, Any]]:
