@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable
 
@@ -212,9 +213,20 @@ def _write_local_atomically(full: str, data: bytes) -> None:
         raise
 
 
+# Secrets an SDK's message can carry: a SAS token's signature, an account key, a presigned URL's.
+_SECRETS = re.compile(
+    r"((?:sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=)"
+    r"[^&;\s\"']+",
+    re.IGNORECASE,
+)
+
+
 def _reason(error: object) -> str:
-    """One line: the exception's type and first line, without the SDKs' multi-line dumps."""
+    """One line: the exception's type and first line, without the SDKs' multi-line dumps and with
+    any credential in it replaced by ***."""
     if isinstance(error, BaseException):
         text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return repr(error)
+        line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    else:
+        line = repr(error)
+    return _SECRETS.sub(r"\1***", line)

@@ -106,7 +106,9 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
             return Inputs(storage, [InputFile(name)], single_file=True)
         names, refused = storage.list_files()
     except StorageError as error:
-        raise BatchConfigError(f"cannot read the input: {error}") from error
+        raise BatchConfigError(
+            f"cannot read the input: {error}; check the URI, that the store is reachable, and the credentials"
+        ) from error
     if not names and not refused:
         raise BatchConfigError(
             f"input {uri} does not exist or is empty; give a folder of {SUFFIX_LIST} files or one file"
