@@ -7,12 +7,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from service.batch.files.inputs import InputFile, parse_file
+from service.batch.errors import BatchConfigError
+from service.batch.files.inputs import InputFile, open_inputs, parse_file, read_rows
 from service.batch.files.records import Record
 from service.cli.main import main
 
@@ -117,3 +120,36 @@ def test_hostile_rows_fail_alone_and_formulas_are_neutralised(
     # the records keep every prompt exactly
     records = [Record.from_json(p.read_bytes()) for p in (output / "records" / "rows").glob("*.json")]
     assert sorted(r.prompt for r in records if r.ok) == sorted([*formulas, "keep\u2028me"])
+
+
+def test_a_parquet_row_bomb_is_refused_before_its_rows_are_made(tmp_path: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    # 5,000,000 dictionary-encoded rows in a few kB: once 2.5 GB and 35 s of planning
+    indices = pyarrow.array(np.zeros(5_000_000, dtype=np.int32))
+    column = pyarrow.DictionaryArray.from_arrays(indices, pyarrow.array(["a cat"]))
+    pyarrow.parquet.write_table(pyarrow.table({"prompt": column}), tmp_path / "bomb.parquet")
+    assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+    started = time.monotonic()
+    with pytest.raises(BatchConfigError, match="past 1,000,000 rows"):
+        parse_file(InputFile("bomb.parquet"), (tmp_path / "bomb.parquet").read_bytes(), 1, "bomb.parquet")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "txt", "parquet"])
+def test_the_job_row_cap_counts_every_file_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    monkeypatch.setattr("service.batch.files.inputs.MAX_JOB_ROWS", 10)
+    prompts = [f"p{i}" for i in range(6)]
+    for name in ("a", "b"):
+        if suffix == "parquet":
+            pd.DataFrame({"prompt": prompts}).to_parquet(tmp_path / f"{name}.parquet")
+        else:
+            lines = {"csv": ["prompt", *prompts], "jsonl": [json.dumps({"prompt": p}) for p in prompts]}
+            (tmp_path / f"{name}.{suffix}").write_text("\n".join(lines.get(suffix, prompts)) + "\n")
+    inputs = open_inputs(str(tmp_path))
+    with pytest.raises(BatchConfigError, match=f"b.{suffix} takes the job past"):
+        read_rows(inputs.storage, inputs.files, 1)
+    assert len(read_rows(inputs.storage, inputs.files[:1], 1)) == 6

@@ -20,7 +20,7 @@ from typing import Any
 
 from model.types import MAX_SEED
 from service.batch.errors import BatchConfigError
-from service.batch.files.formats import SUFFIX_LIST, file_format, parse_records
+from service.batch.files.formats import MAX_JOB_ROWS, SUFFIX_LIST, file_format, parse_records
 from service.batch.files.records import file_key
 from service.batch.params import derive_seed
 from service.storage import Storage, StorageError, StorageOptions, open_storage
@@ -180,16 +180,22 @@ def read_inputs(
         if isinstance(data, StorageError):
             raise BatchConfigError(f"cannot read input file: {data}")
         identities.append(FileIdentity(file.path, len(data), hashlib.sha256(data).hexdigest()))
-        rows.extend(parse_file(file, data, job_seed, storage.describe(file.path), max_chars))
+        source = printable(storage.describe(file.path))
+        rows.extend(parse_file(file, data, job_seed, source, max_chars, MAX_JOB_ROWS - len(rows)))
     return rows, identities
 
 
 def parse_file(
-    file: InputFile, data: bytes, job_seed: int | None, source: str, max_chars: int = MAX_PROMPT_CHARS
+    file: InputFile,
+    data: bytes,
+    job_seed: int | None,
+    source: str,
+    max_chars: int = MAX_PROMPT_CHARS,
+    max_rows: int = MAX_JOB_ROWS,
 ) -> list[InputRow]:
     """The rows of one file's bytes; ``source`` names the file in errors. A prompt (or negative
-    prompt) longer than ``max_chars`` fails its row."""
-    records = parse_records(file.format, data, source)
+    prompt) longer than ``max_chars`` fails its row; more than ``max_rows`` rows fail the file."""
+    records = parse_records(file.format, data, source, max_rows)
     return [_row(file, number, record, job_seed, max_chars) for number, record in enumerate(records)]
 
 
