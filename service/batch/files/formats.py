@@ -39,9 +39,11 @@ def file_format(path: str) -> str | None:
     return FORMATS.get(posixpath.splitext(path)[1].lower())
 
 
-def parse_records(fmt: str, data: bytes, source: str, max_rows: int = MAX_JOB_ROWS) -> list[dict[str, Any]]:
-    """The rows of one file's bytes; ``source`` names the file in errors. More than ``max_rows``
-    rows is a BatchConfigError, raised before the rows past it are made (for Parquet, before any:
+def parse_records(
+    fmt: str, data: bytes, source: str, max_rows: int = MAX_JOB_ROWS
+) -> Iterator[dict[str, Any]]:
+    """The rows of one file's bytes, one by one; ``source`` names the file in errors. More than
+    ``max_rows`` rows is a BatchConfigError, raised before the rows past it are made (for Parquet, before any:
     its footer holds the count), so that memory stays bounded whatever the file claims."""
     records: Iterator[dict[str, Any]]
     if fmt == "parquet":
@@ -51,12 +53,10 @@ def parse_records(fmt: str, data: bytes, source: str, max_rows: int = MAX_JOB_RO
         # lone surrogates, which fail the rows that hold them (inputs.py), not the whole file.
         text = data.decode("utf-8-sig", "surrogateescape")
         records = {"csv": _csv_records, "jsonl": _jsonl_records}.get(fmt, _txt_records)(text, source)
-    taken: list[dict[str, Any]] = []
-    for record in records:
-        if len(taken) == max_rows:
+    for count, record in enumerate(records):
+        if count == max_rows:
             raise too_many_rows(source)
-        taken.append(record)
-    return taken
+        yield record
 
 
 def too_many_rows(source: str) -> BatchConfigError:

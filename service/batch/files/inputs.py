@@ -55,7 +55,7 @@ class SkippedFile:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a job plans up to MAX_JOB_ROWS of these
 class InputRow:
     """One prompt. ``error`` is set (and ``seed`` is None) when the row cannot be generated."""
 
