@@ -54,6 +54,20 @@ def test_storage_refuses_to_write_or_read_outside_its_root(tmp_path: Path) -> No
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "abs.png").exists()
 
 
+def test_foreign_names_among_the_records_do_not_stop_a_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "ok.csv").write_bytes(PROMPTS)
+    assert run_job(capsys, "--input", str(inputs), "--output", str(output))[0] == 0
+    for name in ["ok/\u00b2.json", "ok/" + "9" * 200 + ".json", "ok/a\\b/1.json", "ok/\x01/2.json"]:
+        (output / "records" / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / "records" / name).write_text("{}")
+    code, summary, err = run_job(capsys, "--input", str(inputs), "--output", str(output))
+    assert code == 0 and (summary["skipped"], summary["complete"]) == (1, True), err
+
+
 def run_job(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object], str]:
     capsys.readouterr()
     code = main(["batch", *args, *FAST])

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from service.storage.names import unsafe_name_reason
+
 IMAGES_DIR = "images"
 RECORDS_DIR = "records"
 PREDICTIONS_FILE = "predictions.csv"
@@ -66,11 +68,13 @@ def record_path(key: str, row: int) -> str:
 
 
 def parse_record_path(path: str) -> tuple[str, int] | None:
-    """``records/<key>/<row>.json`` -> (key, row); None for anything else."""
-    if not path.startswith(f"{RECORDS_DIR}/") or not path.endswith(".json"):
+    """``records/<key>/<row>.json`` -> (key, row); None for anything else, such as a name that
+    could not have been written here (someone else's file in a shared bucket must not stop a job)."""
+    if not path.startswith(f"{RECORDS_DIR}/") or not path.endswith(".json") or unsafe_name_reason(path):
         return None
     key, _, name = path[len(RECORDS_DIR) + 1 : -len(".json")].rpartition("/")
-    return (key, int(name)) if key and name.isdigit() else None
+    digits = name.isascii() and name.isdigit() and len(name) <= 18  # "²" is a digit; int() refuses it
+    return (key, int(name)) if key and digits else None
 
 
 @dataclass(frozen=True)
