@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.cli.main import main
-from tests.helpers.blobs import MotoS3
+from tests.helpers.blobs import Azurite, MotoS3
 
 FAST = ["--model", "random:tiny", "--steps", "2", "--batch-size", "2"]
 
@@ -132,20 +132,49 @@ def test_results_without_a_job_json_are_not_taken_for_a_new_job(
     assert code == 2 and "records no inputs" in one_error_line(err)
 
 
-def test_s3_input_replaced_by_another_job_is_refused(
-    moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for name, value in moto_s3.env().items():
+@pytest.mark.parametrize("backend", ["s3", "azure"])
+def test_a_blob_input_replaced_by_another_job_is_refused_and_continued(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    store: MotoS3 | Azurite = request.getfixturevalue("moto_s3" if backend == "s3" else "azurite")
+    for name in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in store.env().items():
         monkeypatch.setenv(name, value)
-    bucket = moto_s3.new_bucket()
-    client = moto_s3._client()
-    client.put_object(Bucket=bucket, Key="in/a.jsonl", Body=b'{"prompt": "A0"}\n{"prompt": "A1"}\n')
-    args = ["--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out"]
+    if isinstance(store, MotoS3):
+        bucket, client = store.new_bucket(), store._client()
+        root = f"s3://{bucket}"
+
+        def put(key: str, body: bytes) -> None:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+
+        def get(key: str) -> bytes:
+            return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    else:
+        from azure.storage.blob import BlobServiceClient
+
+        container = store.new_container()
+        blobs = BlobServiceClient.from_connection_string(store.connection_string)
+        root = f"az://{container}"
+
+        def put(key: str, body: bytes) -> None:
+            blobs.get_container_client(container).upload_blob(key, body, overwrite=True)
+
+        def get(key: str) -> bytes:
+            return bytes(blobs.get_container_client(container).download_blob(key).readall())
+
+    put("in/a.jsonl", b'{"prompt": "A0"}\n{"prompt": "A1"}\n{"prompt": "A2"}\n')
+    put("in/b.txt", b"kept\n")
+    args = ["--input", f"{root}/in", "--output", f"{root}/out"]
     assert run(capsys, *args)[0] == 0
-    client.put_object(Bucket=bucket, Key="in/a.jsonl", Body=b'{"prompt": "B0"}\n{"prompt": "B1"}\n')
+    put("in/a.jsonl", b'{"prompt": "B0"}\n{"prompt": "B1"}\n')
     code, _, err = run(capsys, *args)
     assert code == 2 and "a.jsonl changed" in one_error_line(err)
     code, summary, err = run(capsys, *args, "--continue")
-    assert code == 0 and (summary["generated"], summary["complete"]) == (2, True), err
-    body = client.get_object(Bucket=bucket, Key="out/predictions.csv")["Body"].read().decode()
-    assert [row[1] for row in csv.reader(io.StringIO(body))] == ["B0", "B1"]
+    assert code == 0, err
+    counts = (summary["total"], summary["generated"], summary["skipped"], summary["complete"])
+    assert counts == (3, 2, 1, True)
+    body = get("out/predictions.csv").decode()
+    assert [row[1] for row in csv.reader(io.StringIO(body))] == ["B0", "B1", "kept"]
+    assert "A2" not in get("out/predictions-detailed.csv").decode()  # the old third row is gone
