@@ -54,37 +54,37 @@ def within(path: str, root: str) -> bool:
 
 
 def walk_local(root: str) -> Iterator[tuple[str, str]]:
-    """(relative path, reason) of every entry below the local folder ``root``, sorted; the reason is
-    '' for a regular file that may be read.
+    """(relative path, reason) of every entry below the local folder ``root``; the reason is ''
+    for a regular file that may be read.
 
-    Symbolic links are followed only while they resolve inside ``root`` (and not into a folder
-    being walked, which would loop); others, and anything that is not a regular file or folder
-    (a FIFO would block a read forever), come with the reason they are not read.
+    Symbolic links are followed only while they resolve inside ``root``, and each real folder is
+    walked once (a link into a folder already walked, such as one that holds it, is not followed:
+    links cannot loop or multiply the walk). Others, and anything that is not a regular file or
+    folder (a FIFO would block a read forever), come with the reason they are not read. The walk
+    keeps its own stack, so no nesting depth can exhaust Python's.
     """
     real_root = os.path.realpath(root)
-
-    def walk(folder: str, prefix: str, ancestors: frozenset[str]) -> Iterator[tuple[str, str]]:
+    visited = {real_root}
+    pending: list[tuple[str, str]] = [(real_root if os.path.isdir(real_root) else root, "")]
+    while pending:
+        folder, prefix = pending.pop()
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name, reverse=True)
         except OSError as error:
             yield prefix.rstrip("/") or ".", f"the folder cannot be listed ({error.strerror})"
-            return
+            continue
         for entry in entries:
             relative = prefix + entry.name
-            if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if not within(target, real_root):
-                    yield relative, "a symbolic link to a place outside the input folder: not read"
-                    continue
-                if target in ancestors:
-                    yield relative, "a symbolic link to a folder that holds it (a loop): not followed"
-                    continue
-            if entry.is_dir():
+            if entry.is_symlink() and not within(os.path.realpath(entry.path), real_root):
+                yield relative, "a symbolic link to a place outside the input folder: not read"
+            elif entry.is_dir():
                 real = os.path.realpath(entry.path)
-                yield from walk(entry.path, relative + "/", ancestors | {real})
+                if real in visited:
+                    yield relative, "a folder listed already under another name (a link): not walked twice"
+                else:
+                    visited.add(real)
+                    pending.append((entry.path, relative + "/"))
             elif entry.is_file():
                 yield relative, ""
             else:
                 yield relative, "not a regular file (a broken link, a device, a pipe or a socket)"
-
-    yield from walk(real_root if os.path.isdir(real_root) else root, "", frozenset({real_root}))
