@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "random:tiny"
 MAX_MODEL_NAME_CHARS = 200
+_DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")  # model/options.py's
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,3})?|mps|xpu(:[0-9]{1,3})?")
 
 
@@ -137,6 +138,20 @@ class Settings(BaseSettings):
                 "SD_API_KEYS: set, but holds no key; set a key (comma-separated for several), or unset "
                 "the variable to serve without keys"
             )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "auto" and not _DEVICE.fullmatch(value):
+            raise ValueError(f"SD_DEVICE: {value[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in _DTYPES:
+            raise ValueError(f"SD_DTYPE: {value[:40]!r} is not a dtype; use one of {', '.join(_DTYPES)}")
         return value
 
     @field_validator("devices")

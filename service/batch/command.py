@@ -86,6 +86,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--retry-failed", action="store_true", help="generate rows that failed in an earlier run again"
     )
+    changed = run.add_mutually_exclusive_group()
+    changed.add_argument(
+        "--continue",
+        dest="on_change",
+        action="store_const",
+        const="continue",
+        help="the output was made from another input: keep the rows of unchanged files, remove the "
+        "results of changed and removed files, and generate what is missing",
+    )
+    changed.add_argument(
+        "--start-over",
+        dest="on_change",
+        action="store_const",
+        const="start-over",
+        help="remove every result in the output (images, records, predictions, summary, job.json) "
+        "and run the job anew",
+    )
     from service.batch import ray_job  # standard library only at import: the CLI stays light
 
     ray_job.add_arguments(parser)  # --ray, --ray-address, --ray-actors
@@ -125,6 +142,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         options=options,
         max_steps=settings.max_steps,
         retry_failed=args.retry_failed,
+        max_prompt_chars=settings.max_prompt_chars,
+        on_change=args.on_change or "refuse",
     )
     # 2) the model, and the parameters checked against it; then the work, here or on a Ray
     #    cluster (which needs no connection when nothing is left to do)

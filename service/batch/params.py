@@ -69,6 +69,12 @@ class JobParams:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise BatchConfigError(f"{source} is not valid JSON ({error}); write one JSON object") from error
+        except RecursionError as error:
+            raise BatchConfigError(f"{source} is nested too deeply; write one flat JSON object") from error
+        except ValueError as error:  # Python converts integers of at most 4,300 digits
+            raise BatchConfigError(
+                f"{source} holds an integer of more than 4,300 digits; give numbers of usual size"
+            ) from error
         if not isinstance(data, dict):
             raise BatchConfigError(f"{source} must hold one JSON object of parameters")
         return cls.from_mapping(data, source)

@@ -10,12 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.batch.errors import BatchConfigError
-from service.batch.files.inputs import InputFile, InputRow, SkippedFile, open_inputs, read_rows
+from service.batch.files.identity import OnChange, check_input, start_over
+from service.batch.files.inputs import (
+    MAX_PROMPT_CHARS,
+    FileIdentity,
+    InputFile,
+    InputRow,
+    SkippedFile,
+    open_inputs,
+    read_inputs,
+)
 from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
 from service.batch.params import JobParams
 from service.runtime.items import random_seed, seed_in_range
@@ -52,8 +61,13 @@ def plan_job(
     options: StorageOptions | None = None,
     max_steps: int = 150,
     retry_failed: bool = False,
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
+    on_change: OnChange = "refuse",
 ) -> JobPlan:
-    """Check everything and find the work left. Raises BatchConfigError with a one-line reason."""
+    """Check everything and find the work left. Raises BatchConfigError with a one-line reason.
+
+    ``on_change``: what to do when the output holds a job of another input or other parameters
+    (files/identity.py): refuse, ``continue`` (inputs only) or ``start-over``."""
     # 1) parameters
     params.check(max_steps)
     # 2) inputs: the prompt files (every other file is reported)
@@ -71,11 +85,20 @@ def plan_job(
             f"the output {output.uri} is inside the input {folder.uri}; its files would be read as "
             "inputs next time: choose an output elsewhere"
         )
+    if on_change == "start-over":
+        try:
+            log.info("starting over: removed %d result file(s) of the earlier job", start_over(output))
+        except StorageError as error:
+            raise BatchConfigError(f"cannot start over in the output: {error}") from error
     params = resolve_job(output, params)
-    # 4) every row of every file (each CSV with a prompt column); then job.json, which proves the
-    #    output can be written
-    rows = read_rows(folder, inputs.files, params.seed)
-    write_job(output, params)
+    # 4) every row of every file (each CSV with a prompt column); the output must have been made
+    #    from these files (or be new); then job.json, which proves the output can be written
+    rows, identities = read_inputs(folder, inputs.files, params.seed, max_prompt_chars)
+    try:
+        check_input(output, _read_job(output), identities, on_change)
+    except StorageError as error:
+        raise BatchConfigError(f"cannot read the output: {error}") from error
+    write_job(output, params, identities)
     # 5) what earlier runs finished
     finished = find_finished(output, retry_failed=retry_failed)
     plan = JobPlan(folder, output, inputs.files, rows, finished, params, inputs.skipped)
@@ -98,7 +121,8 @@ def resolve_job(output: Storage, params: JobParams, new_seed: int | None = None)
     holds (a resume), else ``new_seed`` (default: a random one). Refuses an output that holds a job
     with other parameters, or another seed than the one given."""
     try:
-        theirs = _job_parameters(output)
+        job = _read_job(output)
+        theirs = None if job is None else job["parameters"]
     except StorageError as error:
         raise BatchConfigError(
             f"cannot read the output: {error}; check the path, its permissions or the credentials"
@@ -127,16 +151,20 @@ def resolve_job(output: Storage, params: JobParams, new_seed: int | None = None)
         )
         raise BatchConfigError(
             f"{output.describe(JOB_FILE)} holds a job with other parameters ({differences}){hint}; "
-            "resume it with the same parameters or choose a new output"
+            "resume it with the same parameters, run with --start-over to discard its results, or "
+            "choose a new output"
         )
     return dataclasses.replace(params, seed=mine["seed"])
 
 
-def write_job(output: Storage, params: JobParams) -> None:
+def write_job(output: Storage, params: JobParams, inputs: Sequence[FileIdentity] | None = None) -> None:
     """Write job.json (which proves that the output can be written) and remove the temporary files
-    a killed run left."""
+    a killed run left. ``inputs``: what each input file was, when the job knows all of them."""
+    job: dict[str, Any] = {"parameters": params.as_dict()}
+    if inputs is not None:
+        job["inputs"] = [identity.as_dict() for identity in inputs]
     try:
-        output.write(JOB_FILE, json.dumps({"parameters": params.as_dict()}, indent=2).encode("utf-8"))
+        output.write(JOB_FILE, json.dumps(job, indent=2, ensure_ascii=False).encode("utf-8"))
         removed = discard_partial_writes(output)
     except StorageError as error:
         raise BatchConfigError(
@@ -159,19 +187,19 @@ def discard_partial_writes(output: Storage) -> int:
     )
 
 
-def _job_parameters(output: Storage) -> dict[str, Any] | None:
-    """The parameters job.json holds; None when there is none yet."""
+def _read_job(output: Storage) -> dict[str, Any] | None:
+    """job.json, with its parameters object; None when there is none yet."""
     if not output.exists(JOB_FILE):
         return None
     try:
-        theirs = json.loads(output.read(JOB_FILE)).get("parameters")
-        if not isinstance(theirs, dict):
+        job = json.loads(output.read(JOB_FILE))
+        if not isinstance(job, dict) or not isinstance(job.get("parameters"), dict):
             raise ValueError("it has no parameters object")
-    except (ValueError, AttributeError) as error:
+    except (ValueError, RecursionError) as error:
         raise BatchConfigError(
             f"{output.describe(JOB_FILE)} is damaged ({error}); remove it or choose a new output"
         ) from error
-    return theirs
+    return job
 
 
 def find_finished(

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from service.storage.names import printable, unsafe_name_reason, walk_local, within
+
 # Temporary files of local writes: hidden, and recognisable so that a resumed job can remove the
 # ones a killed process left behind.
 PARTIAL_MARKER = ".partial-"
+Names = list[str]
+Refusals = list[tuple[str, str]]  # (name, why it is not read)
 
 
 class StorageError(Exception):
@@ -44,7 +49,17 @@ class Storage:
 
     # ------------------------------------------------------------------ naming
     def _full(self, path: str) -> str:
-        return f"{self.root}/{path}" if path else self.root
+        """The backend's path of the relative ``path``; StorageError for a name that could leave the
+        root (every read, write and removal goes through here)."""
+        if not path:
+            return self.root
+        reason = unsafe_name_reason(path)
+        if reason:
+            raise StorageError(f"refusing the path {printable(path)!r} below {self.uri}: {reason}")
+        full = f"{self.root}/{path}"
+        if self.is_local and not within(os.path.normpath(full), os.path.normpath(self.root)):
+            raise StorageError(f"refusing the path {printable(path)!r}: it leads out of {self.uri}")
+        return full
 
     def describe(self, path: str = "") -> str:
         """The URI of ``path``, for messages."""
@@ -82,6 +97,27 @@ class Storage:
         paths = (self.fs._strip_protocol(p)[start:] for p in found)
         return sorted(p for p in paths if p and PARTIAL_MARKER not in posixpath.basename(p))
 
+    def list_files(self) -> tuple[Names, Refusals]:
+        """Every file below the root that may be read, sorted, and (name, reason) of every one that
+        may not: a name that could leave the root (``..``, absolute, a backslash, control
+        characters, not UTF-8), or locally a symbolic link out of the root, a FIFO or a device."""
+        if self.is_local:
+            if not os.path.isdir(self.root):
+                return [], []
+            found = [(path, reason) for path, reason in walk_local(self.root)]
+            found = [(p, r) for p, r in found if PARTIAL_MARKER not in posixpath.basename(p)]
+        else:
+            found = [(path, "") for path in self.list()]
+        readable: Names = []
+        refused: Refusals = []
+        for path, reason in sorted(found):
+            reason = unsafe_name_reason(path) or reason
+            if reason:
+                refused.append((path, reason))
+            else:
+                readable.append(path)
+        return readable, refused
+
     # ------------------------------------------------------------------ reading
     def read(self, path: str = "", limit: int | None = None) -> bytes:
         """The file's bytes (the first ``limit`` bytes when given)."""
@@ -99,7 +135,10 @@ class Storage:
         wanted = list(paths)
         if not wanted:
             return {}
-        full = {self._full(p): p for p in wanted}
+        try:
+            full = {self._full(p): p for p in wanted}
+        except StorageError as error:
+            return dict.fromkeys(wanted, error)
         try:
             found = self.fs.cat(list(full), on_error="return")
         except Exception as error:
@@ -127,6 +166,21 @@ class Storage:
                 self.fs.pipe_file(full, data)
         except Exception as error:
             raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
+
+    def remove(self, paths: Iterable[str]) -> None:
+        """Remove the files ``paths`` (missing ones are no error)."""
+        full = [self._full(path) for path in paths]
+        if not full:
+            return
+        try:
+            try:
+                self.fs.rm(full)
+            except FileNotFoundError:  # one was gone already: the others one by one
+                for path in full:
+                    if self.fs.exists(path):
+                        self.fs.rm_file(path)
+        except Exception as error:
+            raise StorageError(f"cannot remove files below {self.uri}: {_reason(error)}") from error
 
     def discard_partial_writes(self, prefix: str = "", *, recursive: bool = True) -> int:
         """Remove temporary files that a killed writer left below ``prefix`` (in ``prefix`` itself
@@ -159,9 +213,20 @@ def _write_local_atomically(full: str, data: bytes) -> None:
         raise
 
 
+# Secrets an SDK's message can carry: a SAS token's signature, an account key, a presigned URL's.
+_SECRETS = re.compile(
+    r"((?:sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=)"
+    r"[^&;\s\"']+",
+    re.IGNORECASE,
+)
+
+
 def _reason(error: object) -> str:
-    """One line: the exception's type and first line, without the SDKs' multi-line dumps."""
+    """One line: the exception's type and first line, without the SDKs' multi-line dumps and with
+    any credential in it replaced by ***."""
     if isinstance(error, BaseException):
         text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return repr(error)
+        line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    else:
+        line = repr(error)
+    return _SECRETS.sub(r"\1***", line)

@@ -265,7 +265,10 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
     (tmp / "in").mkdir()
     (tmp / "in/a.csv").write_text("prompt\nhello\n")
     (tmp / "noprompt.csv").write_text("text\nhello\n")
-    (tmp / "latin1.csv").write_bytes("prompt\ncaf\xe9\n".encode("latin-1"))
+    (tmp / "utf16.csv").write_bytes("prompt\ncaf\xe9\n".encode("utf-16"))  # no prompt column as UTF-8
+    (tmp / "deep.json").write_text('{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (tmp / "huge.json").write_text('{"seed": ' + "9" * 5_000 + "}")
+    (tmp / "list.json").write_text("[" * 5_000)
     (tmp / "afile").write_text("x")
     (tmp / "unknown.json").write_text('{"num_inference_steps": 2, "size": 3}')
     (tmp / "taken").mkdir()
@@ -278,7 +281,7 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
     return {
         "missing input": ["--input", str(tmp / "nope"), "--output", str(tmp / "out")],
         "csv without prompt column": ["--input", str(tmp / "noprompt.csv"), "--output", str(tmp / "out")],
-        "input not utf-8": ["--input", str(tmp / "latin1.csv"), "--output", str(tmp / "out")],
+        "input utf-16": ["--input", str(tmp / "utf16.csv"), "--output", str(tmp / "out")],
         "output cannot be written": ["--input", str(tmp / "in"), "--output", str(tmp / "afile/out")],
         "output inside input": ["--input", str(tmp / "in"), "--output", str(tmp / "in/out")],
         "output holds another job": ["--input", str(tmp / "in"), "--output", str(tmp / "taken")],
@@ -305,15 +308,22 @@ def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
         "negative retries": [*good, "--max-retries", "-1"],
         "zero batch size": [*good, "--batch-size", "0"],
         "unknown scheduler": [*good, "--scheduler", "nope"],
+        "params nested deep": [*good, "--params", str(tmp / "deep.json")],
+        "params with a huge integer": [*good, "--params", str(tmp / "huge.json")],
+        "params not closed": [*good, "--params", str(tmp / "list.json")],
+        "unknown dtype": [*good, "--dtype", "banana"],
+        "unknown device": [*good, "--device", "banana"],
+        "device with a space": [*good, "--device", "cuda 0"],
     }
 
 
 BAD_INPUTS = [
-    "missing input", "csv without prompt column", "input not utf-8", "output cannot be written",
+    "missing input", "csv without prompt column", "input utf-16", "output cannot be written",
     "output inside input", "output holds another job", "resume with another seed", "no prompt files",
     "a single file of another kind", "unknown scheme", "zero steps",
     "width not a multiple of 8", "unknown params key", "missing params file", "negative retries",
-    "zero batch size", "unknown scheduler",
+    "zero batch size", "unknown scheduler", "params nested deep", "params with a huge integer",
+    "params not closed", "unknown dtype", "unknown device", "device with a space",
 ]  # fmt: skip
 
 

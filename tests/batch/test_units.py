@@ -115,9 +115,15 @@ def test_parquet_with_a_column_twice_is_refused(tmp_path: Path) -> None:
         parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
 
 
-def test_a_file_that_is_not_utf8_is_refused() -> None:
-    with pytest.raises(BatchConfigError, match="not UTF-8"):
-        parse_file(InputFile("p.csv"), b"prompt\n\xff\xfe\xfa\n", None, "p.csv")
+@pytest.mark.parametrize("name", ["p.csv", "p.txt", "p.jsonl"])
+def test_a_row_that_is_not_utf8_fails_alone(name: str) -> None:
+    lines = [b"good one", b"\xff\xfe\xfa", b"caf\xe9 latin-1", b"good two"]
+    if name.endswith(".jsonl"):
+        lines = [b'{"prompt": "' + line + b'"}' for line in lines]
+    data = (b"prompt\n" if name.endswith(".csv") else b"") + b"\n".join(lines) + b"\n"
+    rows = parse_file(InputFile(name), data, None, name)
+    assert [r.prompt for r in rows if not r.error] == ["good one", "good two"]
+    assert [r.row for r in rows if "not valid text" in r.error] == [1, 2]
 
 
 def test_a_folder_lists_prompt_files_recursively_and_names_every_other_file(tmp_path: Path) -> None:

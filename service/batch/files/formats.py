@@ -10,7 +10,7 @@ the file has them, ``negative_prompt`` and ``seed`` (inputs.py checks the values
 - ``.txt``: one prompt a line; blank lines are not rows.
 
 A file that cannot be read as its format at all (no ``prompt`` column, one of the columns above
-twice, not UTF-8, not Parquet)
+twice, not Parquet)
 raises BatchConfigError: the job stops before it starts. A row that is wrong is the row's problem.
 """
 
@@ -20,12 +20,17 @@ import csv
 import io
 import json
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 from service.batch.errors import BatchConfigError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pqt": "parquet", ".txt": "txt"}
 ROW_KEYS = ("prompt", "negative_prompt", "seed")
+# The rows of one job, all input files together: a job's rows are planned in memory (about 1 kB
+# each), so this bounds what planning can take whatever the files claim.
+MAX_JOB_ROWS = 1_000_000
+PARQUET_BATCH_ROWS = 65_536
 SUFFIX_LIST = ".csv, .jsonl, .parquet, .pqt or .txt"
 
 
@@ -34,19 +39,31 @@ def file_format(path: str) -> str | None:
     return FORMATS.get(posixpath.splitext(path)[1].lower())
 
 
-def parse_records(fmt: str, data: bytes, source: str) -> list[dict[str, Any]]:
-    """The rows of one file's bytes; ``source`` names the file in errors."""
+def parse_records(
+    fmt: str, data: bytes, source: str, max_rows: int = MAX_JOB_ROWS
+) -> Iterator[dict[str, Any]]:
+    """The rows of one file's bytes, one by one; ``source`` names the file in errors. More than
+    ``max_rows`` rows is a BatchConfigError, raised before the rows past it are made (for Parquet, before any:
+    its footer holds the count), so that memory stays bounded whatever the file claims."""
+    records: Iterator[dict[str, Any]]
     if fmt == "parquet":
-        return _parquet_records(data, source)
-    try:
-        text = data.decode("utf-8-sig")  # -sig: Excel starts its CSV files with a byte-order mark
-    except UnicodeDecodeError as error:
-        raise BatchConfigError(f"{source} is not UTF-8 text ({error}); save it as UTF-8") from error
-    if fmt == "csv":
-        return _csv_records(text, source)
-    if fmt == "jsonl":
-        return _jsonl_records(text)
-    return _txt_records(text)
+        records = _parquet_records(data, source, max_rows)
+    else:
+        # -sig: Excel starts its CSV files with a byte-order mark. Bytes that are not UTF-8 become
+        # lone surrogates, which fail the rows that hold them (inputs.py), not the whole file.
+        text = data.decode("utf-8-sig", "surrogateescape")
+        records = {"csv": _csv_records, "jsonl": _jsonl_records}.get(fmt, _txt_records)(text, source)
+    for count, record in enumerate(records):
+        if count == max_rows:
+            raise too_many_rows(source)
+        yield record
+
+
+def too_many_rows(source: str) -> BatchConfigError:
+    return BatchConfigError(
+        f"{source} takes the job past {MAX_JOB_ROWS:,} rows (all files together), the most one job "
+        "holds; split the input into several jobs"
+    )
 
 
 def _missing_prompt(source: str, header: list[str]) -> BatchConfigError:
@@ -65,37 +82,59 @@ def _check_header(source: str, header: list[str]) -> None:
             raise BatchConfigError(f"{source} has {header.count(key)} {key!r} columns; keep one")
 
 
-def _csv_records(text: str, source: str) -> list[dict[str, Any]]:
+def _csv_records(text: str, source: str) -> Iterator[dict[str, Any]]:
+    # No field can be longer than the file: the csv module's own limit (131,072 characters) would
+    # end the whole file at one long cell, whereas an over-long prompt is that row's problem.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = [(name or "").strip() for name in (reader.fieldnames or [])]
-        _check_header(source, header)
-        reader.fieldnames = header
-        return [{key: record.get(key) for key in ROW_KEYS if key in header} for record in reader]
     except csv.Error as error:
         raise BatchConfigError(f"{source} is not valid CSV ({error}); check its quoting") from error
-
-
-def _jsonl_records(text: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+    _check_header(source, header)
+    reader.fieldnames = header
+    while True:
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            value = {"_error": f"line is not valid JSON ({error.msg})"}
-        records.append(value if isinstance(value, dict) else {"_error": "line is not a JSON object"})
-    return records
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # this row only; the reader goes on at the next line
+            yield {"_error": f"the row is not valid CSV ({error})"}
+            continue
+        yield {key: record.get(key) for key in ROW_KEYS if key in header}
 
 
-def _txt_records(text: str) -> list[dict[str, Any]]:
+def _jsonl_records(text: str, source: str) -> Iterator[dict[str, Any]]:
+    # Lines end at \n (or \r\n) only, as JSON Lines says: U+2028, U+0085 and the other breaks that
+    # str.splitlines() knows are valid inside a JSON string, written raw by ensure_ascii=False.
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield _json_object(line)
+
+
+def _json_object(line: str) -> dict[str, Any]:
+    """One JSON Lines row; a row that cannot be one carries its ``_error`` instead."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return {"_error": f"line is not valid JSON ({error.msg})"}
+    except RecursionError:
+        return {"_error": "line is nested too deeply to read"}
+    except ValueError:  # Python converts integers of at most 4,300 digits
+        return {"_error": "line holds an integer of more than 4,300 digits"}
+    return value if isinstance(value, dict) else {"_error": "line is not a JSON object"}
+
+
+def _txt_records(text: str, source: str) -> Iterator[dict[str, Any]]:
     # Universal newlines only (\n, \r\n, \r): other Unicode line breaks stay inside the prompt.
     lines = (line.strip() for line in io.StringIO(text, newline=None))
-    return [{"prompt": line} for line in lines if line]
+    return ({"prompt": line} for line in lines if line)
 
 
-def _parquet_records(data: bytes, source: str) -> list[dict[str, Any]]:
+def _parquet_records(data: bytes, source: str, max_rows: int) -> Iterator[dict[str, Any]]:
+    """Rows batch by batch (a dictionary-encoded column of millions of rows is a few kB on disk);
+    a file whose footer counts more than ``max_rows`` rows is refused before any is read."""
     import pyarrow
     import pyarrow.parquet
 
@@ -103,9 +142,12 @@ def _parquet_records(data: bytes, source: str) -> list[dict[str, Any]]:
         parquet = pyarrow.parquet.ParquetFile(pyarrow.BufferReader(data))
         names = list(parquet.schema_arrow.names)
         _check_header(source, names)
+        if parquet.metadata.num_rows > max_rows:
+            raise too_many_rows(source)
         wanted = [name for name in ROW_KEYS if name in names]
-        table = parquet.read(columns=wanted)
-        columns = {name: table.column(name).to_pylist() for name in wanted}
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+            columns = {name: batch.column(name).to_pylist() for name in wanted}
+            yield from ({name: columns[name][i] for name in wanted} for i in range(batch.num_rows))
     except BatchConfigError:
         raise
     except (pyarrow.ArrowException, OSError, ValueError, KeyError, TypeError) as error:
@@ -114,4 +156,3 @@ def _parquet_records(data: bytes, source: str) -> list[dict[str, Any]]:
             f"{source} is not a readable Parquet file ({first_line}); write it with pandas.to_parquet "
             "or pyarrow"
         ) from error
-    return [{name: columns[name][i] for name in wanted} for i in range(table.num_rows)]

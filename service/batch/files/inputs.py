@@ -11,6 +11,7 @@ and ends as a failed record. A file that cannot be read at all stops the job bef
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import posixpath
@@ -19,13 +20,15 @@ from typing import Any
 
 from model.types import MAX_SEED
 from service.batch.errors import BatchConfigError
-from service.batch.files.formats import SUFFIX_LIST, file_format, parse_records
+from service.batch.files.formats import MAX_JOB_ROWS, SUFFIX_LIST, file_format, parse_records
 from service.batch.files.records import file_key
 from service.batch.params import derive_seed
 from service.storage import Storage, StorageError, StorageOptions, open_storage
+from service.storage.names import printable, unsafe_name_reason
 
 log = logging.getLogger(__name__)
 LOGGED_SKIPS = 20  # skipped files named one by one in the log; summary.json has them all
+MAX_PROMPT_CHARS = 2000  # SD_MAX_PROMPT_CHARS' default; plan_job passes the setting
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class SkippedFile:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a job plans up to MAX_JOB_ROWS of these
 class InputRow:
     """One prompt. ``error`` is set (and ``seed`` is None) when the row cannot be generated."""
 
@@ -77,6 +80,9 @@ class Inputs:
 
 def skip_reason(path: str) -> str:
     """Why the file at ``path`` is not read as prompts; '' for a prompt file."""
+    unsafe = unsafe_name_reason(path)
+    if unsafe:
+        return f"{unsafe}: it cannot name an output folder"
     name = posixpath.basename(path)
     if name.startswith((".", "_")):
         return "hidden file or marker (its name starts with '.' or '_')"
@@ -93,19 +99,27 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
         storage = open_storage(uri, options)
         if storage.is_file():
             storage, name = storage.as_folder_of_file()
+            if unsafe_name_reason(name):
+                raise BatchConfigError(f"input {printable(uri)}: {skip_reason(name)}; rename it")
             if file_format(name) is None:
                 raise BatchConfigError(f"input {uri} is not a prompt file: use a {SUFFIX_LIST} file")
             return Inputs(storage, [InputFile(name)], single_file=True)
-        names = storage.list()
+        names, refused = storage.list_files()
     except StorageError as error:
-        raise BatchConfigError(f"cannot read the input: {error}") from error
-    if not names:
+        raise BatchConfigError(
+            f"cannot read the input: {error}; check the URI, that the store is reachable, and the credentials"
+        ) from error
+    if not names and not refused:
         raise BatchConfigError(
             f"input {uri} does not exist or is empty; give a folder of {SUFFIX_LIST} files or one file"
         )
-    # 2) prompt files; every other file is named, with the reason
+    # 2) prompt files; every other file is named, with the reason, and so is every name that could
+    #    lead out of the output folder or a link out of the input folder (never read)
     files: list[InputFile] = []
-    skipped: list[SkippedFile] = []
+    skipped = [
+        SkippedFile(printable(name), skip_reason(name) if unsafe_name_reason(name) else reason)
+        for name, reason in refused
+    ]
     for name in names:
         reason = skip_reason(name)
         if reason:
@@ -113,7 +127,7 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
         else:
             files.append(InputFile(name))
     for skip in skipped[:LOGGED_SKIPS]:
-        log.warning("skipping %s: %s", storage.describe(skip.path), skip.reason)
+        log.warning("skipping %s: %s", printable(storage.describe(skip.path)), skip.reason)
     if len(skipped) > LOGGED_SKIPS:
         log.warning("skipping %d more files that are not prompt files", len(skipped) - LOGGED_SKIPS)
     if not files:
@@ -135,22 +149,54 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
     return Inputs(storage, files, single_file=False, skipped=skipped)
 
 
-def read_rows(storage: Storage, files: list[InputFile], job_seed: int | None) -> list[InputRow]:
+@dataclass(frozen=True)
+class FileIdentity:
+    """What one input file was when a job read it: its path, size and SHA-256 (job.json keeps these)."""
+
+    path: str
+    size: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+def read_rows(
+    storage: Storage, files: list[InputFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
+) -> list[InputRow]:
     """Every row of every file, in order. Raises BatchConfigError for a file that cannot be used."""
+    return read_inputs(storage, files, job_seed, max_chars)[0]
+
+
+def read_inputs(
+    storage: Storage, files: list[InputFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
+) -> tuple[list[InputRow], list[FileIdentity]]:
+    """Every row of every file, in order, and what each file was (the job's identity)."""
     contents = storage.read_many(file.path for file in files)
     rows: list[InputRow] = []
+    identities: list[FileIdentity] = []
     for file in files:
         data = contents[file.path]
         if isinstance(data, StorageError):
             raise BatchConfigError(f"cannot read input file: {data}")
-        rows.extend(parse_file(file, data, job_seed, storage.describe(file.path)))
-    return rows
+        identities.append(FileIdentity(file.path, len(data), hashlib.sha256(data).hexdigest()))
+        source = printable(storage.describe(file.path))
+        rows.extend(parse_file(file, data, job_seed, source, max_chars, MAX_JOB_ROWS - len(rows)))
+    return rows, identities
 
 
-def parse_file(file: InputFile, data: bytes, job_seed: int | None, source: str) -> list[InputRow]:
-    """The rows of one file's bytes; ``source`` names the file in errors."""
-    records = parse_records(file.format, data, source)
-    return [_row(file, number, record, job_seed) for number, record in enumerate(records)]
+def parse_file(
+    file: InputFile,
+    data: bytes,
+    job_seed: int | None,
+    source: str,
+    max_chars: int = MAX_PROMPT_CHARS,
+    max_rows: int = MAX_JOB_ROWS,
+) -> list[InputRow]:
+    """The rows of one file's bytes; ``source`` names the file in errors. A prompt (or negative
+    prompt) longer than ``max_chars`` fails its row; more than ``max_rows`` rows fail the file."""
+    records = parse_records(file.format, data, source, max_rows)
+    return [_row(file, number, record, job_seed, max_chars) for number, record in enumerate(records)]
 
 
 def _valid_unicode(text: object) -> tuple[object, bool]:
@@ -165,7 +211,9 @@ def _valid_unicode(text: object) -> tuple[object, bool]:
     return text, True
 
 
-def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | None) -> InputRow:
+def _row(
+    file: InputFile, number: int, record: dict[str, Any], job_seed: int | None, max_chars: int
+) -> InputRow:
     prompt, prompt_ok = _valid_unicode(record.get("prompt"))
     negative, negative_ok = _valid_unicode(record.get("negative_prompt"))
 
@@ -190,7 +238,18 @@ def _row(file: InputFile, number: int, record: dict[str, Any], job_seed: int | N
     if negative is not None and not isinstance(negative, str):
         return row(None, f"negative_prompt must be a string, got {_short(negative)}")
     if not (prompt_ok and negative_ok):
-        return row(None, "the prompt is not valid Unicode (it holds a lone surrogate); fix the input file")
+        return row(
+            None,
+            "the prompt is not valid text (bytes that are not UTF-8, or a lone surrogate); "
+            "fix the input file",
+        )
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if isinstance(text, str) and len(text) > max_chars:
+            return row(
+                None,
+                f"{name} has {len(text)} characters, more than the {max_chars} a prompt may have "
+                "(SD_MAX_PROMPT_CHARS); shorten it",
+            )
     seed, seed_error = _seed(record.get("seed"))
     if seed_error:
         return row(None, seed_error)

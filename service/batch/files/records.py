@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from service.storage.names import unsafe_name_reason
+
 IMAGES_DIR = "images"
 RECORDS_DIR = "records"
 PREDICTIONS_FILE = "predictions.csv"
@@ -66,11 +68,13 @@ def record_path(key: str, row: int) -> str:
 
 
 def parse_record_path(path: str) -> tuple[str, int] | None:
-    """``records/<key>/<row>.json`` -> (key, row); None for anything else."""
-    if not path.startswith(f"{RECORDS_DIR}/") or not path.endswith(".json"):
+    """``records/<key>/<row>.json`` -> (key, row); None for anything else, such as a name that
+    could not have been written here (someone else's file in a shared bucket must not stop a job)."""
+    if not path.startswith(f"{RECORDS_DIR}/") or not path.endswith(".json") or unsafe_name_reason(path):
         return None
     key, _, name = path[len(RECORDS_DIR) + 1 : -len(".json")].rpartition("/")
-    return (key, int(name)) if key and name.isdigit() else None
+    digits = name.isascii() and name.isdigit() and len(name) <= 18  # "²" is a digit; int() refuses it
+    return (key, int(name)) if key and digits else None
 
 
 @dataclass(frozen=True)
@@ -132,21 +136,34 @@ class Record:
         ]
 
 
+# Cells that a spreadsheet would read as a formula (or, after a tab or CR, split into one) start
+# with one of these; OWASP's advice is to prefix such a cell with a single quote. Records keep the
+# text exactly; only the two CSV files, made to be opened in spreadsheets, are neutralised.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cells: Iterable[str]) -> list[str]:
+    """``cells`` with each one a spreadsheet would take for a formula prefixed with ``'``."""
+    return [f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell for cell in cells]
+
+
 def in_order(records: Iterable[Record]) -> list[Record]:
     """By input file, then row number, so that a rebuilt file is the same every time."""
     return sorted(records, key=lambda r: (r.input_file, r.row))
 
 
+def csv_line(cells: Iterable[str]) -> str:
+    """One CSV line without its line ending, spreadsheet-safe. Written with "\r\n" as the terminator,
+    which makes the writer quote every cell holding a \r or a \n (a bare \r ends a line for most
+    readers), then dropped."""
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, lineterminator="\r\n").writerow(spreadsheet_safe(cells))
+    return buffer.getvalue()[:-2]
+
+
 def prediction_lines(records: Iterable[Record]) -> list[str]:
     """One CSV line (without its line ending) per image, in the given order: failed rows are left out."""
-    lines = []
-    for record in records:
-        if record.ok:
-            buffer = io.StringIO(newline="")
-            # "\n" as the terminator makes the writer quote cells holding line breaks; then drop it.
-            csv.writer(buffer, lineterminator="\n").writerow(record.prediction_row())
-            lines.append(buffer.getvalue()[:-1])
-    return lines
+    return [csv_line(record.prediction_row()) for record in records if record.ok]
 
 
 def predictions_csv(records: Iterable[Record]) -> bytes:
@@ -156,10 +173,7 @@ def predictions_csv(records: Iterable[Record]) -> bytes:
 
 def detailed_csv(records: Iterable[Record], parameters: Mapping[str, Any]) -> bytes:
     """predictions-detailed.csv: a header, then every row (failed ones too), in input order."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*DETAILED_COLUMNS, *PARAMETER_COLUMNS])
     shared = ["" if parameters.get(name) is None else str(parameters.get(name)) for name in PARAMETER_COLUMNS]
-    for record in in_order(records):
-        writer.writerow([*record.detailed_row(), *shared])
-    return buffer.getvalue().encode("utf-8")
+    lines = [csv_line([*DETAILED_COLUMNS, *PARAMETER_COLUMNS])]
+    lines += [csv_line([*record.detailed_row(), *shared]) for record in in_order(records)]
+    return "".join(f"{line}\n" for line in lines).encode("utf-8")
