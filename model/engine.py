@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from model.errors import EngineError, EngineFailure, EngineOutOfMemoryError, InvalidRequestError
@@ -22,6 +23,7 @@ from model.schedulers import check_scheduler_name, offered_schedulers, scheduler
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
 from model.stepping.item import ItemState, rows_of
+from model.stepping.preview import linear_preview
 from model.stepping.rows import unet_forward
 from model.stepping.running import RunningSet
 from model.types import MAX_SEED, GenerationItem, GenerationResult, ModelInfo
@@ -166,6 +168,21 @@ class Engine:
     def cancel(self, handle: int) -> None:
         """Drop a running or finished item at once; unknown handles are ignored."""
         self._running.discard(handle)
+
+    def finish(self, handle: int) -> None:
+        """End a running item at its current step: it is finished, and ``retire`` decodes the
+        latents it has (AUTOMATIC1111's interrupt). Unknown handles are ignored."""
+        state = self._running.get(handle)
+        if state is not None:
+            state.position = state.total_steps
+
+    def preview(self, handle: int) -> np.ndarray:
+        """A cheap preview of a running item: its latents mapped linearly to RGB, 1/8 of its side."""
+        state = self._running.get(handle)
+        if state is None:
+            raise ValueError(f"no item with handle {handle}")
+        with torch.inference_mode():
+            return linear_preview(state.latents)
 
     @staticmethod
     def rows_of(item: GenerationItem) -> int:

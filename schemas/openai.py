@@ -28,6 +28,8 @@ from schemas.score import (
     ScoreLimits,
     ScoreParameters,
     check_text,
+    prompt_within_limit,
+    steps_within_limit,
 )
 
 B64_JSON = "b64_json"
@@ -122,18 +124,14 @@ class ImageGenerationRequest(BaseModel):
     def _valid_text(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        max_chars = _limits(info).max_prompt_chars
-        if info.field_name in ("prompt", "negative_prompt") and len(value) > max_chars:
-            raise _error(f"is longer than {max_chars} characters")
+        if info.field_name in ("prompt", "negative_prompt"):
+            return prompt_within_limit(value, info)
         return check_text(value, str(info.field_name))
 
     @field_validator("num_inference_steps")
     @classmethod
     def _within_operator_steps(cls, value: int, info: ValidationInfo) -> int:
-        max_steps = _limits(info).max_steps
-        if value > max_steps:
-            raise _error(f"may be at most {max_steps} on this server")
-        return value
+        return steps_within_limit(value, info)
 
     @field_validator("size")
     @classmethod

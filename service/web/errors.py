@@ -28,6 +28,7 @@ from service.runtime.errors import (
     MalformedJsonError,
     NotReadyError,
     QueueFullError,
+    RequestCancelledError,
     RequestTimeoutError,
     ServiceError,
     ShuttingDownError,
@@ -97,6 +98,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidRequestError: ErrorKind(422, "invalid_request"),
     QueueFullError: ErrorKind(429, "too_many_requests", RETRY_AFTER_S),
     HeaderTooLongError: ErrorKind(431, "header_too_long"),
+    RequestCancelledError: ErrorKind(499, "cancelled"),  # as Google's APIs map CANCELLED
     EngineFailure: ErrorKind(500, "engine_failure"),
     EngineOutOfMemoryError: ErrorKind(503, "out_of_memory", RETRY_AFTER_OVERLOADED_S),
     ModelLoadError: ErrorKind(503, "model_not_loaded", RETRY_AFTER_OVERLOADED_S),
