@@ -25,7 +25,7 @@ from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import openai, routes, ui
-from service.web.clients import huggingface
+from service.web.clients import a1111, control, huggingface
 from service.web.errors import error_response
 from service.web.middleware import (
     ApiKeyMiddleware,
@@ -48,7 +48,7 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 """
 
 
-CLIENT_ROUTERS = (huggingface.router,)
+CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
 
 
 def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
