@@ -112,6 +112,13 @@ class ImageGenerationRequest(BaseModel):
     moderation: str | None = _option("Accepted (auto, low); no effect: the server's safety checker decides.")
     background: str | None = _option('"auto" or "opaque": Stable Diffusion draws no transparency.')
     output_format: str | None = _option('Only "png" (the default).')
+    # Streaming: Server-Sent Events, with up to partial_images previews of each image before it is done.
+    stream: bool = Field(
+        default=False, description="true: answer Server-Sent Events as OpenAI's SDKs read them."
+    )
+    partial_images: int | None = Field(
+        default=None, ge=0, le=3, description="With stream: previews of each image before it is done (0-3)."
+    )
     # Extensions (extra_body in the SDKs): the same fields, bounds and defaults as /score's parameters.
     negative_prompt: str | None = _as_on_score("negative_prompt")
     seed: int | None = _as_on_score("seed")

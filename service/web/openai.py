@@ -28,6 +28,7 @@ from service.runtime.convert import openai_to_items, to_image_data
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body
+from service.web.clients.streaming import stream_images, wants_stream
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
 from service.web.routes import answer_generation
 
@@ -88,7 +89,15 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: 
     "/images/generations",
     summary="Generate images (OpenAI's Images API)",
     response_model=None,
-    responses={200: {"model": ImagesResponse, "description": "One entry per image."}, **_ERRORS},
+    responses={
+        200: {
+            "model": ImagesResponse,
+            "description": "One entry per image; with stream: true, Server-Sent Events "
+            "(image_generation.partial_image, image_generation.completed, error).",
+            "content": {"text/event-stream": {}},
+        },
+        **_ERRORS,
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -98,6 +107,10 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: 
 )
 async def create_images(request: Request) -> Any:
     lifecycle = _lifecycle(request)
+    body = await request.body()
+    if wants_stream(body):  # Server-Sent Events (service/web/clients/streaming.py)
+        names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
+        return await stream_images(request, body, lambda model: _require_served(model, names))
 
     async def generate(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
         return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info), job)
