@@ -30,6 +30,7 @@ class Job:
     totals: list[int] = field(default_factory=list)  # each image's steps, once queued
     started: float = field(default_factory=time.monotonic)
     steps: list[int] = field(default_factory=list)  # each image's steps done (the engine thread writes)
+    admitted: set[int] = field(default_factory=set)  # images an engine holds (its thread adds them)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
     cancelled: bool = False  # cancel: the request answers 499 cancelled
     interrupted: bool = False  # interrupt: the request answers with the images it has
@@ -61,7 +62,6 @@ class Job:
 
     def preview(self, image: int, step: int, pixels: np.ndarray) -> None:
         """On the event loop: a preview of ``image`` at ``step`` arrived."""
-        self.want_preview = False
         self.latest = pixels
         if self.preview_every:
             self.events.put_nowait((image, step, pixels))
@@ -75,7 +75,7 @@ class Job:
     def interrupt(self, *, waiting_too: bool) -> None:
         """The running images end at the next step with the image they have; the waiting ones
         leave too (``waiting_too``: A1111's interrupt) or go on (its skip)."""
-        running = {image for image, done in enumerate(self.steps) if done and not self.futures[image].done()}
+        running = {image for image in list(self.admitted) if not self.futures[image].done()}
         self.finish_now |= running
         if waiting_too:
             self.interrupted = True

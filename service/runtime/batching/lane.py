@@ -180,6 +180,9 @@ class Lane:
                 outcome.admitted.append((image, engine.admit(image.item)))
             except Exception as error:  # this item only: the engine cannot take it
                 outcome.refused.append((image, error))
+                continue
+            if image.job is not None:  # now, not after the iteration: the engine may step on long
+                image.job.admitted.add(image.index)
         running = len(self.running) + len(outcome.admitted)
         held = [*((image, handle) for handle, image in self.running.items()), *outcome.admitted]
         ending = self._ending(held)
@@ -226,6 +229,7 @@ class Lane:
             job.steps[image.index] += 1
             if not self._followable or handle in finished or not job.wants_preview(image.index):
                 continue
+            job.want_preview = False  # one preview per request for it (the engine may step on at once)
             try:
                 pixels = self.engine.preview(handle)  # type: ignore[attr-defined]
             except Exception:
@@ -360,6 +364,7 @@ class Lane:
             image.first_step = True
             if image.job is not None:
                 image.job.steps[image.index] = 0  # it restarts from step 0
+                image.job.admitted.discard(image.index)
         if requeue:
             self._source.requeue([image for image in images if not image.future.done()])
         self._metrics.running_images.set(len(self.running))

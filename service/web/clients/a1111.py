@@ -231,7 +231,8 @@ def _idle() -> dict[str, Any]:
 
 
 @router.get("/progress", summary="The caller's current txt2img request: progress, ETA and a preview")
-def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+def progress(request: Request, skip_current_image: str = "false") -> dict[str, Any]:
+    """``skip_current_image`` is read as A1111's clients send it ("true"/"false"); anything else is false."""
     running = jobs_of(request).of(caller(request), CLIENT)
     if not running or not running[0].totals:
         return _idle() | {"current_task": None}
@@ -243,7 +244,7 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     elapsed = time.monotonic() - job.started
     # 2. A preview: the latest one now, and one more at the next step (only while someone looks).
     current = None
-    if not skip_current_image:
+    if skip_current_image.lower() not in ("true", "1"):
         job.want_preview = True
         current = encode_png_base64(job.latest) if job.latest is not None else None
     state: dict[str, Any] = {"skipped": False, "interrupted": job.interrupted, "stopping_generation": False}
