@@ -23,7 +23,7 @@ from model.schedulers import check_scheduler_name, offered_schedulers, scheduler
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
 from model.stepping.item import ItemState, rows_of
-from model.stepping.preview import linear_preview
+from model.stepping.preview import linear_preview, load_tiny_decoder, tiny_preview
 from model.stepping.rows import unet_forward
 from model.stepping.running import RunningSet
 from model.types import MAX_SEED, GenerationItem, GenerationResult, ModelInfo
@@ -73,6 +73,8 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
         self.native_size = int(components.unet.config.sample_size) * self.vae_scale_factor
         self._prompts = PromptEncoder(device, dtype)
+        decoder = self.options.preview_decoder
+        self._preview_decoder = load_tiny_decoder(decoder, device, dtype) if decoder else None
         self._handles = itertools.count(1)
         self._running = RunningSet()
 
@@ -177,11 +179,14 @@ class Engine:
             state.position = state.total_steps
 
     def preview(self, handle: int) -> np.ndarray:
-        """A cheap preview of a running item: its latents mapped linearly to RGB, 1/8 of its side."""
+        """A cheap preview of a running item: through the tiny decoder when one is loaded (full size),
+        else its latents mapped linearly to RGB (1/8 of its side)."""
         state = self._running.get(handle)
         if state is None:
             raise ValueError(f"no item with handle {handle}")
-        with torch.inference_mode():
+        with _engine_errors(), torch.inference_mode():
+            if self._preview_decoder is not None:
+                return tiny_preview(self._preview_decoder, state.latents)
             return linear_preview(state.latents)
 
     @staticmethod

@@ -165,6 +165,7 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         accelerator=settings.accelerator,
         compile_cache_dir=str(settings.compile_cache_dir) if settings.compile_cache_dir else None,
         batch_buckets=batch_buckets(settings.max_batch_size),
+        preview_decoder=str(settings.preview_decoder) if settings.preview_decoder else None,
     )
     if device == "settings":
         device = None if settings.device == "auto" else settings.device

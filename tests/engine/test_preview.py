@@ -5,14 +5,19 @@ latents an item has now."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 import model
+from model.errors import ModelLoadError
+from model.options import EngineOptions
 from model.stepping.preview import linear_preview
 from model.types import GenerationItem
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +59,27 @@ def test_finish_ends_an_item_now_and_preview_shows_it(engine: model.Engine) -> N
     assert not np.array_equal(early.image, full.image)
     with pytest.raises(ValueError, match="handle"):
         engine.preview(handle)
+
+
+def test_a_tiny_decoder_gives_full_size_previews(tmp_path: Path) -> None:
+    """SD_PREVIEW_DECODER: an AutoencoderTiny saved by diffusers' own save_pretrained (random weights)."""
+    from diffusers import AutoencoderTiny
+
+    blocks = dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
+    AutoencoderTiny(num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4, **blocks).save_pretrained(
+        tmp_path
+    )
+    engine = model.load("random:tiny", device="cpu", options=EngineOptions(preview_decoder=str(tmp_path)))
+    handle = engine.admit(GenerationItem("a fox", seed=5, num_inference_steps=4, height=128, width=192))
+    engine.step()
+    preview = engine.preview(handle)
+    assert preview.shape == (128, 192, 3) and preview.dtype == np.uint8
+    engine.cancel(handle)
+
+
+def test_a_folder_without_a_tiny_decoder_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="SD_PREVIEW_DECODER"):
+        Settings(preview_decoder=tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="SD_PREVIEW_DECODER"):
+        model.load("random:tiny", device="cpu", options=EngineOptions(preview_decoder=str(tmp_path)))
