@@ -26,6 +26,7 @@ from schemas.score import (
     MAX_STEPS,
     MIN_SIZE,
     SIZE_MULTIPLE,
+    ScoreLimits,
     prompt_within_limit,
     steps_within_limit,
 )
@@ -54,6 +55,11 @@ SAMPLE_TXT2IMG: dict[str, Any] = {
     "sampler_name": "Euler a",
     "batch_size": 1,
 }
+
+
+def _limits(info: ValidationInfo) -> ScoreLimits:
+    limits = (info.context or {}).get("limits")
+    return limits if isinstance(limits, ScoreLimits) else ScoreLimits()
 
 
 def _error(message: str) -> PydanticCustomError:
@@ -122,7 +128,12 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = Field(default="", description="What to draw.")
     negative_prompt: str = Field(default="", description="What to draw away from.")
-    steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="Sampling steps.")
+    steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=MAX_STEPS,
+        description="Sampling steps. Default: 50, or the server's max.",
+    )
     cfg_scale: float = Field(default=DEFAULT_CFG_SCALE, ge=0, le=30, allow_inf_nan=False)
     width: int | None = Field(
         default=None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, description="Default: native."
@@ -178,8 +189,11 @@ class Txt2ImgRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _the_rest(self) -> Txt2ImgRequest:
-        # 1. Every other field: ignored, neutral at its value, or refused by name.
+    def _the_rest(self, info: ValidationInfo) -> Txt2ImgRequest:
+        # 1. Defaults within the operator's limits, as on /score.
+        if "steps" not in self.model_fields_set:
+            self.steps = _limits(info).default_steps
+        # 2. Every other field: ignored, neutral at its value, or refused by name.
         for name, value in (self.model_extra or {}).items():
             if name in IGNORED:
                 continue
@@ -192,7 +206,7 @@ class Txt2ImgRequest(BaseModel):
                 raise _error(f"{_shown(name)} is not a field this server knows; leave it out")
             if not _is(value, neutral[0]):
                 raise _error(f"{name}: {neutral[1]}")
-        # 2. The images of one request.
+        # 3. The images of one request.
         if self.batch_size * self.n_iter > MAX_IMAGES_PER_PROMPT:
             raise _error(f"batch_size x n_iter may be at most {MAX_IMAGES_PER_PROMPT} images per request")
         return self

@@ -124,11 +124,14 @@ class Scorer:
         if job is not None and job.cancelled:  # cancelled while its body arrived
             raise RequestCancelledError(_cancelled(job))
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
-        if job is not None and isinstance(self._batcher, StepLoop):
+        if job is not None:
             job.begin([item.num_inference_steps for item in items])
-            futures = job.futures = self._batcher.submit(items, job)
+        if job is not None and isinstance(self._batcher, StepLoop):
+            futures = self._batcher.submit(items, job)  # its lanes report each image's steps to the job
         else:
             futures = self._batcher.submit(items)
+        if job is not None:
+            job.futures = futures  # what cancel and interrupt take out (request-level batching: cancel)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         if job is not None and job.cancelled:
             raise RequestCancelledError(_cancelled(job))

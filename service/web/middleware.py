@@ -97,7 +97,8 @@ class RequestContextMiddleware:
             status = status or 500
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(seconds)
-            level = logging.DEBUG if path in PROBE_PATHS and status < 500 else logging.INFO
+            probe = path in PROBE_PATHS and scope["method"] in ("GET", "HEAD")  # POST / generates
+            level = logging.DEBUG if probe and status < 500 else logging.INFO
             log.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
             request_id_var.reset(token)
 

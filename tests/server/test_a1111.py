@@ -262,3 +262,11 @@ def test_cancel_by_request_id_answers_499_and_only_its_sender_can(server: Server
     assert answer.json()["error"]["code"] == "cancelled"
     assert post(server, "/requests/cancel-me-1/cancel", None).status_code == 404
     assert post(server, "/requests/cancel-me-1/cancel", None, {}).status_code == 401
+
+
+def test_a_body_without_steps_gets_the_servers_default_within_its_limit() -> None:
+    from schemas.a1111 import Txt2ImgRequest
+    from schemas.score import ScoreLimits
+
+    assert Txt2ImgRequest.model_validate({}).steps == 50
+    assert Txt2ImgRequest.model_validate({}, context={"limits": ScoreLimits(max_steps=4)}).steps == 4
