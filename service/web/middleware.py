@@ -94,6 +94,8 @@ class RequestContextMiddleware:
             path = scope["path"]
             template = getattr(scope.get("route"), "path_format", path)  # /v1/models/{model_id}, say
             route = template if template in self.route_paths else "other"
+            if route in PROBE_PATHS and scope["method"] == "POST":
+                route = f"POST {route}"  # POST / generates (Hugging Face's task): not the probe's label
             status = status or 500
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(seconds)

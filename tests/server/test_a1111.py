@@ -97,6 +97,19 @@ def test_the_handshakes_of_open_webui_and_sillytavern(server: Server) -> None:
     assert post(server, "/sdapi/v1/options", {"sd_vae": "other.pt"}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    "body",
+    [[], "options", None, {"sd_model_checkpoint": 5}, {"sd_model_checkpoint": ["a"]}, {"sd_vae": None},
+     {"CLIP_stop_at_last_layers": True}, {"CLIP_stop_at_last_layers": 2}, {"unknown_option": 1},
+     {"x" * 300: 1}, {"samples_format": {"deep": [[[]]]}}],
+)  # fmt: skip
+def test_options_that_would_change_anything_are_refused(server: Server, body: Any) -> None:
+    headers = {**OPEN_WEBUI, "Content-Type": "application/json"}
+    answer = httpx.post(f"{server.url}/sdapi/v1/options", content=json.dumps(body), headers=headers)
+    assert answer.status_code == 422, answer.text
+    assert "x" * 100 not in answer.text and "\n" not in answer.json()["detail"]
+
+
 def test_keys_are_required_and_basic_carries_them(server: Server) -> None:
     wrong = [b"webui:wrong", KEY.encode(), f"{KEY}:webui".encode()]  # the key must be the password
     basics = [{"authorization": "Basic " + base64.b64encode(text).decode()} for text in wrong]

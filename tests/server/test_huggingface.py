@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
 from tests.helpers.processes import Server, start_server, stop_server
-from tests.helpers.servers import decode_png, request_body
+from tests.helpers.servers import decode_png, metric_value, request_body
 
 pytestmark = pytest.mark.slow
 KEY = "hf-test-key"
@@ -116,3 +116,14 @@ def test_hostile_bodies_are_one_line_errors_naming_the_field(
 def test_the_client_raises_the_servers_message(client: InferenceClient) -> None:
     with pytest.raises(HfHubHTTPError, match="width"):
         client.text_to_image("a cat", width=100)
+
+
+def test_generations_have_their_own_metrics_label_apart_from_the_probe(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"inputs": "a cat", "parameters": {"num_inference_steps": 1}}
+    assert httpx.post(server.url, json=body, headers=headers, timeout=120).status_code == 200
+    assert httpx.post(server.url, json={"inputs": 1}, headers=headers).status_code == 422
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "sd_requests_total", 'route="POST /",status="200"') >= 1
+    assert metric_value(text, "sd_requests_total", 'route="POST /",status="422"') >= 1
+    assert metric_value(text, "sd_requests_total", 'route="/",status="200"') >= 1  # the probes
