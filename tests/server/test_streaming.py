@@ -135,3 +135,29 @@ def test_closing_the_stream_frees_the_engine_at_the_next_step(server: Server) ->
         started = time.monotonic()
     wait_until(lambda: running_images(server) == 0, "the engine freed")
     assert time.monotonic() - started < 10  # its 150 steps would take far longer
+
+
+def test_a_client_that_leaves_at_once_leaves_no_request_behind(tmp_path: Any) -> None:
+    """Whether the client leaves before the first event or after, the server lets go of the request
+    (its job, its images, its hold on the drain): nothing is left in flight."""
+    import json as jsonlib
+    import socket
+
+    from service.settings import Settings
+    from tests.helpers.servers import GatedEngine, ThreadServer, tiny_engine
+
+    settings = Settings(model="random:tiny")
+    with ThreadServer(settings, GatedEngine(tiny_engine())) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        body = jsonlib.dumps({"prompt": "x", "stream": True, **LONG, "size": "256x256"}).encode()
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as connection:
+                connection.sendall(
+                    b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )  # and closed at once
+        jobs = running.app.state.jobs
+        wait_until(
+            lambda: not list(jobs) and running.app.state.lifecycle._active == 0, "every request let go"
+        )

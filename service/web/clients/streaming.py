@@ -18,7 +18,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from PIL import Image
+from starlette.types import Receive, Scope, Send
 
 from model.errors import EngineError
 from model.types import GenerationItem, GenerationResult
@@ -89,9 +90,37 @@ async def stream_images(
         if generation.done():
             generation.result()
         # 2. The stream owns the request from here; it lets go when the stream ends or the client leaves.
-        events = _events(generation, job, items, parsed, (lifecycle, deadline), stack.pop_all())
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        release = _releaser(generation, stack.pop_all())
+    return EventStream(_events(generation, job, items, parsed, (lifecycle, deadline), release), release)
+
+
+def _releaser(generation: Generation, held: AsyncExitStack) -> Callable[[], Awaitable[None]]:
+    """Let go of a streamed request (at most once): its images leave at the next step if it is not
+    done, then its job and its hold on the server (the drain waits for it) are released."""
+
+    async def release() -> None:
+        if not generation.done():
+            generation.cancel()
+        await asyncio.gather(generation, return_exceptions=True)
+        await held.aclose()  # a second call finds nothing left to close
+
+    return release
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that release their request however the response ends, even when the
+    client left before the first event (the events' own cleanup never runs then)."""
+
+    def __init__(self, events: AsyncIterator[bytes], release: Callable[[], Awaitable[None]]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
 
 
 async def _events(
@@ -100,7 +129,7 @@ async def _events(
     items: list[GenerationItem],
     parsed: ImageGenerationRequest,
     limit: tuple[Lifecycle, float],
-    held: AsyncExitStack,
+    release: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     common: dict[str, Any] = {
         "background": "opaque",
@@ -156,7 +185,4 @@ async def _events(
         error_body = {"message": message, "type": openai_error_type(status), "param": None, "code": kind.code}
         yield _event("error", {"error": error_body})
     finally:
-        if not generation.done():
-            generation.cancel()  # the client left, or time ran out: its images leave at the next step
-        await asyncio.gather(generation, return_exceptions=True)
-        await held.aclose()
+        await release()  # the client left, or time ran out: its images leave at the next step
