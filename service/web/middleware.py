@@ -169,7 +169,10 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         response = error_response(
-            UnauthorizedError("a valid API key is required; send the header Authorization: Bearer <key>"),
+            UnauthorizedError(
+                "a valid API key is required; send the header Authorization: Bearer <key> "
+                "(or HTTP Basic with the key as the password)"
+            ),
             path=scope["path"],
         )
         response.headers["WWW-Authenticate"] = "Bearer"
