@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from model.errors import EngineError, EngineFailure, EngineOutOfMemoryError, InvalidRequestError
@@ -22,6 +23,7 @@ from model.schedulers import check_scheduler_name, offered_schedulers, scheduler
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
 from model.stepping.item import ItemState, rows_of
+from model.stepping.preview import linear_preview, load_tiny_decoder, tiny_preview
 from model.stepping.rows import unet_forward
 from model.stepping.running import RunningSet
 from model.types import MAX_SEED, GenerationItem, GenerationResult, ModelInfo
@@ -71,6 +73,8 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
         self.native_size = int(components.unet.config.sample_size) * self.vae_scale_factor
         self._prompts = PromptEncoder(device, dtype)
+        decoder = self.options.preview_decoder
+        self._preview_decoder = load_tiny_decoder(decoder, device, dtype) if decoder else None
         self._handles = itertools.count(1)
         self._running = RunningSet()
 
@@ -166,6 +170,24 @@ class Engine:
     def cancel(self, handle: int) -> None:
         """Drop a running or finished item at once; unknown handles are ignored."""
         self._running.discard(handle)
+
+    def finish(self, handle: int) -> None:
+        """End a running item at its current step: it is finished, and ``retire`` decodes the
+        latents it has (AUTOMATIC1111's interrupt). Unknown handles are ignored."""
+        state = self._running.get(handle)
+        if state is not None:
+            state.position = state.total_steps
+
+    def preview(self, handle: int) -> np.ndarray:
+        """A cheap preview of a running item: through the tiny decoder when one is loaded (full size),
+        else its latents mapped linearly to RGB (1/8 of its side)."""
+        state = self._running.get(handle)
+        if state is None:
+            raise ValueError(f"no item with handle {handle}")
+        with _engine_errors(), torch.inference_mode():
+            if self._preview_decoder is not None:
+                return tiny_preview(self._preview_decoder, state.latents)
+            return linear_preview(state.latents)
 
     @staticmethod
     def rows_of(item: GenerationItem) -> int:

@@ -41,6 +41,7 @@ class EngineOptions:
     check_finite: bool = True
     row_buckets: tuple[int, ...] | None = None
     pad_to_buckets: bool | None = None
+    preview_decoder: str | None = None  # an AutoencoderTiny folder for previews; None: linear
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:

@@ -28,6 +28,8 @@ from schemas.score import (
     ScoreLimits,
     ScoreParameters,
     check_text,
+    prompt_within_limit,
+    steps_within_limit,
 )
 
 B64_JSON = "b64_json"
@@ -110,6 +112,13 @@ class ImageGenerationRequest(BaseModel):
     moderation: str | None = _option("Accepted (auto, low); no effect: the server's safety checker decides.")
     background: str | None = _option('"auto" or "opaque": Stable Diffusion draws no transparency.')
     output_format: str | None = _option('Only "png" (the default).')
+    # Streaming: Server-Sent Events, with up to partial_images previews of each image before it is done.
+    stream: bool = Field(
+        default=False, description="true: answer Server-Sent Events as OpenAI's SDKs read them."
+    )
+    partial_images: int | None = Field(
+        default=None, ge=0, le=3, description="With stream: previews of each image before it is done (0-3)."
+    )
     # Extensions (extra_body in the SDKs): the same fields, bounds and defaults as /score's parameters.
     negative_prompt: str | None = _as_on_score("negative_prompt")
     seed: int | None = _as_on_score("seed")
@@ -122,18 +131,14 @@ class ImageGenerationRequest(BaseModel):
     def _valid_text(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        max_chars = _limits(info).max_prompt_chars
-        if info.field_name in ("prompt", "negative_prompt") and len(value) > max_chars:
-            raise _error(f"is longer than {max_chars} characters")
+        if info.field_name in ("prompt", "negative_prompt"):
+            return prompt_within_limit(value, info)
         return check_text(value, str(info.field_name))
 
     @field_validator("num_inference_steps")
     @classmethod
     def _within_operator_steps(cls, value: int, info: ValidationInfo) -> int:
-        max_steps = _limits(info).max_steps
-        if value > max_steps:
-            raise _error(f"may be at most {max_steps} on this server")
-        return value
+        return steps_within_limit(value, info)
 
     @field_validator("size")
     @classmethod

@@ -105,6 +105,22 @@ def _limits(info: ValidationInfo) -> ScoreLimits:
     return limits if isinstance(limits, ScoreLimits) else ScoreLimits()
 
 
+def prompt_within_limit(value: str, info: ValidationInfo) -> str:
+    """A prompt field of any route's body: within the operator's length, valid Unicode."""
+    max_chars = _limits(info).max_prompt_chars
+    if len(value) > max_chars:
+        raise _contract_error(f"is longer than {max_chars} characters")
+    return check_text(value, str(info.field_name))
+
+
+def steps_within_limit(value: int, info: ValidationInfo) -> int:
+    """A steps field of any route's body: within the operator's maximum."""
+    max_steps = _limits(info).max_steps
+    if value > max_steps:
+        raise _contract_error(f"may be at most {max_steps} on this server")
+    return value
+
+
 class ScoreParameters(BaseModel):
     """Generation parameters shared by every row of the request. All optional."""
 

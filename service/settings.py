@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     compile: bool = False
     cuda_graphs: bool = False
     compile_cache_dir: Path | None = None
+    preview_decoder: Path | None = Field(
+        default=None,
+        description="An AutoencoderTiny (TAESD) folder for previews; unset: a linear approximation.",
+    )
     # Torch's CPU threads per engine ("auto": service/runtime/engines.py cpu_threads_per_engine says
     # how many and why). OMP_NUM_THREADS, when set (Ray sets it per actor), is respected under auto.
     cpu_threads: int | Literal["auto"] = Field(
@@ -128,6 +132,16 @@ class Settings(BaseSettings):
         if isinstance(text, int) and not isinstance(text, bool) and 1 <= text <= 1024:
             return text
         raise ValueError("SD_CPU_THREADS: not a thread count; use auto, or a whole number from 1 to 1024")
+
+    @field_validator("preview_decoder")
+    @classmethod
+    def _decoder_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(
+                "SD_PREVIEW_DECODER: not a folder with a config.json; give the folder an AutoencoderTiny was "
+                "saved to (save_pretrained), or unset it for the linear preview"
+            )
+        return value
 
     @field_validator("api_keys")
     @classmethod

@@ -34,6 +34,9 @@ class RunningSet:
     def discard(self, handle: int) -> None:
         self._states.pop(handle, None)
 
+    def get(self, handle: int) -> ItemState | None:
+        return self._states.get(handle)
+
     @property
     def active(self) -> list[ItemState]:
         """The items the next step advances (admitted, steps left)."""

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
+from schemas.a1111 import Txt2ImgRequest
+from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import InputData
 from service.runtime.errors import ContractError
@@ -72,6 +74,52 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
             scheduler=request.scheduler,
         )
         for image in range(request.n)
+    ]
+
+
+def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationItem]:
+    """One item per image of ``POST /sdapi/v1/txt2img`` (batch_size x n_iter): image k gets seed + k,
+    as A1111 and /score number them; seed -1 draws one."""
+    base_seed = request.seed if request.seed >= 0 else random_seed()
+    if not seed_in_range(base_seed + request.images - 1):
+        raise FieldError(
+            f"seed: seed + images - 1 must be at most {MAX_SEED}; send a smaller seed", param="seed"
+        )
+    scheduler = request.scheduler_name
+    _check_scheduler(scheduler, info, "sampler_name")
+    return [
+        make_item(
+            info,
+            prompt=request.prompt,
+            seed=base_seed + image,
+            negative_prompt=request.negative_prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.cfg_scale,
+            height=request.height,
+            width=request.width,
+            scheduler=scheduler,
+        )
+        for image in range(request.images)
+    ]
+
+
+def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[GenerationItem]:
+    """The one image of Hugging Face's text-to-image task (``POST /``)."""
+    params = request.parameters
+    scheduler = params.scheduler_name
+    _check_scheduler(scheduler, info, "parameters.scheduler")
+    return [
+        make_item(
+            info,
+            prompt=request.inputs,
+            seed=params.seed if params.seed is not None else random_seed(),
+            negative_prompt=params.negative_prompt or "",
+            num_inference_steps=params.num_inference_steps or 1,  # set by validation
+            guidance_scale=7.5 if params.guidance_scale is None else params.guidance_scale,
+            height=params.height,
+            width=params.width,
+            scheduler=scheduler,
+        )
     ]
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from service.settings import Settings
@@ -47,6 +47,17 @@ class ServingEngine(Protocol):
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]: ...
 
     def cancel(self, handle: int) -> None: ...
+
+
+@runtime_checkable
+class FollowableEngine(Protocol):
+    """What following and interrupting a running image needs beyond ``ServingEngine`` (``model.Engine``
+    has it): ``finish`` ends an item at its current step (``retire`` then decodes what it has),
+    ``preview`` gives a cheap HxWx3 uint8 image of its current latents."""
+
+    def finish(self, handle: int) -> None: ...
+
+    def preview(self, handle: int) -> Any: ...
 
 
 # Torch CPU threads of an engine on a GPU: its CPU work is small (scheduler arithmetic, the
@@ -161,6 +172,7 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         accelerator=settings.accelerator,
         compile_cache_dir=str(settings.compile_cache_dir) if settings.compile_cache_dir else None,
         batch_buckets=batch_buckets(settings.max_batch_size),
+        preview_decoder=str(settings.preview_decoder) if settings.preview_decoder else None,
     )
     if device == "settings":
         device = None if settings.device == "auto" else settings.device

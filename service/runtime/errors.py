@@ -40,3 +40,7 @@ class NotReadyError(ServiceError):
 
 class ShuttingDownError(ServiceError):
     """The server is draining before it exits."""
+
+
+class RequestCancelledError(ServiceError):
+    """The request was cancelled by its id (POST /requests/{id}/cancel) before it was done."""

@@ -19,8 +19,9 @@ from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.convert import FieldError, to_items, to_records
 from service.runtime.engines import ServingEngine
-from service.runtime.errors import ContractError, MalformedJsonError
+from service.runtime.errors import ContractError, MalformedJsonError, RequestCancelledError
 from service.runtime.images import encode_png_base64
+from service.runtime.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def describe_validation_error(error: ValidationError) -> str:
     return f"{message} (see the request schema at /docs)"
 
 
+def _cancelled(job: Job) -> str:
+    return f"the request was cancelled (POST /requests/{job.request_id[:100]}/cancel); send it again to retry"
+
+
 class Scorer:
     def __init__(
         self, engine: ServingEngine, batcher: Batcher | StepLoop, limits: ScoreLimits, encode_pool: Executor
@@ -100,22 +105,38 @@ class Scorer:
         """The operator's limits, which every route's parsing applies."""
         return self._limits
 
-    async def score(self, body: bytes) -> list[dict[str, Any]]:
+    async def score(self, body: bytes, job: Job | None = None) -> list[dict[str, Any]]:
         """The response records for ``body``; raises the errors of service/web/errors.py's table."""
         request = parse_request(body, self._limits)
         items = to_items(request.input_data, self._engine.info)
-        results, images = await self.generate(items, prompts=len(request.input_data.rows))
+        results, images = await self.generate(items, prompts=len(request.input_data.rows), job=job)
         return to_records(items, results, images)
 
     async def generate(
-        self, items: Sequence[GenerationItem], *, prompts: int
+        self, items: Sequence[GenerationItem], *, prompts: int, job: Job | None = None
     ) -> tuple[list[GenerationResult], list[str]]:
-        """Every route's one way to images: the results of ``items`` and their base64 PNGs, in order."""
+        """Every route's one way to images: the results of ``items`` and their base64 PNGs, in order.
+
+        With a ``job`` (jobs.py) the request can be followed and stopped: cancelled, it raises
+        RequestCancelledError; interrupted, it answers with the images it has (maybe none)."""
         # 1. Let the engine check what only it knows (schedulers).
         self._engine.validate(items)
+        if job is not None and job.cancelled:  # cancelled while its body arrived
+            raise RequestCancelledError(_cancelled(job))
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
-        futures = self._batcher.submit(items)
+        if job is not None:
+            job.begin([item.num_inference_steps for item in items])
+        if job is not None and isinstance(self._batcher, StepLoop):
+            futures = self._batcher.submit(items, job)  # its lanes report each image's steps to the job
+        else:
+            futures = self._batcher.submit(items)
+        if job is not None:
+            job.futures = futures  # what cancel and interrupt take out (request-level batching: cancel)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        if job is not None and job.cancelled:
+            raise RequestCancelledError(_cancelled(job))
+        if job is not None and job.interrupted:
+            outcomes = [each for each in outcomes if not isinstance(each, asyncio.CancelledError)]
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
             raise errors[0]

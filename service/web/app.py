@@ -20,10 +20,12 @@ from model.errors import EngineError
 from schemas.score import ScoreRequest
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ServiceError
+from service.runtime.jobs import Jobs
 from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import openai, routes, ui
+from service.web.clients import a1111, control, huggingface
 from service.web.errors import error_response
 from service.web.middleware import (
     ApiKeyMiddleware,
@@ -44,6 +46,9 @@ Every error is `{"error": {"code", "message", "status"}}`. With `SD_API_KEYS` se
 same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"message", "type", "param",
 "code"}}`.
 """
+
+
+CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
 
 
 def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
@@ -69,6 +74,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
+    app.state.jobs = Jobs()  # requests in flight, to follow and stop by id (service/web/clients/)
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.
     async def handle(request: Request, error: Exception) -> Response:
@@ -86,7 +92,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
         [app.openapi_url or "", app.docs_url or ""]
         + [
             route.path_format
-            for router in (routes.router, ui.router, openai.router)
+            for router in (routes.router, ui.router, openai.router, *CLIENT_ROUTERS)
             for route in router.routes
             if isinstance(route, APIRoute)
         ]
@@ -101,6 +107,8 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.include_router(routes.router)
     app.include_router(ui.router)
     app.include_router(openai.router)
+    for router in CLIENT_ROUTERS:
+        app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

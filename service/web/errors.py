@@ -28,6 +28,7 @@ from service.runtime.errors import (
     MalformedJsonError,
     NotReadyError,
     QueueFullError,
+    RequestCancelledError,
     RequestTimeoutError,
     ServiceError,
     ShuttingDownError,
@@ -78,6 +79,10 @@ class ModelNotFoundError(ServiceError):
     param = "model"  # the request field at fault, in OpenAI's error shape
 
 
+class RequestNotFoundError(ServiceError):
+    """No running request of the caller has the id it asked to cancel."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -90,6 +95,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
+    RequestNotFoundError: ErrorKind(404, "request_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
@@ -97,6 +103,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidRequestError: ErrorKind(422, "invalid_request"),
     QueueFullError: ErrorKind(429, "too_many_requests", RETRY_AFTER_S),
     HeaderTooLongError: ErrorKind(431, "header_too_long"),
+    RequestCancelledError: ErrorKind(499, "cancelled"),  # as Google's APIs map CANCELLED
     EngineFailure: ErrorKind(500, "engine_failure"),
     EngineOutOfMemoryError: ErrorKind(503, "out_of_memory", RETRY_AFTER_OVERLOADED_S),
     ModelLoadError: ErrorKind(503, "model_not_loaded", RETRY_AFTER_OVERLOADED_S),
@@ -141,6 +148,8 @@ def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
     if is_openai_path(path):
         param = getattr(error, "param", None)  # FieldError's: the request field at fault
         response = openai_error_json(kind, message, param if isinstance(param, str) else None)
+    elif path.startswith(A1111_PREFIX):
+        response = a1111_error_json(kind, message)
     else:
         response = error_json(kind.status, kind.code, message, kind.retry_after_s)
     if isinstance(error, HTTPException) and error.headers:
@@ -178,3 +187,14 @@ def openai_error_json(kind: ErrorKind, message: str, param: str | None = None) -
     headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
     error = {"message": message, "type": openai_error_type(status), "param": param, "code": kind.code}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+# AUTOMATIC1111's shape on /sdapi/*: its clients show ``detail`` (FastAPI's field); the table's code
+# is ``error``, with the table's status and Retry-After.
+A1111_PREFIX = "/sdapi/"
+
+
+def a1111_error_json(kind: ErrorKind, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
+    body = {"error": kind.code, "detail": message, "errors": message}
+    return JSONResponse(body, status_code=kind.status, headers=headers)

@@ -6,6 +6,7 @@ client disconnect."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -93,10 +94,13 @@ class RequestContextMiddleware:
             path = scope["path"]
             template = getattr(scope.get("route"), "path_format", path)  # /v1/models/{model_id}, say
             route = template if template in self.route_paths else "other"
+            if route in PROBE_PATHS and scope["method"] == "POST":
+                route = f"POST {route}"  # POST / generates (Hugging Face's task): not the probe's label
             status = status or 500
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(seconds)
-            level = logging.DEBUG if path in PROBE_PATHS and status < 500 else logging.INFO
+            probe = path in PROBE_PATHS and scope["method"] in ("GET", "HEAD")  # POST / generates
+            level = logging.DEBUG if probe and status < 500 else logging.INFO
             log.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
             request_id_var.reset(token)
 
@@ -142,7 +146,8 @@ class SlashRedirectMiddleware:
 
 
 class ApiKeyMiddleware:
-    """With keys configured, every route but health and metrics needs ``Authorization: Bearer <key>``.
+    """With keys configured, every route but health and metrics needs ``Authorization: Bearer <key>``
+    (or HTTP Basic with the key as password).
 
     Checked before the body is read. Keys are compared as SHA-256 digests with hmac.compare_digest,
     so the time taken says nothing about a key's content or length.
@@ -153,22 +158,39 @@ class ApiKeyMiddleware:
         self._digests = tuple(hashlib.sha256(key).digest() for key in keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or scope["path"] in OPEN_PATHS:
+        open_path = scope.get("method") == "GET" and scope["path"] in OPEN_PATHS  # POST / needs a key
+        if scope["type"] != "http" or not self._digests or open_path:
             await self.app(scope, receive, send)
             return
-        scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
-        digest = hashlib.sha256(key.strip().encode()).digest()
+        digest = hashlib.sha256(presented_key(Headers(scope=scope)).encode()).digest()
         # Compare against every key, always, so timing does not tell which key matched.
         matches = [hmac.compare_digest(digest, known) for known in self._digests]
-        if scheme.lower() == "bearer" and any(matches):
+        if any(matches):
             await self.app(scope, receive, send)
             return
         response = error_response(
-            UnauthorizedError("a valid API key is required; send the header Authorization: Bearer <key>"),
+            UnauthorizedError(
+                "a valid API key is required; send the header Authorization: Bearer <key> "
+                "(or HTTP Basic with the key as the password)"
+            ),
             path=scope["path"],
         )
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+def presented_key(headers: Headers) -> str:
+    """The API key of ``Authorization: Bearer <key>``, or the password of ``Basic`` (AUTOMATIC1111's
+    clients send "user:password"; the user name is not checked); "" when there is none."""
+    scheme, _, credential = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credential.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(credential.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return ""
+    return ""
 
 
 class BodyLimitMiddleware:

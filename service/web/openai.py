@@ -25,8 +25,10 @@ from schemas.openai import (
     OpenAIModelList,
 )
 from service.runtime.convert import openai_to_items, to_image_data
+from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body
+from service.web.clients.streaming import stream_images, wants_stream
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
 from service.web.routes import answer_generation
 
@@ -70,7 +72,7 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
         )
 
 
-async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: Job) -> dict[str, Any]:
     """Bytes -> OpenAI's images answer, through /score's parsing rules and generation path."""
     # 1. Parse with /score's rules and limits; check the model, then build the items.
     request = parse_body(
@@ -79,7 +81,7 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> di
     _require_served(request.model, names)
     items = openai_to_items(request, runtime.engine.info)
     # 2. The shared path: validate, queue, await, encode.
-    results, images = await runtime.scorer.generate(items, prompts=1)
+    results, images = await runtime.scorer.generate(items, prompts=1, job=job)
     return {"created": int(time.time()), "data": to_image_data(results, images)}
 
 
@@ -87,7 +89,15 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> di
     "/images/generations",
     summary="Generate images (OpenAI's Images API)",
     response_model=None,
-    responses={200: {"model": ImagesResponse, "description": "One entry per image."}, **_ERRORS},
+    responses={
+        200: {
+            "model": ImagesResponse,
+            "description": "One entry per image; with stream: true, Server-Sent Events "
+            "(image_generation.partial_image, image_generation.completed, error).",
+            "content": {"text/event-stream": {}},
+        },
+        **_ERRORS,
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -97,11 +107,15 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> di
 )
 async def create_images(request: Request) -> Any:
     lifecycle = _lifecycle(request)
+    body = await request.body()
+    if wants_stream(body):  # Server-Sent Events (service/web/clients/streaming.py)
+        names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
+        return await stream_images(request, body, lambda model: _require_served(model, names))
 
-    async def generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
-        return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info))
+    async def generate(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
+        return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info), job)
 
-    return await answer_generation(request, generate)
+    return await answer_generation(request, generate, client="openai")
 
 
 @router.get(

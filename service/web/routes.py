@@ -24,8 +24,10 @@ from schemas.score import (
 )
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import RequestTimeoutError
+from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
+from service.web.clients.common import followed
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, error_json, error_response
 
 log = logging.getLogger(__name__)
@@ -101,26 +103,33 @@ async def _race(request: Request, work: Awaitable[T], timeout_s: float) -> T | N
     },
 )
 async def score(request: Request) -> Response:
-    return await answer_generation(request, lambda runtime, body: runtime.scorer.score(body))
+    return await answer_generation(request, lambda runtime, body, job: runtime.scorer.score(body, job=job))
 
 
-async def answer_generation(request: Request, work: Callable[[Runtime, bytes], Awaitable[Any]]) -> Response:
-    """``work(runtime, body)``'s JSON, within SD_REQUEST_TIMEOUT_S and only while the client waits:
-    the one way every generating route (/score, /v1/images/generations) is answered."""
+async def answer_generation(
+    request: Request,
+    work: Callable[[Runtime, bytes, Job], Awaitable[Any]],
+    *,
+    client: str = "score",
+    answer: Callable[[Any], Response] = JSONResponse,
+) -> Response:
+    """``answer(work(runtime, body, job))``, JSON by default, within SD_REQUEST_TIMEOUT_S and only while
+    the client waits: the one way every generating route is answered. The job (runtime/jobs.py) lets
+    the caller follow and stop it by its request id (service/web/clients/control.py)."""
     started = time.monotonic()
     lifecycle = _lifecycle(request)
     timeout_s = lifecycle.settings.request_timeout_s
-    async with lifecycle.serving() as runtime:
+    async with lifecycle.serving() as runtime, followed(request, client) as job:
         body = await request.body()
         try:
-            records = await _race(request, work(runtime, body), timeout_s - (time.monotonic() - started))
+            records = await _race(request, work(runtime, body, job), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             lifecycle.metrics.timeouts.inc()
             raise RequestTimeoutError.after(timeout_s) from None
     if records is None:
         log.info("client disconnected; its queued images were dropped")
         return error_json(CLIENT_CLOSED_STATUS, "client_closed_request", "the client closed the connection")
-    return JSONResponse(records)
+    return answer(records)
 
 
 def _health(request: Request) -> Response:

@@ -19,8 +19,9 @@ from typing import Protocol
 
 from model.errors import EngineOutOfMemoryError
 from model.types import GenerationItem, GenerationResult
-from service.runtime.engines import ServingEngine, engine_thread
+from service.runtime.engines import FollowableEngine, ServingEngine, engine_thread
 from service.runtime.errors import ShuttingDownError
+from service.runtime.jobs import Job
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class Image:
     handle: int | None = None  # set while an engine holds it
     suspect: bool = False  # was running when a step failed: runs alone from now on
     first_step: bool = True
+    job: Job | None = None  # the request it belongs to, when someone follows it (jobs.py)
+    index: int = 0  # its place in the job
 
 
 @dataclass
@@ -99,6 +102,8 @@ class Lane:
         self._engine_thread = thread or engine_thread(index)
         self._worker: asyncio.Task[None] | None = None
         self.in_engine = False
+        self._followable = isinstance(engine, FollowableEngine)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def load(self) -> int:
@@ -109,7 +114,8 @@ class Lane:
         return any(image.suspect for image in self.running.values())
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"step-loop-{self.index}")
+        self._loop = asyncio.get_running_loop()
+        self._worker = self._loop.create_task(self._work(), name=f"step-loop-{self.index}")
 
     # ----------------------------------------------------------------- the loop
     async def _work(self) -> None:
@@ -174,7 +180,15 @@ class Lane:
                 outcome.admitted.append((image, engine.admit(image.item)))
             except Exception as error:  # this item only: the engine cannot take it
                 outcome.refused.append((image, error))
+                continue
+            if image.job is not None:  # now, not after the iteration: the engine may step on long
+                image.job.admitted.add(image.index)
         running = len(self.running) + len(outcome.admitted)
+        held = [*((image, handle) for handle, image in self.running.items()), *outcome.admitted]
+        ending = self._ending(held)
+        if ending:  # interrupted: they end with the latents they have, before any other step
+            outcome.results = self._retire(ending)
+            return outcome
         while running:
             started = time.perf_counter()
             try:
@@ -183,6 +197,7 @@ class Lane:
                 outcome.step_error = error
                 break
             outcome.steps.append((running, time.perf_counter() - started))
+            self._follow(held, finished)
             if outcome.first_step_done is None:
                 outcome.first_step_done = time.monotonic()
             if finished:
@@ -192,6 +207,37 @@ class Lane:
                 break
         return outcome
 
+    def _ending(self, held: list[tuple[Image, int]]) -> list[int]:
+        """In the engine thread: the handles whose jobs were interrupted, finished as they are."""
+        if not self._followable:
+            return []
+        ending = []
+        for image, handle in held:
+            if image.job is not None and image.index in image.job.finish_now:
+                image.job.finish_now.discard(image.index)
+                self.engine.finish(handle)  # type: ignore[attr-defined]
+                ending.append(handle)
+        return ending
+
+    def _follow(self, held: list[tuple[Image, int]], finished: list[int]) -> None:
+        """In the engine thread, after a step: the followed images' steps, and the previews asked
+        for (handed to the event loop; a failed preview costs the image nothing)."""
+        for image, handle in held:
+            job = image.job
+            if job is None:
+                continue
+            job.steps[image.index] += 1
+            if not self._followable or handle in finished or not job.wants_preview(image.index):
+                continue
+            job.want_preview = False  # one preview per request for it (the engine may step on at once)
+            try:
+                pixels = self.engine.preview(handle)  # type: ignore[attr-defined]
+            except Exception:
+                log.warning("engine %d: a preview failed; the image goes on", self.index, exc_info=True)
+                continue
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(job.preview, image.index, job.steps[image.index], pixels)
+
     def _should_hand_back(self, outcome: _Outcome) -> bool:
         """Whether the event loop has something to do at this step boundary: an image left (or was
         failed), or a waiting image could join. Read from the engine thread: each check is one
@@ -199,7 +245,7 @@ class Lane:
         if self._leaving or not self.serving:
             return True
         images = [*self.running.values(), *(image for image, _ in outcome.admitted)]
-        if any(image.future.done() for image in images):
+        if any(image.future.done() or (image.job is not None and image.job.finish_now) for image in images):
             return True
         return len(images) < self.room and self._source.has_waiting()
 
@@ -316,6 +362,9 @@ class Lane:
                 self._leaving.add(image.handle)
                 image.handle = None
             image.first_step = True
+            if image.job is not None:
+                image.job.steps[image.index] = 0  # it restarts from step 0
+                image.job.admitted.discard(image.index)
         if requeue:
             self._source.requeue([image for image in images if not image.future.done()])
         self._metrics.running_images.set(len(self.running))

@@ -44,6 +44,7 @@ from service.runtime.batching.lane import Image, Lane, fail
 from service.runtime.batching.room import check_room
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import NotReadyError, ShuttingDownError
+from service.runtime.jobs import Job
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,11 @@ class StepLoop:
     def serving(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.serving]
 
-    def submit(self, items: Sequence[GenerationItem]) -> list[asyncio.Future[GenerationResult]]:
-        """Queue ``items``; one future per item, in order. Raises QueueFullError when there is no room."""
+    def submit(
+        self, items: Sequence[GenerationItem], job: Job | None = None
+    ) -> list[asyncio.Future[GenerationResult]]:
+        """Queue ``items``; one future per item, in order. Raises QueueFullError when there is no room.
+        With a ``job``, the lanes report each image's steps and previews to it (jobs.py)."""
         # 1. Refuse whole requests, never part of one.
         if not self._closed and not self.serving:
             raise NotReadyError(NO_ENGINE_LEFT)
@@ -112,8 +116,8 @@ class StepLoop:
         # 2. Register each future before the image becomes visible to the lanes.
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[GenerationResult]] = []
-        for item in items:
-            image = Image(item, loop.create_future())
+        for index, item in enumerate(items):
+            image = Image(item, loop.create_future(), job=job, index=index)
             image.future.add_done_callback(functools.partial(self._left, image))
             self._waiting.append(image)
             futures.append(image.future)

@@ -1,0 +1,273 @@
+"""AUTOMATIC1111's web UI API, so that Open WebUI, SillyTavern, the Krita and GIMP plugins and
+``webuiapi`` scripts work by pointing them at this server: ``POST /sdapi/v1/txt2img``, the GETs
+their handshakes read (options, sd-models, samplers, schedulers, upscalers, sd-vae, loras), and
+following and stopping generations (progress, interrupt, skip).
+
+Generation goes through ``answer_generation``, /score's path (limits, keys, request ids, metrics,
+deadline, disconnects). On a shared server, progress, interrupt and skip act on the caller's own
+txt2img requests only (the caller is its API key; on a server without keys, everyone is one
+caller, as on A1111 itself). Errors on /sdapi/* carry A1111's ``detail`` (service/web/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from model.types import ModelInfo
+from schemas.a1111 import AUTOMATIC, NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, SAMPLERS, Txt2ImgRequest
+from service.runtime.convert import FieldError, a1111_to_items
+from service.runtime.images import encode_png_base64
+from service.runtime.jobs import Job
+from service.runtime.lifecycle import Lifecycle, Runtime
+from service.runtime.scoring import parse_body, parse_json
+from service.web.clients.common import caller, jobs_of
+from service.web.errors import SHARED_ERROR_DESCRIPTIONS
+from service.web.routes import answer_generation
+
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+CLIENT = "a1111"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": text}
+    for status, text in {
+        400: "The body is not JSON.",
+        422: "A field this server cannot honour at its value (the detail names it), or off the contract.",
+        **SHARED_ERROR_DESCRIPTIONS,
+    }.items()
+}
+_TXT2IMG_SCHEMA = Txt2ImgRequest.model_json_schema()
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+def _names(request: Request) -> tuple[str, ...]:
+    """The checkpoint titles this server answers to: SD_SERVED_MODEL_NAMES, else the model's name."""
+    lifecycle = _lifecycle(request)
+    return lifecycle.settings.served_model_name_list or (lifecycle.require_ready().engine.info.name,)
+
+
+def _require_served(checkpoint: str | None, names: tuple[str, ...], where: str) -> None:
+    if checkpoint is not None and checkpoint not in names:
+        raise FieldError(
+            f"{where}: this server serves only {names[0]!r} (GET /sdapi/v1/sd-models) and cannot switch "
+            "checkpoints; send that title or leave it out",
+            param=where,
+        )
+
+
+# ----------------------------------------------------------------------------- generation
+def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool | None]) -> dict[str, Any]:
+    """A1111's ``info`` (sent as a JSON string): what was drawn, with every image's seed."""
+    sampler = parsed.sampler_name or parsed.sampler_index or "Default"
+    return {
+        "prompt": parsed.prompt,
+        "all_prompts": [parsed.prompt] * len(seeds),
+        "negative_prompt": parsed.negative_prompt,
+        "all_negative_prompts": [parsed.negative_prompt] * len(seeds),
+        "seed": seeds[0] if seeds else parsed.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": parsed.width,
+        "height": parsed.height,
+        "sampler_name": sampler,
+        "scheduler": AUTOMATIC,
+        "cfg_scale": parsed.cfg_scale,
+        "steps": parsed.steps,
+        "batch_size": parsed.batch_size,
+        "n_iter": parsed.n_iter,
+        "restore_faces": False,
+        "sd_model_name": model,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "clip_skip": 1,
+        "index_of_first_image": 0,
+        "infotexts": [
+            f"{parsed.prompt}\nNegative prompt: {parsed.negative_prompt}\nSteps: {parsed.steps}, "
+            f"Sampler: {sampler}, CFG scale: {parsed.cfg_scale:g}, Seed: {seed}, "
+            f"Size: {parsed.width}x{parsed.height}, Model: {model}"
+            for seed in seeds
+        ],
+        "nsfw_content_detected": flags,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "is_using_inpainting_conditioning": False,
+    }
+
+
+async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ...]) -> dict[str, Any]:
+    # 1. Parse with /score's rules and limits; the checkpoint must be the served one.
+    parsed = parse_body(body, Txt2ImgRequest, runtime.scorer.limits, expected="a txt2img object")
+    _require_served(parsed.checkpoint, names, "override_settings")
+    info = runtime.engine.info
+    items = a1111_to_items(parsed, info)
+    parsed.width, parsed.height = items[0].width, items[0].height  # as drawn, in the answer
+    # 2. The shared path; an interrupted request answers with the images it has.
+    results, images = await runtime.scorer.generate(items, prompts=1, job=job)
+    seeds = [result.seed for result in results]
+    echoed = parsed.model_dump(include=set(Txt2ImgRequest.model_fields))
+    echoed["seed"] = seeds[0] if seeds else items[0].seed
+    details = _info(parsed, seeds, names[0], [result.nsfw_content_detected for result in results])
+    return {"images": images, "parameters": echoed, "info": json.dumps(details)}
+
+
+@router.post(
+    "/txt2img",
+    summary="Generate images (AUTOMATIC1111's txt2img)",
+    responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _TXT2IMG_SCHEMA, "example": SAMPLE_TXT2IMG}},
+        }
+    },
+)
+async def txt2img(request: Request) -> Response:
+    names = _names(request)
+
+    async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
+        return await _txt2img(runtime, body, job, names)
+
+    return await answer_generation(request, work, client=CLIENT)
+
+
+# ----------------------------------------------------------------------------- the handshake
+def _options(names: tuple[str, ...]) -> dict[str, Any]:
+    """The options A1111's clients read, at the values this server uses."""
+    fixed = {name: allowed[0] for name, allowed in NEUTRAL_OPTIONS.items() if allowed}
+    return {**fixed, "sd_model_checkpoint": names[0], "sd_checkpoint_hash": None}
+
+
+@router.get("/options", summary="Options: the served checkpoint and the settings in force")
+def get_options(request: Request) -> dict[str, Any]:
+    return _options(_names(request))
+
+
+@router.post(
+    "/options",
+    summary="Set options: accepted where they are what the server uses (clients post them back)",
+    responses={key: value for key, value in _ERRORS.items() if key in (400, 401, 422, 503)},
+)
+async def set_options(request: Request) -> None:
+    names = _names(request)
+    document = parse_json(await request.body(), "an options object")
+    if not isinstance(document, dict):
+        raise FieldError("the body must be an object of options (GET /sdapi/v1/options)", param=None)
+    current = _options(names)
+    for name, value in document.items():
+        if name == "sd_model_checkpoint":
+            _require_served(value if isinstance(value, str) else "", names, "sd_model_checkpoint")
+        elif name not in current or value != current[name] or isinstance(value, bool):
+            shown = name if name in current else "an option"
+            raise FieldError(
+                f"{shown} cannot be changed on this server (GET /sdapi/v1/options shows what it uses)",
+                param=None,
+            )
+
+
+@router.get("/sd-models", summary="The served checkpoint (one entry per served name)")
+def sd_models(request: Request) -> list[dict[str, Any]]:
+    return [
+        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+        for name in _names(request)
+    ]
+
+
+def _samplers(info: ModelInfo) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "aliases": list(aliases), "options": {"scheduler": scheduler}}
+        for name, (scheduler, aliases) in SAMPLERS.items()
+        if scheduler in info.schedulers
+    ]
+
+
+@router.get("/samplers", summary="Samplers, each with the scheduler of this server it runs")
+def samplers(request: Request) -> list[dict[str, Any]]:
+    return _samplers(_lifecycle(request).require_ready().engine.info)
+
+
+@router.get("/schedulers", summary='Schedules: only "Automatic" (each sampler\'s own)')
+def schedulers(request: Request) -> list[dict[str, Any]]:
+    _lifecycle(request).require_ready()
+    entry = {"name": AUTOMATIC.lower(), "label": AUTOMATIC, "aliases": None, "default_rho": -1}
+    return [{**entry, "need_inner_model": False}]
+
+
+@router.get("/upscalers", summary='Upscalers: only "None" (no high-resolution pass here)')
+def upscalers(request: Request) -> list[dict[str, Any]]:
+    _lifecycle(request).require_ready()
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+
+
+@router.get("/latent-upscale-modes", summary="Latent upscale modes: none")
+def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/sd-vae", summary="Separate VAEs: none (the model's own is used)")
+def sd_vae() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/loras", summary="LoRAs: none")
+def loras() -> list[dict[str, Any]]:
+    return []
+
+
+# ----------------------------------------------------------------------------- follow and stop
+def _idle() -> dict[str, Any]:
+    state: dict[str, Any] = {"skipped": False, "interrupted": False, "stopping_generation": False}
+    state |= {"job": "", "job_count": 0}
+    state |= {"job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+
+
+@router.get("/progress", summary="The caller's current txt2img request: progress, ETA and a preview")
+def progress(request: Request, skip_current_image: str = "false") -> dict[str, Any]:
+    """``skip_current_image`` is read as A1111's clients send it ("true"/"false"); anything else is false."""
+    running = jobs_of(request).of(caller(request), CLIENT)
+    if not running or not running[0].totals:
+        return _idle() | {"current_task": None}
+    job = running[0]
+    # 1. Where it is: the first image not done, and the whole request's fraction.
+    image = next((index for index, done in enumerate(job.steps) if done < job.totals[index]), 0)
+    step, total = job.step_of(image)
+    done = job.progress
+    elapsed = time.monotonic() - job.started
+    # 2. A preview: the latest one now, and one more at the next step (only while someone looks).
+    current = None
+    if skip_current_image.lower() not in ("true", "1"):
+        job.want_preview = True
+        current = encode_png_base64(job.latest) if job.latest is not None else None
+    state: dict[str, Any] = {"skipped": False, "interrupted": job.interrupted, "stopping_generation": False}
+    state |= {"job": f"request {job.request_id}", "job_count": len(running), "job_timestamp": "0"}
+    state |= {"job_no": image, "sampling_step": step, "sampling_steps": total}
+    return {
+        "progress": done,
+        "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+        "state": state,
+        "current_image": current,
+        "textinfo": f"image {image + 1} of {len(job.totals)}: step {step} of {total}",
+        "current_task": job.request_id,
+    }
+
+
+@router.post("/interrupt", summary="End the caller's txt2img requests now, with the images they have")
+def interrupt(request: Request) -> None:
+    for job in jobs_of(request).of(caller(request), CLIENT):
+        job.interrupt(waiting_too=True)
+
+
+@router.post("/skip", summary="End the running images of the caller's current request; the rest go on")
+def skip(request: Request) -> None:
+    running = jobs_of(request).of(caller(request), CLIENT)
+    if running:
+        running[0].interrupt(waiting_too=False)
