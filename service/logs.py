@@ -27,12 +27,23 @@ _TRUNCATION_NOTE = (
 # C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: anything a
 # terminal or a log shipper could take for a new line or an escape sequence.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# No message, ours or a library's (uvicorn's WebSocket line quotes the whole path), is logged longer
+# than this: a client cannot grow the log by more than this per line. The cut says so.
+MAX_MESSAGE_CHARS = 2000
 
 
 def escape_controls(text: str) -> str:
     """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ...), so that
     no logged value (a URL path, a request id, a message) can forge a line or colour the log."""
     return _CONTROL.sub(_escape_one, text)
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message, control characters escaped, cut to MAX_MESSAGE_CHARS with a marker."""
+    text = escape_controls(record.getMessage())
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}...[{len(text) - MAX_MESSAGE_CHARS} more chars cut]"
 
 
 def _escape_one(match: re.Match[str]) -> str:
@@ -60,7 +71,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         safe = logging.makeLogRecord(record.__dict__)
-        safe.msg, safe.args = escape_controls(record.getMessage()), None
+        safe.msg, safe.args = safe_message(record), None
         safe.name = escape_controls(record.name)
         safe.request_id = escape_controls(str(getattr(record, "request_id", "-")))
         return super().format(safe)
@@ -78,7 +89,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": escape_controls(record.name),
             "request_id": escape_controls(str(getattr(record, "request_id", "-"))),
-            "message": escape_controls(record.getMessage()),
+            "message": safe_message(record),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
