@@ -205,7 +205,10 @@ def guarded_protocol(settings: Settings, metrics: Metrics, base: type[Any] | Non
 
         def _expire(self) -> None:
             self._header_timer = None
-            if self.cycle is self._awaited and not self.transport.is_closing():
+            # A pipelined request parsed already and still being answered is no slow head: its own
+            # answer re-arms the deadline (on_response_complete).
+            answering = self.cycle is not None and not self.cycle.response_complete
+            if self.cycle is self._awaited and not answering and not self.transport.is_closing():
                 metrics.connections_closed.labels(reason="header_timeout").inc()
                 self.transport.close()
 
