@@ -166,7 +166,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=ROOT)
     parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
     log = Path("/tmp") / f"abuse-{args.repo.resolve().name}.log"
     held: list[socket.socket] = []
     floods: dict[str, Callable[[str], None]] = {
@@ -184,6 +186,10 @@ def main() -> None:
                 sock.close()
             held.clear()
         print(f"{name:8s} " + " ".join(f"{key}={value:.0f}" for key, value in result.items()), flush=True)
+        results[name] = result
+    if args.json:
+        report = {"repo": str(args.repo.resolve()), "seconds": args.seconds, "floods": results}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
