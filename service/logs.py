@@ -28,12 +28,23 @@ _TRUNCATION_NOTE = (
 # C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: anything a
 # terminal or a log shipper could take for a new line or an escape sequence.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# No message, ours or a library's (uvicorn's WebSocket line quotes the whole path), is logged longer
+# than this: a client cannot grow the log by more than this per line. The cut says so.
+MAX_MESSAGE_CHARS = 2000
 
 
 def escape_controls(text: str) -> str:
     """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ...), so that
     no logged value (a URL path, a request id, a message) can forge a line or colour the log."""
     return _CONTROL.sub(_escape_one, text)
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message, control characters escaped, cut to MAX_MESSAGE_CHARS with a marker."""
+    text = escape_controls(record.getMessage())
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}...[{len(text) - MAX_MESSAGE_CHARS} more chars cut]"
 
 
 def _escape_one(match: re.Match[str]) -> str:
@@ -67,7 +78,7 @@ class TextFormatter(logging.Formatter):
         safe.request_id = escape_controls(str(getattr(record, "request_id", "-")))
         lines = _own_lines(record)
         if lines is None:  # not a plain format string with positional arguments: one escaped line
-            safe.msg = escape_controls(record.getMessage())
+            safe.msg = safe_message(record)
             return super().format(safe)
         # Every line a record of its own (same time, level, logger and id); a traceback, which only
         # our code writes, follows the last one.
@@ -90,6 +101,8 @@ def _own_lines(record: logging.LogRecord) -> list[str] | None:
         message = record.msg % args if args else record.msg
     except (TypeError, ValueError):
         return None
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}...[{len(message) - MAX_MESSAGE_CHARS} more chars cut]"
     return [escape_controls(line) for line in message.split("\n")]
 
 
@@ -105,7 +118,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": escape_controls(record.name),
             "request_id": escape_controls(str(getattr(record, "request_id", "-"))),
-            "message": escape_controls(record.getMessage()),
+            "message": safe_message(record),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -16,21 +16,28 @@ Only these other modules touch the environment, each for a reason outside these 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL = "random:tiny"
 MAX_MODEL_NAME_CHARS = 200
 _DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")  # model/options.py's
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,3})?|mps|xpu(:[0-9]{1,3})?")
+# A host name (RFC 1123 labels) or an IP address; the address is checked again when it is bound.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_ALLOWED_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9.-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SD_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SD_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     # Model and device.
     model: str | None = Field(
@@ -92,7 +99,20 @@ class Settings(BaseSettings):
         default=30, gt=0, description="A request's body must arrive within this (408)."
     )
     keep_alive_timeout_s: float = Field(
-        default=5, ge=1, description="Idle keep-alive connections close after this."
+        default=5, ge=1, le=3600, description="Idle keep-alive connections close after this."
+    )
+    send_timeout_s: float = Field(
+        default=30, gt=0, le=3600,
+        description="A client that reads none of its answer for this long is disconnected.",
+    )  # fmt: skip
+    max_header_count: int = Field(default=100, ge=8, le=10_000, description="Header lines per request.")
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, le=16_777_216, description="A request's line and headers, in bytes."
+    )
+    allowed_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated names the Host header may carry (*.example.com, *); unset: the "
+        "loopback names when SD_HOST is loopback, else any.",
     )
 
     # Batching, backpressure and deadlines. "step": images join and leave the running batch between
@@ -168,6 +188,51 @@ class Settings(BaseSettings):
             raise ValueError(f"SD_DTYPE: {value[:40]!r} is not a dtype; use one of {', '.join(_DTYPES)}")
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _printable_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # A header carries ASCII only: any other key could never be sent, so never match.
+        if value is not None and not all(" " <= char <= "~" for char in value.get_secret_value()):
+            raise ValueError(
+                "SD_API_KEYS: a key holds a character other than printable ASCII, which no client can "
+                "send in a header; use letters, digits and punctuation only"
+            )
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip()
+        if _looks_numeric(value):
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"SD_HOST: {value[:60]!r} is not an IP address; use one such as 127.0.0.1 or 0.0.0.0"
+                ) from None
+        elif not _HOST_NAME.fullmatch(value):
+            raise ValueError(
+                f"SD_HOST: {value[:60]!r} is neither an IP address nor a host name; use one such as "
+                "127.0.0.1, 0.0.0.0 or ::"
+            )
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        for name in names:
+            if not _ALLOWED_HOST.fullmatch(name):
+                raise ValueError(
+                    f"SD_ALLOWED_HOSTS: {name[:60]!r} is not a host name; use names such as "
+                    "api.example.com, *.example.com, 10.0.0.5, or * for any"
+                )
+        if not names:
+            raise ValueError("SD_ALLOWED_HOSTS: set, but names no host; name one, or * for any")
+        return ",".join(names)
+
     @field_validator("devices")
     @classmethod
     def _check_devices(cls, value: str | None) -> str | None:
@@ -215,6 +280,22 @@ class Settings(BaseSettings):
         return ("all",)
 
     @property
+    def listens_on_loopback(self) -> bool:
+        """Whether only this machine can reach the server (SD_HOST is a loopback address or name)."""
+        if self.host.lower() == "localhost":
+            return True
+        return _looks_numeric(self.host) and ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def allowed_host_list(self) -> tuple[str, ...]:
+        """The names the Host header may carry: SD_ALLOWED_HOSTS, else the loopback names when the
+        server listens on loopback (a page on another site, rebound to 127.0.0.1, sends its own), else
+        any ("*": a container or VM is reached by names the server cannot know)."""
+        if self.allowed_hosts is not None:
+            return tuple(self.allowed_hosts.split(","))
+        return LOOPBACK_NAMES if self.listens_on_loopback else ("*",)
+
+    @property
     def model_spec(self) -> str:
         """SD_MODEL, else the Azure ML model folder, else the embedded random-weight default."""
         return self.model or self.azureml_model_dir or DEFAULT_MODEL
@@ -226,6 +307,11 @@ class Settings(BaseSettings):
             return ()
         keys = (key.strip() for key in self.api_keys.get_secret_value().split(","))
         return tuple(key.encode() for key in keys if key)
+
+
+def _looks_numeric(host: str) -> bool:
+    """An IPv4 address (digits and dots) or an IPv6 one (it has a colon)."""
+    return ":" in host or bool(re.fullmatch(r"[0-9.]+", host))
 
 
 class SettingsError(ValueError):
@@ -251,3 +337,36 @@ def _describe(problem: Any) -> str:
     variable = alias or f"SD_{field.upper()}"
     message = str(problem["msg"]).removeprefix("Value error, ")
     return message if message.startswith(f"{variable}:") else f"{variable}: {message}"
+
+
+# SD_* variables that are not server settings but are read elsewhere (see the module docstring).
+_OTHER_VARIABLES = frozenset({"SD_API_KEY", "SD_BATCH_PARAMS"})
+
+
+def _variable(field: str) -> str:
+    """The environment variable that sets ``field`` (its alias where it has one, e.g. SD_MODEL_CONFIG)."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias.upper() if isinstance(alias, str) else f"SD_{field.upper()}"
+
+
+def check_server_environment() -> list[str]:
+    """What `sd-endpoint serve` says about the environment before it starts: the warnings to log.
+
+    Raises SettingsError for SD_API_KEY (the client's variable; set on a server it looks like a key
+    but protects nothing). Unknown SD_* variables (a typo such as SD_API_KEYZ) are named, never
+    their values, in one warning.
+    """
+    # The environment as the settings read it (names folded to lower case, as they match).
+    environment = EnvSettingsSource(Settings, case_sensitive=False).env_vars
+    names = sorted(name.upper() for name in environment if name.upper().startswith("SD_"))
+    if "SD_API_KEY" in names:
+        raise SettingsError(
+            "SD_API_KEY: set, but the server reads its keys from SD_API_KEYS (SD_API_KEY is the generate "
+            "client's variable): rename it, or unset it to serve without keys"
+        )
+    known = {_variable(field) for field in Settings.model_fields} | _OTHER_VARIABLES
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return []
+    shown = ", ".join(name[:60] for name in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+    return [f"unknown SD_* variables, ignored (a typo?): {shown}; the settings are listed in the README"]

@@ -152,7 +152,11 @@ def replica_app(overrides: Mapping[str, Any]) -> FastAPI:
     from service.settings import load_settings
     from service.web.app import create_app
 
+    # Serve's proxy, not SD_HOST, is what listens; the Host it forwards is the clients': any, unless
+    # SD_ALLOWED_HOSTS (or args.settings) lists the names.
     settings = load_settings(**overrides)
+    if settings.allowed_hosts is None:
+        settings = settings.model_copy(update={"allowed_hosts": "*"})
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     app.router.lifespan_context = _until_ready(app.router.lifespan_context)

@@ -20,7 +20,13 @@ class ContractError(ServiceError):
 
 
 class QueueFullError(ServiceError):
-    """The batch queue has no room for this request's images."""
+    """The batch queue has no room for this request's images: ``waiting`` images are ahead; the
+    scorer sets ``retry_after_s``, its estimate of when they will have left."""
+
+    def __init__(self, message: str, waiting: int = 0) -> None:
+        super().__init__(message)
+        self.waiting = waiting
+        self.retry_after_s: int | None = None
 
 
 class RequestTimeoutError(ServiceError):

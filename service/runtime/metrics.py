@@ -85,6 +85,10 @@ class Metrics:
         self.rejections = Counter(
             f"{PREFIX}rejections", "Requests refused with 429 (queue full).", registry=r
         )
+        self.connections_closed = Counter(
+            f"{PREFIX}connections_closed", "Connections the server closed on its client: header_limit "
+            "(431), send_timeout (answer not read), header_timeout.", ["reason"], registry=r,
+        )  # fmt: skip
         self.timeouts = Counter(f"{PREFIX}timeouts", "Requests that ran out of time (504).", registry=r)
         self.model_load_seconds = Gauge(
             f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar
@@ -19,13 +22,20 @@ from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.convert import FieldError, to_items, to_records
 from service.runtime.engines import ServingEngine
-from service.runtime.errors import ContractError, MalformedJsonError, RequestCancelledError
+from service.runtime.errors import ContractError, MalformedJsonError, QueueFullError, RequestCancelledError
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 
 log = logging.getLogger(__name__)
 
 _MAX_REPORTED_ERRORS = 5
+# A valid request holds a few values per row (its columns, its index) and a few dozen parameters; a
+# document of many more (90,000 unknown keys, say) is refused before validation, whose cost (every
+# error described) grows with its size and holds the interpreter.
+_VALUES_PER_ROW = 16
+_VALUES_BESIDES_ROWS = 256
+# Bodies at least this large are parsed in a worker thread, so the event loop keeps answering.
+OFF_LOOP_BYTES = 64 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -48,11 +58,6 @@ def parse_json(body: bytes, expected: str = "the input_data object") -> Any:
         raise MalformedJsonError(f"the body holds a value the parser cannot take ({error})") from None
 
 
-def parse_request(body: bytes, limits: ScoreLimits) -> ScoreRequest:
-    """Bytes -> ScoreRequest. Malformed JSON: MalformedJsonError; off the contract: ContractError."""
-    return parse_body(body, ScoreRequest, limits)
-
-
 def parse_body(
     body: bytes, model: type[M], limits: ScoreLimits, *, expected: str = "the input_data object"
 ) -> M:
@@ -60,13 +65,48 @@ def parse_body(
     messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
     # 1. JSON. Python's parser accepts NaN and Infinity; the contract does not.
     document = parse_json(body, expected)
-    # 2. The contract, with the operator's limits.
+    # 2. A size no valid request reaches, before anything costs more than the parse.
+    budget = _VALUES_BESIDES_ROWS + _VALUES_PER_ROW * limits.max_prompts
+    if _holds_more_values(document, budget):
+        raise ContractError(
+            f"the body holds more than {budget} JSON values, more than any valid request; "
+            "see the request schema at /docs"
+        )
+    # 3. The contract, with the operator's limits.
     try:
         return model.model_validate(document, context={"limits": limits})
     except RecursionError:
         raise ContractError("the body nests too deeply; see the request schema at /docs") from None
     except ValidationError as error:
         raise FieldError(describe_validation_error(error), param=_first_field(error)) from None
+
+
+async def parse_body_off_loop(
+    body: bytes, model: type[M], limits: ScoreLimits, *, expected: str = "the input_data object"
+) -> M:
+    """``parse_body``, in a worker thread for a large body (a megabyte of JSON takes tens of
+    milliseconds to parse and validate; a few at once would stall every other request)."""
+    if len(body) < OFF_LOOP_BYTES:
+        return parse_body(body, model, limits, expected=expected)
+    return await asyncio.to_thread(parse_body, body, model, limits, expected=expected)
+
+
+def _holds_more_values(document: Any, budget: int) -> bool:
+    """Whether ``document`` has more than ``budget`` values (objects, arrays and scalars); stops
+    counting at the budget."""
+    pending = [document]
+    seen = 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > budget:
+            return True
+        if isinstance(node, dict):
+            pending.extend(node.values())
+            seen += len(node)  # each key is a value the validator reads
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
 
 
 def _first_field(error: ValidationError) -> str | None:
@@ -91,6 +131,31 @@ def _cancelled(job: Job) -> str:
     return f"the request was cancelled (POST /requests/{job.request_id[:100]}/cancel); send it again to retry"
 
 
+class Throughput:
+    """Images finished per second over the recent past, to tell a refused client when to retry."""
+
+    WINDOW_S = 120.0
+    MAX_RETRY_AFTER_S = 600
+
+    def __init__(self) -> None:
+        self._done: deque[tuple[float, int]] = deque(maxlen=256)  # (when, images) per request
+
+    def record(self, images: int) -> None:
+        self._done.append((time.monotonic(), images))
+
+    def retry_after_s(self, waiting: int) -> int | None:
+        """Seconds for ``waiting`` images to leave the queue at the recent rate; None before any
+        request has finished within the window (the caller's default then applies)."""
+        now = time.monotonic()
+        recent = [(when, images) for when, images in self._done if now - when <= self.WINDOW_S]
+        if not recent:
+            return None
+        # From the first finish in the window to now; at least a second, so one burst is no rate.
+        span = max(now - recent[0][0], 1.0)
+        rate = sum(images for _, images in recent) / span
+        return max(1, min(self.MAX_RETRY_AFTER_S, math.ceil(waiting / rate)))
+
+
 class Scorer:
     def __init__(
         self, engine: ServingEngine, batcher: Batcher | StepLoop, limits: ScoreLimits, encode_pool: Executor
@@ -99,6 +164,7 @@ class Scorer:
         self._batcher = batcher
         self._limits = limits
         self._encode_pool = encode_pool
+        self._throughput = Throughput()
 
     @property
     def limits(self) -> ScoreLimits:
@@ -107,7 +173,7 @@ class Scorer:
 
     async def score(self, body: bytes, job: Job | None = None) -> list[dict[str, Any]]:
         """The response records for ``body``; raises the errors of service/web/errors.py's table."""
-        request = parse_request(body, self._limits)
+        request = await parse_body_off_loop(body, ScoreRequest, self._limits)
         items = to_items(request.input_data, self._engine.info)
         results, images = await self.generate(items, prompts=len(request.input_data.rows), job=job)
         return to_records(items, results, images)
@@ -126,10 +192,14 @@ class Scorer:
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
         if job is not None:
             job.begin([item.num_inference_steps for item in items])
-        if job is not None and isinstance(self._batcher, StepLoop):
-            futures = self._batcher.submit(items, job)  # its lanes report each image's steps to the job
-        else:
-            futures = self._batcher.submit(items)
+        try:
+            if job is not None and isinstance(self._batcher, StepLoop):
+                futures = self._batcher.submit(items, job)  # its lanes report each image's steps to the job
+            else:
+                futures = self._batcher.submit(items)
+        except QueueFullError as error:
+            error.retry_after_s = self._throughput.retry_after_s(error.waiting)
+            raise
         if job is not None:
             job.futures = futures  # what cancel and interrupt take out (request-level batching: cancel)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -141,6 +211,7 @@ class Scorer:
         if errors:
             raise errors[0]
         results: list[GenerationResult] = outcomes  # type: ignore[assignment]
+        self._throughput.record(len(results))
         # 3. Encode the PNGs in the worker pool, in parallel, off the event loop.
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(

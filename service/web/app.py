@@ -24,10 +24,12 @@ from service.runtime.jobs import Jobs
 from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
-from service.web import openai, routes, ui
+from service.web import docs, openai, routes, ui
 from service.web.clients import a1111, control, huggingface
 from service.web.errors import error_response
+from service.web.guards import HostCheckMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware
 from service.web.middleware import (
+    PROBE_PATHS,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     HeadMiddleware,
@@ -49,6 +51,8 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 
 
 CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
+# POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check.
+BODYLESS_POSTS = frozenset({"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel"})
 
 
 def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
         version=routes.package_version(),
         description=DESCRIPTION,
         openapi_url="/swagger.json",
-        docs_url="/docs",
+        docs_url=None,  # /docs and /redoc come from service/web/docs.py, with local assets
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -83,31 +87,28 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)
 
-    # Middleware: the last added runs first. Ids and metrics, HEAD, slashes, then keys, then the body.
+    # Middleware: the last added runs first. Ids and metrics, security headers, Host, HEAD, slashes,
+    # then keys, then the media type and the body.
+    routers = (routes.router, ui.router, openai.router, docs.router, *CLIENT_ROUTERS)
+    api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
+    posts = {route.path_format for route in api_routes if "POST" in (route.methods or ())}
+    json_paths = frozenset(posts - BODYLESS_POSTS)
+    app.add_middleware(JsonOnlyMiddleware, json_paths=json_paths)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
-    route_paths = frozenset(
-        [app.openapi_url or "", app.docs_url or ""]
-        + [
-            route.path_format
-            for router in (routes.router, ui.router, openai.router, *CLIENT_ROUTERS)
-            for route in router.routes
-            if isinstance(route, APIRoute)
-        ]
-    )
+    route_paths = frozenset([app.openapi_url or ""] + [route.path_format for route in api_routes])
     # Starlette's own trailing-slash redirect builds an absolute URL from the Host header; ours is
     # relative (and runs before the key check, like routing's 404 would).
     app.router.redirect_slashes = False
     app.add_middleware(SlashRedirectMiddleware, route_paths=route_paths)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_host_list, exempt_paths=PROBE_PATHS)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
 
-    app.include_router(routes.router)
-    app.include_router(ui.router)
-    app.include_router(openai.router)
-    for router in CLIENT_ROUTERS:
+    for router in routers:
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

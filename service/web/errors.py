@@ -45,10 +45,12 @@ SHARED_ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing or unknown API key (when SD_API_KEYS is set).",
     408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
     413: "The body is larger than SD_MAX_BODY_BYTES.",
-    415: "The body has a Content-Encoding (gzip, ...); send it uncompressed.",
-    429: "The queue is full; retry after Retry-After seconds.",
-    431: "A request-id header is longer than 100 characters.",
-    503: "Not ready, shutting down, or out of memory even for one image; see Retry-After.",
+    415: "The body is not application/json, or has a Content-Encoding (gzip, ...); send plain JSON.",
+    429: "The queue is full; retry after Retry-After seconds (estimated from the queue and throughput).",
+    431: "A request-id header is longer than 100 characters, or the headers exceed SD_MAX_HEADER_COUNT "
+    "or SD_MAX_HEADER_BYTES.",
+    503: "Not ready, shutting down, out of memory even for one image, or SD_MAX_CONNECTIONS reached; "
+    "see Retry-After.",
     504: "The request did not finish within SD_REQUEST_TIMEOUT_S.",
 }
 
@@ -67,6 +69,23 @@ class UnsupportedEncodingError(ServiceError):
 
 class HeaderTooLongError(ServiceError):
     """A request-id header is longer than the limit."""
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """A JSON route was sent a body labelled other than application/json (a cross-site form can send
+    text/plain without asking the browser's permission)."""
+
+
+class HostNotAllowedError(ServiceError):
+    """The Host header names a host outside SD_ALLOWED_HOSTS (DNS rebinding)."""
+
+
+class TooManyConnectionsError(ServiceError):
+    """SD_MAX_CONNECTIONS connections (or requests) are open already."""
+
+
+class HttpVersionError(ServiceError):
+    """HTTP/0.9, which has no headers (so no key, no Host) and no status line."""
 
 
 class BodyTimeoutError(ServiceError):
@@ -93,12 +112,14 @@ class ErrorKind:
 # The one table. Order matters only for subclasses listed before their bases.
 ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
+    HostNotAllowedError: ErrorKind(400, "host_not_allowed"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
+    UnsupportedMediaTypeError: ErrorKind(415, "unsupported_media_type"),
     ContractError: ErrorKind(422, "invalid_request"),
     InvalidRequestError: ErrorKind(422, "invalid_request"),
     QueueFullError: ErrorKind(429, "too_many_requests", RETRY_AFTER_S),
@@ -109,6 +130,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ModelLoadError: ErrorKind(503, "model_not_loaded", RETRY_AFTER_OVERLOADED_S),
     NotReadyError: ErrorKind(503, "not_ready", RETRY_AFTER_OVERLOADED_S),
     ShuttingDownError: ErrorKind(503, "shutting_down", RETRY_AFTER_S),
+    TooManyConnectionsError: ErrorKind(503, "too_many_connections", RETRY_AFTER_S),
+    HttpVersionError: ErrorKind(505, "http_version_not_supported"),
     RequestTimeoutError: ErrorKind(504, "timeout"),
 }
 _INTERNAL = ErrorKind(500, "internal_error")
@@ -121,7 +144,16 @@ _ENGINE_OOM_MESSAGE = (
 
 
 def classify(error: BaseException) -> tuple[ErrorKind, str]:
-    """The status, code and client-facing message of ``error``."""
+    """The status, code and client-facing message of ``error``; an error that carries its own
+    ``retry_after_s`` (the queue's estimate) overrides the table's."""
+    kind, message = _classify(error)
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if kind.retry_after_s is not None and isinstance(retry_after_s, int):
+        kind = ErrorKind(kind.status, kind.code, retry_after_s)
+    return kind, message
+
+
+def _classify(error: BaseException) -> tuple[ErrorKind, str]:
     if isinstance(error, HTTPException):
         phrase = http.HTTPStatus(error.status_code).phrase
         code = phrase.lower().replace(" ", "_").replace("-", "_")

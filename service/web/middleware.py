@@ -1,7 +1,8 @@
-"""Pure ASGI middleware, outermost first: request context (ids, metrics, access log, last-resort 500),
-HEAD as GET, trailing-slash redirects, API keys, body size and encoding. Pure ASGI rather than
-BaseHTTPMiddleware so that the body is never buffered here and the endpoint can still see the
-client disconnect."""
+"""Pure ASGI middleware, outermost first: request context (ids, metrics, access log, last-resort 500,
+the connection limit, WebSocket and HTTP/0.9 refusals), then service/web/guards.py's (security
+headers, Host), HEAD as GET, trailing-slash redirects, API keys, the JSON media type, body size and
+encoding. Pure ASGI rather than BaseHTTPMiddleware so that the body is never buffered here and the
+endpoint can still see the client disconnect."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +27,8 @@ from service.web.errors import (
     BodyTimeoutError,
     BodyTooLargeError,
     HeaderTooLongError,
+    HttpVersionError,
+    TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedEncodingError,
     error_response,
@@ -37,6 +41,15 @@ ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
 # Probes and scrapes: open without a key, and logged at DEBUG so they do not drown the log.
 OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/ui"})
 PROBE_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics"})
+# Set in the scope by the protocol (service/hosts/connections.py) beyond SD_MAX_CONNECTIONS: 503 here.
+OVER_CAPACITY = "sd_endpoint.over_capacity"
+CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away"; nobody reads it but the metrics
+MAX_LOGGED_CHARS = 200  # of the path and the method in the access line; the rest is cut, and says so
+
+
+def cap(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """``text``, cut to ``limit`` characters with a marker saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more chars cut]"
 
 
 class RequestContextMiddleware:
@@ -48,6 +61,10 @@ class RequestContextMiddleware:
         self.route_paths = route_paths  # metric labels; any other path is "other" (bounded cardinality)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -76,13 +93,17 @@ class RequestContextMiddleware:
 
         # 2. The app, or the error answer; a bug becomes a logged 500, never a traceback to the client.
         try:
-            if too_long:
-                error = HeaderTooLongError(
-                    f"{', '.join(too_long)} is longer than {MAX_ID_CHARS} characters; send a shorter id"
-                )
-                await error_response(error, path=scope["path"])(scope, receive, send_with_ids)
+            refusal = self._refusal(scope, too_long)
+            if refusal is not None:
+                response = error_response(refusal, path=scope["path"])
+                if isinstance(refusal, TooManyConnectionsError):
+                    response.headers["connection"] = "close"  # its slot is what the others wait for
+                await response(scope, receive, send_with_ids)
             else:
                 await self.app(scope, receive, send_with_ids)
+        except ClientDisconnect:  # it left before its body arrived: nobody to answer, nothing failed
+            status = status or CLIENT_CLOSED_STATUS
+            log.info("client disconnected before its request was read")
         except Exception as error:
             if status:
                 log.exception("failed after the answer had started")
@@ -101,8 +122,29 @@ class RequestContextMiddleware:
             self.metrics.request_duration.labels(route=route).observe(seconds)
             probe = path in PROBE_PATHS and scope["method"] in ("GET", "HEAD")  # POST / generates
             level = logging.DEBUG if probe and status < 500 else logging.INFO
-            log.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
+            log.log(level, "%s %s %d %.1f ms", cap(scope["method"], 20), cap(path), status, seconds * 1000)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _refusal(scope: Scope, too_long: list[str]) -> Exception | None:
+        """What refuses this request before the app sees it, if anything."""
+        if scope.get(OVER_CAPACITY):
+            return TooManyConnectionsError(
+                "the server has as many connections as it takes (SD_MAX_CONNECTIONS); retry after Retry-After"
+            )
+        if scope.get("http_version") not in ("1.0", "1.1", "2", "2.0", "3"):
+            return HttpVersionError("this server speaks HTTP/1.0 and later; send HTTP/1.1")
+        if too_long:
+            return HeaderTooLongError(
+                f"{', '.join(too_long)} is longer than {MAX_ID_CHARS} characters; send a shorter id"
+            )
+        return None
+
+    async def _refuse_websocket(self, scope: Scope) -> None:
+        """A WebSocket handshake: this server has no WebSocket route. Refused (uvicorn answers the
+        close before accept with 403), logged and counted like any other answer."""
+        self.metrics.requests.labels(route="other", status="403").inc()
+        log.info("GET %s 403: WebSocket upgrade refused (this server speaks HTTP only)", cap(scope["path"]))
 
 
 class HeadMiddleware:

@@ -27,7 +27,7 @@ from schemas.openai import (
 from service.runtime.convert import openai_to_items, to_image_data
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
-from service.runtime.scoring import parse_body
+from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.streaming import stream_images, wants_stream
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
 from service.web.routes import answer_generation
@@ -75,7 +75,7 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
 async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: Job) -> dict[str, Any]:
     """Bytes -> OpenAI's images answer, through /score's parsing rules and generation path."""
     # 1. Parse with /score's rules and limits; check the model, then build the items.
-    request = parse_body(
+    request = await parse_body_off_loop(
         body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
     )
     _require_served(request.model, names)

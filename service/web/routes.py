@@ -29,12 +29,12 @@ from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
 from service.web.clients.common import followed
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, error_json, error_response
+from service.web.middleware import CLIENT_CLOSED_STATUS
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 T = TypeVar("T")
 
-CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away"; nobody reads it but the metrics
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in sorted(

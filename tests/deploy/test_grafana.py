@@ -52,7 +52,8 @@ class Exposition:
 def exposition(tiny_engine: Any) -> Iterator[Exposition]:
     settings = Settings(model="random:tiny", max_batch_wait_ms=0)
     engine = GatedEngine(tiny_engine)  # closing the app leaves the shared engine open
-    with TestClient(create_app(settings, engine=engine)) as client:
+    # A loopback server answers the loopback names only (TestClient says "testserver" by default).
+    with TestClient(create_app(settings, engine=engine), base_url="http://localhost") as client:
         # The app warms the engine up in a thread; `/` turns 200 when it is ready.
         deadline = time.monotonic() + 300
         while (ready := client.get("/")).status_code != 200:

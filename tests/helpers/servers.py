@@ -22,6 +22,7 @@ from PIL import Image
 
 from model.errors import EngineOutOfMemoryError
 from model.types import GenerationItem, GenerationResult, ModelInfo
+from service.hosts.connections import guarded_protocol
 from service.settings import Settings
 from service.web.app import create_app
 
@@ -129,9 +130,14 @@ class GatedEngine:
 class ThreadServer:
     """``create_app(settings, engine=...)`` served by uvicorn on a free port, in a thread."""
 
-    def __init__(self, settings: Settings, engine: Any | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Any | None = None, guarded: type[Any] | None = None
+    ) -> None:
+        """``guarded``: uvicorn's HTTP protocol (httptools' or h11's) to serve with, wrapped in the
+        connection guards of `sd-endpoint serve` (service/hosts/connections.py); default: uvicorn's own."""
         self.app = create_app(settings, engine=engine)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        http: Any = "auto" if guarded is None else guarded_protocol(settings, self.app.state.metrics, guarded)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""

@@ -116,6 +116,8 @@ def test_the_contract_holds_through_serve(serve_url: str) -> None:
     assert set(off_contract.json()["error"]) == {"code", "message", "status"}
     assert httpx.get(f"{serve_url}/health/live").status_code == 200
     assert httpx.get(f"{serve_url}/swagger.json").json()["paths"]["/score"]["post"]
+    # Serve's proxy forwards the clients' Host, whatever name they reach the cluster by.
+    assert httpx.get(f"{serve_url}/info", headers={"host": "sd.cluster.example"}).status_code == 200
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_the_server_still_serves_after_bad_input(client: httpx.Client) -> None:
         content = (
             body.encode("utf-8", "surrogateescape") if isinstance(body, str) else json.dumps(body).encode()
         )
-        client.post("/score", content=content)
+        client.post("/score", content=content, headers={"content-type": "application/json"})
     response = client.post("/score", json=request_body(["after all that"]))
     assert response.status_code == 200
     assert len(response.json()) == 1

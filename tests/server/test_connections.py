@@ -79,7 +79,7 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_with_408(server: Server) -> Non
     (sock,) = open_idle(server.url, 1)
     with contextlib.closing(sock):
         sock.sendall(
-            b"POST /score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n"
         )
         started = time.monotonic()

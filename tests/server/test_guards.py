@@ -24,7 +24,7 @@ def server() -> Iterator[ThreadServer]:
 
 
 def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
 
 def test_score_and_info_need_a_configured_key(server: ThreadServer) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.logs import JsonFormatter, RequestContextFilter, request_id_var
+from service.logs import MAX_MESSAGE_CHARS, JsonFormatter, RequestContextFilter, TextFormatter, request_id_var
 
 PROMPT_TAIL = "MAGENTA-OWL-3391"
 
@@ -49,3 +49,19 @@ def test_the_clip_truncation_warning_does_not_quote_the_prompt(json_lines: io.St
     line = json.loads(json_lines.getvalue())
     assert PROMPT_TAIL not in json_lines.getvalue()
     assert "truncated" in line["message"]
+
+
+@pytest.mark.parametrize("length", [2001, 60_000, 1_000_000])
+def test_any_long_message_is_cut_with_a_marker_in_both_formats(length: int) -> None:
+    # uvicorn's own WebSocket line quotes the whole path: no library line may grow the log unbounded.
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, '"WebSocket /%s" 403', ("p" * length,), None
+    )
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert (
+            len(line) < MAX_MESSAGE_CHARS + 300
+            and f"[{len(record.getMessage()) - MAX_MESSAGE_CHARS} more chars cut]" in line
+        )
+    short = logging.LogRecord("service.access", logging.INFO, __file__, 1, "GET / 200", None, None)
+    assert "cut" not in TextFormatter().format(short)

@@ -159,7 +159,7 @@ def test_a_body_that_is_not_json_is_a_400_in_openais_shape(server: Server) -> No
     response = httpx.post(
         f"{server.url}/v1/images/generations",
         content=b"{not json",
-        headers={"Authorization": f"Bearer {KEY}"},
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"

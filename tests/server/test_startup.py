@@ -62,9 +62,9 @@ def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(
         started = time.monotonic()
         done = serve("--host", host, "--port", str(busy_port))
         assert time.monotonic() - started < 60
-    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]  # as any setting the server cannot start with
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("sd-endpoint serve: error: cannot listen on ")
+    assert line.startswith("sd-endpoint serve: error: ") and "cannot listen on " in line
     assert f"{host}:{busy_port}" in line and reason in line.lower() and "SD_PORT" in line
     assert LOAD_LINE not in done.stderr and done.stdout == ""
 

@@ -20,5 +20,6 @@ def check_room(*, closed: bool, waiting: int, incoming: int, max_queue_items: in
         metrics.rejections.inc()
         raise QueueFullError(
             f"the queue is full ({waiting} of {max_queue_items} images waiting); "
-            "retry after the Retry-After seconds"
+            "retry after the Retry-After seconds",
+            waiting=waiting,
         )

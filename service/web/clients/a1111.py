@@ -24,7 +24,7 @@ from service.runtime.convert import FieldError, a1111_to_items
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
-from service.runtime.scoring import parse_body, parse_json
+from service.runtime.scoring import parse_body_off_loop, parse_json
 from service.web.clients.common import caller, jobs_of
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS
 from service.web.routes import answer_generation
@@ -105,7 +105,9 @@ def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool
 
 async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ...]) -> dict[str, Any]:
     # 1. Parse with /score's rules and limits; the checkpoint must be the served one.
-    parsed = parse_body(body, Txt2ImgRequest, runtime.scorer.limits, expected="a txt2img object")
+    parsed = await parse_body_off_loop(
+        body, Txt2ImgRequest, runtime.scorer.limits, expected="a txt2img object"
+    )
     _require_served(parsed.checkpoint, names, "override_settings")
     info = runtime.engine.info
     items = a1111_to_items(parsed, info)

@@ -19,7 +19,7 @@ from service.runtime.convert import huggingface_to_items
 from service.runtime.errors import ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
-from service.runtime.scoring import parse_body
+from service.runtime.scoring import parse_body_off_loop
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, classify
 from service.web.routes import answer_generation
 
@@ -56,7 +56,7 @@ def _png(image_base64: str) -> Response:
 )
 async def text_to_image(request: Request) -> Response:
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:
-        parsed = parse_body(
+        parsed = await parse_body_off_loop(
             body,
             TextToImageRequest,
             runtime.scorer.limits,

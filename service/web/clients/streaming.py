@@ -35,7 +35,7 @@ from service.runtime.convert import openai_to_items
 from service.runtime.errors import RequestTimeoutError, ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
-from service.runtime.scoring import parse_body, parse_json
+from service.runtime.scoring import parse_body_off_loop, parse_json
 from service.web.clients.common import followed
 from service.web.errors import classify, openai_error_type
 
@@ -78,7 +78,7 @@ async def stream_images(
     async with AsyncExitStack() as stack:
         # 1. Before the stream: ready, parsed, the served model, queued (errors keep their status).
         runtime = await stack.enter_async_context(lifecycle.serving())
-        parsed = parse_body(
+        parsed = await parse_body_off_loop(
             body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
         )
         require_served(parsed.model)

@@ -1,0 +1,110 @@
+"""Cross-site guards, as pure ASGI middleware: what keeps a web page on another site (or one rebound to
+this server's address by its DNS) from using the server through its visitor's browser.
+
+- Security headers on every answer: ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``
+  and, unless the page sets its own (the playground and the API docs do, service/web/ui.py and
+  service/web/docs.py), ``Content-Security-Policy: default-src 'none'; frame-ancestors 'none'``.
+- The Host header must name a host of SD_ALLOWED_HOSTS (default: the loopback names when the server
+  listens on loopback). A DNS-rebinding page reaches 127.0.0.1 under its own name, and says so in
+  Host; the health probes are exempt (orchestrators probe by address).
+- JSON routes take only ``application/json`` bodies (415): a page may post a ``text/plain`` form or
+  a typeless body to any site without asking the browser first; ``application/json`` needs the
+  CORS preflight, which this server never grants.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.web.errors import HostNotAllowedError, UnsupportedMediaTypeError, error_response
+
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
+_SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
+JSON_MEDIA_TYPE = "application/json"
+
+
+class SecurityHeadersMiddleware:
+    """nosniff, no framing, and a closed Content-Security-Policy on every answer that sets none."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _SECURITY_HEADERS.items():
+                    headers[name] = value
+                if "content-security-policy" not in headers:
+                    headers["content-security-policy"] = DEFAULT_CSP
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def host_of(header: str) -> str:
+    """The host name of a Host header, lower case, without the port (``[::1]:5001`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """``host`` against names such as ``api.example.com``, ``*.example.com`` (subdomains only), ``*``."""
+    for pattern in allowed:
+        if pattern == "*" or host == pattern.strip("[]"):
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+            return True
+    return False
+
+
+class HostCheckMiddleware:
+    """400 ``host_not_allowed`` for a Host header outside the allowed names (probes exempt)."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...], exempt_paths: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+        self.exempt_paths = exempt_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        if host_allowed(host_of(Headers(scope=scope).get("host", "")), self.allowed):
+            await self.app(scope, receive, send)
+            return
+        error = HostNotAllowedError(
+            "the Host header names a host this server does not answer to; use one of its names, or add "
+            "this one to SD_ALLOWED_HOSTS"
+        )
+        await error_response(error, path=scope["path"])(scope, receive, send)
+
+
+class JsonOnlyMiddleware:
+    """415 ``unsupported_media_type`` for a POST to a JSON route whose Content-Type is not
+    ``application/json`` (parameters such as ``charset`` allowed), before the body is read."""
+
+    def __init__(self, app: ASGIApp, json_paths: frozenset[str]) -> None:
+        self.app = app
+        self.json_paths = json_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.json_paths:
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("content-type", "")
+        if given.partition(";")[0].strip().lower() == JSON_MEDIA_TYPE:
+            await self.app(scope, receive, send)
+            return
+        shown = f"Content-Type {given[:60]!r}" if given else "no Content-Type"
+        error = UnsupportedMediaTypeError(
+            f"this route takes a JSON body, and the request has {shown}; send Content-Type: {JSON_MEDIA_TYPE}"
+        )
+        await error_response(error, path=scope["path"])(scope, receive, send)
