@@ -203,8 +203,11 @@ def test_what_would_change_the_image_is_refused_by_name(
 
 
 def test_not_json_and_metrics_route_label(server: Server) -> None:
-    broken = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=b"{", headers=OPEN_WEBUI)
+    json_type = {**OPEN_WEBUI, "content-type": "application/json"}
+    broken = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=b"{", headers=json_type)
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["detail"]
+    untyped = httpx.post(f"{server.url}/sdapi/v1/txt2img", content=b"{}", headers=OPEN_WEBUI)
+    assert untyped.status_code == 415 and "application/json" in untyped.json()["detail"]
     text = get(server, "/metrics", {}).text
     assert metric_value(text, "sd_requests_total", 'route="/sdapi/v1/txt2img",status="200"') >= 1
     assert metric_value(text, "sd_requests_total", 'route="/sdapi/v1/options",status="200"') >= 1
