@@ -102,7 +102,7 @@ class RayJob:
             logging_level=logging.WARNING,
         )
         started = time.perf_counter()
-        progress = Progress(len(plan.pending))
+        progress = Progress(plan.pending_count)
         records: list[Record] = []
         model = default_model
         stopped = ""
@@ -143,11 +143,11 @@ class RayJob:
         if not use_gpu and self.actors is None:
             log.warning("no GPUs in the Ray cluster: running 1 engine on CPUs; set --ray-actors for more")
         batch_size = self.config.batch_size
-        share = -(-len(plan.pending) // actors)
+        share = -(-plan.pending_count // actors)
         rows_per_task = max(batch_size, min(BATCHES_PER_TASK * batch_size, share))
         log.info(
             "generating %d image(s) on %d Ray actor(s) (%s), %d rows per task (%d rows already finished)",
-            len(plan.pending), actors, "1 GPU each" if use_gpu else "CPU", rows_per_task, plan.skipped,
+            plan.pending_count, actors, "1 GPU each" if use_gpu else "CPU", rows_per_task, plan.skipped,
         )  # fmt: skip
         # 2. Our progress bar instead of one per operator.
         DataContext.get_current().enable_progress_bars = False
@@ -159,7 +159,7 @@ class RayJob:
             error_threshold=-1,
             write_workers=self.config.write_workers,
         )
-        return ray.data.from_items([asdict(row) for row in plan.pending]).map_batches(
+        return ray.data.from_items([asdict(row) for row in plan.pending()]).map_batches(
             EngineActor,
             fn_constructor_kwargs={
                 "settings": self.settings,
