@@ -4,6 +4,8 @@ changed since planning is refused, and an input file over the size cap is refuse
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +155,21 @@ def test_an_input_file_over_the_size_cap_is_refused_in_one_line(
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         (folder / name).unlink()
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_ray_task_reads_the_pending_rows_of_its_one_file(tmp_path: Path) -> None:
+    from service.batch.ray_job import _pending_rows
+    from service.storage import StorageOptions
+
+    _, plan = planning_peak(tmp_path, 10_000)
+    read = functools.partial(
+        _pending_rows, plan.input.root, StorageOptions(), plan.files, plan.params.seed, plan.max_prompt_chars
+    )
+    rows = list(read({"file": 1, "done": [0, 2, 4_999]}))
+    assert len(rows) == 4_997 and {row["file"] for row in rows} == {"part-00005000.csv"}
+    assert [row["row"] for row in rows[:3]] == [1, 3, 4]
+    planned = [r for r in plan.rows() if r.file == "part-00005000.csv" and r.row not in (0, 2, 4_999)]
+    assert rows == [dataclasses.asdict(r) for r in planned]  # the same rows, seeds included
+    (tmp_path / "in-10000-5000" / "part-00000000.csv").write_text("prompt\nanother\n")
+    with pytest.raises(BatchConfigError, match="changed while the job ran"):
+        list(read({"file": 0, "done": []}))
