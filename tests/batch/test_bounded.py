@@ -173,3 +173,37 @@ def test_a_ray_task_reads_the_pending_rows_of_its_one_file(tmp_path: Path) -> No
     (tmp_path / "in-10000-5000" / "part-00000000.csv").write_text("prompt\nanother\n")
     with pytest.raises(BatchConfigError, match="changed while the job ran"):
         list(read({"file": 0, "done": []}))
+
+
+def test_a_file_changed_while_the_job_runs_stops_it_in_one_line_and_the_rerun_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import service.batch.runner as runner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a red cat\na blue dog\n")
+    (folder / "b.txt").write_text("the sun\nthe moon\n")
+    generate = runner.generate_batch
+
+    def edits_b_first(*args: Any) -> Any:  # someone rewrites b.txt while a.txt is generating
+        (folder / "b.txt").write_text("the sun\nthe stars\n")
+        return generate(*args)
+
+    monkeypatch.setattr(runner, "generate_batch", edits_b_first)
+    job = ["batch", "--input", str(folder), "--output", str(tmp_path / "out"), "--model", "random:tiny"]
+    job += ["--steps", "1", "--batch-size", "2"]
+    assert main(job) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert last.startswith("sd-endpoint batch: error: ") and "b.txt changed while the job ran" in last, err
+    assert "Traceback" not in err
+    # a.txt's rows were written; none of b.txt's old text was drawn, and the rerun names the change
+    assert sorted(p.name for p in (tmp_path / "out/records").rglob("*.json")) == ["0.json", "1.json"]
+    assert not (tmp_path / "out/records/b").exists()
+    monkeypatch.setattr(runner, "generate_batch", generate)
+    assert main(job) == 2
+    assert "b.txt" in capsys.readouterr().err
+    assert main([*job, "--continue"]) == 0
+    predictions = (tmp_path / "out/predictions.csv").read_text()
+    assert "the stars" in predictions and "the moon" not in predictions
