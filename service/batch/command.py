@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     result: RunResult | None = None
     params = plan.params  # with the job seed
     model, parameters = settings.model_spec, params.as_dict()
-    if plan.pending:
+    if plan.pending_count:
         from service.batch.process import RetryPolicy
         from service.batch.runner import RunConfig
 
@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         summary = finalize(
             plan.output,
-            plan.rows,
+            plan.counts,
             model=model,
             parameters=parameters,
             run=result,
@@ -268,7 +268,7 @@ def _generate(engine: ServingEngine, plan: JobPlan, config: RunConfig) -> RunRes
     from service.batch.progress import Progress
     from service.batch.runner import run_job
 
-    pending = len(plan.pending)
+    pending = plan.pending_count
     log.info(
         "generating %d image(s) in batches of %d (%d rows already finished)",
         pending,

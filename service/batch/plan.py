@@ -1,8 +1,9 @@
 """Planning a job: the inputs, the output, and which rows are already finished.
 
 Everything here runs before the model is loaded, so that every mistake in the input, the output
-or the parameters is reported before any GPU work. The input is read whole: prompts are small
-(100,000 prompts are about 10 MB), and knowing every row up front gives exact progress.
+or the parameters is reported before any GPU work. Every input file is read and parsed, one at a
+time, to check it and count its rows (exact progress); no row is kept. Running reads the files
+again, one at a time, and refuses one whose bytes changed since.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,12 @@ from service.batch.files.identity import OnChange, check_input, start_over
 from service.batch.files.inputs import (
     MAX_PROMPT_CHARS,
     FileIdentity,
-    InputFile,
     InputRow,
+    ScannedFile,
     SkippedFile,
+    iter_rows,
     open_inputs,
-    read_inputs,
+    scan_inputs,
 )
 from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
 from service.batch.params import JobParams
@@ -35,22 +37,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobPlan:
+    """A job's work. It holds no rows: ``rows()`` reads the input files again, one at a time, as
+    the rows are consumed, so that memory depends on one file and the engine batch, not on the
+    number of rows; ``files`` holds each file's row count and identity."""
+
     input: Storage
     output: Storage
-    files: list[InputFile]
-    rows: list[InputRow]
+    files: list[ScannedFile]
     finished: set[tuple[str, int]]  # (file key, row) of rows that have a record
     params: JobParams  # with the job seed resolved (``--seed``, job.json's, or a new one)
     skipped_files: list[SkippedFile] = field(default_factory=list)  # input files that are not prompts
+    max_prompt_chars: int = MAX_PROMPT_CHARS
 
     @property
-    def pending(self) -> list[InputRow]:
-        return [row for row in self.rows if (row.key, row.row) not in self.finished]
+    def counts(self) -> dict[str, int]:
+        """Rows per file key: the rows of this job are those numbered below their file's count."""
+        return {item.file.key: item.rows for item in self.files}
+
+    @property
+    def total(self) -> int:
+        return sum(item.rows for item in self.files)
 
     @property
     def skipped(self) -> int:
         """Rows finished by an earlier run of this job."""
-        return len(self.rows) - len(self.pending)
+        counts = self.counts
+        return sum(1 for key, row in self.finished if row < counts.get(key, 0))
+
+    @property
+    def pending_count(self) -> int:
+        return self.total - self.skipped
+
+    def rows(self) -> Iterator[InputRow]:
+        """Every row of the job, in input order, read again from the input files."""
+        return iter_rows(self.input, self.files, self.params.seed, self.max_prompt_chars)
+
+    def pending(self) -> Iterator[InputRow]:
+        """The rows no earlier run finished, in input order."""
+        return (row for row in self.rows() if (row.key, row.row) not in self.finished)
 
 
 def plan_job(
@@ -93,7 +117,8 @@ def plan_job(
     params = resolve_job(output, params)
     # 4) every row of every file (each CSV with a prompt column); the output must have been made
     #    from these files (or be new); then job.json, which proves the output can be written
-    rows, identities = read_inputs(folder, inputs.files, params.seed, max_prompt_chars)
+    scanned = scan_inputs(folder, inputs.files, params.seed, max_prompt_chars)
+    identities = [item.identity for item in scanned]
     try:
         check_input(output, _read_job(output), identities, on_change)
     except StorageError as error:
@@ -101,10 +126,10 @@ def plan_job(
     write_job(output, params, identities)
     # 5) what earlier runs finished
     finished = find_finished(output, retry_failed=retry_failed)
-    plan = JobPlan(folder, output, inputs.files, rows, finished, params, inputs.skipped)
+    plan = JobPlan(folder, output, scanned, finished, params, inputs.skipped, max_prompt_chars)
     log.info(
         "%d input file(s), %d row(s), %d already finished, job seed %s",
-        len(plan.files), len(rows), plan.skipped, params.seed,
+        len(plan.files), plan.total, plan.skipped, params.seed,
     )  # fmt: skip
     return plan
 

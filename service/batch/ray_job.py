@@ -3,7 +3,8 @@
 The same job as on one machine, with the same inputs, outputs and exactly-once rules:
 1. the driver plans it (inputs, output, parameters, rows finished by earlier runs), before any
    GPU work and before connecting to Ray;
-2. Ray Data sends the rows still to do to a pool of actors (``map_batches`` over an
+2. Ray tasks read the rows still to do from the input files, file by file (the driver holds
+   no rows), and Ray Data sends them to a pool of actors (``map_batches`` over an
    ``ActorPoolStrategy``), each holding one engine and writing images and records with the
    single-machine runner; the driver counts the records as they come back (progress, the
    error threshold);
@@ -11,8 +12,8 @@ The same job as on one machine, with the same inputs, outputs and exactly-once r
 
 A row is finished exactly when its record exists, and each row has one image path and one record
 path: a Ray task that is retried rewrites the same files, atomically, so no row is ever counted
-twice. Actors write the output directly, so on a cluster of several machines it must be a blob
-URI (az://, s3://) or a folder every node mounts at the same path.
+twice. Tasks read the input and actors write the output directly, so on a cluster of several
+machines each must be a blob URI (az://, s3://) or a folder every node mounts at the same path.
 
 Only argparse is imported at module level; Ray, torch and the model load when the job runs.
 """
@@ -20,6 +21,7 @@ Only argparse is imported at module level; Ray, torch and the model load when th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -28,6 +30,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from service.batch.files.inputs import ScannedFile
     from service.batch.files.records import Record
     from service.batch.plan import JobPlan
     from service.batch.runner import RunConfig, RunResult
@@ -102,7 +107,7 @@ class RayJob:
             logging_level=logging.WARNING,
         )
         started = time.perf_counter()
-        progress = Progress(len(plan.pending))
+        progress = Progress(plan.pending_count)
         records: list[Record] = []
         model = default_model
         stopped = ""
@@ -143,11 +148,11 @@ class RayJob:
         if not use_gpu and self.actors is None:
             log.warning("no GPUs in the Ray cluster: running 1 engine on CPUs; set --ray-actors for more")
         batch_size = self.config.batch_size
-        share = -(-len(plan.pending) // actors)
+        share = -(-plan.pending_count // actors)
         rows_per_task = max(batch_size, min(BATCHES_PER_TASK * batch_size, share))
         log.info(
             "generating %d image(s) on %d Ray actor(s) (%s), %d rows per task (%d rows already finished)",
-            len(plan.pending), actors, "1 GPU each" if use_gpu else "CPU", rows_per_task, plan.skipped,
+            plan.pending_count, actors, "1 GPU each" if use_gpu else "CPU", rows_per_task, plan.skipped,
         )  # fmt: skip
         # 2. Our progress bar instead of one per operator.
         DataContext.get_current().enable_progress_bars = False
@@ -159,20 +164,36 @@ class RayJob:
             error_threshold=-1,
             write_workers=self.config.write_workers,
         )
-        return ray.data.from_items([asdict(row) for row in plan.pending]).map_batches(
-            EngineActor,
-            fn_constructor_kwargs={
-                "settings": self.settings,
-                "output": output,
-                "options": self.options,
-                "plan_params": plan.params,
-                "config": actor_config,
-            },
-            batch_size=rows_per_task,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=1,
+        # 3. The rows themselves are read in Ray tasks, file by file (one small item per file goes
+        #    from the driver), so neither the driver nor the object store holds the job's rows.
+        done: dict[str, list[int]] = {}
+        for key, row in plan.finished:
+            done.setdefault(key, []).append(row)
+        items = [
+            {"file": index, "done": done.get(item.file.key, [])} for index, item in enumerate(plan.files)
+        ]
+        source = plan.input.root if plan.input.is_local else plan.input.uri
+        reader = functools.partial(
+            _pending_rows, source, self.options, plan.files, plan.params.seed, plan.max_prompt_chars
+        )
+        return (
+            ray.data.from_items(items)
+            .flat_map(reader, num_cpus=1)
+            .map_batches(
+                EngineActor,
+                fn_constructor_kwargs={
+                    "settings": self.settings,
+                    "output": output,
+                    "options": self.options,
+                    "plan_params": plan.params,
+                    "config": actor_config,
+                },
+                batch_size=rows_per_task,
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=actors),
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=1,
+            )
         )
 
     def _over_threshold(self, records: list[Record]) -> str:
@@ -211,6 +232,24 @@ class EngineActor:
         return pyarrow.table(
             {"record": [r.to_json().decode("utf-8") for r in records], "model": [self.model] * len(records)}
         )
+
+
+def _pending_rows(
+    source: str,
+    options: StorageOptions,
+    files: list[ScannedFile],
+    job_seed: int | None,
+    max_chars: int,
+    item: dict[str, Any],
+) -> Iterator[dict[str, Any]]:
+    """A Ray task: the rows of one input file (``item["file"]``) that no earlier run finished,
+    read from the input as planned (a file changed since is refused)."""
+    from service.batch.files.inputs import iter_rows
+    from service.storage import open_storage
+
+    done = set(item["done"])
+    rows = iter_rows(open_storage(source, options), [files[item["file"]]], job_seed, max_chars)
+    return (asdict(row) for row in rows if row.row not in done)
 
 
 def _decode(item: dict[str, Any]) -> tuple[Record, tuple[str, dict[str, Any]]]:

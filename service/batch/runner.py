@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,7 +60,7 @@ def run_job(
     on_record: Callable[[Record], None] = lambda record: None,
 ) -> RunResult:
     """Process every pending row of ``plan``; ``on_record`` sees each record as it is written."""
-    return run_rows(engine, plan.pending, plan.output, plan.params, config, on_record)
+    return run_rows(engine, plan.pending(), plan.output, plan.params, config, on_record)
 
 
 def process_rows(
@@ -79,25 +79,34 @@ def process_rows(
 
 def run_rows(
     engine: ServingEngine,
-    rows: Sequence[InputRow],
+    rows: Iterable[InputRow],
     output: Storage,
     params: JobParams,
     config: RunConfig,
     on_record: Callable[[Record], None] = lambda record: None,
 ) -> RunResult:
-    """Generate ``rows`` in engine batches while a pool writes finished ones (the pipelined loop)."""
+    """Generate ``rows`` in engine batches while a pool writes finished ones (the pipelined loop).
+
+    ``rows`` is consumed as it goes, one engine batch ahead at most: a job's rows are never all
+    in memory (``JobPlan.pending()`` reads them from the input files as they are needed)."""
     started = time.perf_counter()
     run = _Run(config, on_record)
+    source = iter(rows)
     with ThreadPoolExecutor(max_workers=config.write_workers, thread_name_prefix="batch-write") as pool:
         run.pool = pool
         try:
-            # 1) rows that cannot run: failed records, no engine
-            for row in rows:
-                if row.error:
-                    run.submit(write_failure, output, row, row.error, 0, config.retry)
-            # 2) full engine batches; failed rows go round again while they have attempts left
-            queue: deque[tuple[InputRow, int]] = deque((row, 1) for row in rows if not row.error)
-            while queue and not run.stopped:
+            # Rows that failed but have attempts left go round again, first, in their order.
+            queue: deque[tuple[InputRow, int]] = deque()
+            while not run.stopped:
+                # 1) fill one engine batch; rows that cannot run become failed records, no engine
+                while len(queue) < config.batch_size and (row := next(source, None)) is not None:
+                    if row.error:
+                        run.submit(write_failure, output, row, row.error, 0, config.retry)
+                    else:
+                        queue.append((row, 1))
+                if not queue or run.stopped:
+                    break
+                # 2) generate it; each row is written, retried or failed
                 batch = [queue.popleft() for _ in range(min(config.batch_size, len(queue)))]
                 outcomes = generate_batch(engine, [row for row, _ in batch], params)
                 again: list[tuple[InputRow, int]] = []
@@ -108,7 +117,7 @@ def run_rows(
                         again.append((row, attempts + 1))
                     else:
                         run.submit(write_failure, output, row, outcome.error, attempts, config.retry)
-                queue.extendleft(reversed(again))  # retried first, in their order
+                queue.extendleft(reversed(again))
                 run.collect(block=False)
         except KeyboardInterrupt:
             run.stop("interrupted")

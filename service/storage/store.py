@@ -78,6 +78,10 @@ class Storage:
         except Exception as error:
             raise StorageError(f"cannot check {self.describe(path)}: {_reason(error)}") from error
 
+    def size(self, path: str) -> int:
+        """The size in bytes of the file at ``path`` (the backend's own error when there is none)."""
+        return int(self.fs.size(self._full(path)))
+
     def is_file(self, path: str = "") -> bool:
         try:
             return bool(self.fs.isfile(self._full(path)))

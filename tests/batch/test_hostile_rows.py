@@ -28,7 +28,7 @@ def test_json_lines_split_on_newline_only() -> None:
     prompts = [f"before{char}after" for char in BREAKS]
     text = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
     text += json.dumps({"prompt": "crlf"}) + "\r\n" + json.dumps({"prompt": "last"})  # no final newline
-    rows = parse_file(InputFile("p.jsonl"), text.encode(), 1, "p.jsonl")
+    rows = list(parse_file(InputFile("p.jsonl"), text.encode(), 1, "p.jsonl"))
     assert [(r.row, r.prompt, r.error) for r in rows] == [
         (i, p, "") for i, p in enumerate([*prompts, "crlf", "last"])
     ]
@@ -133,7 +133,9 @@ def test_a_parquet_row_bomb_is_refused_before_its_rows_are_made(tmp_path: Path) 
     assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
     started = time.monotonic()
     with pytest.raises(BatchConfigError, match="past 1,000,000 rows"):
-        parse_file(InputFile("bomb.parquet"), (tmp_path / "bomb.parquet").read_bytes(), 1, "bomb.parquet")
+        list(
+            parse_file(InputFile("bomb.parquet"), (tmp_path / "bomb.parquet").read_bytes(), 1, "bomb.parquet")
+        )
     assert time.monotonic() - started < 5
 
 

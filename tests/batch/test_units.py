@@ -27,7 +27,7 @@ from service.storage import open_storage
 
 
 def parse(name: str, text: str, job_seed: int | None = None) -> list[InputRow]:
-    return parse_file(InputFile(name), text.encode(), job_seed, name)
+    return list(parse_file(InputFile(name), text.encode(), job_seed, name))
 
 
 def test_csv_as_azure_writes_it_with_an_index_column_negative_prompt_and_seed() -> None:
@@ -112,7 +112,7 @@ def test_parquet_with_a_column_twice_is_refused(tmp_path: Path) -> None:
     table = pyarrow.table([["a"], ["b"]], names=["prompt", "prompt"])
     pyarrow.parquet.write_table(table, tmp_path / "p.parquet")
     with pytest.raises(BatchConfigError, match="has 2 'prompt' columns; keep one"):
-        parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+        list(parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet"))
 
 
 @pytest.mark.parametrize("name", ["p.csv", "p.txt", "p.jsonl"])
@@ -121,7 +121,7 @@ def test_a_row_that_is_not_utf8_fails_alone(name: str) -> None:
     if name.endswith(".jsonl"):
         lines = [b'{"prompt": "' + line + b'"}' for line in lines]
     data = (b"prompt\n" if name.endswith(".csv") else b"") + b"\n".join(lines) + b"\n"
-    rows = parse_file(InputFile(name), data, None, name)
+    rows = list(parse_file(InputFile(name), data, None, name))
     assert [r.prompt for r in rows if not r.error] == ["good one", "good two"]
     assert [r.row for r in rows if "not valid text" in r.error] == [1, 2]
 
@@ -164,7 +164,7 @@ def test_parquet_as_pandas_writes_it_with_index_missing_seeds_and_any_column_ord
     )
     for name in ("p.parquet", "p.pqt"):
         frame.to_parquet(tmp_path / name)
-        rows = parse_file(InputFile(name), (tmp_path / name).read_bytes(), 3, name)
+        rows = list(parse_file(InputFile(name), (tmp_path / name).read_bytes(), 3, name))
         assert [(r.row, r.prompt, r.negative_prompt, r.seed) for r in rows[:2]] == [
             (0, "a cat", "blurry", 5),
             (1, "a dog", "", derive_seed(name, 1, 3)),  # NaN is no seed: derived
@@ -181,18 +181,18 @@ def test_parquet_as_pandas_writes_it_with_index_missing_seeds_and_any_column_ord
 )
 def test_a_file_that_is_not_parquet_is_refused(data: bytes, message: str) -> None:
     with pytest.raises(BatchConfigError, match=message):
-        parse_file(InputFile("p.parquet"), data, None, "p.parquet")
+        list(parse_file(InputFile("p.parquet"), data, None, "p.parquet"))
 
 
 def test_parquet_without_prompt_column_is_refused_naming_its_columns(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["x"], "n": [1]}).to_parquet(tmp_path / "p.parquet", index=False)
     with pytest.raises(BatchConfigError, match=r"no 'prompt' column \(found 'text', 'n'\)"):
-        parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+        list(parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet"))
 
 
 def test_parquet_cells_of_other_types_fail_their_row_only(tmp_path: Path) -> None:
     pd.DataFrame({"prompt": [1, 2], "seed": ["x", "3"]}).to_parquet(tmp_path / "p.parquet")
-    rows = parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet")
+    rows = list(parse_file(InputFile("p.parquet"), (tmp_path / "p.parquet").read_bytes(), None, "p.parquet"))
     assert ["prompt must be a string" in r.error for r in rows] == [True, True]
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from service.batch.files.inputs import InputRow, SkippedFile
+from service.batch.files.inputs import SkippedFile
 from service.batch.files.records import (
     DETAILED_FILE,
     PREDICTIONS_FILE,
@@ -37,7 +37,7 @@ LISTED = 100  # failed rows and skipped files named in summary.json; predictions
 
 def finalize(
     output: Storage,
-    rows: Sequence[InputRow],
+    counts: Mapping[str, int],
     *,
     model: str,
     parameters: dict[str, Any],
@@ -48,7 +48,8 @@ def finalize(
     """Write predictions.csv, predictions-detailed.csv and summary.json (each atomically) and return
     the summary.
 
-    ``run``: this run's result (its records need not be read back); ``skipped``: rows an earlier
+    ``counts``: rows per input file key (the job's rows are those numbered below it); ``run``:
+    this run's result (its records need not be read back); ``skipped``: rows an earlier
     run had finished; ``skipped_files``: input files that are not prompt files. Raises StorageError
     when the output cannot be listed or written.
     """
@@ -59,22 +60,22 @@ def finalize(
     output.write(PREDICTIONS_FILE, predictions_csv(ordered))
     output.write(DETAILED_FILE, detailed_csv(ordered, parameters))
     # 3) the counts
-    wanted = {(row.key, row.row) for row in rows}
-    mine = [record for record in ordered if (record.key, record.row) in wanted]
+    total = sum(counts.values())
+    mine = [record for record in ordered if record.row < counts.get(record.key, 0)]
     failed = [record for record in mine if not record.ok]
     generated = run.generated if run else 0
     seconds = run.seconds if run else 0.0
     summary: dict[str, Any] = {
-        "total": len(rows),
+        "total": total,
         "done": len(mine) - len(failed),
         "flagged": sum(1 for r in mine if r.flagged),
         "failed": len(failed),
         "skipped": skipped,
-        "missing": len(wanted) - len(mine),
+        "missing": total - len(mine),
         "generated": generated,
         "seconds": round(seconds, 3),
         "images_per_s": round(generated / seconds, 4) if seconds > 0 else 0.0,
-        "complete": len(mine) == len(wanted),
+        "complete": len(mine) == total,
         "stopped": (run.stopped or None) if run else None,
         "model": model,
         "parameters": parameters,

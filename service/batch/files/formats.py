@@ -49,10 +49,7 @@ def parse_records(
     if fmt == "parquet":
         records = _parquet_records(data, source, max_rows)
     else:
-        # -sig: Excel starts its CSV files with a byte-order mark. Bytes that are not UTF-8 become
-        # lone surrogates, which fail the rows that hold them (inputs.py), not the whole file.
-        text = data.decode("utf-8-sig", "surrogateescape")
-        records = {"csv": _csv_records, "jsonl": _jsonl_records}.get(fmt, _txt_records)(text, source)
+        records = {"csv": _csv_records, "jsonl": _jsonl_records}.get(fmt, _txt_records)(data, source)
     for count, record in enumerate(records):
         if count == max_rows:
             raise too_many_rows(source)
@@ -64,6 +61,13 @@ def too_many_rows(source: str) -> BatchConfigError:
         f"{source} takes the job past {MAX_JOB_ROWS:,} rows (all files together), the most one job "
         "holds; split the input into several jobs"
     )
+
+
+def _text(data: bytes, newline: str | None) -> io.TextIOWrapper:
+    """The file's text, decoded as it is read (never a second copy of the whole file). -sig: Excel
+    starts its CSV files with a byte-order mark. Bytes that are not UTF-8 become lone surrogates,
+    which fail the rows that hold them (inputs.py), not the whole file."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
 def _missing_prompt(source: str, header: list[str]) -> BatchConfigError:
@@ -82,11 +86,11 @@ def _check_header(source: str, header: list[str]) -> None:
             raise BatchConfigError(f"{source} has {header.count(key)} {key!r} columns; keep one")
 
 
-def _csv_records(text: str, source: str) -> Iterator[dict[str, Any]]:
+def _csv_records(data: bytes, source: str) -> Iterator[dict[str, Any]]:
     # No field can be longer than the file: the csv module's own limit (131,072 characters) would
     # end the whole file at one long cell, whereas an over-long prompt is that row's problem.
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    csv.field_size_limit(max(csv.field_size_limit(), len(data) + 1))
+    reader = csv.DictReader(_text(data, newline=""))
     try:
         header = [(name or "").strip() for name in (reader.fieldnames or [])]
     except csv.Error as error:
@@ -104,11 +108,11 @@ def _csv_records(text: str, source: str) -> Iterator[dict[str, Any]]:
         yield {key: record.get(key) for key in ROW_KEYS if key in header}
 
 
-def _jsonl_records(text: str, source: str) -> Iterator[dict[str, Any]]:
+def _jsonl_records(data: bytes, source: str) -> Iterator[dict[str, Any]]:
     # Lines end at \n (or \r\n) only, as JSON Lines says: U+2028, U+0085 and the other breaks that
     # str.splitlines() knows are valid inside a JSON string, written raw by ensure_ascii=False.
-    for line in text.split("\n"):
-        line = line.removesuffix("\r")
+    for line in _text(data, newline="\n"):
+        line = line.removesuffix("\n").removesuffix("\r")
         if line.strip():
             yield _json_object(line)
 
@@ -126,9 +130,9 @@ def _json_object(line: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_error": "line is not a JSON object"}
 
 
-def _txt_records(text: str, source: str) -> Iterator[dict[str, Any]]:
+def _txt_records(data: bytes, source: str) -> Iterator[dict[str, Any]]:
     # Universal newlines only (\n, \r\n, \r): other Unicode line breaks stay inside the prompt.
-    lines = (line.strip() for line in io.StringIO(text, newline=None))
+    lines = (line.strip() for line in _text(data, newline=None))
     return ({"prompt": line} for line in lines if line)
 
 

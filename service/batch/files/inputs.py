@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ from service.storage.names import printable, unsafe_name_reason
 log = logging.getLogger(__name__)
 LOGGED_SKIPS = 20  # skipped files named one by one in the log; summary.json has them all
 MAX_PROMPT_CHARS = 2000  # SD_MAX_PROMPT_CHARS' default; plan_job passes the setting
+# One input file is held in memory while its rows are read (twice: planning counts them, running
+# reads them again); larger files are refused, so that memory never depends on what a store holds.
+MAX_INPUT_FILE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class SkippedFile:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)  # slots: a job plans up to MAX_JOB_ROWS of these
+@dataclass(frozen=True, slots=True)  # slots: a Ray job sends its pending rows as a list
 class InputRow:
     """One prompt. ``error`` is set (and ``seed`` is None) when the row cannot be generated."""
 
@@ -161,28 +165,90 @@ class FileIdentity:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
+@dataclass(frozen=True)
+class ScannedFile:
+    """An input file as planning found it: what it was (its identity) and how many rows it holds."""
+
+    file: InputFile
+    identity: FileIdentity
+    rows: int
+
+
+def read_input(storage: Storage, file: InputFile) -> bytes:
+    """One input file's bytes; more than MAX_INPUT_FILE_BYTES is refused before any is read."""
+    source = printable(storage.describe(file.path))
+    # 1) the size first: a read bounded by the cap would still allocate the whole cap locally
+    #    (Storage refuses a name that could lead out of the input, in this call as in every other)
+    try:
+        size = storage.size(file.path)
+    except FileNotFoundError as error:
+        raise BatchConfigError(f"cannot read input file: {source} does not exist") from error
+    except StorageError as error:
+        raise BatchConfigError(f"cannot read input file: {error}") from error
+    except Exception as error:  # the backends' own types; their text may hold a credential
+        raise BatchConfigError(
+            f"cannot read input file {source}: its size cannot be read ({type(error).__name__}); "
+            "check that the store is reachable, and the credentials"
+        ) from error
+    if size > MAX_INPUT_FILE_BYTES:
+        raise BatchConfigError(
+            f"{source} is larger than {MAX_INPUT_FILE_BYTES // 2**20} MiB ({size:,} bytes), the "
+            "most one input file may hold; split it into several files"
+        )
+    # 2) the bytes; a file that grew or shrank since is not the one measured
+    try:
+        data = storage.read(file.path, limit=size + 1)
+    except StorageError as error:
+        raise BatchConfigError(f"cannot read input file: {error}") from error
+    if len(data) != size:
+        raise BatchConfigError(f"input file {source} changed while it was read; run the job again")
+    return data
+
+
+def scan_inputs(
+    storage: Storage, files: list[InputFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
+) -> list[ScannedFile]:
+    """Read and parse every file, one at a time, counting its rows (none is kept): planning's
+    memory is one file's bytes, whatever the number of rows. Raises BatchConfigError for a file
+    that cannot be used, or for more than MAX_JOB_ROWS rows in all."""
+    scanned: list[ScannedFile] = []
+    total = 0
+    for file in files:
+        data = read_input(storage, file)
+        source = printable(storage.describe(file.path))
+        count = sum(1 for _ in parse_file(file, data, job_seed, source, max_chars, MAX_JOB_ROWS - total))
+        total += count
+        scanned.append(ScannedFile(file, FileIdentity(file.path, len(data), _sha256(data)), count))
+    return scanned
+
+
+def iter_rows(
+    storage: Storage, scanned: list[ScannedFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
+) -> Iterator[InputRow]:
+    """The rows of the scanned files, read again file by file as they are consumed. A file whose
+    bytes are no longer those planned raises BatchConfigError: its rows could not be the job's."""
+    for item in scanned:
+        data = read_input(storage, item.file)
+        if len(data) != item.identity.size or _sha256(data) != item.identity.sha256:
+            raise BatchConfigError(
+                f"input file {printable(storage.describe(item.file.path))} changed while the job ran; "
+                "run the job again (with --continue to keep the rows of unchanged files)"
+            )
+        source = printable(storage.describe(item.file.path))
+        yield from parse_file(item.file, data, job_seed, source, max_chars)
+        del data
+
+
 def read_rows(
     storage: Storage, files: list[InputFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
 ) -> list[InputRow]:
-    """Every row of every file, in order. Raises BatchConfigError for a file that cannot be used."""
-    return read_inputs(storage, files, job_seed, max_chars)[0]
+    """Every row of every file, in order, as a list (for small inputs and tests). Raises
+    BatchConfigError for a file that cannot be used."""
+    return list(iter_rows(storage, scan_inputs(storage, files, job_seed, max_chars), job_seed, max_chars))
 
 
-def read_inputs(
-    storage: Storage, files: list[InputFile], job_seed: int | None, max_chars: int = MAX_PROMPT_CHARS
-) -> tuple[list[InputRow], list[FileIdentity]]:
-    """Every row of every file, in order, and what each file was (the job's identity)."""
-    contents = storage.read_many(file.path for file in files)
-    rows: list[InputRow] = []
-    identities: list[FileIdentity] = []
-    for file in files:
-        data = contents[file.path]
-        if isinstance(data, StorageError):
-            raise BatchConfigError(f"cannot read input file: {data}")
-        identities.append(FileIdentity(file.path, len(data), hashlib.sha256(data).hexdigest()))
-        source = printable(storage.describe(file.path))
-        rows.extend(parse_file(file, data, job_seed, source, max_chars, MAX_JOB_ROWS - len(rows)))
-    return rows, identities
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def parse_file(
@@ -192,11 +258,11 @@ def parse_file(
     source: str,
     max_chars: int = MAX_PROMPT_CHARS,
     max_rows: int = MAX_JOB_ROWS,
-) -> list[InputRow]:
-    """The rows of one file's bytes; ``source`` names the file in errors. A prompt (or negative
-    prompt) longer than ``max_chars`` fails its row; more than ``max_rows`` rows fail the file."""
+) -> Iterator[InputRow]:
+    """The rows of one file's bytes, one by one; ``source`` names the file in errors. A prompt (or
+    negative prompt) longer than ``max_chars`` fails its row; more than ``max_rows`` rows fail the file."""
     records = parse_records(file.format, data, source, max_rows)
-    return [_row(file, number, record, job_seed, max_chars) for number, record in enumerate(records)]
+    return (_row(file, number, record, job_seed, max_chars) for number, record in enumerate(records))
 
 
 def _valid_unicode(text: object) -> tuple[object, bool]:
