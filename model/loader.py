@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -41,9 +42,10 @@ def load(
     options = options or EngineOptions()
     if adapters and (options.compiled or options.accelerator != "none"):
         # compiled code and captured graphs bake in the active LoRA layers and their scales
-        raise ModelLoadError(
-            "SD_ADAPTERS cannot be combined with compilation, CUDA graphs or an accelerator yet"
-        )
+        raise ModelLoadError("SD_ADAPTERS does not work with SD_COMPILE, SD_CUDA_GRAPHS or an accelerator yet")
+    if adapters:
+        # fused q/k/v projections bypass the LoRA layers peft puts on to_q, to_k and to_v
+        options = dataclasses.replace(options, fuse_qkv=False)
     # 1) fp16 on CUDA, fp32 on CPU unless told otherwise
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -48,6 +48,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
                     height=params.height,
                     width=params.width,
                     scheduler=params.scheduler,
+                    adapters=params.adapters,
                 )
             )
     return items
@@ -70,6 +71,7 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
             height=request.height,
             width=request.width,
             scheduler=request.scheduler,
+            adapters=request.adapters,
         )
         for image in range(request.n)
     ]

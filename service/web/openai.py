@@ -32,6 +32,7 @@ from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 OWNER = "sd-endpoint"
+ADAPTER_OWNER = "sd-endpoint (LoRA adapter)"  # a LoRA adapter of SD_ADAPTERS: the model with it at scale 1
 _STARTED = int(time.time())  # a model's "created": when this server process started
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -58,8 +59,13 @@ def _served_names(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
     return lifecycle.settings.served_model_name_list or (info.name,)
 
 
-def _served(name: str) -> OpenAIModel:
-    return OpenAIModel(id=name, created=_STARTED, owned_by=OWNER)
+def _served(name: str, owner: str = OWNER) -> OpenAIModel:
+    return OpenAIModel(id=name, created=_STARTED, owned_by=owner)
+
+
+def _model_ids(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
+    """Every id ``model`` may name: the served names, then each LoRA adapter (the model with it)."""
+    return _served_names(lifecycle, info) + info.adapters
 
 
 def _require_served(model: str | None, names: tuple[str, ...]) -> None:
@@ -76,8 +82,11 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...]) -> di
     request = parse_body(
         body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
     )
+    info = runtime.engine.info
     _require_served(request.model, names)
-    items = openai_to_items(request, runtime.engine.info)
+    if request.model in info.adapters and request.adapters is None:  # an adapter's id: it at scale 1
+        request = request.model_copy(update={"adapters": {request.model: 1.0}})
+    items = openai_to_items(request, info)
     # 2. The shared path: validate, queue, await, encode.
     results, images = await runtime.scorer.generate(items, prompts=1)
     return {"created": int(time.time()), "data": to_image_data(results, images)}
@@ -99,7 +108,7 @@ async def create_images(request: Request) -> Any:
     lifecycle = _lifecycle(request)
 
     async def generate(runtime: Runtime, body: bytes) -> dict[str, Any]:
-        return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info))
+        return await _generate(runtime, body, _model_ids(lifecycle, runtime.engine.info))
 
     return await answer_generation(request, generate)
 
@@ -112,8 +121,9 @@ async def create_images(request: Request) -> Any:
 )
 def list_models(request: Request) -> OpenAIModelList:
     lifecycle = _lifecycle(request)
-    names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
-    return OpenAIModelList(data=[_served(name) for name in names])
+    info = lifecycle.require_ready().engine.info
+    adapters = [_served(name, ADAPTER_OWNER) for name in info.adapters]
+    return OpenAIModelList(data=[_served(name) for name in _served_names(lifecycle, info)] + adapters)
 
 
 @router.get(
@@ -124,5 +134,6 @@ def list_models(request: Request) -> OpenAIModelList:
 )
 def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
     lifecycle = _lifecycle(request)
-    _require_served(model_id, _served_names(lifecycle, lifecycle.require_ready().engine.info))
-    return _served(model_id)
+    info = lifecycle.require_ready().engine.info
+    _require_served(model_id, _model_ids(lifecycle, info))
+    return _served(model_id, ADAPTER_OWNER if model_id in info.adapters else OWNER)

@@ -7,14 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file, save_file
 
 import model
-from model.architectures import build_components
 from model.errors import InvalidRequestError
 from model.types import GenerationItem, adapter_set
 from tests.helpers import loras
@@ -26,23 +21,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("adapters")
-    for name, seed, options in (("style", 1, {}), ("unet-only", 3, {"text_encoder": False})):
-        (root / name).mkdir()
-        loras.save_diffusers(root / name, seed, **options)
-    loras.save_kohya(root / "kohya.safetensors", 2)
-    # broken ones: a tensor of the wrong shape, names of no layer of this model, not safetensors at all
-    (root / "wrong-shape").mkdir()
-    loras.save_diffusers(root / "wrong-shape", 4)
-    path = root / "wrong-shape" / loras.DIFFUSERS_FILE
-    state = load_file(str(path))
-    key = next(k for k in state if k.endswith("lora_B.weight"))
-    state[key] = torch.randn(state[key].shape[0] + 8, state[key].shape[1])
-    save_file(state, str(path))
-    save_file({"other_model.blocks.0.lora_A.weight": torch.ones(4, 4)}, str(root / "foreign.safetensors"))
-    (root / "garbage.safetensors").write_bytes(b"\x00\x01not a safetensors file")
-    (root / "notes.txt").write_text("not an adapter")
-    return root
+    return loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")
@@ -53,32 +32,6 @@ def engine(folder: Path) -> model.Engine:
 def item(prompt: str, seed: int, adapters: dict[str, float] | None = None, **options: Any) -> GenerationItem:
     fields = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "guidance_scale": 7.5, **options}
     return GenerationItem(prompt, seed=seed, adapters=adapter_set(adapters), **fields)
-
-
-def reference(folder: Path, it: GenerationItem) -> np.ndarray:
-    """What a diffusers user gets: the same weights, load_lora_weights and set_adapters."""
-    pipe = StableDiffusionPipeline(**build_components("tiny", 0), requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for name, _ in it.adapters:
-        path = (
-            folder / name / loras.DIFFUSERS_FILE
-            if (folder / name).is_dir()
-            else folder / f"{name}.safetensors"
-        )
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-    if it.adapters:
-        pipe.set_adapters([n for n, _ in it.adapters], adapter_weights=[s for _, s in it.adapters])
-    out = pipe(
-        it.prompt,
-        num_inference_steps=it.num_inference_steps,
-        guidance_scale=it.guidance_scale,
-        height=it.height,
-        width=it.width,
-        generator=torch.Generator("cpu").manual_seed(it.seed),
-        output_type="np",
-    )
-    image: np.ndarray = out.images[0]
-    return image
 
 
 def test_good_adapters_serve_and_broken_ones_are_named(engine: model.Engine) -> None:
@@ -112,7 +65,7 @@ def test_images_beside_other_adapters_match_diffusers(engine: model.Engine, fold
     images, _ = engine.generate_float(items)
     for index, it in enumerate(items):
         ours = images[index].permute(1, 2, 0).numpy()
-        assert loras.difference(ours, reference(folder, it)) < TOLERANCE, f"item {index} differs"
+        assert loras.difference(ours, loras.reference(folder, it)) < TOLERANCE, f"item {index} differs"
     # the adapters change the image, so the comparison above means something
     assert loras.difference(images[0].numpy(), images[1].numpy()) > 0.1
     alone, _ = engine.generate_float(items[:1])
@@ -131,4 +84,4 @@ def test_items_joining_mid_run_beside_other_adapters_match(engine: model.Engine,
         engine.step()
     images, _ = engine.retire_float(handles)
     for image, it in zip(images, (first, second, third), strict=True):
-        assert loras.difference(image.permute(1, 2, 0).numpy(), reference(folder, it)) < TOLERANCE
+        assert loras.difference(image.permute(1, 2, 0).numpy(), loras.reference(folder, it)) < TOLERANCE

@@ -5,10 +5,13 @@ random:tiny's UNet and text encoder, written by diffusers' own ``save_lora_weigh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from model.types import GenerationItem
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -44,8 +47,10 @@ def lora_layers(seed: int, *, text_encoder: bool = True, rank: int = 4, alpha: i
 
 
 def _scaled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft's random init, made large enough that the adapter visibly changes a tiny model's image."""
-    return {key: (tensor * 3).contiguous() for key, tensor in state.items()}
+    """peft's random init as is (A and B both random): it changes a tiny model's image by about a
+    third of the range. Much larger weights make the image chaotic (it then changes with the CPU
+    thread count, in diffusers' own pipeline too), which would hide what the tests compare."""
+    return {key: tensor.contiguous() for key, tensor in state.items()}
 
 
 def save_diffusers(folder: Path, seed: int, **options: Any) -> Path:
@@ -73,6 +78,56 @@ def save_kohya(path: Path, seed: int, *, alpha: int = 8) -> Path:
             state[f"{stem}.alpha"] = torch.tensor(float(alpha))
     save_file(state, str(path))
     return path
+
+
+def adapter_folder(root: Path) -> Path:
+    """SD_ADAPTERS as a user fills it: two diffusers folders (UNet and text encoder; UNet only), a
+    kohya file, and three that cannot serve (a tensor of the wrong shape, another model's names,
+    not safetensors at all), beside a file that is no adapter."""
+    from safetensors.torch import load_file, save_file
+
+    for name, seed, options in (("style", 1, {}), ("unet-only", 3, {"text_encoder": False})):
+        (root / name).mkdir()
+        save_diffusers(root / name, seed, **options)
+    save_kohya(root / "kohya.safetensors", 2)
+    # broken ones: a tensor of the wrong shape, names of no layer of this model, not safetensors at all
+    (root / "wrong-shape").mkdir()
+    save_diffusers(root / "wrong-shape", 4)
+    path = root / "wrong-shape" / DIFFUSERS_FILE
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key] = torch.randn(state[key].shape[0] + 8, state[key].shape[1])
+    save_file(state, str(path))
+    save_file({"other_model.blocks.0.lora_A.weight": torch.ones(4, 4)}, str(root / "foreign.safetensors"))
+    (root / "garbage.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    (root / "notes.txt").write_text("not an adapter")
+    return root
+
+
+def reference(folder: Path, it: GenerationItem) -> np.ndarray:
+    """What a diffusers user gets: the same weights, load_lora_weights and set_adapters."""
+    from diffusers import StableDiffusionPipeline
+
+    from model.architectures import build_components
+
+    pipe = StableDiffusionPipeline(**build_components("tiny", 0), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in it.adapters:
+        path = folder / name / DIFFUSERS_FILE if (folder / name).is_dir() else folder / f"{name}.safetensors"
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    if it.adapters:
+        pipe.set_adapters([n for n, _ in it.adapters], adapter_weights=[s for _, s in it.adapters])
+    out = pipe(
+        it.prompt,
+        num_inference_steps=it.num_inference_steps,
+        guidance_scale=it.guidance_scale,
+        height=it.height,
+        width=it.width,
+        generator=torch.Generator("cpu").manual_seed(it.seed),
+        output_type="np",
+    )
+    image: np.ndarray = out.images[0]
+    return image
 
 
 def difference(ours: np.ndarray, theirs: np.ndarray) -> float:

@@ -1,0 +1,137 @@
+"""LoRA adapters in a real `sd-endpoint serve` process (SD_ADAPTERS, random:tiny): listed in /info
+and /v1/models, broken ones named in the log and refused with 422, and images with different
+adapters, sent at once on /score and OpenAI's route, running side by side in the step loop, each
+equal to diffusers' load_lora_weights + set_adapters."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from model.types import MAX_ADAPTER_SCALE, MAX_ADAPTERS_PER_ITEM, GenerationItem, adapter_set
+from schemas.score import MAX_ADAPTER_SCALE as WIRE_MAX_SCALE
+from schemas.score import MAX_ADAPTERS
+from tests.helpers import loras
+from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.servers import decode_png, metric_value
+
+SIZE = 128
+TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("adapters-server") / "server.log"
+    running = start_server(log, SD_ADAPTERS=str(folder), SD_MAX_BATCH_SIZE="8")
+    yield running
+    stop_server(running)
+
+
+def score(prompt: str, seed: int, steps: int, adapters: dict[str, float] | None) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"num_inference_steps": steps, "seed": seed}
+    if adapters is not None:
+        parameters["adapters"] = adapters
+    return {"input_data": {"columns": ["prompt"], "data": [prompt], "parameters": parameters}}
+
+
+def test_the_bounds_of_the_wire_and_the_engine_agree() -> None:
+    assert (MAX_ADAPTERS, WIRE_MAX_SCALE) == (MAX_ADAPTERS_PER_ITEM, MAX_ADAPTER_SCALE)
+
+
+def test_adapters_are_listed_and_broken_ones_named_once_in_the_log(server: Server) -> None:
+    assert httpx.get(f"{server.url}/info").json()["adapters"] == ["kohya", "style", "unet-only"]
+    ids = [entry["id"] for entry in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    assert ids == ["random:tiny", "kohya", "style", "unet-only"]
+    assert httpx.get(f"{server.url}/v1/models/style").status_code == 200
+    log = server.log_path.read_text()
+    for name in ("wrong-shape", "foreign", "garbage"):
+        lines = [line for line in log.splitlines() if f"adapter {name} left out" in line]
+        assert len(lines) == 1, f"{name}: {lines}"
+
+
+def test_images_with_different_adapters_run_side_by_side_and_equal_diffusers(
+    server: Server, folder: Path
+) -> None:
+    requests = [  # (adapters, seed, steps): the long first one runs while the others join it
+        ({"style": 0.8, "kohya": 1.0}, 31, 24),
+        (None, 32, 6),
+        ({"kohya": -0.5}, 33, 6),
+        ({"unet-only": 1.5, "style": 0.3}, 34, 6),
+    ]
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        url = f"{server.url}/score"
+        first = pool.submit(httpx.post, url, json=score("a lighthouse", 31, 24, requests[0][0]), timeout=300)
+        deadline = time.monotonic() + 60
+        while metric_value(httpx.get(f"{server.url}/metrics").text, "sd_running_images") < 1:
+            assert time.monotonic() < deadline, "the first image never started"
+            time.sleep(0.01)
+        others = [
+            pool.submit(httpx.post, url, json=score("a lighthouse", seed, steps, adapters), timeout=300)
+            for adapters, seed, steps in requests[1:]
+        ]
+        openai = pool.submit(
+            httpx.post,
+            f"{server.url}/v1/images/generations",
+            json={"prompt": "a lighthouse", "model": "kohya", "seed": 35, "num_inference_steps": 6},
+            timeout=300,
+        )
+        responses = [first.result(), *(future.result() for future in others)]
+        openai_response = openai.result()
+    for response, (adapters, seed, steps) in zip(responses, requests, strict=True):
+        assert response.status_code == 200, response.text
+        ours = decode_png(response.json()[0]["generated_image"]) / 255
+        item = GenerationItem("a lighthouse", seed=seed, num_inference_steps=steps, height=SIZE, width=SIZE,
+                              adapters=adapter_set(adapters))  # fmt: skip
+        assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE, f"adapters {adapters}"
+    assert openai_response.status_code == 200, openai_response.text
+    ours = decode_png(openai_response.json()["data"][0]["b64_json"]) / 255
+    item = GenerationItem("a lighthouse", seed=35, num_inference_steps=6, height=SIZE, width=SIZE,
+                          adapters=(("kohya", 1.0),))  # fmt: skip
+    assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        ({"wrong-shape": 1.0}, "adapter wrong-shape could not be loaded"),
+        ({"foreign": 0.5}, "adapter foreign could not be loaded"),
+        ({"nope": 1.0}, "unknown adapter"),
+        ({"Style": 1.0}, "unknown adapter"),
+        ({"../style": 1.0}, "adapter names are"),
+        ({"": 1.0}, "adapter names are"),
+        ({"style": 2.5}, "scale must be a finite number from -2.0 to 2.0"),
+        ({"style": -100}, "scale must be a finite number"),
+        ({"style": True}, "valid number"),
+        ({"style": "1"}, "valid number"),
+        ({"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}, "at most 4 adapters"),
+        (["style"], "valid dictionary"),
+    ],
+)
+def test_bad_adapters_get_422_saying_why(server: Server, adapters: Any, message: str) -> None:
+    response = httpx.post(f"{server.url}/score", json=score("x", 1, 2, adapters), timeout=60)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"]
+    openai = {"prompt": "x", "num_inference_steps": 2, "adapters": adapters}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=openai, timeout=60)
+    assert response.status_code in (400, 422), response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_an_infinite_scale_is_refused(server: Server) -> None:
+    body = b'{"input_data": {"columns": ["prompt"], "data": ["x"], "parameters": {"adapters": {"s": 1e999}}}}'
+    assert math.isinf(1e999)
+    response = httpx.post(f"{server.url}/score", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "finite" in response.json()["error"]["message"]
