@@ -42,7 +42,7 @@ def load(
     options = options or EngineOptions()
     if adapters and (options.compiled or options.accelerator != "none"):
         # compiled code and captured graphs bake in the active LoRA layers and their scales
-        raise ModelLoadError("SD_ADAPTERS does not work with SD_COMPILE, SD_CUDA_GRAPHS or an accelerator yet")
+        raise ModelLoadError("SD_ADAPTERS does not work with SD_COMPILE, SD_CUDA_GRAPHS or accelerators yet")
     if adapters:
         # fused q/k/v projections bypass the LoRA layers peft puts on to_q, to_k and to_v
         options = dataclasses.replace(options, fuse_qkv=False)
