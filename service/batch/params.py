@@ -144,4 +144,6 @@ def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:
 def _kind(types: tuple[type, ...]) -> str:
     if types == (int,):
         return "an integer"
+    if types == (dict,):
+        return 'an object of adapter names and scales, {"NAME": 0.8}'
     return "a string" if types == (str,) else "a number"
