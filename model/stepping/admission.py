@@ -13,6 +13,9 @@ from model.stepping.item import ItemState, step_kwargs
 from model.types import AdapterSet, GenerationItem
 
 Activate = Callable[[AdapterSet], None]
+# Empty-negative embeddings kept, one per adapter set (scales included): a bound, as every new
+# scale a client sends is a new set.
+CACHED_NEGATIVES = 16
 
 
 class PromptEncoder:
@@ -44,6 +47,9 @@ class PromptEncoder:
         """The negatives' embeddings, with ``adapters`` active in the text encoder."""
         if all(n == "" for n in negatives):
             if adapters not in self._empty_negative:
+                if len(self._empty_negative) >= CACHED_NEGATIVES:  # the oldest other than none's
+                    oldest = next((key for key in self._empty_negative if key), None)
+                    self._empty_negative.pop(oldest, None)
                 self._empty_negative[adapters] = self.encode(components, [""])
             return self._empty_negative[adapters].expand(len(negatives), -1, -1)
         return self.encode(components, negatives)

@@ -85,3 +85,13 @@ def test_items_joining_mid_run_beside_other_adapters_match(engine: model.Engine,
     images, _ = engine.retire_float(handles)
     for image, it in zip(images, (first, second, third), strict=True):
         assert loras.difference(image.permute(1, 2, 0).numpy(), loras.reference(folder, it)) < TOLERANCE
+
+
+def test_the_empty_negative_cache_stays_bounded_whatever_scales_clients_send(engine: model.Engine) -> None:
+    from model.stepping.admission import CACHED_NEGATIVES
+
+    engine.generate([item("x", 1, num_inference_steps=1, height=64, width=64)])
+    for step in range(3 * CACHED_NEGATIVES):
+        engine.generate([item("x", step, {"style": step / 100}, num_inference_steps=1, height=64, width=64)])
+    assert len(engine._prompts._empty_negative) <= CACHED_NEGATIVES
+    assert () in engine._prompts._empty_negative
