@@ -48,8 +48,8 @@ class PromptEncoder:
         if all(n == "" for n in negatives):
             if adapters not in self._empty_negative:
                 if len(self._empty_negative) >= CACHED_NEGATIVES:  # the oldest other than none's
-                    oldest = next((key for key in self._empty_negative if key), None)
-                    self._empty_negative.pop(oldest, None)
+                    oldest = next(key for key in self._empty_negative if key)
+                    del self._empty_negative[oldest]
                 self._empty_negative[adapters] = self.encode(components, [""])
             return self._empty_negative[adapters].expand(len(negatives), -1, -1)
         return self.encode(components, negatives)
