@@ -6,6 +6,8 @@ equal to diffusers' load_lora_weights + set_adapters."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from model.types import MAX_ADAPTER_SCALE, MAX_ADAPTERS_PER_ITEM, GenerationItem, adapter_set
 from schemas.score import MAX_ADAPTER_SCALE as WIRE_MAX_SCALE
 from schemas.score import MAX_ADAPTERS
 from tests.helpers import loras
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import REPO, Server, clean_env, start_server, stop_server
 from tests.helpers.servers import decode_png, metric_value
 
 SIZE = 128
@@ -100,6 +104,23 @@ def test_images_with_different_adapters_run_side_by_side_and_equal_diffusers(
     item = GenerationItem("a lighthouse", seed=35, num_inference_steps=6, height=SIZE, width=SIZE,
                           adapters=(("kohya", 1.0),))  # fmt: skip
     assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE
+
+
+def test_the_generate_command_picks_adapters(server: Server, folder: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "service.cli.main", "generate", "a lighthouse", "--url", server.url,
+               "--seed", "41", "--steps", "6",
+               "--adapter", "style:0.8", "--adapter", "kohya", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.split("\t")[0])
+    ours = np.asarray(Image.open(path).convert("RGB")) / 255
+    item = GenerationItem("a lighthouse", seed=41, num_inference_steps=6, height=SIZE, width=SIZE,
+                          adapters=(("kohya", 1.0), ("style", 0.8)))  # fmt: skip
+    assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE
+    for bad in ("style:much", ":1", "style:nan", "style:inf"):
+        refused = subprocess.run([*command[:-6], "--adapter", bad], capture_output=True, text=True,
+                                 env=clean_env(), cwd=REPO, timeout=600)  # fmt: skip
+        assert refused.returncode == 2 and "is not NAME or NAME:SCALE" in refused.stderr, bad
 
 
 @pytest.mark.parametrize(
