@@ -327,9 +327,9 @@ def main() -> None:
         print(f"engine: {policy['name']} ...", flush=True)
         policy_args = {**policy, "seconds": args.seconds}
         report["engine"].append(in_child(policy_args))
-    for threads in sorted({cores, max(1, (cores - 1) // 2), max(1, cores // 2)}):
-        print(f"two engines, {threads} threads each ...", flush=True)
-        report["side_by_side"].append(in_child({"pair": True, "threads": threads, "seconds": args.seconds}))
+    for each in sorted({cores, max(1, (cores - 1) // 2), max(1, cores // 2)}):
+        print(f"two engines, {threads(each)} each ...", flush=True)
+        report["side_by_side"].append(in_child({"pair": True, "threads": each, "seconds": args.seconds}))
     if not args.skip_server:
         servers = [
             (f"auto (the default: {threads(max(1, cores - 1))})", {"SD_CPU_THREADS": "auto"}),

@@ -7,6 +7,7 @@ torch and diffusers on first use, so light callers (CLIs validating input) stay 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from model.errors import (
@@ -49,12 +50,21 @@ def load(
     options: EngineOptions | None = None,
     variant: str | None = None,
     config: str | None = None,
+    adapters: str | os.PathLike[str] | None = None,
 ) -> Engine:
-    """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine."""
+    """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine
+    (``adapters``: a folder of LoRA adapters, model/adapters.py)."""
     from model.loader import load as load_engine
 
     return load_engine(
-        spec, device, dtype, safety_checker=safety_checker, options=options, variant=variant, config=config
+        spec,
+        device,
+        dtype,
+        safety_checker=safety_checker,
+        options=options,
+        variant=variant,
+        config=config,
+        adapters=adapters,
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from model.adapters import Adapters
 from model.errors import EngineError, EngineFailure, EngineOutOfMemoryError, InvalidRequestError
 from model.loading import Components
 from model.options import EngineOptions
@@ -77,6 +78,7 @@ class Engine:
         self._preview_decoder = load_tiny_decoder(decoder, device, dtype) if decoder else None
         self._handles = itertools.count(1)
         self._running = RunningSet()
+        self.adapters = Adapters(components)  # LoRA adapters: model/adapters.py
 
     # ------------------------------------------------------------------ description
     @property
@@ -94,6 +96,7 @@ class Engine:
             dtype=_DTYPE_NAMES.get(self.dtype, str(self.dtype)),
             random_weights=c.random_weights,
             accelerator=self.accelerator,
+            adapters=self.adapters.names,
         )
 
     # ------------------------------------------------------------------ validation
@@ -133,6 +136,7 @@ class Engine:
             raise InvalidRequestError(f"guidance_scale must be finite, got {guidance}")
         if isinstance(item.seed, bool) or not isinstance(item.seed, int) or not 0 <= item.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {item.seed!r}")
+        self.adapters.check(item.adapters)
 
     # ------------------------------------------------------------------ step by step
     def admit(self, item: GenerationItem) -> int:
@@ -262,14 +266,16 @@ class Engine:
         if not items:
             return handles
         with _engine_errors(), torch.inference_mode():
-            states = admit_items(self.components, self._prompts, items, handles, self.vae_scale_factor)
+            states = admit_items(
+                self.components, self._prompts, items, handles, self.vae_scale_factor, self.adapters.activate
+            )
         running.add(states)
         return handles
 
     def _step(self, running: RunningSet) -> list[int]:
         forward = unet_forward(self.components.unet, self.options.cuda_graphs)
         with _engine_errors(), torch.inference_mode():
-            return running.step(forward, self.options.unet_row_buckets)
+            return running.step(forward, self.options.unet_row_buckets, self.adapters.activate)
 
     def _run_alone(self, items: Sequence[GenerationItem]) -> list[ItemState]:
         """Admit ``items`` to a set of their own and step it until all are done."""

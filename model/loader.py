@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
 from model.engine import Engine
+from model.errors import ModelLoadError
 from model.loading import load_components, load_safety_checker
 from model.optimizations import torch_compile
 from model.options import EngineOptions, resolve_device, resolve_dtype
@@ -24,16 +28,24 @@ def load(
     options: EngineOptions | None = None,
     variant: str | None = None,
     config: str | None = None,
+    adapters: str | os.PathLike[str] | None = None,
 ) -> Engine:
     """Load ``spec`` onto ``device`` and return a ready engine (``variant``: the weight files to
     read, ``fp16`` for ``*.fp16.safetensors``, where a folder holds several; ``config``: a diffusers
-    folder or cached hub id whose configs describe a single checkpoint file).
+    folder or cached hub id whose configs describe a single checkpoint file; ``adapters``: a
+    folder of LoRA adapters, model/adapters.py).
 
     Steps: 1) device and precision, 2) components, 3) a separately configured checker,
-    4) move to the device, 5) accelerator or our own optimisations.
+    4) move to the device, 5) accelerator or our own optimisations, 6) adapters.
     """
     started = time.perf_counter()
     options = options or EngineOptions()
+    if adapters and (options.compiled or options.accelerator != "none"):
+        # compiled code and captured graphs bake in the active LoRA layers and their scales
+        raise ModelLoadError("SD_ADAPTERS does not work with SD_COMPILE, SD_CUDA_GRAPHS or accelerators yet")
+    if adapters:
+        # fused q/k/v projections bypass the LoRA layers peft puts on to_q, to_k and to_v
+        options = dataclasses.replace(options, fuse_qkv=False)
     # 1) fp16 on CUDA, fp32 on CPU unless told otherwise
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -58,6 +70,9 @@ def load(
         engine = Engine(components, torch_device, torch_dtype, options)
         if applied:
             log.info("optimisations: %s", ", ".join(applied))
+    # 6) LoRA adapters, each checked against the model as it loads
+    if adapters:
+        engine.adapters.load_folder(Path(adapters))
     log.info(
         "loaded %s (%s) on %s in %s in %.1f s",
         components.name,

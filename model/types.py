@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,16 @@ MAX_SEED = 2**63 - 1
 # The random-weight architectures (model/architectures.py builds them); named here so that light
 # callers (the make-model command line) can list them without importing torch.
 ARCHITECTURES = ("tiny", "sd-v1-4", "sd-2-base")
+# LoRA adapters of one image: (name, scale) pairs sorted by name; the wire schemas repeat the bounds.
+AdapterSet = tuple[tuple[str, float], ...]
+MAX_ADAPTER_SCALE = 2.0
+MAX_ADAPTERS_PER_ITEM = 4
+
+
+def adapter_set(scales: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> AdapterSet:
+    """The canonical form of a request's adapters: (name, scale) pairs sorted by name."""
+    pairs = scales.items() if isinstance(scales, Mapping) else (scales or ())
+    return tuple(sorted((str(name), float(scale)) for name, scale in pairs))
 
 
 @dataclass(frozen=True, order=True)
@@ -35,6 +46,7 @@ class GenerationItem:
     height: int = 512
     width: int = 512
     scheduler: str = DEFAULT_SCHEDULER
+    adapters: AdapterSet = ()  # LoRA adapters and their scales (``adapter_set``)
 
     @property
     def batch_key(self) -> BatchKey:
@@ -69,3 +81,4 @@ class ModelInfo:
     dtype: str
     random_weights: bool
     accelerator: str = "none"
+    adapters: tuple[str, ...] = ()

@@ -14,22 +14,30 @@ This module imports nothing outside ``schemas/``. Error messages never repeat wh
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from schemas.score import (
+    ADAPTER_NAME,
     MAX_IMAGES_PER_PROMPT,
     MAX_SEED,
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
     SIZE_MULTIPLE,
+    Adapters,
     ScoreLimits,
+    check_adapters,
     prompt_within_limit,
     steps_within_limit,
 )
+
+# A1111's extra-network syntax for a LoRA in the prompt: <lora:NAME> or <lora:NAME:SCALE>.
+LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 
 # A1111's sampler names -> this server's schedulers; each also answers to A1111's aliases.
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -149,6 +157,11 @@ class Txt2ImgRequest(BaseModel):
         default=None, max_length=64, description="Used when sampler_name is not."
     )
     scheduler: str | None = Field(default=None, max_length=64, description=f'Only "{AUTOMATIC}".')
+    adapters: Adapters = Field(
+        default=None,
+        description='LoRA adapters, as /score\'s {"NAME": scale}; each <lora:NAME:SCALE> of the prompt '
+        "(A1111's syntax; SCALE defaults to 1) is taken out of the text and added here.",
+    )
     override_settings: dict[str, Any] | None = Field(
         default=None, description="Accepted where each value is what this server uses anyway."
     )
@@ -209,6 +222,13 @@ class Txt2ImgRequest(BaseModel):
         # 3. The images of one request.
         if self.batch_size * self.n_iter > MAX_IMAGES_PER_PROMPT:
             raise _error(f"batch_size x n_iter may be at most {MAX_IMAGES_PER_PROMPT} images per request")
+        # 4. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
+        self.prompt, tagged = lora_tags(self.prompt)
+        if tagged:
+            try:
+                self.adapters = check_adapters({**(self.adapters or {}), **tagged})
+            except PydanticCustomError as error:
+                raise _error(f"the prompt's <lora:...> tags: {error.message()}") from None
         return self
 
     @property
@@ -235,3 +255,29 @@ def _is(value: Any, allowed: tuple[Any, ...]) -> bool:
 def _shown(name: str) -> str:
     """A field name fit to repeat: short and plain, else a placeholder."""
     return name if len(name) <= 64 and name.replace("_", "").isalnum() and name.isascii() else "a field"
+
+
+def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:NAME:SCALE>`` tags, and the adapters they name; a tag this
+    server cannot apply (no name, a scale that is not a number, A1111's separate text-encoder and
+    UNet weights) is refused by what is wrong with it."""
+    adapters: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        name, _, rest = match.group(1).partition(":")
+        name = name.strip()
+        if not ADAPTER_NAME.fullmatch(name):
+            raise _error(
+                "a <lora:NAME:SCALE> tag of the prompt names no adapter (GET /sdapi/v1/loras lists them)"
+            )
+        if ":" in rest:
+            raise _error(f"<lora:{name}:...> gives two weights; this server applies one scale per adapter")
+        try:
+            scale = float(rest) if rest.strip() else 1.0
+        except ValueError:
+            raise _error(f"<lora:{name}:...>: the scale is not a number") from None
+        if not math.isfinite(scale):
+            raise _error(f"<lora:{name}:...>: the scale must be a finite number")
+        adapters[name] = scale
+    if not adapters:
+        return prompt, adapters
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), adapters

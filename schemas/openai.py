@@ -25,6 +25,7 @@ from schemas.score import (
     MAX_SIZE,
     MIN_SIZE,
     SIZE_MULTIPLE,
+    Adapters,
     ScoreLimits,
     ScoreParameters,
     check_text,
@@ -125,6 +126,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int = _as_on_score("num_inference_steps")
     guidance_scale: float = _as_on_score("guidance_scale")
     scheduler: str | None = _as_on_score("scheduler")
+    adapters: Adapters = _as_on_score("adapters")
 
     @field_validator("prompt", "negative_prompt", "scheduler", "model", "user")
     @classmethod

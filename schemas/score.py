@@ -9,11 +9,13 @@ Error messages never repeat what the client sent: they name the place and the ru
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +45,10 @@ BATCH_MIN_SIZE, BATCH_MAX_SIZE = SIZE_MULTIPLE, 4096
 MAX_STEPS = 150
 DEFAULT_STEPS = 50  # diffusers' default; never above the server's own max_steps (ScoreLimits)
 MAX_IMAGES_PER_PROMPT = 4
+# LoRA adapters per image (model.types states the same bounds for the engine; a test keeps them equal).
+MAX_ADAPTERS = 4
+MAX_ADAPTER_SCALE = 2.0
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 SAMPLE_REQUEST: dict[str, Any] = {
     "input_data": {
@@ -97,6 +103,29 @@ def check_text(text: str, where: str) -> str:
             f"{where} is not valid Unicode text (it holds a lone surrogate); send UTF-8 text"
         ) from None
     return text
+
+
+def check_adapters(value: dict[str, float] | None) -> dict[str, float] | None:
+    """Names of the served kind and finite scales in range; whether a name serves is the engine's
+    to say (422 naming the adapters GET /info lists)."""
+    if value is None:
+        return None
+    if len(value) > MAX_ADAPTERS:
+        raise _contract_error(f"give at most {MAX_ADAPTERS} adapters")
+    for name, scale in value.items():
+        if not ADAPTER_NAME.fullmatch(name):
+            raise _contract_error(
+                "adapter names are 1-64 letters, digits, '.', '_' or '-' (GET /info lists them)"
+            )
+        if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+            raise _contract_error(
+                f"each adapter's scale must be a finite number from {-MAX_ADAPTER_SCALE} "
+                f"to {MAX_ADAPTER_SCALE}"
+            )
+    return value
+
+
+Adapters = Annotated[dict[str, float] | None, AfterValidator(check_adapters)]
 
 
 def _limits(info: ValidationInfo) -> ScoreLimits:
@@ -164,6 +193,11 @@ class ScoreParameters(BaseModel):
     )
     num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     scheduler: str | None = Field(default=None, max_length=64, description="One of GET /info's schedulers.")
+    adapters: Adapters = Field(
+        default=None,
+        description=f'LoRA adapters and their scales, {{"NAME": scale}}: at most {MAX_ADAPTERS}, names from '
+        f"GET /info, scales from {-MAX_ADAPTER_SCALE} to {MAX_ADAPTER_SCALE} (1: as trained).",
+    )
 
     @field_validator("num_inference_steps")
     @classmethod
@@ -340,6 +374,7 @@ class InfoResponse(BaseModel):
     version: str
     limits: InfoLimits
     engines: list[InfoEngine] = Field(default_factory=list)
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters requests may name.")
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     )
     dtype: str = "auto"
     safety_checker: Path | None = Field(default=None, description="A safety-checker folder for any model.")
+    adapters: Path | None = Field(default=None, description="A folder of LoRA adapters (model/adapters.py).")
     accelerator: Literal["none", "deepspeed"] = "none"
     compile: bool = False
     cuda_graphs: bool = False

@@ -3,23 +3,29 @@ scheduler, generator and initial noise, as the pipeline prepares them for one im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from model.schedulers import make_scheduler
 from model.stepping.item import ItemState, step_kwargs
-from model.types import GenerationItem
+from model.types import AdapterSet, GenerationItem
+
+Activate = Callable[[AdapterSet], None]
+# Empty-negative embeddings kept, one per adapter set (scales included): a bound, as every new
+# scale a client sends is a new set.
+CACHED_NEGATIVES = 16
 
 
 class PromptEncoder:
-    """CLIP text embeddings; the empty negative prompt (by far the most common) is cached."""
+    """CLIP text embeddings; the empty negative prompt (by far the most common) is cached, per
+    adapter set, as LoRA layers of the text encoder change it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        self._empty_negative: torch.Tensor | None = None
+        self._empty_negative: dict[AdapterSet, torch.Tensor] = {}
 
     def encode(self, components: Any, texts: list[str]) -> torch.Tensor:
         tokens = components.tokenizer(
@@ -35,12 +41,48 @@ class PromptEncoder:
         out: torch.Tensor = components.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return out.to(self.dtype)
 
-    def encode_negatives(self, components: Any, negatives: list[str]) -> torch.Tensor:
+    def encode_negatives(
+        self, components: Any, negatives: list[str], adapters: AdapterSet = ()
+    ) -> torch.Tensor:
+        """The negatives' embeddings, with ``adapters`` active in the text encoder."""
         if all(n == "" for n in negatives):
-            if self._empty_negative is None:
-                self._empty_negative = self.encode(components, [""])
-            return self._empty_negative.expand(len(negatives), -1, -1)
+            if adapters not in self._empty_negative:
+                if len(self._empty_negative) >= CACHED_NEGATIVES:  # the oldest other than none's
+                    oldest = next(key for key in self._empty_negative if key)
+                    del self._empty_negative[oldest]
+                self._empty_negative[adapters] = self.encode(components, [""])
+            return self._empty_negative[adapters].expand(len(negatives), -1, -1)
         return self.encode(components, negatives)
+
+
+def encode_items(
+    components: Any, prompts: PromptEncoder, items: Sequence[GenerationItem], activate: Activate | None
+) -> list[torch.Tensor]:
+    """Each item's embedding rows ([negative, prompt] guided, [prompt] not): per adapter set, one
+    text-encoder call for the prompts and one for the negatives of the guided items."""
+    groups: dict[AdapterSet, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item.adapters, []).append(index)
+    embeds: dict[int, torch.Tensor] = {}
+    for adapters, indices in groups.items():
+        if activate is not None:
+            activate(adapters)
+        group = [items[index] for index in indices]
+        positive = prompts.encode(components, [item.prompt for item in group])
+        guided = [row for row, item in enumerate(group) if item.guidance_scale > 1]
+        negatives = (
+            prompts.encode_negatives(components, [group[row].negative_prompt for row in guided], adapters)
+            if guided
+            else None
+        )
+        negative_of = {row: position for position, row in enumerate(guided)}
+        for row, index in enumerate(indices):
+            own = positive[row : row + 1]
+            if negatives is not None and row in negative_of:
+                position = negative_of[row]
+                own = torch.cat([negatives[position : position + 1], own])
+            embeds[index] = own
+    return [embeds[index] for index in range(len(items))]
 
 
 def admit_items(
@@ -49,24 +91,14 @@ def admit_items(
     items: Sequence[GenerationItem],
     handles: Sequence[int],
     vae_scale_factor: int,
+    activate: Activate | None = None,
 ) -> list[ItemState]:
-    """New running states for validated items: one text-encoder call for all their prompts and
-    one for the negatives of the guided ones (diffusers concatenates [negative, prompt])."""
+    """New running states for validated items: their prompts encoded (``encode_items``;
+    diffusers concatenates [negative, prompt]), then each one's scheduler and noise."""
     device, dtype = prompts.device, prompts.dtype
-    positive = prompts.encode(components, [item.prompt for item in items])
-    guided = [index for index, item in enumerate(items) if item.guidance_scale > 1]
-    negatives = (
-        prompts.encode_negatives(components, [items[index].negative_prompt for index in guided])
-        if guided
-        else None
-    )
-    negative_of = {index: row for row, index in enumerate(guided)}
+    all_embeds = encode_items(components, prompts, items, activate)
     states = []
-    for index, (item, handle) in enumerate(zip(items, handles, strict=True)):
-        embeds = positive[index : index + 1]
-        if negatives is not None and index in negative_of:
-            row = negative_of[index]
-            embeds = torch.cat([negatives[row : row + 1], embeds])
+    for item, handle, embeds in zip(items, handles, all_embeds, strict=True):
         scheduler = make_scheduler(components.scheduler, item.scheduler)
         scheduler.set_timesteps(item.num_inference_steps, device=device)
         generator = torch.Generator(device=device).manual_seed(item.seed)

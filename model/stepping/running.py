@@ -1,6 +1,7 @@
 """The running set: every admitted item, advanced together one denoising step at a time.
 
-A step is all or nothing. The UNet calls (one per size, every item's rows in it) run first; then
+A step is all or nothing. The UNet calls (one per size and adapter set, every item's rows in
+it) run first; then
 each item's scheduler steps. Only when every item has its next latents are they committed: if
 anything raises (out of memory, a kernel error), every scheduler and generator is put back as
 it was, so no item has advanced and the caller may drop some items and step again.
@@ -12,8 +13,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from model.stepping.admission import Activate
 from model.stepping.item import ItemState
 from model.stepping.rows import Forward, run_bucketed
+
+# The rows of one UNet call: items of one size and one adapter set.
+GroupKey = tuple[tuple[int, int], tuple[tuple[str, float], ...]]
 
 
 class RunningSet:
@@ -21,8 +26,8 @@ class RunningSet:
 
     def __init__(self) -> None:
         self._states: dict[int, ItemState] = {}
-        # per size: the handles whose embeddings were last concatenated, and that concatenation
-        self._embeds: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor]] = {}
+        # per group: the handles whose embeddings were last concatenated, and that concatenation
+        self._embeds: dict[GroupKey, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self._states)
@@ -62,18 +67,23 @@ class RunningSet:
             states.append(state)
         return states
 
-    def step(self, forward: Forward, row_buckets: Sequence[int] | None) -> list[int]:
-        """Advance every active item one step; returns the handles that finished now."""
+    def step(
+        self, forward: Forward, row_buckets: Sequence[int] | None, activate: Activate | None = None
+    ) -> list[int]:
+        """Advance every active item one step; returns the handles that finished now. Each group
+        of one size and one adapter set is one UNet call, after ``activate`` of its set."""
         active = self.active
         if not active:
             return []
         checkpoints = [state.checkpoint() for state in active]
         try:
             noise: dict[int, torch.Tensor] = {}
-            groups = _by_size(active)
-            self._embeds = {size: cached for size, cached in self._embeds.items() if size in groups}
-            for size, group in groups.items():
-                noise.update(self._predict(forward, row_buckets, size, group))
+            groups = _by_group(active)
+            self._embeds = {key: cached for key, cached in self._embeds.items() if key in groups}
+            for key, group in groups.items():
+                if activate is not None:
+                    activate(key[1])
+                noise.update(self._predict(forward, row_buckets, key, group))
             latents = [state.next_latents(noise[state.handle]) for state in active]
         except BaseException:
             for checkpoint in checkpoints:
@@ -88,16 +98,16 @@ class RunningSet:
         self,
         forward: Forward,
         row_buckets: Sequence[int] | None,
-        size: tuple[int, int],
+        key: GroupKey,
         group: list[ItemState],
     ) -> dict[int, torch.Tensor]:
-        """One UNet pass over every row of ``group`` (items of one size): each item's noise."""
+        """One UNet pass over every row of ``group`` (one size, one adapter set): each item's noise."""
         sample = torch.cat([state.model_input() for state in group])
         timesteps = torch.tensor(
             [state.unet_timesteps[state.position] for state in group for _ in range(state.rows)],
             dtype=torch.float32,
         ).to(sample.device)
-        predicted = run_bucketed(forward, row_buckets, sample, timesteps, self._group_embeds(size, group))
+        predicted = run_bucketed(forward, row_buckets, sample, timesteps, self._group_embeds(key, group))
         noise = {}
         row = 0
         for state in group:
@@ -105,18 +115,18 @@ class RunningSet:
             row += state.rows
         return noise
 
-    def _group_embeds(self, size: tuple[int, int], group: list[ItemState]) -> torch.Tensor:
+    def _group_embeds(self, key: GroupKey, group: list[ItemState]) -> torch.Tensor:
         """The text embeddings of the group's rows, concatenated once per change of membership."""
         handles = tuple(state.handle for state in group)
-        cached = self._embeds.get(size)
+        cached = self._embeds.get(key)
         if cached is None or cached[0] != handles:
             cached = (handles, torch.cat([state.embeds for state in group]))
-            self._embeds[size] = cached
+            self._embeds[key] = cached
         return cached[1]
 
 
-def _by_size(states: list[ItemState]) -> dict[tuple[int, int], list[ItemState]]:
-    groups: dict[tuple[int, int], list[ItemState]] = {}
+def _by_group(states: list[ItemState]) -> dict[GroupKey, list[ItemState]]:
+    groups: dict[GroupKey, list[ItemState]] = {}
     for state in states:
-        groups.setdefault(state.size, []).append(state)
+        groups.setdefault((state.size, state.item.adapters), []).append(state)
     return groups

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from schemas.score import BATCH_MAX_SIZE, BATCH_MIN_SIZE, SIZE_MULTIPLE
+from schemas.score import BATCH_MAX_SIZE, BATCH_MIN_SIZE, MAX_ADAPTER_SCALE, SIZE_MULTIPLE
 from service.batch.errors import BatchConfigError
 from service.runtime.items import MAX_SEED, SEED_DRAW_RANGE, make_item, seed_in_range
 
@@ -39,6 +39,7 @@ class JobParams:
     width: int | None = None
     scheduler: str | None = None
     seed: int | None = None
+    adapters: dict[str, float] | None = None  # LoRA adapters of SD_ADAPTERS and their scales
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> JobParams:
@@ -53,9 +54,11 @@ class JobParams:
         for name, value in data.items():
             if value is None:
                 continue
-            expected: tuple[type, ...] = {"guidance_scale": (int, float), "scheduler": (str,)}.get(
-                name, (int,)
-            )
+            expected: tuple[type, ...] = {
+                "guidance_scale": (int, float),
+                "scheduler": (str,),
+                "adapters": (dict,),
+            }.get(name, (int,))
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise BatchConfigError(f"{source}: {name} must be {_kind(expected)}, got {value!r}")
             values[name] = (
@@ -101,6 +104,14 @@ class JobParams:
             raise BatchConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.scheduler is not None and not self.scheduler.strip():
             raise BatchConfigError("scheduler must not be empty; omit it for the model's default")
+        for name, scale in (self.adapters or {}).items():
+            if not isinstance(name, str) or isinstance(scale, bool) or not isinstance(scale, int | float):
+                raise BatchConfigError('adapters must map adapter names to numbers: {"NAME": 0.8}')
+            if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+                raise BatchConfigError(
+                    f"adapter {name}'s scale must be a finite number from {-MAX_ADAPTER_SCALE} to "
+                    f"{MAX_ADAPTER_SCALE}, got {scale}"
+                )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +136,7 @@ class JobParams:
             height=self.height,
             width=self.width,
             scheduler=self.scheduler,
+            adapters=self.adapters,
         )
 
 
@@ -138,4 +150,6 @@ def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:
 def _kind(types: tuple[type, ...]) -> str:
     if types == (int,):
         return "an integer"
+    if types == (dict,):
+        return 'an object of adapter names and scales, {"NAME": 0.8}'
     return "a string" if types == (str,) else "a number"

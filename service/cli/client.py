@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import email.utils
+import math
 import os
 import re
 import sys
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", help="scheduler name, one of those listed by GET /info")
     parser.add_argument("--num-images", type=int, help="images for this prompt")
     parser.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        type=_adapter,
+        metavar="NAME[:SCALE]",
+        help="a LoRA adapter listed by GET /info, at SCALE (default 1); repeat for several",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for the PNG files (default ./out)"
     )
     parser.add_argument(
@@ -63,6 +72,18 @@ def _positive(text: str) -> float:
     if not 0 < value < float("inf"):  # NaN fails this too
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _adapter(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:SCALE`` -> (name, scale); the server checks the name and the range."""
+    name, _, scale_text = text.partition(":")
+    try:
+        scale = float(scale_text or "1")
+    except ValueError:
+        scale = math.nan
+    if not name or not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME or NAME:SCALE (SCALE a number such as 0.8)")
+    return name, scale
 
 
 def _count(text: str) -> int:
@@ -99,6 +120,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     ]:
         if value is not None:
             parameters[name] = value
+    if args.adapters:
+        parameters["adapters"] = dict(args.adapters)
     body = {
         "input_data": {
             "columns": ["prompt", "negative_prompt"],

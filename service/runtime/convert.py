@@ -50,6 +50,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
                     height=params.height,
                     width=params.width,
                     scheduler=params.scheduler,
+                    adapters=params.adapters,
                 )
             )
     return items
@@ -61,6 +62,9 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
     base_seed = request.seed if request.seed is not None else random_seed()
     if not seed_in_range(base_seed + request.n - 1):
         raise FieldError(f"seed: seed + n - 1 must be at most {MAX_SEED}; send a smaller seed", param="seed")
+    adapters = request.adapters
+    if adapters is None and request.model in info.adapters:  # an adapter's id: the model with it, scale 1
+        adapters = {request.model: 1.0}
     return [
         make_item(
             info,
@@ -72,6 +76,7 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
             height=request.height,
             width=request.width,
             scheduler=request.scheduler,
+            adapters=adapters,
         )
         for image in range(request.n)
     ]
@@ -98,6 +103,7 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
             height=request.height,
             width=request.width,
             scheduler=scheduler,
+            adapters=request.adapters,
         )
         for image in range(request.images)
     ]

@@ -188,5 +188,6 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         options=options,
         variant=settings.model_variant,
         config=settings.model_config_dir,
+        adapters=settings.adapters,
     )
     return engine

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 
-from model.types import DEFAULT_SCHEDULER, MAX_SEED, GenerationItem, ModelInfo
+from model.types import DEFAULT_SCHEDULER, MAX_SEED, GenerationItem, ModelInfo, adapter_set
 
 SEED_DRAW_RANGE = 2**32
 
@@ -39,8 +39,10 @@ def make_item(
     height: int | None,
     width: int | None,
     scheduler: str | None,
+    adapters: dict[str, float] | None = None,
 ) -> GenerationItem:
-    """One item; None for height, width or scheduler means the model's own."""
+    """One item; None for height, width or scheduler means the model's own; ``adapters``: LoRA
+    adapter names and scales."""
     return GenerationItem(
         prompt=prompt,
         seed=seed,
@@ -50,4 +52,5 @@ def make_item(
         height=height or info.native_height,
         width=width or info.native_width,
         scheduler=scheduler or DEFAULT_SCHEDULER,  # the engine's name for the model's own
+        adapters=adapter_set(adapters),
     )

@@ -34,6 +34,7 @@ from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 OWNER = "sd-endpoint"
+ADAPTER_OWNER = "sd-endpoint (LoRA adapter)"  # a LoRA adapter of SD_ADAPTERS: the model with it at scale 1
 _STARTED = int(time.time())  # a model's "created": when this server process started
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -60,8 +61,13 @@ def _served_names(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
     return lifecycle.settings.served_model_name_list or (info.name,)
 
 
-def _served(name: str) -> OpenAIModel:
-    return OpenAIModel(id=name, created=_STARTED, owned_by=OWNER)
+def _served(name: str, owner: str = OWNER) -> OpenAIModel:
+    return OpenAIModel(id=name, created=_STARTED, owned_by=owner)
+
+
+def _model_ids(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
+    """Every id ``model`` may name: the served names, then each LoRA adapter (the model with it)."""
+    return _served_names(lifecycle, info) + info.adapters
 
 
 def _require_served(model: str | None, names: tuple[str, ...]) -> None:
@@ -109,11 +115,11 @@ async def create_images(request: Request) -> Any:
     lifecycle = _lifecycle(request)
     body = await request.body()
     if wants_stream(body):  # Server-Sent Events (service/web/clients/streaming.py)
-        names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
+        names = _model_ids(lifecycle, lifecycle.require_ready().engine.info)
         return await stream_images(request, body, lambda model: _require_served(model, names))
 
     async def generate(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-        return await _generate(runtime, body, _served_names(lifecycle, runtime.engine.info), job)
+        return await _generate(runtime, body, _model_ids(lifecycle, runtime.engine.info), job)
 
     return await answer_generation(request, generate, client="openai")
 
@@ -126,8 +132,9 @@ async def create_images(request: Request) -> Any:
 )
 def list_models(request: Request) -> OpenAIModelList:
     lifecycle = _lifecycle(request)
-    names = _served_names(lifecycle, lifecycle.require_ready().engine.info)
-    return OpenAIModelList(data=[_served(name) for name in names])
+    info = lifecycle.require_ready().engine.info
+    adapters = [_served(name, ADAPTER_OWNER) for name in info.adapters]
+    return OpenAIModelList(data=[_served(name) for name in _served_names(lifecycle, info)] + adapters)
 
 
 @router.get(
@@ -138,5 +145,6 @@ def list_models(request: Request) -> OpenAIModelList:
 )
 def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
     lifecycle = _lifecycle(request)
-    _require_served(model_id, _served_names(lifecycle, lifecycle.require_ready().engine.info))
-    return _served(model_id)
+    info = lifecycle.require_ready().engine.info
+    _require_served(model_id, _model_ids(lifecycle, info))
+    return _served(model_id, ADAPTER_OWNER if model_id in info.adapters else OWNER)

@@ -207,6 +207,7 @@ def info(request: Request) -> InfoResponse:
                 "max_batch_size": settings.max_batch_size,
             },
             "engines": engines_info(runtime, settings.max_batch_size),
+            "adapters": list(model.adapters),
         }
     )
 

@@ -24,6 +24,7 @@ from service.batch.params import MAX_SEED, JobParams, derive_seed
 from service.batch.plan import prepare_output
 from service.batch.progress import Progress
 from service.storage import open_storage
+from tests.runtime.fakes import INFO
 
 
 def parse(name: str, text: str, job_seed: int | None = None) -> list[InputRow]:
@@ -236,6 +237,8 @@ def test_two_files_that_would_share_an_output_folder_are_refused(tmp_path: Path)
         ('{"guidance_scale": true}', "must be a number"),
         ("[1]", "one JSON object"),
         ("{", "not valid JSON"),
+        ('{"adapters": ["style"]}', "adapters must be an object of adapter names and scales"),
+        ('{"adapters": 1.0}', "adapters must be an object"),
     ],
 )
 def test_bad_params_files_are_refused(text: str, message: str) -> None:
@@ -252,11 +255,23 @@ def test_bad_params_files_are_refused(text: str, message: str) -> None:
         (JobParams(height=0), "height"),
         (JobParams(guidance_scale=float("nan")), "guidance"),
         (JobParams(seed=-1), "seed"),
+        (JobParams(adapters={"style": float("inf")}), "scale must be a finite number from -2.0 to 2.0"),
+        (JobParams(adapters={"style": float("nan")}), "scale must be a finite number"),
+        (JobParams(adapters={"style": 2.5}), "scale must be a finite number"),
+        (JobParams(adapters={"style": True}), "adapters must map adapter names to numbers"),
+        (JobParams(adapters={"style": "1"}), "adapters must map adapter names to numbers"),
     ],
 )
 def test_out_of_range_parameters_are_refused(params: JobParams, message: str) -> None:
     with pytest.raises(BatchConfigError, match=message):
         params.check(max_steps=150)
+
+
+def test_a_jobs_adapters_reach_every_item() -> None:
+    params = JobParams.from_file('{"adapters": {"style": 0.5, "kohya": 1}}', "params.json")
+    params.check(max_steps=150)
+    item = params.item("a prompt", "", 7, INFO)
+    assert item.adapters == (("kohya", 1.0), ("style", 0.5))
 
 
 def test_flags_override_the_params_file() -> None:

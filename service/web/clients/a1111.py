@@ -219,9 +219,10 @@ def sd_vae() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/loras", summary="LoRAs: none")
-def loras() -> list[dict[str, Any]]:
-    return []
+@router.get("/loras", summary="The LoRA adapters of SD_ADAPTERS, for <lora:NAME:SCALE> in a prompt")
+def loras(request: Request) -> list[dict[str, Any]]:
+    info = _lifecycle(request).require_ready().engine.info
+    return [{"name": name, "alias": name, "path": name, "metadata": {}} for name in info.adapters]
 
 
 # ----------------------------------------------------------------------------- follow and stop

@@ -1,0 +1,97 @@
+"""LoRA adapters in the engine: a folder of adapters built here (diffusers' file, the kohya layout,
+broken ones) is checked at load, and every image, alone or beside images with other adapters or
+none, at the same or another step, is what diffusers' load_lora_weights + set_adapters gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import model
+from model.errors import InvalidRequestError
+from model.types import GenerationItem, adapter_set
+from tests.helpers import loras
+
+TOLERANCE = 2 / 255
+SIZE = 128
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def engine(folder: Path) -> model.Engine:
+    return model.load("random:tiny", adapters=folder)
+
+
+def item(prompt: str, seed: int, adapters: dict[str, float] | None = None, **options: Any) -> GenerationItem:
+    fields = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "guidance_scale": 7.5, **options}
+    return GenerationItem(prompt, seed=seed, adapters=adapter_set(adapters), **fields)
+
+
+def test_good_adapters_serve_and_broken_ones_are_named(engine: model.Engine) -> None:
+    assert engine.info.adapters == ("kohya", "style", "unet-only")
+    assert set(engine.adapters.broken) == {"wrong-shape", "foreign", "garbage"}
+    # the kohya file's text-encoder layers landed too: they change the images
+    layers = engine.adapters._pipeline().get_list_adapters()
+    assert "kohya" in layers["text_encoder"] and "style" in layers["text_encoder"]
+    assert "unet-only" not in layers["text_encoder"]
+    with pytest.raises(InvalidRequestError, match=r"adapter wrong-shape could not be loaded: .*does not fit"):
+        engine.validate_item(item("x", 1, {"wrong-shape": 1.0}))
+    with pytest.raises(InvalidRequestError, match=r"foreign could not be loaded: .*no LoRA layer"):
+        engine.validate_item(item("x", 1, {"foreign": 1.0}))
+    for name in ("nope", "STYLE", "style.safetensors", "../style"):
+        with pytest.raises(InvalidRequestError, match="unknown adapter"):
+            engine.validate_item(item("x", 1, {name: 1.0}))
+    for scale in (float("nan"), float("inf"), -float("inf"), 2.5, -3.0, 1e300):
+        with pytest.raises(InvalidRequestError, match="scale must be"):
+            engine.validate_item(item("x", 1, {"style": scale}))
+    with pytest.raises(InvalidRequestError, match="at most 4 adapters"):
+        engine.validate_item(item("x", 1, {"style": 1, "kohya": 1, "unet-only": 1, "a": 1, "b": 1}))
+
+
+def test_images_beside_other_adapters_match_diffusers(engine: model.Engine, folder: Path) -> None:
+    items = [
+        item("a castle on a hill", 11, {"style": 0.8, "kohya": 1.0}),
+        item("a castle on a hill", 11),
+        item("a red boat", 12, {"kohya": -0.5}),
+        item("a red boat", 13, {"unet-only": 1.5}, guidance_scale=1.0),
+    ]
+    images, _ = engine.generate_float(items)
+    for index, it in enumerate(items):
+        ours = images[index].permute(1, 2, 0).numpy()
+        assert loras.difference(ours, loras.reference(folder, it)) < TOLERANCE, f"item {index} differs"
+    # the adapters change the image, so the comparison above means something
+    assert loras.difference(images[0].numpy(), images[1].numpy()) > 0.1
+    alone, _ = engine.generate_float(items[:1])
+    assert loras.difference(alone[0].numpy(), images[0].numpy()) < 1e-5
+
+
+def test_items_joining_mid_run_beside_other_adapters_match(engine: model.Engine, folder: Path) -> None:
+    first, second = item("a fox", 21, {"style": 1.2}), item("a fox", 22)
+    third = item("a fox", 23, {"kohya": 0.7}, height=64, width=64)
+    handles = [engine.admit(first)]
+    engine.step()
+    handles.append(engine.admit(second))
+    engine.step()
+    handles.append(engine.admit(third))
+    while engine.running_rows:
+        engine.step()
+    images, _ = engine.retire_float(handles)
+    for image, it in zip(images, (first, second, third), strict=True):
+        assert loras.difference(image.permute(1, 2, 0).numpy(), loras.reference(folder, it)) < TOLERANCE
+
+
+def test_the_empty_negative_cache_stays_bounded_whatever_scales_clients_send(engine: model.Engine) -> None:
+    from model.stepping.admission import CACHED_NEGATIVES
+
+    engine.generate([item("x", 1, num_inference_steps=1, height=64, width=64)])
+    for step in range(3 * CACHED_NEGATIVES):
+        engine.generate([item("x", step, {"style": step / 100}, num_inference_steps=1, height=64, width=64)])
+    assert len(engine._prompts._empty_negative) <= CACHED_NEGATIVES
+    assert () in engine._prompts._empty_negative

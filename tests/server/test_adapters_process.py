@@ -1,0 +1,193 @@
+"""LoRA adapters in a real `sd-endpoint serve` process (SD_ADAPTERS, random:tiny): listed in /info
+and /v1/models, broken ones named in the log and refused with 422, and images with different
+adapters, sent at once on /score and OpenAI's route, running side by side in the step loop, each
+equal to diffusers' load_lora_weights + set_adapters."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.types import MAX_ADAPTER_SCALE, MAX_ADAPTERS_PER_ITEM, GenerationItem, adapter_set
+from schemas.score import MAX_ADAPTER_SCALE as WIRE_MAX_SCALE
+from schemas.score import MAX_ADAPTERS
+from tests.helpers import loras
+from tests.helpers.processes import REPO, Server, clean_env, start_server, stop_server
+from tests.helpers.servers import decode_png, metric_value
+
+SIZE = 128
+TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("adapters-server") / "server.log"
+    running = start_server(log, SD_ADAPTERS=str(folder), SD_MAX_BATCH_SIZE="8")
+    yield running
+    stop_server(running)
+
+
+def score(prompt: str, seed: int, steps: int, adapters: dict[str, float] | None) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"num_inference_steps": steps, "seed": seed}
+    if adapters is not None:
+        parameters["adapters"] = adapters
+    return {"input_data": {"columns": ["prompt"], "data": [prompt], "parameters": parameters}}
+
+
+def test_the_bounds_of_the_wire_and_the_engine_agree() -> None:
+    assert (MAX_ADAPTERS, WIRE_MAX_SCALE) == (MAX_ADAPTERS_PER_ITEM, MAX_ADAPTER_SCALE)
+
+
+def test_adapters_are_listed_and_broken_ones_named_once_in_the_log(server: Server) -> None:
+    assert httpx.get(f"{server.url}/info").json()["adapters"] == ["kohya", "style", "unet-only"]
+    ids = [entry["id"] for entry in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    assert ids == ["random:tiny", "kohya", "style", "unet-only"]
+    assert httpx.get(f"{server.url}/v1/models/style").status_code == 200
+    log = server.log_path.read_text()
+    for name in ("wrong-shape", "foreign", "garbage"):
+        lines = [line for line in log.splitlines() if f"adapter {name} left out" in line]
+        assert len(lines) == 1, f"{name}: {lines}"
+
+
+def test_images_with_different_adapters_run_side_by_side_and_equal_diffusers(
+    server: Server, folder: Path
+) -> None:
+    requests = [  # (adapters, seed, steps): the long first one runs while the others join it
+        ({"style": 0.8, "kohya": 1.0}, 31, 24),
+        (None, 32, 6),
+        ({"kohya": -0.5}, 33, 6),
+        ({"unet-only": 1.5, "style": 0.3}, 34, 6),
+    ]
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        url = f"{server.url}/score"
+        first = pool.submit(httpx.post, url, json=score("a lighthouse", 31, 24, requests[0][0]), timeout=300)
+        deadline = time.monotonic() + 60
+        while metric_value(httpx.get(f"{server.url}/metrics").text, "sd_running_images") < 1:
+            assert time.monotonic() < deadline, "the first image never started"
+            time.sleep(0.01)
+        others = [
+            pool.submit(httpx.post, url, json=score("a lighthouse", seed, steps, adapters), timeout=300)
+            for adapters, seed, steps in requests[1:]
+        ]
+        openai = pool.submit(
+            httpx.post,
+            f"{server.url}/v1/images/generations",
+            json={"prompt": "a lighthouse", "model": "kohya", "seed": 35, "num_inference_steps": 6},
+            timeout=300,
+        )
+        responses = [first.result(), *(future.result() for future in others)]
+        openai_response = openai.result()
+    for response, (adapters, seed, steps) in zip(responses, requests, strict=True):
+        assert response.status_code == 200, response.text
+        ours = decode_png(response.json()[0]["generated_image"]) / 255
+        item = GenerationItem("a lighthouse", seed=seed, num_inference_steps=steps, height=SIZE, width=SIZE,
+                              adapters=adapter_set(adapters))  # fmt: skip
+        assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE, f"adapters {adapters}"
+    assert openai_response.status_code == 200, openai_response.text
+    ours = decode_png(openai_response.json()["data"][0]["b64_json"]) / 255
+    item = GenerationItem("a lighthouse", seed=35, num_inference_steps=6, height=SIZE, width=SIZE,
+                          adapters=(("kohya", 1.0),))  # fmt: skip
+    assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE
+
+
+def test_the_generate_command_picks_adapters(server: Server, folder: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "service.cli.main", "generate", "a lighthouse", "--url", server.url,
+               "--seed", "41", "--steps", "6",
+               "--adapter", "style:0.8", "--adapter", "kohya", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.split("\t")[0])
+    ours = np.asarray(Image.open(path).convert("RGB")) / 255
+    item = GenerationItem("a lighthouse", seed=41, num_inference_steps=6, height=SIZE, width=SIZE,
+                          adapters=(("kohya", 1.0), ("style", 0.8)))  # fmt: skip
+    assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE
+    for bad in ("style:much", ":1", "style:nan", "style:inf"):
+        refused = subprocess.run([*command[:-6], "--adapter", bad], capture_output=True, text=True,
+                                 env=clean_env(), cwd=REPO, timeout=600)  # fmt: skip
+        assert refused.returncode == 2 and "is not NAME or NAME:SCALE" in refused.stderr, bad
+
+
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        ({"wrong-shape": 1.0}, "adapter wrong-shape could not be loaded"),
+        ({"foreign": 0.5}, "adapter foreign could not be loaded"),
+        ({"nope": 1.0}, "unknown adapter"),
+        ({"Style": 1.0}, "unknown adapter"),
+        ({"../style": 1.0}, "adapter names are"),
+        ({"": 1.0}, "adapter names are"),
+        ({"style": 2.5}, "scale must be a finite number from -2.0 to 2.0"),
+        ({"style": -100}, "scale must be a finite number"),
+        ({"style": True}, "valid number"),
+        ({"style": "1"}, "valid number"),
+        ({"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}, "at most 4 adapters"),
+        (["style"], "valid dictionary"),
+    ],
+)
+def test_bad_adapters_get_422_saying_why(server: Server, adapters: Any, message: str) -> None:
+    response = httpx.post(f"{server.url}/score", json=score("x", 1, 2, adapters), timeout=60)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"]
+    openai = {"prompt": "x", "num_inference_steps": 2, "adapters": adapters}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=openai, timeout=60)
+    assert response.status_code in (400, 422), response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_an_infinite_scale_is_refused(server: Server) -> None:
+    body = b'{"input_data": {"columns": ["prompt"], "data": ["x"], "parameters": {"adapters": {"s": 1e999}}}}'
+    assert math.isinf(1e999)
+    response = httpx.post(f"{server.url}/score", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "finite" in response.json()["error"]["message"]
+
+
+def test_a1111_lora_tags_in_the_prompt_pick_adapters_and_equal_score(server: Server) -> None:
+    """Open WebUI's and SillyTavern's users write <lora:NAME:SCALE> in the prompt, as on A1111."""
+    loras_listed = httpx.get(f"{server.url}/sdapi/v1/loras").json()
+    assert [entry["name"] for entry in loras_listed] == ["kohya", "style", "unet-only"]
+    body = {"prompt": "<lora:style:0.8> a lighthouse <LORA:kohya>", "steps": 6, "seed": 41, "cfg_scale": 7.5}
+    tagged = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+    assert tagged.status_code == 200, tagged.text
+    plain = httpx.post(
+        f"{server.url}/score", json=score("a lighthouse", 41, 6, {"style": 0.8, "kohya": 1.0}), timeout=300
+    )
+    without = httpx.post(f"{server.url}/score", json=score("a lighthouse", 41, 6, None), timeout=300)
+    ours = decode_png(tagged.json()["images"][0]) / 255
+    assert np.abs(ours - decode_png(plain.json()[0]["generated_image"]) / 255).max() == 0
+    assert np.abs(ours - decode_png(without.json()[0]["generated_image"]) / 255).max() > TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("<lora:nope:1> a cat", "nope"),  # not an adapter of this server
+        ("<lora::1> a cat", "names no adapter"),
+        ("<lora:style:0.5:1> a cat", "two weights"),
+        ("<lora:style:x> a cat", "not a number"),
+        ("<lora:style:nan> a cat", "finite"),
+        ("<lora:style:3> a cat", "from"),  # beyond the scale range
+        ("<lora:a:1><lora:b:1><lora:c:1><lora:d:1><lora:e:1>", "at most"),
+        ("<lora:../../etc/passwd:1> x", "names no adapter"),
+    ],
+)
+def test_bad_a1111_lora_tags_get_422_saying_why(server: Server, prompt: str, message: str) -> None:
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 2}, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert message in answer.json()["detail"]
