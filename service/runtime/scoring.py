@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import math
+import re
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -63,15 +65,20 @@ def parse_body(
 ) -> M:
     """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
     messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
-    # 1. JSON. Python's parser accepts NaN and Infinity; the contract does not.
-    document = parse_json(body, expected)
-    # 2. A size no valid request reaches, before anything costs more than the parse.
+    # 1. A size no valid request reaches, told from the bytes before the parser runs: json.loads
+    #    holds the interpreter for the whole body (a megabyte of tiny values: tens of milliseconds
+    #    in which no other request, health checks included, is answered); the scan stops early.
     budget = _VALUES_BESIDES_ROWS + _VALUES_PER_ROW * limits.max_prompts
-    if _holds_more_values(document, budget):
-        raise ContractError(
-            f"the body holds more than {budget} JSON values, more than any valid request; "
-            "see the request schema at /docs"
-        )
+    too_many = ContractError(
+        f"the body holds more than {budget} JSON values, more than any valid request; "
+        "see the request schema at /docs"
+    )
+    if _too_deep_or_too_many(body, budget):
+        raise too_many
+    # 2. JSON. Python's parser accepts NaN and Infinity; the contract does not.
+    document = parse_json(body, expected)
+    if _holds_more_values(document, budget):  # what the scan counts, on what the parser read
+        raise too_many
     # 3. The contract, with the operator's limits.
     try:
         return model.model_validate(document, context={"limits": limits})
@@ -89,6 +96,36 @@ async def parse_body_off_loop(
     if len(body) < OFF_LOOP_BYTES:
         return parse_body(body, model, limits, expected=expected)
     return await asyncio.to_thread(parse_body, body, model, limits, expected=expected)
+
+
+# A JSON token: a string (escapes are taken out first, so that any string is one linear scan), an
+# opening or a closing of an object or array, or a bare scalar (number, true, false, null). All but
+# the closings are values or keys: for valid JSON, as many as _holds_more_values counts.
+_TOKEN = re.compile(rb'"[^"]*"|[\[{\]}]|[^\s\[\]{},:"]+')
+
+
+def _too_deep_or_too_many(body: bytes, budget: int) -> bool:
+    """Whether ``body`` holds more than ``budget`` values and keys, scanning only as far as it takes
+    to know. A body that nests deeper than the parser goes is left to the parser (which stops there,
+    with its own 400): the scan follows the nesting far enough to tell the two apart."""
+    deepest = sys.getrecursionlimit()  # where json.loads gives up (RecursionError)
+    # Escapes out (an escaped quote ends no string), then JSON's whitespace: both at C speed, so
+    # that the scan's cost depends on neither the strings' content nor the padding.
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, b" \t\r\n")
+    depth = values = 0
+    for match in _TOKEN.finditer(plain):
+        token = match.group()
+        if token in (b"]", b"}"):
+            depth -= 1
+            continue
+        values += 1
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth >= deepest:
+                return False
+        if values > max(budget, 2 * deepest):
+            break
+    return values > budget
 
 
 def _holds_more_values(document: Any, budget: int) -> bool:
