@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
 import pytest
+import tomllib
+from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "schemas", "service")
@@ -27,39 +30,10 @@ def source_files() -> list[Path]:
     return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def imports_of(path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
-    """Every module ``path`` imports when it runs, lazy imports in functions included (imports
-    under ``if TYPE_CHECKING:`` never run, so they are left out). ``from package import module``
-    counts as importing the module (of ``modules``), not the package."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
-               for child in node.body for n in ast.walk(child)}  # fmt: skip
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
-            found.update(submodules)
-            if len(submodules) < len(node.names):
-                found.add(node.module)
-    return found
-
-
-def project_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in source_files()}
-    return {
-        name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()
-    }
+def project_graph() -> grimp.ImportGraph:
+    """Every import of the project's modules, lazy imports in functions included; imports under
+    ``if TYPE_CHECKING:`` never run, so they are left out (as in the layer contracts)."""
+    return grimp.build_graph(*PACKAGES, exclude_type_checking_imports=True, cache_dir=None)
 
 
 def test_no_folder_holds_more_than_ten_modules_nor_any_module_more_than_400_lines() -> None:
@@ -75,48 +49,32 @@ def test_no_folder_holds_more_than_ten_modules_nor_any_module_more_than_400_line
 
 def test_there_is_no_import_cycle() -> None:
     graph = project_graph()
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for target in sorted(graph[node]):
-            if state.get(target) == 1:
-                cycle = [*path[path.index(target) :], target] if target in path else [node, target]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if target not in state:
-                visit(target, [*path, target])
-        state[node] = 2
-
-    for start in sorted(graph):
-        if start not in state:
-            visit(start, [start])
+    for module in sorted(graph.modules):
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            back = graph.find_shortest_chain(importer=imported, imported=module)
+            if back:
+                pytest.fail("import cycle: " + " -> ".join((module, *back)))
 
 
-# (importer prefix, what it must never import): the layers, lowest first.
-FORBIDDEN = [
-    ("schemas", ("model", "service")),
-    ("model", ("schemas", "service")),
-    ("service.settings", ("service.web", "service.hosts", "service.cli", "service.runtime")),
-    ("service.logs", ("service.web", "service.hosts", "service.cli", "service.runtime")),
-    ("service.storage", ("service.web", "service.hosts", "service.cli", "service.runtime", "service.batch")),
-    ("service.runtime", ("service.web", "service.hosts", "service.cli", "service.batch", *WEB_STACK)),
-    ("service.batch", ("service.web", "service.hosts", *WEB_STACK)),
-    ("service.web", ("service.hosts", "service.cli", "service.batch")),
-    ("service.hosts", ("service.cli",)),
-]
+def test_imports_run_one_way_between_the_layers() -> None:
+    """The layer rules are import-linter contracts in pyproject.toml ([tool.importlinter]); they
+    count indirect imports too, so a layer cannot reach a forbidden one through a third."""
+    broken = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+    assert broken == 0, "an import crosses a layer the wrong way: the contract printed above says which"
 
 
-@pytest.mark.parametrize(("importer", "forbidden"), FORBIDDEN, ids=[f[0] for f in FORBIDDEN])
-def test_imports_run_one_way_between_the_layers(importer: str, forbidden: tuple[str, ...]) -> None:
-    wrong = []
-    for path in source_files():
-        name = module_name(path)
-        if name != importer and not name.startswith(importer + "."):
-            continue
-        for target in imports_of(path):
-            if any(target == f or target.startswith(f + ".") for f in forbidden):
-                wrong.append(f"{name} imports {target}")
-    assert not wrong, "\n".join(sorted(set(wrong)))
+def test_every_layer_is_under_a_contract() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    assert set(config["root_packages"]) == set(PACKAGES)
+    sources = {s for contract in config["contracts"] for s in contract["source_modules"]}
+    service = {
+        f"service.{m.stem}"
+        for m in (ROOT / "service").iterdir()
+        if m.suffix == ".py" or (m / "__init__.py").exists()
+    }
+    # The command line is the top layer: nothing is above it to forbid.
+    loose = {"model", "schemas", *service} - sources - {"service.cli", "service.__init__"}
+    assert not loose, f"layers no import-linter contract constrains: {sorted(loose)}"
 
 
 def _imported_modules(argv: list[str], cwd: Path) -> set[str]:
