@@ -28,6 +28,7 @@ from service.runtime.convert import openai_to_items, to_image_data
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
+from service.web.clients.common import lifecycle_of, served_names
 from service.web.clients.streaming import stream_images, wants_stream
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
 from service.web.routes import answer_generation
@@ -50,24 +51,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
 
 
-def _lifecycle(request: Request) -> Lifecycle:
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    return lifecycle
-
-
-def _served_names(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
-    """The ids the server answers to: SD_SERVED_MODEL_NAMES (so that clients that always send
-    "dall-e-3" work unchanged), else the model's own name."""
-    return lifecycle.settings.served_model_name_list or (info.name,)
-
-
 def _served(name: str, owner: str = OWNER) -> OpenAIModel:
     return OpenAIModel(id=name, created=_STARTED, owned_by=owner)
 
 
 def _model_ids(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
     """Every id ``model`` may name: the served names, then each LoRA adapter (the model with it)."""
-    return _served_names(lifecycle, info) + info.adapters
+    return served_names(lifecycle) + info.adapters
 
 
 def _require_served(model: str | None, names: tuple[str, ...]) -> None:
@@ -112,7 +102,7 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: 
     },
 )
 async def create_images(request: Request) -> Any:
-    lifecycle = _lifecycle(request)
+    lifecycle = lifecycle_of(request)
     body = await request.body()
     if wants_stream(body):  # Server-Sent Events (service/web/clients/streaming.py)
         names = _model_ids(lifecycle, lifecycle.require_ready().engine.info)
@@ -131,10 +121,10 @@ async def create_images(request: Request) -> Any:
     responses={key: value for key, value in _ERRORS.items() if key in (401, 503)},
 )
 def list_models(request: Request) -> OpenAIModelList:
-    lifecycle = _lifecycle(request)
+    lifecycle = lifecycle_of(request)
     info = lifecycle.require_ready().engine.info
     adapters = [_served(name, ADAPTER_OWNER) for name in info.adapters]
-    return OpenAIModelList(data=[_served(name) for name in _served_names(lifecycle, info)] + adapters)
+    return OpenAIModelList(data=[_served(name) for name in served_names(lifecycle)] + adapters)
 
 
 @router.get(
@@ -144,7 +134,7 @@ def list_models(request: Request) -> OpenAIModelList:
     responses={key: value for key, value in _ERRORS.items() if key in (401, 404, 503)},
 )
 def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
-    lifecycle = _lifecycle(request)
+    lifecycle = lifecycle_of(request)
     info = lifecycle.require_ready().engine.info
     _require_served(model_id, _model_ids(lifecycle, info))
     return _served(model_id, ADAPTER_OWNER if model_id in info.adapters else OWNER)

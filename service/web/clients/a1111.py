@@ -23,9 +23,9 @@ from schemas.a1111 import AUTOMATIC, NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, SAMPLERS, 
 from service.runtime.convert import FieldError, a1111_to_items
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
-from service.runtime.lifecycle import Lifecycle, Runtime
+from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop, parse_json
-from service.web.clients.common import caller, jobs_of
+from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
 from service.web.errors import SHARED_ERROR_DESCRIPTIONS
 from service.web.routes import answer_generation
 
@@ -42,15 +42,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _TXT2IMG_SCHEMA = Txt2ImgRequest.model_json_schema()
 
 
-def _lifecycle(request: Request) -> Lifecycle:
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    return lifecycle
-
-
 def _names(request: Request) -> tuple[str, ...]:
-    """The checkpoint titles this server answers to: SD_SERVED_MODEL_NAMES, else the model's name."""
-    lifecycle = _lifecycle(request)
-    return lifecycle.settings.served_model_name_list or (lifecycle.require_ready().engine.info.name,)
+    """The checkpoint titles this server answers to."""
+    return served_names(lifecycle_of(request))
 
 
 def _require_served(checkpoint: str | None, names: tuple[str, ...], where: str) -> None:
@@ -193,19 +187,19 @@ def _samplers(info: ModelInfo) -> list[dict[str, Any]]:
 
 @router.get("/samplers", summary="Samplers, each with the scheduler of this server it runs")
 def samplers(request: Request) -> list[dict[str, Any]]:
-    return _samplers(_lifecycle(request).require_ready().engine.info)
+    return _samplers(lifecycle_of(request).require_ready().engine.info)
 
 
 @router.get("/schedulers", summary='Schedules: only "Automatic" (each sampler\'s own)')
 def schedulers(request: Request) -> list[dict[str, Any]]:
-    _lifecycle(request).require_ready()
+    lifecycle_of(request).require_ready()
     entry = {"name": AUTOMATIC.lower(), "label": AUTOMATIC, "aliases": None, "default_rho": -1}
     return [{**entry, "need_inner_model": False}]
 
 
 @router.get("/upscalers", summary='Upscalers: only "None" (no high-resolution pass here)')
 def upscalers(request: Request) -> list[dict[str, Any]]:
-    _lifecycle(request).require_ready()
+    lifecycle_of(request).require_ready()
     return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
 
 
@@ -221,7 +215,7 @@ def sd_vae() -> list[dict[str, Any]]:
 
 @router.get("/loras", summary="The LoRA adapters of SD_ADAPTERS, for <lora:NAME:SCALE> in a prompt")
 def loras(request: Request) -> list[dict[str, Any]]:
-    info = _lifecycle(request).require_ready().engine.info
+    info = lifecycle_of(request).require_ready().engine.info
     return [{"name": name, "alias": name, "path": name, "metadata": {}} for name in info.adapters]
 
 

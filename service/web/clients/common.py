@@ -1,4 +1,5 @@
-"""What every client's routes share: who the caller is, and the job that follows its request."""
+"""What every client's routes share: the server's lifecycle, the names it answers to, who the
+caller is, and the job that follows its request."""
 
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ from starlette.requests import Request
 
 from service.logs import request_id_var
 from service.runtime.jobs import Job, Jobs
+from service.runtime.lifecycle import Lifecycle
 from service.web.middleware import presented_key
+
+
+def lifecycle_of(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+def served_names(lifecycle: Lifecycle) -> tuple[str, ...]:
+    """The model names this server answers to (OpenAI model ids, A1111 checkpoint titles):
+    SD_SERVED_MODEL_NAMES, so that clients that always send "dall-e-3" work unchanged, else the
+    model's own name (which needs the model loaded)."""
+    return lifecycle.settings.served_model_name_list or (lifecycle.require_ready().engine.info.name,)
 
 
 def jobs_of(request: Request) -> Jobs:
