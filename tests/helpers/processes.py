@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,3 +64,13 @@ def stop_server(server: Server) -> None:
         server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         server.process.kill()
+
+
+@contextmanager
+def serving(log_path: Path, **env: str) -> Iterator[Server]:
+    """A server process for the length of a ``with`` block (a module fixture's usual shape)."""
+    running = start_server(log_path, **env)
+    try:
+        yield running
+    finally:
+        stop_server(running)

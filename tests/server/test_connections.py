@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.helpers.servers import request_body
+from tests.helpers.sockets import connect
 
 MAX_CONNECTIONS = 210
 IDLE = 200
@@ -21,20 +22,17 @@ HEADER_TIMEOUT_S = 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("connections") / "server.log"
-    running = start_server(
-        log_path,
+    with serving(
+        tmp_path_factory.mktemp("connections") / "server.log",
         SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         SD_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
         SD_BODY_TIMEOUT_S="1",
-    )
-    yield running
-    stop_server(running)
+    ) as running:
+        yield running
 
 
 def open_idle(url: str, count: int) -> list[socket.socket]:
-    host, port = url.removeprefix("http://").split(":")
-    return [socket.create_connection((host, int(port)), timeout=10) for _ in range(count)]
+    return [connect(url, timeout=10) for _ in range(count)]
 
 
 def closed_by_server(sock: socket.socket) -> bool:

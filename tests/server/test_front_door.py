@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.helpers.servers import metric_value, request_body
+from tests.helpers.sockets import connect, exchange
 
 MAX_CONNECTIONS = 12  # room for the flood of eight costly bodies and the probe
 SEND_TIMEOUT_S = 2
@@ -27,35 +28,14 @@ MAX_HEADER_BYTES = 8192
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("front-door") / "server.log"
-    running = start_server(
-        log_path,
+    with serving(
+        tmp_path_factory.mktemp("front-door") / "server.log",
         SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         SD_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
         SD_MAX_HEADER_COUNT=str(MAX_HEADER_COUNT),
         SD_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
-    )
-    yield running
-    stop_server(running)
-
-
-def connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
-def exchange(server: Server, data: bytes | list[bytes], read_s: float = 10) -> bytes:
-    """Send ``data`` (pieces in turn), then read until the server closes or ``read_s`` pass."""
-    answer = b""
-    with connect(server) as sock:
-        with contextlib.suppress(OSError):  # the server may close before everything was sent
-            for piece in [data] if isinstance(data, bytes) else data:
-                sock.sendall(piece)
-        sock.settimeout(read_s)
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                answer += chunk
-    return answer
+    ) as running:
+        yield running
 
 
 def metrics(server: Server) -> str:
@@ -99,7 +79,7 @@ HEAD = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 )
 def test_a_head_over_the_limits_is_431_and_closed_before_the_app(server: Server, pieces: list[bytes]) -> None:
     before = requests_with(server, 431)
-    answer = exchange(server, pieces)
+    answer = exchange(server.url, pieces)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"header_fields_too_large" in answer and b"SD_MAX_HEADER_COUNT" in answer
     assert requests_with(server, 431) == before + 1
@@ -109,7 +89,7 @@ def test_a_head_over_the_limits_is_431_and_closed_before_the_app(server: Server,
 
 def test_heads_within_the_limits_are_served_whole_and_pipelined(server: Server) -> None:
     exactly = HEAD + b"a:b\r\n" * (MAX_HEADER_COUNT - 2) + b"Connection: close\r\n\r\n"  # with Host
-    assert exchange(server, exactly).startswith(b"HTTP/1.1 200 ")
+    assert exchange(server.url, exactly).startswith(b"HTTP/1.1 200 ")
     # Pipelined requests whose heads and bodies together exceed the byte limit are each within it.
     body = json.dumps(request_body(["p" * 1500] * 3, num_inference_steps=1)).encode()
     one = (
@@ -117,7 +97,7 @@ def test_heads_within_the_limits_are_served_whole_and_pipelined(server: Server) 
         + b"Content-Length: %d\r\n\r\n" % len(body)
         + body
     )
-    answer = exchange(server, [one * 3 + HEAD + b"Connection: close\r\n\r\n"], read_s=120)
+    answer = exchange(server.url, [one * 3 + HEAD + b"Connection: close\r\n\r\n"], read_s=120)
     assert answer.count(b"HTTP/1.1 200 ") == 4, answer[:300]
 
 
@@ -126,7 +106,7 @@ def test_clients_that_never_read_are_closed_and_their_slots_freed(server: Server
     before_503 = requests_with(server, 503)
     held = []
     for _ in range(MAX_CONNECTIONS):  # one after another, each within the limit, so each is answered
-        sock = connect(server)
+        sock = connect(server.url)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):
@@ -153,9 +133,9 @@ def test_clients_that_never_read_are_closed_and_their_slots_freed(server: Server
 
 def test_beyond_the_limit_new_requests_are_a_counted_json_503(server: Server) -> None:
     before_503 = requests_with(server, 503)
-    held = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    held = [connect(server.url) for _ in range(MAX_CONNECTIONS)]
     try:
-        answers = [exchange(server, HEAD + b"\r\n") for _ in range(3)]
+        answers = [exchange(server.url, HEAD + b"\r\n") for _ in range(3)]
     finally:
         for sock in held:
             sock.close()
@@ -187,7 +167,7 @@ def test_beyond_the_limit_new_requests_are_a_counted_json_503(server: Server) ->
 )
 def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(server: Server, request_bytes: bytes) -> None:
     before_500, before_499 = requests_with(server, 500), requests_with(server, 499)
-    with connect(server) as sock:
+    with connect(server.url) as sock:
         sock.sendall(request_bytes)
         time.sleep(0.3)
     deadline = time.monotonic() + 10
@@ -262,7 +242,7 @@ def test_a_websocket_upgrade_is_refused_logged_and_counted(server: Server, path:
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
-    answer = exchange(server, handshake)
+    answer = exchange(server.url, handshake)
     assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
     assert metric_value(metrics(server), "sd_requests_total", 'route="other",status="403"') == before + 1
     assert f"GET {path} 403: WebSocket upgrade refused" in log_text(server)
@@ -270,6 +250,6 @@ def test_a_websocket_upgrade_is_refused_logged_and_counted(server: Server, path:
 
 @pytest.mark.parametrize("request_bytes", [b"GET /\r\n", b"GET /health/live\r\n\r\n", b"GET /metrics\n\n"])
 def test_http_0_9_is_refused(server: Server, request_bytes: bytes) -> None:
-    answer = exchange(server, request_bytes, read_s=5)
+    answer = exchange(server.url, request_bytes, read_s=5)
     assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b"Healthy" not in answer and b"sd_requests_total" not in answer

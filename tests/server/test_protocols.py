@@ -18,6 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
 from tests.helpers.servers import GatedEngine, ThreadServer, metric_value, request_body, tiny_engine
+from tests.helpers.sockets import connect, exchange
 
 MAX_HEADER_COUNT = 30
 MAX_HEADER_BYTES = 4096
@@ -31,24 +32,6 @@ def server(request: pytest.FixtureRequest) -> Iterator[ThreadServer]:
     )
     with ThreadServer(settings, GatedEngine(tiny_engine()), guarded=request.param) as running:
         yield running
-
-
-def connect(server: ThreadServer) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
-def exchange(server: ThreadServer, pieces: list[bytes], read_s: float = 10) -> bytes:
-    answer = b""
-    with connect(server) as sock:
-        with contextlib.suppress(OSError):
-            for piece in pieces:
-                sock.sendall(piece)
-        sock.settimeout(read_s)
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                answer += chunk
-    return answer
 
 
 HEAD = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -68,7 +51,7 @@ HEAD = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 )
 def test_a_head_over_the_limits_is_431_before_the_app(server: ThreadServer, pieces: list[bytes]) -> None:
     before = metric_value(httpx.get(f"{server.url}/metrics").text, "sd_requests_total", 'status="431"')
-    answer = exchange(server, pieces)
+    answer = exchange(server.url, pieces)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'"header_fields_too_large"' in answer
     after = metric_value(httpx.get(f"{server.url}/metrics").text, "sd_requests_total", 'status="431"')
@@ -87,12 +70,12 @@ def test_heads_and_bodies_within_the_limits_are_served_pipelined(server: ThreadS
         + body
     )
     last = HEAD + b"Connection: close\r\n\r\n"
-    answer = exchange(server, [post * 3 + last], read_s=120)
+    answer = exchange(server.url, [post * 3 + last], read_s=120)
     assert answer.count(b"HTTP/1.1 200 ") == 4, answer[:400]
     # The same with the end of the head split across three reads.
     end = post.index(b"\r\n\r\n")
     pieces = [post[: end + 1], post[end + 1 : end + 3], post[end + 3 :], last]
-    assert exchange(server, pieces, read_s=120).count(b"HTTP/1.1 200 ") == 2
+    assert exchange(server.url, pieces, read_s=120).count(b"HTTP/1.1 200 ") == 2
 
 
 def test_a_client_that_reads_nothing_is_cut_off_and_one_that_reads_slowly_is_not(
@@ -105,7 +88,7 @@ def test_a_client_that_reads_nothing_is_cut_off_and_one_that_reads_slowly_is_not
     asset = b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     # 1. Reads nothing: closed within a few send deadlines, the answers it did not read dropped.
     unread = 0
-    with connect(server) as sock:
+    with connect(server.url) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(asset * 20)
         time.sleep(SEND_TIMEOUT_S * 5)
@@ -120,7 +103,7 @@ def test_a_client_that_reads_nothing_is_cut_off_and_one_that_reads_slowly_is_not
     assert after == before + 1
     # 2. Reads a little at a time, for longer than the deadline: served whole.
     received = 0
-    with connect(server) as sock:
+    with connect(server.url) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         sock.sendall(asset * 2 + asset[:-2] + b"Connection: close\r\n\r\n")
         started = time.monotonic()
