@@ -24,7 +24,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +87,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Install:
 @pytest.fixture(scope="module")
 def server(installed: Install) -> Iterator[Server]:
     log = installed.outside / "server.log"
-    running = start_server(log, command=[installed.program, "serve"], cwd=installed.outside, **installed.env)
-    yield running
-    stop_server(running)
+    with serving(
+        log, command=[installed.program, "serve"], cwd=installed.outside, **installed.env
+    ) as running:
+        yield running
 
 
 def test_every_file_of_the_packages_is_in_the_wheel(installed: Install) -> None:

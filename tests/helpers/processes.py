@@ -67,9 +67,11 @@ def stop_server(server: Server) -> None:
 
 
 @contextmanager
-def serving(log_path: Path, **env: str) -> Iterator[Server]:
+def serving(
+    log_path: Path, *, command: Sequence[str] = SERVE, cwd: Path = REPO, **env: str
+) -> Iterator[Server]:
     """A server process for the length of a ``with`` block (a module fixture's usual shape)."""
-    running = start_server(log_path, **env)
+    running = start_server(log_path, command=command, cwd=cwd, **env)
     try:
         yield running
     finally:

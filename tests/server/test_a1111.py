@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, metric_value, request_body
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,8 @@ def sillytavern_headers() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("a1111") / "server.log"
-    running = start_server(log_path, SD_API_KEYS=f"{KEY},{OTHER_KEY}", SD_SERVED_MODEL_NAMES=SERVED)
-    yield running
-    stop_server(running)
+    with serving(log_path, SD_API_KEYS=f"{KEY},{OTHER_KEY}", SD_SERVED_MODEL_NAMES=SERVED) as running:
+        yield running
 
 
 def get(server: Server, path: str, headers: dict[str, str] | None = None) -> httpx.Response:

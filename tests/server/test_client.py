@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.ports import free_port
-from tests.helpers.processes import REPO, Server, clean_env, start_server, stop_server
+from tests.helpers.processes import REPO, Server, clean_env, serving
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +30,8 @@ SMALL = ["--steps", "2", "--width", "128", "--height", "128"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(log_path, SD_API_KEYS=",".join(KEYS))
-    yield running
-    stop_server(running)
+    with serving(log_path, SD_API_KEYS=",".join(KEYS)) as running:
+        yield running
 
 
 def generate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving, start_server, stop_server
 from tests.helpers.servers import decode_png, metric_value
 from tests.helpers.weights import save_with_diffusers
 
@@ -26,16 +26,14 @@ FOLDER_STARTS = 3
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("two") / "server.log", SD_DEVICES="cpu,cpu")
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("two") / "server.log", SD_DEVICES="cpu,cpu") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("one") / "server.log", SD_DEVICES="cpu")
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("one") / "server.log", SD_DEVICES="cpu") as running:
+        yield running
 
 
 def body(seed: int, steps: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.server.test_ui_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -26,9 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("docs") / "server.log")
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("docs") / "server.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, metric_value, request_body
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,8 @@ KEY = "hf-test-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("hf") / "server.log", SD_API_KEYS=KEY)
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("hf") / "server.log", SD_API_KEYS=KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

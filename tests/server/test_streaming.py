@@ -16,7 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving
 from tests.helpers.servers import metric_value
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,8 @@ LONG: dict[str, Any] = {"num_inference_steps": 150, "seed": 4, "guidance_scale":
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("stream") / "server.log", SD_API_KEYS=KEY)
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("stream") / "server.log", SD_API_KEYS=KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
