@@ -22,6 +22,17 @@ MAX_LENGTH = 77
 
 _CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _CROSS_ATTN_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+# The full-size UNet both SD 1.x and 2.x share; they differ in text width and attention heads.
+_UNET_FULL: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": _CROSS_ATTN_DOWN,
+    "up_block_types": _CROSS_ATTN_UP,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
 _VAE_FULL: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -123,18 +134,7 @@ CONFIGS: dict[str, ArchitectureConfig] = {
         },
     ),
     "sd-v1-4": ArchitectureConfig(
-        unet={
-            "sample_size": 64,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": _CROSS_ATTN_DOWN,
-            "up_block_types": _CROSS_ATTN_UP,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "layers_per_block": 2,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-        },
+        unet={**_UNET_FULL, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_VAE_FULL,
         text_encoder={
             "vocab_size": 49408,
@@ -150,17 +150,10 @@ CONFIGS: dict[str, ArchitectureConfig] = {
     ),
     "sd-2-base": ArchitectureConfig(
         unet={
-            "sample_size": 64,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": _CROSS_ATTN_DOWN,
-            "up_block_types": _CROSS_ATTN_UP,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "layers_per_block": 2,
+            **_UNET_FULL,
             "cross_attention_dim": 1024,
             "attention_head_dim": (5, 10, 20, 20),  # head size 64 at every level
             "use_linear_projection": True,
-            "norm_num_groups": 32,
         },
         vae={**_VAE_FULL, "sample_size": 768},
         text_encoder={  # OpenCLIP ViT-H/14 text tower, penultimate layer (23 of 24)
