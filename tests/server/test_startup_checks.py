@@ -75,23 +75,29 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert "SD_PORT" in line and str(port) in line
 
 
-def test_unknown_variables_and_a_server_open_beyond_loopback_without_keys_are_named_in_the_log() -> None:
-    env = clean_env(
-        SD_MODEL="random:tiny", SD_HOST="0.0.0.0", SD_PORT=str(free_port()),
-        SD_API_KEYZ=SECRET, SD_MAXCONNECTIONS="5", SD_BATCH_PARAMS="{}",
-    )  # fmt: skip
+def log_lines_until(env: dict[str, str], marker: str) -> list[str]:
+    """The server's log lines up to the first holding ``marker``; then the server is stopped."""
     process = subprocess.Popen(
         SERVE, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120
-        while not any("NO API KEYS" in line for line in lines):
+        while not any(marker in line for line in lines):
             assert time.monotonic() < deadline and process.poll() is None, lines
             lines.append(process.stdout.readline() if process.stdout else "")
     finally:
         process.terminate()
         process.wait(60)
+    return lines
+
+
+def test_unknown_variables_and_a_server_open_beyond_loopback_without_keys_are_named_in_the_log() -> None:
+    env = clean_env(
+        SD_MODEL="random:tiny", SD_HOST="0.0.0.0", SD_PORT=str(free_port()),
+        SD_API_KEYZ=SECRET, SD_MAXCONNECTIONS="5", SD_BATCH_PARAMS="{}",
+    )  # fmt: skip
+    lines = log_lines_until(env, "NO API KEYS")
     [unknown] = [line for line in lines if "unknown SD_* variables" in line]
     assert "WARNING" in unknown and "SD_API_KEYZ" in unknown and "SD_MAXCONNECTIONS" in unknown
     assert "SD_BATCH_PARAMS" not in unknown  # read by the batch entry script, not a typo
@@ -102,18 +108,7 @@ def test_unknown_variables_and_a_server_open_beyond_loopback_without_keys_are_na
 
 def test_a_loopback_server_without_keys_or_stray_variables_warns_of_neither() -> None:
     env = clean_env(SD_MODEL="random:tiny", SD_PORT=str(free_port()))
-    process = subprocess.Popen(
-        SERVE, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 120
-        while not any("Started server process" in line for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, lines
-            lines.append(process.stdout.readline() if process.stdout else "")
-    finally:
-        process.terminate()
-        process.wait(60)
+    lines = log_lines_until(env, "Started server process")
     assert not any("NO API KEYS" in line or "unknown SD_*" in line for line in lines), lines
 
 
