@@ -1,9 +1,12 @@
 """The reference in docs/ against the code it describes: every setting with its variable and
-default, every metric family with its type and labels, every error code, every Ray Serve argument;
-the paths the docs name exist; the README's quick start runs the commands CI runs."""
+default, every metric family with its type and labels, every error code, every Ray Serve argument,
+every command-line option; the paths the docs name exist; the README's quick start runs the
+commands CI runs."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from service.cli.main import COMMANDS
 from service.hosts.ray_serve import ServeArgs
 from service.runtime.metrics import Metrics
 from service.settings import Settings
@@ -112,6 +116,29 @@ def test_every_error_code_of_the_table_is_documented_with_its_status() -> None:
         assert f'"{code}"' in source or code in {"not_found", "method_not_allowed"}, (
             f"docs/api.md documents {code}, which no code answers"
         )
+
+
+# Where each command's options are documented; the first page documents no option the command lacks.
+OPTION_PAGES = {
+    "serve": ("settings.md",),
+    "batch": ("batch.md", "deploy.md"),
+    "generate": ("api.md",),
+    "make-model": ("models.md",),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_line_option_is_documented_and_no_other(command: str) -> None:
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+    options.discard("--help")
+    pages = [(DOCS / page).read_text(encoding="utf-8") for page in OPTION_PAGES[command]]
+    documented = [set(re.findall(r"`(--[a-z0-9-]+)", page)) for page in pages]
+    assert sorted(options - set().union(*documented)) == [], f"{command}'s options missing from docs/"
+    if command in ("batch", "generate"):
+        page = OPTION_PAGES[command][0]
+        assert sorted(documented[0] - options) == [], f"docs/{page} names options {command} lacks"
 
 
 def doc_files() -> list[Path]:
