@@ -148,8 +148,11 @@ def doc_files() -> list[Path]:
 @pytest.mark.parametrize("path", doc_files(), ids=lambda path: path.name)
 def test_every_path_the_docs_name_exists(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
-    # Backticked repository paths (globs allowed) and relative markdown links.
-    named = re.findall(r"`((?:benchmarks|deploy|docs|model|schemas|scripts|service|tests)/[\w./*-]*)`", text)
+    # Backticked repository paths (globs allowed), files named anywhere (the README's map is a code
+    # block), and relative markdown links.
+    roots = "(?:benchmarks|deploy|docs|model|schemas|scripts|service|tests)/"
+    named = re.findall(rf"`({roots}[\w./*-]*)`", text)
+    named += re.findall(rf"(?<![\w/.-])({roots}[\w./-]*\.(?:py|md|json|ya?ml|sh|png))", text)
     linked = [link.split("#")[0] for link in re.findall(r"\]\(([^)#:]+(?:#[^)]*)?)\)", text)]
     missing = [name for name in named if not list(ROOT.glob(name.rstrip("/")))] + [
         link for link in linked if link and not (path.parent / link).exists()
