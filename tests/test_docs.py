@@ -14,6 +14,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from schemas.a1111 import Txt2ImgRequest
+from schemas.huggingface import TextToImageParameters, TextToImageRequest
+from schemas.openai import ImageGenerationRequest
+from schemas.score import InputData, ScoreParameters
 from service.cli.main import COMMANDS
 from service.hosts.ray_serve import ServeArgs
 from service.runtime.metrics import Metrics
@@ -116,6 +120,27 @@ def test_every_error_code_of_the_table_is_documented_with_its_status() -> None:
         assert f'"{code}"' in source or code in {"not_found", "method_not_allowed"}, (
             f"docs/api.md documents {code}, which no code answers"
         )
+
+
+def section(page: str, heading: str) -> str:
+    """The text of ``## heading`` in docs/``page``, up to the next ``## ``."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    return text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+# Each request body's fields, and where docs/api.md describes them.
+REQUEST_FIELDS = {
+    "`/score`: the Azure ML contract": (InputData, ScoreParameters),
+    "OpenAI images API": (ImageGenerationRequest,),
+    "Other clients": (TextToImageRequest, TextToImageParameters, Txt2ImgRequest),
+}
+
+
+@pytest.mark.parametrize("heading", sorted(REQUEST_FIELDS))
+def test_every_request_field_is_described_where_its_route_is(heading: str) -> None:
+    described = set(re.findall(r"`([a-z_]+)`", section("api.md", heading)))
+    fields = {field for model in REQUEST_FIELDS[heading] for field in model.model_fields}
+    assert sorted(fields - described) == [], f"docs/api.md's {heading!r} does not describe these fields"
 
 
 # Where each command's options are documented; the first page documents no option the command lacks.
