@@ -58,5 +58,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
 
 # One engine per GPU the container sees, behind one queue (SD_DEVICES is unset, so "all" on CUDA):
 # `docker run --gpus all` on a multi-GPU VM serves every GPU; SD_DEVICES=cuda:0,cuda:1 or SD_DEVICE=cuda:1
-# picks some. Scale SD_MAX_QUEUE_ITEMS and the front end's concurrency by the GPU count (README).
+# picks some. Scale SD_MAX_QUEUE_ITEMS and the front end's concurrency by the GPU count (docs/deploy.md).
 CMD ["sd-endpoint", "serve", "--host", "0.0.0.0"]

@@ -370,4 +370,4 @@ def check_server_environment() -> list[str]:
     if not unknown:
         return []
     shown = ", ".join(name[:60] for name in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
-    return [f"unknown SD_* variables, ignored (a typo?): {shown}; the settings are listed in the README"]
+    return [f"unknown SD_* variables, ignored (a typo?): {shown}; docs/settings.md lists the settings"]

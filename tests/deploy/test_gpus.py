@@ -1,7 +1,7 @@
 """Every GPU of a VM behind one endpoint, statically: in each deployment (Azure ML online
 deployments, the Kubernetes base and its multi-GPU overlay) the GPU count, SD_DEVICES, the batch
-size, Azure's concurrency, the queue and KEDA's threshold agree; the README and the YAML's table of
-instance types agree with the GPU counts; the image serves every GPU by default; the dashboard
+size, Azure's concurrency, the queue and KEDA's threshold agree; docs/deploy.md and the YAML's table
+of instance types agree with the GPU counts; the image serves every GPU by default; the dashboard
 shows the engine-level metrics per engine."""
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ def test_the_instance_table_in_the_online_deployment_agrees_with_the_gpu_counts(
         assert int(concurrency) == 8 * int(gpus), f"{name}: max_concurrent_requests_per_instance 8 x {gpus}"
 
 
-def test_the_readme_table_of_instance_types_agrees_with_the_gpu_counts() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Every GPU of the machine", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_table_of_instance_types_agrees_with_the_gpu_counts() -> None:
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    section = deploy.split("## Every GPU of the machine", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(Standard_\w+)` \| (\d+) [^|]*\| (\d+) \|", section, re.MULTILINE)
-    assert len(rows) >= 6, "the README's multi-GPU section lists the instance types with their GPUs"
+    assert len(rows) >= 6, "docs/deploy.md's multi-GPU section lists the instance types with their GPUs"
     for name, gpus, concurrency in rows:
-        assert int(gpus) == GPUS_PER_INSTANCE[name], f"README: {name} has {GPUS_PER_INSTANCE[name]} GPUs"
-        assert int(concurrency) == 8 * int(gpus), f"README: {name}'s concurrency is 8 x {gpus}"
+        assert int(gpus) == GPUS_PER_INSTANCE[name], f"docs: {name} has {GPUS_PER_INSTANCE[name]} GPUs"
+        assert int(concurrency) == 8 * int(gpus), f"docs: {name}'s concurrency is 8 x {gpus}"
 
 
 def test_the_image_serves_every_gpu_and_leaves_sd_device_usable(monkeypatch: pytest.MonkeyPatch) -> None:
