@@ -7,6 +7,7 @@ from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from schemas.a1111 import Txt2ImgRequest
+from schemas.fields import DEFAULT_GUIDANCE
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import InputData
@@ -121,7 +122,7 @@ def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[G
             seed=params.seed if params.seed is not None else random_seed(),
             negative_prompt=params.negative_prompt or "",
             num_inference_steps=params.num_inference_steps or 1,  # set by validation
-            guidance_scale=7.5 if params.guidance_scale is None else params.guidance_scale,
+            guidance_scale=DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale,
             height=params.height,
             width=params.width,
             scheduler=scheduler,
@@ -130,8 +131,9 @@ def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[G
 
 
 def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> None:
+    """The one check of a request's scheduler: the names are the model's (GET /info), which
+    schemas/ cannot know, and the message names the field without repeating the client's text."""
     if scheduler is not None and scheduler not in info.schedulers:
-        # Checked here too (the engine would) so that the message does not repeat the client's text.
         param = where.rpartition(".")[2]
         raise FieldError(f"{where} must be one of: {', '.join(info.schedulers)}", param=param)
 
