@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from schemas.fields import (
@@ -36,6 +36,7 @@ from schemas.fields import (
     Steps,
     StepsWithinLimit,
     check_adapters,
+    seeds_fit,
 )
 from schemas.fields import contract_error as _error
 
@@ -136,10 +137,11 @@ class Txt2ImgRequest(StepsWithinLimit):
     cfg_scale: Guidance = DEFAULT_CFG_SCALE
     width: Side | None = Field(default=None, description="Default: native.")
     height: Side | None = Field(default=None, description="Default: native.")
-    # A1111's -1 draws a seed: its own rule, beside the other routes' Seed.
-    seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random. Image k gets seed + k.")
     batch_size: ImageCount = 1
     n_iter: ImageCount = Field(default=1, description="Batches; images = both.")
+    # A1111's -1 draws a seed: its own rule, beside the other routes' Seed; after the image counts,
+    # which its validator reads.
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random. Image k gets seed + k.")
     sampler_name: Name | None = Field(default=None, description=SAMPLER_RULE[8:])
     sampler_index: Name | None = Field(default=None, description="Used when sampler_name is not.")
     scheduler: Name | None = Field(default=None, description=f'Only "{AUTOMATIC}".')
@@ -151,6 +153,14 @@ class Txt2ImgRequest(StepsWithinLimit):
     override_settings: dict[str, Any] | None = Field(
         default=None, description="Accepted where each value is what this server uses anyway."
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, value: int, info: ValidationInfo) -> int:
+        images = info.data.get("batch_size", 1) * info.data.get("n_iter", 1)
+        if value >= 0 and not seeds_fit(value, images):
+            raise _error(f"seed + images - 1 must be at most {MAX_SEED}; send a smaller seed")
+        return value
 
     @field_validator("sampler_name", "sampler_index")
     @classmethod
@@ -195,6 +205,7 @@ class Txt2ImgRequest(StepsWithinLimit):
         # 2. The images of one request.
         if self.batch_size * self.n_iter > MAX_IMAGES_PER_PROMPT:
             raise _error(f"batch_size x n_iter may be at most {MAX_IMAGES_PER_PROMPT} images per request")
+
         # 3. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
         self.prompt, tagged = lora_tags(self.prompt)
         if tagged:

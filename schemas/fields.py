@@ -94,6 +94,12 @@ def is_text(text: str) -> bool:
     return True
 
 
+def seeds_fit(seed: int, images: int) -> bool:
+    """Whether the seeds of ``images`` images numbered from ``seed`` (seed, seed + 1, ...: every
+    route's rule) all fit the generator. Seeds the server draws are far below the bound."""
+    return seed + images - 1 <= MAX_SEED
+
+
 def valid_text(value: str) -> str:
     if not is_text(value):
         raise rule_error("is not valid Unicode text (it holds a lone surrogate); send UTF-8 text")

@@ -120,6 +120,13 @@ class ImageGenerationRequest(fields.StepsWithinLimit):
         default=None, description='LoRA adapters, as /score\'s {"NAME": scale}.'
     )
 
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not fields.seeds_fit(value, info.data.get("n", 1)):
+            raise contract_error(f"seed + n - 1 must be at most {fields.MAX_SEED}; send a smaller seed")
+        return value
+
     @field_validator("size")
     @classmethod
     def _size_in_bounds(cls, value: str | None) -> str | None:

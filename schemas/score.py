@@ -27,6 +27,7 @@ from schemas.fields import (
     StepsWithinLimit,
     contract_error,
     limits_of,
+    seeds_fit,
 )
 
 # The field definitions and limits every route shares; the names below stay importable from here.
@@ -150,6 +151,14 @@ class InputData(BaseModel):
             self.parameters = ScoreParameters.model_validate({}, context=info.context)
         if self.index is not None and len(self.index) != len(self.data):
             raise contract_error(f"index has {len(self.index)} entries but data has {len(self.data)} rows")
+        # The n-th image of the response gets parameters.seed + n, unless its row has a seed.
+        per_prompt, base = self.parameters.num_images_per_prompt, self.parameters.seed
+        for position, row in enumerate(self.data):
+            first, images = (
+                (row.seed, per_prompt) if row.seed is not None else (base, (position + 1) * per_prompt)
+            )
+            if first is not None and not seeds_fit(first, images):
+                raise contract_error(f"seed + image number must stay at most {MAX_SEED}; send a smaller seed")
         return self
 
     @property

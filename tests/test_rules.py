@@ -154,3 +154,27 @@ def test_the_lone_surrogate_check_is_written_once() -> None:
     )
     assert writers == ["schemas/fields.py"]
     assert "not valid UTF-8" in unsafe_name_reason("a\udcff.csv")
+
+
+def test_seeds_past_the_generators_bound_are_refused_on_every_route_before_conversion() -> None:
+    """Image k of a request gets seed + k on every route; the last one must still fit."""
+    top = 2**63 - 1
+    refused = [
+        (ImageGenerationRequest, {"prompt": "x", "seed": top, "n": 2}),
+        (Txt2ImgRequest, {"seed": top, "batch_size": 2}),
+        (Txt2ImgRequest, {"seed": top - 1, "n_iter": 3}),
+        (ScoreRequest, {"input_data": {"columns": ["prompt"], "data": ["a", "b"],
+                                       "parameters": {"seed": top}}}),
+        (ScoreRequest, {"input_data": {"columns": ["prompt", "seed"], "data": [["a", top]],
+                                       "parameters": {"num_images_per_prompt": 2}}}),
+    ]  # fmt: skip
+    for model, body in refused:
+        assert not validates(model, lambda v: v)(body), body
+    taken = [
+        (ImageGenerationRequest, {"prompt": "x", "seed": top - 1, "n": 2}),
+        (Txt2ImgRequest, {"seed": -1, "batch_size": 4}),
+        (ScoreRequest, {"input_data": {"columns": ["prompt", "seed"], "data": [["a", None], ["b", 5]],
+                                       "parameters": {"seed": top}}}),
+    ]  # fmt: skip
+    for model, body in taken:
+        assert validates(model, lambda v: v)(body), body
