@@ -1,8 +1,9 @@
 """The online scoring contract: Azure ML's model-catalog ``input_data`` request and its image list reply.
 
-Static bounds (steps 1-150, sizes 128-1024...) live in the field definitions, so the OpenAPI schema
-shows them. Limits an operator sets (rows per request, prompt length, a lower step cap) arrive as the
-validation context (see ``ScoreLimits``), so the same model serves any configuration.
+The fields are the definitions every route shares (schemas/fields.py: types, static bounds the
+OpenAPI schema shows, text checks). Limits an operator sets (rows per request, prompt length, a lower
+step cap) arrive as the validation context (see ``ScoreLimits``), so the same model serves any
+configuration.
 
 Error messages never repeat what the client sent: they name the place and the rule.
 """
