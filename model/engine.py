@@ -114,28 +114,22 @@ class Engine:
             self.validate_item(item)
 
     def validate_item(self, item: GenerationItem) -> None:
-        """Reject an item that cannot run, before any device work."""
-        steps = item.num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InvalidRequestError(f"num_inference_steps must be an integer >= 1, got {steps}")
+        """Reject an item this model cannot run, before any device work. Requests arrive checked
+        against the field definitions of every way in (schemas/fields.py: types, bounds, text);
+        what is checked here is what a caller of the engine can still get wrong: a step count, a
+        latent grid, a seed, a guidance, a scheduler or adapters that this model cannot take."""
+        if item.num_inference_steps < 1:
+            raise InvalidRequestError(
+                f"num_inference_steps must be an integer >= 1, got {item.num_inference_steps}"
+            )
         for side, value in (("height", item.height), ("width", item.width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+            if value < 8 or value % 8:  # the VAE's grid
                 raise InvalidRequestError(f"{side} must be a positive multiple of 8, got {value}")
-        check_scheduler_name(item.scheduler)
-        if not isinstance(item.prompt, str) or not isinstance(item.negative_prompt, str):
-            raise InvalidRequestError("prompt and negative_prompt must be strings")
-        for name, text in (("prompt", item.prompt), ("negative_prompt", item.negative_prompt)):
-            try:
-                text.encode("utf-8")  # a lone surrogate (JSON's "\ud800") breaks the tokenizer
-            except UnicodeEncodeError:
-                raise InvalidRequestError(
-                    f"{name} is not valid Unicode (it holds a lone surrogate)"
-                ) from None
-        guidance = item.guidance_scale
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
-            raise InvalidRequestError(f"guidance_scale must be finite, got {guidance}")
-        if isinstance(item.seed, bool) or not isinstance(item.seed, int) or not 0 <= item.seed <= MAX_SEED:
+        if not math.isfinite(item.guidance_scale):
+            raise InvalidRequestError(f"guidance_scale must be finite, got {item.guidance_scale}")
+        if not 0 <= item.seed <= MAX_SEED:  # what torch.Generator.manual_seed takes
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {item.seed!r}")
+        check_scheduler_name(item.scheduler)
         self.adapters.check(item.adapters)
 
     # ------------------------------------------------------------------ step by step

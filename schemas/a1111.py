@@ -4,7 +4,8 @@ Open WebUI, SillyTavern, the Krita and GIMP plugins and scripts built on ``webui
 whole txt2img form, most of it at values that change nothing. Each field is accepted at the values
 where this server draws the same image A1111 would, and refused by name at any other (a
 high-resolution pass, face restoration, another checkpoint), so that nothing is silently ignored.
-The generation fields take /score's bounds and the operator's limits (``ScoreLimits``).
+The generation fields are the definitions every route shares (schemas/fields.py), under the
+operator's limits (``ScoreLimits``).
 
 Samplers map onto this server's schedulers (``SAMPLERS``); the "Karras" and other sigma schedules
 are not offered, so only A1111's ``Automatic`` schedule is accepted.
@@ -18,23 +19,26 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from schemas.score import (
+from schemas.fields import (
     ADAPTER_NAME,
+    DEFAULT_STEPS,
     MAX_IMAGES_PER_PROMPT,
     MAX_SEED,
-    MAX_SIZE,
-    MAX_STEPS,
-    MIN_SIZE,
-    SIZE_MULTIPLE,
     Adapters,
-    ScoreLimits,
+    Guidance,
+    ImageCount,
+    Name,
+    Prompt,
+    Side,
+    Steps,
+    StepsWithinLimit,
     check_adapters,
-    prompt_within_limit,
-    steps_within_limit,
+    seeds_fit,
 )
+from schemas.fields import contract_error as _error
 
 # A1111's extra-network syntax for a LoRA in the prompt: <lora:NAME> or <lora:NAME:SCALE>.
 LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
@@ -50,7 +54,6 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 AUTOMATIC = "Automatic"  # A1111's schedule "as the sampler chooses": the one diffusers' schedulers use
 DEFAULT_CFG_SCALE = 7.0  # A1111's default, not /score's 7.5
-DEFAULT_STEPS = 50
 
 SAMPLE_TXT2IMG: dict[str, Any] = {
     "prompt": "a photograph of an astronaut riding a horse",
@@ -63,15 +66,6 @@ SAMPLE_TXT2IMG: dict[str, Any] = {
     "sampler_name": "Euler a",
     "batch_size": 1,
 }
-
-
-def _limits(info: ValidationInfo) -> ScoreLimits:
-    limits = (info.context or {}).get("limits")
-    return limits if isinstance(limits, ScoreLimits) else ScoreLimits()
-
-
-def _error(message: str) -> PydanticCustomError:
-    return PydanticCustomError("contract", message)
 
 
 def scheduler_of(sampler: str) -> str | None:
@@ -128,35 +122,29 @@ NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
 }
 
 
-class Txt2ImgRequest(BaseModel):
+class Txt2ImgRequest(StepsWithinLimit):
     """The body of ``POST /sdapi/v1/txt2img`` (the fields named here are used; see ``IGNORED`` and
     ``NEUTRAL`` for the others A1111's clients send)."""
 
     model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"examples": [SAMPLE_TXT2IMG]})
+    steps_field = "steps"
 
-    prompt: str = Field(default="", description="What to draw.")
-    negative_prompt: str = Field(default="", description="What to draw away from.")
-    steps: int = Field(
-        default=DEFAULT_STEPS,
-        ge=1,
-        le=MAX_STEPS,
-        description="Sampling steps. Default: 50, or the server's max.",
+    prompt: Prompt = Field(default="", description="What to draw.")
+    negative_prompt: Prompt = Field(default="", description="What to draw away from.")
+    steps: Steps = Field(
+        default=DEFAULT_STEPS, description="Sampling steps. Default: 50, or the server's max."
     )
-    cfg_scale: float = Field(default=DEFAULT_CFG_SCALE, ge=0, le=30, allow_inf_nan=False)
-    width: int | None = Field(
-        default=None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, description="Default: native."
-    )
-    height: int | None = Field(
-        default=None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, description="Default: native."
-    )
+    cfg_scale: Guidance = DEFAULT_CFG_SCALE
+    width: Side | None = Field(default=None, description="Default: native.")
+    height: Side | None = Field(default=None, description="Default: native.")
+    batch_size: ImageCount = 1
+    n_iter: ImageCount = Field(default=1, description="Batches; images = both.")
+    # A1111's -1 draws a seed: its own rule, beside the other routes' Seed; after the image counts,
+    # which its validator reads.
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random. Image k gets seed + k.")
-    batch_size: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
-    n_iter: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Batches; images = both.")
-    sampler_name: str | None = Field(default=None, max_length=64, description=SAMPLER_RULE[8:])
-    sampler_index: str | None = Field(
-        default=None, max_length=64, description="Used when sampler_name is not."
-    )
-    scheduler: str | None = Field(default=None, max_length=64, description=f'Only "{AUTOMATIC}".')
+    sampler_name: Name | None = Field(default=None, description=SAMPLER_RULE[8:])
+    sampler_index: Name | None = Field(default=None, description="Used when sampler_name is not.")
+    scheduler: Name | None = Field(default=None, description=f'Only "{AUTOMATIC}".')
     adapters: Adapters = Field(
         default=None,
         description='LoRA adapters, as /score\'s {"NAME": scale}; each <lora:NAME:SCALE> of the prompt '
@@ -166,15 +154,13 @@ class Txt2ImgRequest(BaseModel):
         default=None, description="Accepted where each value is what this server uses anyway."
     )
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("seed")
     @classmethod
-    def _prompt_text(cls, value: str, info: ValidationInfo) -> str:
-        return prompt_within_limit(value, info)
-
-    @field_validator("steps")
-    @classmethod
-    def _within_operator_steps(cls, value: int, info: ValidationInfo) -> int:
-        return steps_within_limit(value, info)
+    def _seeds_fit(cls, value: int, info: ValidationInfo) -> int:
+        images = info.data.get("batch_size", 1) * info.data.get("n_iter", 1)
+        if value >= 0 and not seeds_fit(value, images):
+            raise _error(f"seed + images - 1 must be at most {MAX_SEED}; send a smaller seed")
+        return value
 
     @field_validator("sampler_name", "sampler_index")
     @classmethod
@@ -202,11 +188,8 @@ class Txt2ImgRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _the_rest(self, info: ValidationInfo) -> Txt2ImgRequest:
-        # 1. Defaults within the operator's limits, as on /score.
-        if "steps" not in self.model_fields_set:
-            self.steps = _limits(info).default_steps
-        # 2. Every other field: ignored, neutral at its value, or refused by name.
+    def _the_rest(self) -> Txt2ImgRequest:
+        # 1. Every other field: ignored, neutral at its value, or refused by name.
         for name, value in (self.model_extra or {}).items():
             if name in IGNORED:
                 continue
@@ -219,10 +202,11 @@ class Txt2ImgRequest(BaseModel):
                 raise _error(f"{_shown(name)} is not a field this server knows; leave it out")
             if not _is(value, neutral[0]):
                 raise _error(f"{name}: {neutral[1]}")
-        # 3. The images of one request.
+        # 2. The images of one request.
         if self.batch_size * self.n_iter > MAX_IMAGES_PER_PROMPT:
             raise _error(f"batch_size x n_iter may be at most {MAX_IMAGES_PER_PROMPT} images per request")
-        # 4. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
+
+        # 3. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
         self.prompt, tagged = lora_tags(self.prompt)
         if tagged:
             try:

@@ -5,9 +5,9 @@ Only the parts a text-to-image server can honour are accepted; anything else is 
 and the values of ``background`` and ``output_format`` that are what this server gives anyway) are
 accepted, so that clients that always send them work unchanged; the values it cannot give are
 refused with why. The Stable Diffusion parameters OpenAI has no name for (steps, guidance, seed, negative
-prompt, scheduler) are extensions that SDKs send through ``extra_body``. Their bounds are the very
-field definitions of ``/score``'s parameters (``ScoreParameters``), so both routes take the same
-values; operator limits arrive as the same validation context (``ScoreLimits``).
+prompt, scheduler) are extensions that SDKs send through ``extra_body``. Their types are the field
+definitions every route shares (schemas/fields.py), so /score and /v1 take the same values; operator
+limits arrive as the same validation context (``ScoreLimits``).
 
 This module imports nothing outside ``schemas/``. Error messages never repeat what the client sent.
 """
@@ -17,21 +17,18 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
-
-from schemas.score import (
-    MAX_IMAGES_PER_PROMPT,
-    MAX_SIZE,
-    MIN_SIZE,
-    SIZE_MULTIPLE,
-    Adapters,
-    ScoreLimits,
-    ScoreParameters,
-    check_text,
-    prompt_within_limit,
-    steps_within_limit,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
 )
+
+from schemas import fields
+from schemas.fields import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, contract_error
 
 B64_JSON = "b64_json"
 AUTO_SIZE = "auto"
@@ -64,34 +61,20 @@ SAMPLE_IMAGES_REQUEST: dict[str, Any] = {
 }
 
 
-def _as_on_score(name: str) -> Any:
-    """/score's definition of a parameter (type bounds, default, description), reused as is."""
-    return ScoreParameters.model_fields[name]
-
-
 def _option(description: str) -> Any:
     """An optional short string option of OpenAI's (its values are checked by a validator)."""
     return Field(default=None, max_length=16, description=description)
 
 
-def _error(message: str) -> PydanticCustomError:
-    return PydanticCustomError("contract", message)
-
-
-def _limits(info: ValidationInfo) -> ScoreLimits:
-    limits = (info.context or {}).get("limits")
-    return limits if isinstance(limits, ScoreLimits) else ScoreLimits()
-
-
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(fields.StepsWithinLimit):
     """The body of ``POST /v1/images/generations``."""
 
     model_config = ConfigDict(
         extra="forbid", strict=True, json_schema_extra={"examples": [SAMPLE_IMAGES_REQUEST]}
     )
 
-    prompt: str = Field(description="What to draw.")
-    n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images to generate.")
+    prompt: fields.Prompt = Field(description="What to draw.")
+    n: fields.ImageCount = Field(default=1, description="Images to generate.")
     size: str | None = Field(
         default=None,
         max_length=16,
@@ -101,10 +84,10 @@ class ImageGenerationRequest(BaseModel):
     response_format: str | None = Field(
         default=None, max_length=16, description='Only "b64_json" (the default): images come back inline.'
     )
-    model: str | None = Field(
+    model: fields.Text | None = Field(
         default=None, max_length=1000, description="When given, the id GET /v1/models lists."
     )
-    user: str | None = Field(
+    user: fields.Text | None = Field(
         default=None, description="Accepted for compatibility; ignored and never logged."
     )
     # OpenAI's options of its own models: accepted where this server gives what they ask anyway.
@@ -121,26 +104,28 @@ class ImageGenerationRequest(BaseModel):
         default=None, ge=0, le=3, description="With stream: previews of each image before it is done (0-3)."
     )
     # Extensions (extra_body in the SDKs): the same fields, bounds and defaults as /score's parameters.
-    negative_prompt: str | None = _as_on_score("negative_prompt")
-    seed: int | None = _as_on_score("seed")
-    num_inference_steps: int = _as_on_score("num_inference_steps")
-    guidance_scale: float = _as_on_score("guidance_scale")
-    scheduler: str | None = _as_on_score("scheduler")
-    adapters: Adapters = _as_on_score("adapters")
+    negative_prompt: fields.Prompt | None = Field(default=None, description="What to draw away from.")
+    seed: fields.Seed | None = Field(
+        default=None, description="The k-th image gets seed + k. Default: random."
+    )
+    num_inference_steps: fields.Steps = Field(
+        default=fields.DEFAULT_STEPS,
+        description=f"Denoising steps. Default: {fields.DEFAULT_STEPS}, or the server's max.",
+    )
+    guidance_scale: fields.Guidance = Field(
+        default=fields.DEFAULT_GUIDANCE, description="Classifier-free guidance."
+    )
+    scheduler: fields.Name | None = Field(default=None, description="One of GET /info's schedulers.")
+    adapters: fields.Adapters = Field(
+        default=None, description='LoRA adapters, as /score\'s {"NAME": scale}.'
+    )
 
-    @field_validator("prompt", "negative_prompt", "scheduler", "model", "user")
+    @field_validator("seed")
     @classmethod
-    def _valid_text(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        if info.field_name in ("prompt", "negative_prompt"):
-            return prompt_within_limit(value, info)
-        return check_text(value, str(info.field_name))
-
-    @field_validator("num_inference_steps")
-    @classmethod
-    def _within_operator_steps(cls, value: int, info: ValidationInfo) -> int:
-        return steps_within_limit(value, info)
+    def _seeds_fit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not fields.seeds_fit(value, info.data.get("n", 1)):
+            raise contract_error(f"seed + n - 1 must be at most {fields.MAX_SEED}; send a smaller seed")
+        return value
 
     @field_validator("size")
     @classmethod
@@ -148,10 +133,8 @@ class ImageGenerationRequest(BaseModel):
         if value is None or value == AUTO_SIZE:
             return value
         match = _SIZE.fullmatch(value)
-        if match is None or not all(
-            MIN_SIZE <= int(side) <= MAX_SIZE and int(side) % SIZE_MULTIPLE == 0 for side in match.groups()
-        ):
-            raise _error(SIZE_RULE)
+        if match is None or not all(_is_side(side) for side in match.groups()):
+            raise contract_error(SIZE_RULE)
         return value
 
     @field_validator(*OPENAI_OPTIONS)
@@ -161,25 +144,19 @@ class ImageGenerationRequest(BaseModel):
         if value is None or value in OPENAI_OPTIONS[name]:
             return value
         why = f" ({_WHY_NOT[name]})" if name in _WHY_NOT else ""
-        raise _error(f"must be one of: {', '.join(OPENAI_OPTIONS[name])}{why}")
+        raise contract_error(f"must be one of: {', '.join(OPENAI_OPTIONS[name])}{why}")
 
     @field_validator("response_format")
     @classmethod
     def _inline_only(cls, value: str | None) -> str | None:
         if value == "url":
-            raise _error(
+            raise contract_error(
                 '"url" is not supported: this server keeps no copy of the images to link '
                 'to; send "b64_json" (the default) to get them inline'
             )
         if value is not None and value != B64_JSON:
-            raise _error('must be "b64_json"')
+            raise contract_error('must be "b64_json"')
         return value
-
-    @model_validator(mode="after")
-    def _defaults_within_limits(self, info: ValidationInfo) -> ImageGenerationRequest:
-        if "num_inference_steps" not in self.model_fields_set:  # as on /score
-            self.num_inference_steps = _limits(info).default_steps
-        return self
 
     @property
     def width(self) -> int | None:
@@ -194,6 +171,18 @@ class ImageGenerationRequest(BaseModel):
     def _side(self, index: int) -> int | None:
         match = _SIZE.fullmatch(self.size or "")
         return int(match.group(index + 1)) if match else None
+
+
+_SIDE = TypeAdapter(fields.Side)
+
+
+def _is_side(text: str) -> bool:
+    """Whether a side of ``size`` is one the ``width`` and ``height`` of the other routes take."""
+    try:
+        _SIDE.validate_python(int(text))
+    except ValidationError:
+        return False
+    return True
 
 
 class ImageData(BaseModel):

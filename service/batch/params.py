@@ -16,55 +16,61 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from schemas.score import BATCH_MAX_SIZE, BATCH_MIN_SIZE, MAX_ADAPTER_SCALE, SIZE_MULTIPLE
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+
+from schemas.fields import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    Adapters,
+    BatchSide,
+    Guidance,
+    Name,
+    ScoreLimits,
+    Seed,
+    Steps,
+    describe_problem,
+)
 from service.batch.errors import BatchConfigError
-from service.runtime.items import MAX_SEED, SEED_DRAW_RANGE, make_item, seed_in_range
+from service.runtime.items import MAX_SEED as MAX_SEED
+from service.runtime.items import SEED_DRAW_RANGE, make_item
 
 if TYPE_CHECKING:
     from model.types import GenerationItem, ModelInfo
 
+# pydantic's type errors in the words of the batch command's other messages
+_KINDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string"}
+_ADAPTERS_OBJECT = 'adapters must be an object of adapter names and scales, {"NAME": 0.8}'
+_ADAPTERS_NUMBERS = 'adapters must map adapter names to numbers: {"NAME": 0.8}'
 
+
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class JobParams:
-    """What every row of a job shares. None means the model's default (native size, scheduler)."""
+    """What every row of a job shares. None means the model's default (native size, scheduler).
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    scheduler: str | None = None
-    seed: int | None = None
-    adapters: dict[str, float] | None = None  # LoRA adapters of SD_ADAPTERS and their scales
+    The fields are the online routes' (schemas/fields.py) but for the sizes: a job owns its device."""
+
+    num_inference_steps: Steps = DEFAULT_STEPS
+    guidance_scale: Guidance = DEFAULT_GUIDANCE
+    height: BatchSide | None = None
+    width: BatchSide | None = None
+    scheduler: Name | None = None
+    seed: Seed | None = None
+    adapters: Adapters = None  # LoRA adapters of SD_ADAPTERS and their scales
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> JobParams:
-        """Parameters from a JSON object; unknown keys and wrong types are errors naming ``source``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BatchConfigError(
-                f"{source}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
-            )
-        values: dict[str, Any] = {}
-        for name, value in data.items():
-            if value is None:
-                continue
-            expected: tuple[type, ...] = {
-                "guidance_scale": (int, float),
-                "scheduler": (str,),
-                "adapters": (dict,),
-            }.get(name, (int,))
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise BatchConfigError(f"{source}: {name} must be {_kind(expected)}, got {value!r}")
-            values[name] = (
-                float(value) if name == "guidance_scale" and isinstance(value, int | float) else value
-            )
-        return cls(**values)
+        """Parameters from a JSON object (null: the default); errors name ``source``."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        given = {name: value for name, value in data.items() if value is not None or name not in known}
+        try:
+            return _FIELDS.validate_python(given)
+        except ValidationError as error:
+            raise BatchConfigError(f"{source}: {_problem(error)}") from None
 
     @classmethod
     def from_file(cls, text: str, source: str) -> JobParams:
@@ -87,31 +93,14 @@ class JobParams:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def check(self, max_steps: int) -> None:
-        """Reject values no engine accepts, before loading anything."""
-        if not 1 <= self.num_inference_steps <= max_steps:
-            raise BatchConfigError(f"steps must be between 1 and {max_steps}, got {self.num_inference_steps}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise BatchConfigError(f"guidance must be a finite number >= 0, got {self.guidance_scale}")
-        for side, value in (("height", self.height), ("width", self.width)):
-            if value is not None and not (
-                BATCH_MIN_SIZE <= value <= BATCH_MAX_SIZE and value % SIZE_MULTIPLE == 0
-            ):
-                raise BatchConfigError(
-                    f"{side} must be a multiple of {SIZE_MULTIPLE} between {BATCH_MIN_SIZE} and "
-                    f"{BATCH_MAX_SIZE}, got {value}"
-                )
-        if self.seed is not None and not seed_in_range(self.seed):
-            raise BatchConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        """Reject values no engine accepts (flags are typed by the command line, not checked),
+        before loading anything."""
+        try:
+            _FIELDS.validate_python(self.as_dict(), context={"limits": ScoreLimits(max_steps=max_steps)})
+        except ValidationError as error:
+            raise BatchConfigError(_problem(error)) from None
         if self.scheduler is not None and not self.scheduler.strip():
             raise BatchConfigError("scheduler must not be empty; omit it for the model's default")
-        for name, scale in (self.adapters or {}).items():
-            if not isinstance(name, str) or isinstance(scale, bool) or not isinstance(scale, int | float):
-                raise BatchConfigError('adapters must map adapter names to numbers: {"NAME": 0.8}')
-            if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
-                raise BatchConfigError(
-                    f"adapter {name}'s scale must be a finite number from {-MAX_ADAPTER_SCALE} to "
-                    f"{MAX_ADAPTER_SCALE}, got {scale}"
-                )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,9 +136,18 @@ def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:
     return int.from_bytes(digest[:8], "big") % SEED_DRAW_RANGE
 
 
-def _kind(types: tuple[type, ...]) -> str:
-    if types == (int,):
-        return "an integer"
-    if types == (dict,):
-        return 'an object of adapter names and scales, {"NAME": 0.8}'
-    return "a string" if types == (str,) else "a number"
+_FIELDS = TypeAdapter(JobParams)
+
+
+def _problem(error: ValidationError) -> str:
+    """The first problem of ``error`` in one line (all the unknown names, when there are some)."""
+    details = error.errors(include_url=False, include_input=False, include_context=False)
+    unknown = sorted(str(d["loc"][0]) for d in details if d["type"] == "unexpected_keyword_argument")
+    if unknown:
+        allowed = ", ".join(sorted(field.name for field in dataclasses.fields(JobParams)))
+        return f"unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}"
+    detail = details[0]
+    name, kind = str(detail["loc"][0]), _KINDS.get(detail["type"])
+    if name == "adapters" and (kind or detail["type"] == "dict_type"):
+        return _ADAPTERS_NUMBERS if len(detail["loc"]) > 1 else _ADAPTERS_OBJECT
+    return f"{name} must be {kind}" if kind else describe_problem(detail)

@@ -1,4 +1,7 @@
-"""The one place where wire types (schemas/) become engine types (model/) and back."""
+"""The one place where wire types (schemas/) become engine types (model/) and back.
+
+The requests arrive checked against schemas/fields.py (seeds that fit included); the one rule
+checked here is the scheduler, whose names only the model knows."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from schemas.a1111 import Txt2ImgRequest
+from schemas.fields import DEFAULT_GUIDANCE
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import InputData
 from service.runtime.errors import ContractError
-from service.runtime.items import MAX_SEED, make_item, random_seed, seed_in_range
+from service.runtime.items import make_item, random_seed
 
 
 class FieldError(ContractError):
@@ -37,8 +41,6 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
     for row in input_data.rows:
         for image in range(per_prompt):
             seed = (row.seed + image) if row.seed is not None else base_seed + len(items)
-            if not seed_in_range(seed):
-                raise ContractError(f"seed + image number must stay at most {MAX_SEED}; send a smaller seed")
             items.append(
                 make_item(
                     info,
@@ -60,8 +62,6 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
     """One item per image of ``POST /v1/images/generations``: the k-th gets seed + k, as on /score."""
     _check_scheduler(request.scheduler, info, "scheduler")
     base_seed = request.seed if request.seed is not None else random_seed()
-    if not seed_in_range(base_seed + request.n - 1):
-        raise FieldError(f"seed: seed + n - 1 must be at most {MAX_SEED}; send a smaller seed", param="seed")
     adapters = request.adapters
     if adapters is None and request.model in info.adapters:  # an adapter's id: the model with it, scale 1
         adapters = {request.model: 1.0}
@@ -86,10 +86,6 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
     """One item per image of ``POST /sdapi/v1/txt2img`` (batch_size x n_iter): image k gets seed + k,
     as A1111 and /score number them; seed -1 draws one."""
     base_seed = request.seed if request.seed >= 0 else random_seed()
-    if not seed_in_range(base_seed + request.images - 1):
-        raise FieldError(
-            f"seed: seed + images - 1 must be at most {MAX_SEED}; send a smaller seed", param="seed"
-        )
     scheduler = request.scheduler_name
     _check_scheduler(scheduler, info, "sampler_name")
     return [
@@ -121,7 +117,7 @@ def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[G
             seed=params.seed if params.seed is not None else random_seed(),
             negative_prompt=params.negative_prompt or "",
             num_inference_steps=params.num_inference_steps or 1,  # set by validation
-            guidance_scale=7.5 if params.guidance_scale is None else params.guidance_scale,
+            guidance_scale=DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale,
             height=params.height,
             width=params.width,
             scheduler=scheduler,
@@ -130,8 +126,9 @@ def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[G
 
 
 def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> None:
+    """The one check of a request's scheduler: the names are the model's (GET /info), which
+    schemas/ cannot know, and the message names the field without repeating the client's text."""
     if scheduler is not None and scheduler not in info.schedulers:
-        # Checked here too (the engine would) so that the message does not repeat the client's text.
         param = where.rpartition(".")[2]
         raise FieldError(f"{where} must be one of: {', '.join(info.schedulers)}", param=param)
 

@@ -19,7 +19,8 @@ from typing import Any, NoReturn, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from model.types import GenerationItem, GenerationResult
-from schemas.score import ScoreLimits, ScoreRequest, describe_location
+from schemas.fields import describe_location, describe_problem
+from schemas.score import ScoreLimits, ScoreRequest
 from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.convert import FieldError, to_items, to_records
@@ -156,7 +157,7 @@ def _first_field(error: ValidationError) -> str | None:
 def describe_validation_error(error: ValidationError) -> str:
     """The first few problems of a validation error, each as 'where: what', never the input."""
     problems = [
-        f"{describe_location(detail['loc'])}: {detail['msg']}"
+        describe_problem(detail)
         for detail in error.errors(include_url=False, include_input=False, include_context=False)
     ]
     more = len(problems) - _MAX_REPORTED_ERRORS

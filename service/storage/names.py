@@ -16,6 +16,8 @@ import os
 import unicodedata
 from collections.abc import Iterator
 
+from schemas.fields import is_text
+
 # Unicode categories refused in a name: control characters (NUL, tab, newline, ESC, C1 controls),
 # surrogates (what a name that is not UTF-8 decodes to) and line/paragraph separators.
 _REFUSED_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
@@ -25,9 +27,7 @@ def unsafe_name_reason(path: str) -> str:
     """Why the relative path ``path`` cannot name anything below a root; '' when it can."""
     if not path:
         return "the name is empty"
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_text(path):
         return "the name is not valid UTF-8 text"
     if any(unicodedata.category(char) in _REFUSED_CATEGORIES for char in path):
         return "the name holds control characters"

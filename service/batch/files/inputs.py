@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.types import MAX_SEED
+from schemas.fields import is_text
 from service.batch.errors import BatchConfigError
 from service.batch.files.formats import MAX_JOB_ROWS, SUFFIX_LIST, file_format, parse_records
 from service.batch.files.records import file_key
@@ -268,13 +269,9 @@ def parse_file(
 def _valid_unicode(text: object) -> tuple[object, bool]:
     """``text`` made safe to write anywhere, and whether it was valid: a lone surrogate (JSON can
     carry one, as "\\ud800") is written back as its escape, and the row fails."""
-    if not isinstance(text, str):
+    if not isinstance(text, str) or is_text(text):
         return text, True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8"), False
-    return text, True
+    return text.encode("utf-8", "backslashreplace").decode("utf-8"), False
 
 
 def _row(
