@@ -21,7 +21,6 @@ import functools
 import json
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -30,45 +29,19 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_S = 300
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+ROOT = common.ROOT
 
 
 @contextlib.contextmanager
 def server(repo: Path, log: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "SD_MODEL": "random:tiny",
-        "SD_PORT": str(port),
-        "SD_MAX_CONNECTIONS": "8",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli.main", "serve"], cwd=repo, env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/", timeout=5).status_code == 200:
-                break
-        time.sleep(0.2)
-    try:
+    """`sd-endpoint serve` of ``repo`` on random:tiny with at most 8 connections, its log in ``log``."""
+    env = {"SD_MODEL": "random:tiny", "SD_MAX_CONNECTIONS": "8", "SD_LOG_LEVEL": "INFO"}
+    with common.serving(env, cwd=repo, log=log) as (url, process):
         yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def rss_mb(pid: int) -> float:

@@ -27,6 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+
 import model  # noqa: E402
 from model.types import GenerationItem, adapter_set  # noqa: E402
 from tests.helpers import loras  # noqa: E402
@@ -36,15 +38,7 @@ ADAPTERS = ("a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7")
 
 def step_times(engine: Any, items: list[GenerationItem], steps: int) -> list[float]:
     """Seconds of each step of ``items`` running together (admission and decoding left out)."""
-    handles = engine.admit_all(items)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - started)
-    for handle in handles:
-        engine.cancel(handle)
-    return times
+    return common.step_times(engine, engine.admit_all(items), steps)
 
 
 def cases(images: int) -> dict[str, list[dict[str, float] | None]]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -26,13 +24,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.batch.params import JobParams  # noqa: E402
-from service.batch.plan import plan_job  # noqa: E402
-from service.batch.process import RetryPolicy  # noqa: E402
-from service.batch.runner import RunConfig, run_job  # noqa: E402
+import common
+
+from service.batch.params import JobParams
+from service.batch.plan import plan_job
+from service.batch.process import RetryPolicy
+from service.batch.runner import RunConfig, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="CPU threads for the engine; fewer than the cores leaves CPU for I/O, as a GPU does",
     )
-    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     return p.parse_args(argv)
 
@@ -81,7 +80,7 @@ def write_inputs(folder: Path, rows: int) -> None:
 def engine_alone(engine: Any, inputs: Path, params: JobParams, batch_size: int) -> float:
     """Seconds to generate every row of the job, batch after batch, with nothing else."""
     with tempfile.TemporaryDirectory() as scratch:
-        rows = plan_job(str(inputs), scratch, params).rows
+        rows = list(plan_job(str(inputs), scratch, params).rows())
     items = [params.item(r.prompt, r.negative_prompt, r.seed or 0, engine.info) for r in rows]
     started = time.perf_counter()
     for start in range(0, len(items), batch_size):
@@ -148,37 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     alone = seconds["engine alone"]
     size = params.resolved(engine.info)["height"]
     report = {
-        "model": args.model,
-        "rows": args.rows,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "size": size,
-        "device": engine.info.device,
-        "dtype": engine.info.dtype,
-        "cpus": os.cpu_count(),
-        "write_workers": args.write_workers,
-        "torch_threads": args.torch_threads,
-        "runs_s": runs,
+        **common.header("batch.py", argv),
+        **{k: getattr(args, k) for k in ("model", "rows", "batch_size", "steps", "write_workers")},
+        "size": size, "device": engine.info.device, "dtype": engine.info.dtype, "cpus": os.cpu_count(),
+        "torch_threads": args.torch_threads, "runs_s": runs,
         "images_per_s": {name: args.rows / s for name, s in seconds.items()},
         "ratio_to_engine_alone": {name: alone / s for name, s in seconds.items()},
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    }  # fmt: skip
     title = f"{args.model}, {args.rows} rows, batch {args.batch_size}, {args.steps} steps, {size}px"
-    lines = [
-        f"# Batch vs engine alone: {title}, {engine.info.device} {engine.info.dtype}, {os.cpu_count()} CPUs",
-        "",
-        f"Median of {args.repeats} interleaved rounds; engine threads: {args.torch_threads or 'default'}.",
-        "",
-        "| run | images/s | ratio to engine alone |",
-        "| --- | ---: | ---: |",
-        *(f"| {label(name)} | {args.rows / s:.2f} | {alone / s:.3f} |" for name, s in seconds.items()),
-    ]
+    where = f"{engine.info.device} {engine.info.dtype}, {os.cpu_count()} CPUs"
+    rounds = (
+        f"Median of {args.repeats} interleaved rounds; engine threads: {args.torch_threads or 'default'}."
+    )
+    rows = [[label(name), f"{args.rows / s:.2f}", f"{alone / s:.3f}"] for name, s in seconds.items()]
+    lines = [f"# Batch vs engine alone: {title}, {where}", "", rounds, ""]
+    lines += common.table(["run", "images/s", "ratio to engine alone"], rows)
     print("\n".join(lines))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"batch-{engine.info.device.split(':')[0]}{'-' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    common.write(Path(args.out_dir) / stem, report, lines)
     return 0
 
 

@@ -12,51 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+import common
 
 
-def start_to_ready(model: str, env_extra: dict[str, str], timeout_s: float) -> float:
-    port = free_port()
-    env = {**os.environ, "SD_MODEL": model, "SD_PORT": str(port), **env_extra}
+def start_to_ready(model: str, env: dict[str, str], timeout_s: float) -> float:
+    """Seconds from starting `sd-endpoint serve` to its first 200 on GET /."""
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli.main", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        while time.perf_counter() - started < timeout_s:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                    if response.status == 200:
-                        return time.perf_counter() - started
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"not ready after {timeout_s} s")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with common.serving({"SD_MODEL": model, **env}, timeout_s=timeout_s):
+        return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:

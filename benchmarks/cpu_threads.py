@@ -38,12 +38,13 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.runtime.engines import available_cores  # noqa: E402
+import common
 
-RESULTS = ROOT / "benchmarks" / "results"
+from service.runtime.engines import available_cores
+
+RESULTS = common.RESULTS
 SPIN = [sys.executable, "-c", "while True: pass"]
 ROWS = 4  # images stepping together in the engine tables
 SERVER_CLIENTS = 4
@@ -227,28 +228,10 @@ async def server_phases(url: str, phases: list[tuple[str, int]], seconds: float)
 
 
 def server_row(name: str, env: dict[str, str], seconds: float) -> dict[str, Any]:
-    from tests.helpers.ports import free_port
-
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SD_") and k != "OMP_NUM_THREADS"}
-    environment.update(SD_MODEL="random:tiny", SD_PORT=str(port), SD_LOG_LEVEL="WARNING", **env)
-    command = [sys.executable, "-m", "service.cli.main", "serve"]
-    process = subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        phases = [("quiet", 0), ("busy 1", 1), ("quiet again", 0), ("busy 2", 2), ("quiet at the end", 0)]
+    """The server under a thread policy (``env``) while the neighbours change; images/s per phase."""
+    phases = [("quiet", 0), ("busy 1", 1), ("quiet again", 0), ("busy 2", 2), ("quiet at the end", 0)]
+    with common.serving({"SD_MODEL": "random:tiny", **env}, ready="/health/ready") as (url, _):
         row: dict[str, Any] = {"policy": name, **asyncio.run(server_phases(url, phases, seconds))}
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
     quiet = (row["quiet"] + row["quiet again"] + row["quiet at the end"]) / 3
     row["busy 1 / quiet"] = row["busy 1"] / quiet if quiet else None
     row["busy 2 / quiet"] = row["busy 2"] / quiet if quiet else None
@@ -256,12 +239,6 @@ def server_row(name: str, env: dict[str, str], seconds: float) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -272,7 +249,7 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["engine"]:
         quiet = (row["quiet"] + row["quiet again"]) / 2
         rows.append([row["policy"], *(f"{row[c]:.1f}" for c in columns), f"{row['busy 1'] / quiet:.2f}"])
-    lines += table(["policy", "quiet", "1 busy", "2 busy", "quiet again", "1 busy / quiet"], rows)
+    lines += common.table(["policy", "quiet", "1 busy", "2 busy", "quiet again", "1 busy / quiet"], rows)
     lines += ["", "## Two engines in one process (SD_DEVICES=cpu,cpu), image-steps/s", ""]
     rows = []
     for row in report["side_by_side"]:
@@ -280,7 +257,7 @@ def markdown(report: dict[str, Any]) -> str:
         alone = row["one engine alone"]
         rows.append([str(row["threads per engine"]), f"{alone:.1f}", *(f"{b:.1f}" for b in beside),
                      f"{min(beside) / alone:.2f}"])  # fmt: skip
-    lines += table(
+    lines += common.table(
         ["threads each", "one alone", "engine 1 beside 2", "engine 2 beside 1", "each / alone"], rows
     )
     if report.get("server"):
@@ -296,7 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
             "busy 2 / quiet",
         ]
         rows = [[row["policy"], *(f"{row[c]:.2f}" for c in columns)] for row in report["server"]]
-        lines += table(
+        lines += common.table(
             ["policy", "quiet", "1 busy", "quiet", "2 busy", "quiet", "1 busy / quiet", "2 busy / quiet"],
             rows,
         )
@@ -331,6 +308,7 @@ def main() -> None:
         print(f"two engines, {threads(each)} each ...", flush=True)
         report["side_by_side"].append(in_child({"pair": True, "threads": each, "seconds": args.seconds}))
     if not args.skip_server:
+        os.environ.pop("OMP_NUM_THREADS", None)  # each server's policy is its SD_CPU_THREADS alone
         servers = [
             (f"auto (the default: {threads(max(1, cores - 1))})", {"SD_CPU_THREADS": "auto"}),
             (

@@ -7,28 +7,24 @@ For each batch size and step count it times (a) diffusers' StableDiffusionPipeli
 components, the baseline a user would run instead, (b) this engine with its optimisations, and
 (c) this engine with DeepSpeed-Inference kernels when `--deepspeed` is given. It prints seconds
 per image, images/s, peak GPU memory, model-FLOPs utilisation and ratios to the baseline, checks
-that the images agree (mean absolute difference in [0,1]), and writes JSON + markdown to
-benchmarks/results/.
+that the images agree (mean absolute difference of the 8-bit images, in [0,1]), and writes JSON +
+markdown to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import flops as flop_counts
+import common
+import flops
+import numpy as np
+import torch
 
 import model
 from model.errors import ModelLoadError
@@ -36,8 +32,17 @@ from model.loading import load_components
 from model.options import resolve_device, resolve_dtype
 from model.types import GenerationItem
 
-PEAK_TFLOPS = 790.0  # H200 dense bf16/fp16, measured
-PROMPT = "a photograph of an astronaut riding a horse"
+COLUMNS = (  # the markdown table: header, result key, format
+    ("variant", "variant", ""),
+    ("batch", "batch_size", ""),
+    ("steps", "steps", ""),
+    ("s/image", "seconds_per_image", ".4f"),
+    ("images/s", "images_per_s", ".2f"),
+    ("peak GiB", "peak_gib", ".1f"),
+    ("MFU", "mfu", ".1%"),
+    ("x diffusers", "speedup_vs_diffusers", ".2f"),
+    ("mean abs diff", "mean_abs_diff_vs_diffusers", ".5f"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,74 +56,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (after one warm-up)")
     p.add_argument("--no-compile", action="store_true", help="engine without torch.compile / CUDA graphs")
     p.add_argument("--deepspeed", action="store_true", help="also time DeepSpeed-Inference kernels")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Any, device: torch.device, repeats: int) -> tuple[float, float, Any]:
-    """(median seconds, peak GiB, last output) after one untimed warm-up run."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, output = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        output = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return float(np.median(times)), peak, output
-
-
-def flops_per_image(arch: str, steps: int, size: int, checker: bool) -> float | None:
-    """TFLOP per image, counted by benchmarks/flops.py (benchmarks/results/flops.json); None for
-    an architecture it cannot build."""
-    try:
-        entry, _ = flop_counts.lookup(arch, size)
-    except ModelLoadError:
-        return None
-    return float(flop_counts.image_tflop(entry, steps, checker))
+def variants(args: argparse.Namespace, on_gpu: bool, batches: list[int]) -> dict[str, model.EngineOptions]:
+    """The engine's variants, each timed against stock diffusers."""
+    compiled = on_gpu and not args.no_compile
+    table = {
+        "engine": model.EngineOptions(
+            channels_last=on_gpu,
+            fuse_qkv=on_gpu,
+            compile=compiled,
+            cuda_graphs=compiled,
+            batch_buckets=tuple(sorted(set(batches))),
+        ),
+    }
+    if args.deepspeed:
+        table["deepspeed"] = model.EngineOptions(accelerator="deepspeed", cuda_graphs=on_gpu)
+    return table
 
 
 def row(
     variant: str,
     batch: int,
     steps: int,
-    seconds: float,
-    peak: float,
+    timing: common.Timing,
     tflop: float | None,
-    baseline: float | None,
-    mad: float | None,
+    speedup: float | None = None,
+    mad: float | None = None,
 ) -> dict[str, Any]:
-    per_image = seconds / batch
+    per_image = timing.seconds / batch
     return {
         "variant": variant,
         "batch_size": batch,
         "steps": steps,
-        "seconds_per_batch": seconds,
+        "seconds_per_batch": timing.seconds,
         "seconds_per_image": per_image,
-        "images_per_s": batch / seconds,
-        "peak_gib": peak,
-        "mfu": (tflop / per_image / PEAK_TFLOPS) if tflop else None,
-        "speedup_vs_diffusers": (baseline / seconds) if baseline else None,
+        "images_per_s": batch / timing.seconds,
+        "peak_gib": timing.peak_gib,
+        "mfu": (tflop / per_image / common.PEAK_TFLOPS) if tflop else None,
+        "speedup_vs_diffusers": speedup,
         "mean_abs_diff_vs_diffusers": mad,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Steps: 1) stock diffusers at every point, 2) each engine variant at the same points, its
+    images compared with diffusers' and its time divided into diffusers', 3) the report."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    step_counts = [int(s) for s in args.steps.split(",")]
-    on_gpu = device.type == "cuda"
+    points = [(batch, int(steps)) for steps in args.steps.split(",") for batch in batches]
 
     # 1) the baseline: stock diffusers on the components as loaded (before any optimisation)
     from diffusers import StableDiffusionPipeline
@@ -129,91 +120,60 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     size = args.size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     checker = components.safety_checker is not None
-    baseline: dict[tuple[int, int], tuple[float, np.ndarray]] = {}
-    results: list[dict[str, Any]] = []
-    for steps in step_counts:
-        for batch in batches:
 
-            def run_pipe(b: int = batch, s: int = steps) -> np.ndarray:
-                gens = [torch.Generator(device).manual_seed(i) for i in range(b)]
-                out: np.ndarray = pipe(
-                    [PROMPT] * b,
-                    num_inference_steps=s,
-                    height=size,
-                    width=size,
-                    generator=gens,
-                    output_type="np",
-                ).images
-                return out
+    def tflop(steps: int) -> float | None:
+        """TFLOP per image, counted by benchmarks/flops.py; None for an architecture it cannot build."""
+        try:
+            return float(flops.image_tflop(flops.lookup(components.architecture, size)[0], steps, checker))
+        except ModelLoadError:
+            return None
 
-            seconds, peak, images = timed(run_pipe, device, args.repeats)
-            baseline[(batch, steps)] = (seconds, images)
-            results.append(
-                row(
-                    "diffusers",
-                    batch,
-                    steps,
-                    seconds,
-                    peak,
-                    flops_per_image(components.architecture, steps, size, checker),
-                    None,
-                    None,
-                )
-            )
-            print(f"diffusers  b={batch:<3} steps={steps:<3} {seconds / batch:.4f} s/img", flush=True)
-
-    # 2) this engine, then 3) with DeepSpeed kernels
-    variants = [
-        (
-            "engine",
-            model.EngineOptions(
-                channels_last=on_gpu,
-                fuse_qkv=on_gpu,
-                compile=on_gpu and not args.no_compile,
-                cuda_graphs=on_gpu and not args.no_compile,
-                batch_buckets=tuple(sorted(set(batches))),
-            ),
+    def stock(batch: int, steps: int) -> np.ndarray:
+        gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+        out = pipe(
+            [common.PROMPT] * batch,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            generator=gens,
+            output_type="np",
         )
-    ]
-    if args.deepspeed:
-        variants.append(("deepspeed", model.EngineOptions(accelerator="deepspeed", cuda_graphs=on_gpu)))
-    for name, options in variants:
+        return np.asarray(out.images)
+
+    baseline: dict[tuple[int, int], common.Timing] = {}
+    results: list[dict[str, Any]] = []
+    for batch, steps in points:
+        timing = baseline[batch, steps] = common.timed(
+            functools.partial(stock, batch, steps), device, args.repeats
+        )
+        results.append(row("diffusers", batch, steps, timing, tflop(steps)))
+        print(f"diffusers  b={batch:<3} steps={steps:<3} {timing.seconds / batch:.4f} s/img", flush=True)
+
+    # 2) this engine, then with DeepSpeed kernels
+    for name, options in variants(args, device.type == "cuda", batches).items():
         engine = model.load(args.model, device=str(device), dtype=dtype, options=options)
         if name == "deepspeed" and engine.accelerator != "deepspeed":
             print(f"deepspeed not measured: {engine.accelerator_note}", flush=True)
             results.append({"variant": name, "skipped": engine.accelerator_note})
             continue
-        start = time.perf_counter()
-        engine.warmup()
-        print(f"{name}: warm-up (compile/capture) {time.perf_counter() - start:.1f} s", flush=True)
-        for steps in step_counts:
-            for batch in batches:
-                items = [
-                    GenerationItem(prompt=PROMPT, seed=i, num_inference_steps=steps, height=size, width=size)
-                    for i in range(batch)
-                ]
-                seconds, peak, _ = timed(lambda it=items, e=engine: e.generate(it), device, args.repeats)
-                images, _flags = engine.generate_float(items)
-                base_seconds, base_images = baseline[(batch, steps)]
-                mad = float(np.abs(images.permute(0, 2, 3, 1).numpy() - base_images).mean())
-                results.append(
-                    row(
-                        name,
-                        batch,
-                        steps,
-                        seconds,
-                        peak,
-                        flops_per_image(components.architecture, steps, size, checker),
-                        base_seconds,
-                        mad,
-                    )
-                )
-                print(
-                    f"{name:<10} b={batch:<3} steps={steps:<3} {seconds / batch:.4f} s/img "
-                    f"x{base_seconds / seconds:.2f} vs diffusers, mean |diff| {mad:.5f}",
-                    flush=True,
-                )
+        warmup = common.time_once(engine.warmup, device)
+        print(f"{name}: warm-up (compile/capture) {warmup.seconds:.1f} s", flush=True)
+        for batch, steps in points:
+            items = [
+                GenerationItem(common.PROMPT, seed=i, num_inference_steps=steps, height=size, width=size)
+                for i in range(batch)
+            ]
+            timing = common.timed(functools.partial(engine.generate, items), device, args.repeats)
+            base = baseline[batch, steps]
+            mad = common.mean_abs_diff(np.stack([r.image for r in timing.output]), base.output)
+            results.append(row(name, batch, steps, timing, tflop(steps), base.seconds / timing.seconds, mad))
+            line = f"{name:<10} b={batch:<3} steps={steps:<3} {timing.seconds / batch:.4f} s/img"
+            print(
+                f"{line} x{base.seconds / timing.seconds:.2f} vs diffusers, mean |diff| {mad:.5f}", flush=True
+            )
         engine.close()
+
+    # 3)
     write_report(args, device, dtype, size, results)
     return 0
 
@@ -225,49 +185,21 @@ def write_report(
     size: int,
     results: list[dict[str, Any]],
 ) -> None:
-    import diffusers
-    import transformers
-
-    meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/engine.py", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""),
-        "size": size,
-        "model": args.model,
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"engine-{args.model.replace(':', '-').replace('/', '-')}-{device.type}{args.tag}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [
-        f"# Engine benchmark: {args.model} on {meta['device']}",
-        "",
-        f"{meta['date']}, {meta['dtype']}, {size}x{size}, `{meta['command']}`, versions {meta['versions']}",
-        "",
-        "| variant | batch | steps | s/image | images/s | peak GiB | MFU | x diffusers | mean abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+    head = common.header("engine.py")
+    where = f"cpu ({head['machine']}, {torch.get_num_threads()} threads)"
+    meta = head | {"device": torch.cuda.get_device_name() if device.type == "cuda" else where}
+    meta |= {"dtype": str(dtype).replace("torch.", ""), "size": size, "model": args.model}
+    lines = [f"# Engine benchmark: {args.model} on {meta['device']}", ""]
+    lines += [
+        f"{meta['date']}, {meta['dtype']}, {size}x{size}, `{meta['command']}`, versions {meta['versions']}"
     ]
-    for r in results:
-        if "skipped" in r:
-            lines.append(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | | |")
-            continue
-        fmt = lambda v, f: "-" if v is None or v != v else format(v, f)  # noqa: E731
-        lines.append(
-            f"| {r['variant']} | {r['batch_size']} | {r['steps']} | {r['seconds_per_image']:.4f} | "
-            f"{r['images_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-            f"{fmt(r['speedup_vs_diffusers'], '.2f')} | {fmt(r['mean_abs_diff_vs_diffusers'], '.5f')} |"
-        )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.json and .md")
+    skipped = [
+        {"variant": r["variant"], "batch_size": f"skipped: {r['skipped']}"} for r in results if "skipped" in r
+    ]
+    lines += ["", *common.columns(COLUMNS, [r for r in results if "skipped" not in r] + skipped)]
+    stem = f"engine-{args.model.replace(':', '-').replace('/', '-')}-{device.type}{args.tag}"
+    common.write(Path(args.out_dir) / stem, {"meta": meta, "results": results}, lines)
+    print(f"wrote {Path(args.out_dir) / stem}.json and .md")
 
 
 if __name__ == "__main__":

