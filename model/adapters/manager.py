@@ -38,10 +38,10 @@ READ_TIMEOUT_S = 600.0  # what a blocking load (``ensure``) waits for a file at 
 
 
 class Adapters:
-    """The adapters of one engine: those that serve (``served``, listed; on the device or not),
-    those that cannot (``broken``, with the reason), and the set active in the UNet and text
-    encoder now. ``ready``/``request`` may be called from any thread; everything else from the
-    engine's own thread."""
+    """The adapters of one engine: those found fit at start-up (``served``; on the device or not),
+    those that cannot serve (``broken``, with the reason; it wins over ``served``), and the set
+    active in the UNet and text encoder now. ``ready``/``request`` may be called from any thread;
+    everything else from the engine's own thread."""
 
     def __init__(self, components: Any) -> None:
         self._components = components
@@ -58,7 +58,8 @@ class Adapters:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.served)
+        """The adapters that serve (one that failed to inject since start-up is left out)."""
+        return tuple(name for name in self.served if name not in self.broken)
 
     @property
     def max_resident(self) -> int:
@@ -100,7 +101,7 @@ class Adapters:
             if name in self.broken:
                 raise InvalidRequestError(f"adapter {name} could not be loaded: {self.broken[name]}")
             if name not in self.served:
-                served = ", ".join(self.served) or "none on this server"
+                served = ", ".join(self.names) or "none on this server"
                 raise InvalidRequestError(f"unknown adapter {name[:64]!r}; GET /info lists them: {served}")
             if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
                 raise InvalidRequestError(f"adapter {name}'s scale must be a finite number")
@@ -116,7 +117,7 @@ class Adapters:
 
     def _names(self, adapters: AdapterSet) -> Names:
         """The adapters of the set that can be put on the device (others: admission refuses them)."""
-        return names_of(name for name, _ in adapters if name in self.served)
+        return names_of(name for name, _ in adapters if name in self.served and name not in self.broken)
 
     def ready(self, adapters: AdapterSet) -> bool:
         """Whether an image with ``adapters`` can run now (all on the device, or nothing to wait
@@ -184,9 +185,9 @@ class Adapters:
             return
         self.request(adapters)
         self.install_pending(in_use, wait=READ_TIMEOUT_S)
+        self.check(adapters)  # one that turned out broken says why
         if self.ready(adapters):
             return
-        self.check(adapters)  # one that turned out broken says why
         raise InvalidRequestError(
             f"adapters {', '.join(self._names(adapters))} cannot be put on the device now: the "
             f"{self.max_resident} it holds (SD_MAX_ADAPTERS) are all in use; send them separately"
@@ -203,8 +204,7 @@ class Adapters:
         self._delete(name)
         with self._lock:
             self._residency.forget(name)
-        self.broken[name] = reason
-        self.served.pop(name, None)
+        self.broken[name] = reason  # ``served`` is read from other threads: it never changes after start-up
         log.error("adapter %s left out: %s", name, reason)
 
     def _inject(self, name: str, file: AdapterFile) -> str | None:

@@ -147,3 +147,26 @@ def test_an_adapter_in_use_is_not_evicted_and_a_read_waits_for_the_step_boundary
     images, _ = engine.retire_float([handle])  # decoding needs no adapter
     ours = images[0].permute(1, 2, 0).numpy()
     assert loras.difference(ours, loras.reference(folder, running)) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda path: path.write_bytes(b"\x00garbage"), "could not be read"),
+        (lambda path: path.unlink(), "could not be read"),
+    ],
+)
+def test_a_file_spoiled_after_start_up_is_refused_when_first_used_and_the_others_serve(
+    folder: Path, tmp_path: Path, spoil: Any, message: str
+) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(folder, tmp_path / "adapters"))
+    engine = model.load("random:tiny", adapters=copy, max_adapters=2)
+    spoil(copy / "style" / loras.DIFFUSERS_FILE)
+    with pytest.raises(InvalidRequestError, match=f"adapter style could not be loaded: .*{message}"):
+        engine.generate([item("x", 1, {"style": 1.0}, num_inference_steps=1, height=64, width=64)])
+    assert "style" not in engine.info.adapters and "kohya" in engine.info.adapters
+    kohya = item("x", 2, {"kohya": 1.0}, num_inference_steps=2, height=64, width=64)
+    images, _ = engine.generate_float([kohya])
+    assert loras.difference(images[0].permute(1, 2, 0).numpy(), loras.reference(folder, kohya)) < TOLERANCE
