@@ -170,3 +170,19 @@ def test_a_file_spoiled_after_start_up_is_refused_when_first_used_and_the_others
     kohya = item("x", 2, {"kohya": 1.0}, num_inference_steps=2, height=64, width=64)
     images, _ = engine.generate_float([kohya])
     assert loras.difference(images[0].permute(1, 2, 0).numpy(), loras.reference(folder, kohya)) < TOLERANCE
+
+
+def test_reading_leaves_the_model_alone_until_the_engine_thread_installs(folder: Path) -> None:
+    """The slow part (the file) happens off the engine thread; the module tree changes only when
+    the engine installs at a step boundary, so a running image never sees a half-injected model."""
+    engine = model.load("random:tiny", adapters=folder, max_adapters=2)
+    wanted = (("kohya", 1.0),)
+    engine.adapters.request(wanted)
+    read = engine.adapters._reads["kohya"].result(timeout=60)  # read in the background thread
+    assert any(key.startswith("text_encoder.") for key in read.state)  # kohya's names, converted
+    modules = [name for name, _ in engine.components.unet.named_modules()]
+    assert not any("lora" in name for name in modules)
+    assert not engine.adapters.ready(wanted)
+    engine.install_adapters()
+    assert engine.adapters.ready(wanted)
+    assert any("lora" in name for name, _ in engine.components.unet.named_modules())
