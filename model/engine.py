@@ -279,9 +279,12 @@ class Engine:
 
     def install_adapters(self, wait: float = 0.0) -> None:
         """At a step boundary: put the adapters whose files were read (``adapters.request``) on the
-        device, the least recently used ones no running image uses out (model/adapters)."""
-        with _engine_errors(), torch.inference_mode():
+        device, the least recently used ones no running image uses out (model/adapters). Never
+        raises: an adapter that fails is marked broken there, and its images are refused."""
+        try:  # outside inference mode, as load_lora_weights runs: peft makes parameters
             self.adapters.install_pending(self._in_use(self._running), wait)
+        except Exception:  # the step loop must go on for the other images
+            log.exception("putting LoRA adapters on the device failed")
 
     def _in_use(self, running: RunningSet) -> set[str]:
         in_use = {name for state in self._running.active for name, _ in state.item.adapters}
