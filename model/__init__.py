@@ -51,9 +51,11 @@ def load(
     variant: str | None = None,
     config: str | None = None,
     adapters: str | os.PathLike[str] | None = None,
+    max_adapters: int | None = None,
 ) -> Engine:
     """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine
-    (``adapters``: a folder of LoRA adapters, model/adapters.py)."""
+    (``adapters``: a folder of LoRA adapters, model/adapters, at most ``max_adapters`` on the
+    device at once)."""
     from model.loader import load as load_engine
 
     return load_engine(
@@ -65,6 +67,7 @@ def load(
         variant=variant,
         config=config,
         adapters=adapters,
+        max_adapters=max_adapters,
     )
 
 

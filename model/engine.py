@@ -247,6 +247,7 @@ class Engine:
                 self._results(self._run_alone(items(0, count, 1)))
 
     def close(self) -> None:
+        self.adapters.close()
         self._running = RunningSet()
         self.components = None  # type: ignore[assignment]
         if self.device.type == "cuda":
@@ -259,12 +260,29 @@ class Engine:
         handles = [next(self._handles) for _ in items]
         if not items:
             return handles
+        # their adapters on the device (a step loop asks ``adapters.ready`` first: then a no-op)
+        in_use = self._in_use(running) | {name for item in items for name, _ in item.adapters}
+        for adapters in dict.fromkeys(item.adapters for item in items):
+            self.adapters.ensure(adapters, in_use)
         with _engine_errors(), torch.inference_mode():
             states = admit_items(
                 self.components, self._prompts, items, handles, self.vae_scale_factor, self.adapters.activate
             )
         running.add(states)
         return handles
+
+    def install_adapters(self, wait: float = 0.0) -> None:
+        """At a step boundary: put the adapters whose files were read (``adapters.request``) on the
+        device, the least recently used ones no running image uses out (model/adapters). Never
+        raises: an adapter that fails is marked broken there, and its images are refused."""
+        try:  # outside inference mode, as load_lora_weights runs: peft makes parameters
+            self.adapters.install_pending(self._in_use(self._running), wait)
+        except Exception:  # the step loop must go on for the other images
+            log.exception("putting LoRA adapters on the device failed")
+
+    def _in_use(self, running: RunningSet) -> set[str]:
+        in_use = {name for state in self._running.active for name, _ in state.item.adapters}
+        return in_use | {name for state in running.active for name, _ in state.item.adapters}
 
     def _step(self, running: RunningSet) -> list[int]:
         forward = unet_forward(self.components.unet, self.options.cuda_graphs)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model.adapters import DEFAULT_MAX_RESIDENT
 from model.engine import Engine
 from model.errors import ModelLoadError
 from model.loading import load_components, load_safety_checker
@@ -29,11 +30,12 @@ def load(
     variant: str | None = None,
     config: str | None = None,
     adapters: str | os.PathLike[str] | None = None,
+    max_adapters: int | None = None,
 ) -> Engine:
     """Load ``spec`` onto ``device`` and return a ready engine (``variant``: the weight files to
     read, ``fp16`` for ``*.fp16.safetensors``, where a folder holds several; ``config``: a diffusers
     folder or cached hub id whose configs describe a single checkpoint file; ``adapters``: a
-    folder of LoRA adapters, model/adapters.py).
+    folder of LoRA adapters, model/adapters, at most ``max_adapters`` (default 8) on the device at once).
 
     Steps: 1) device and precision, 2) components, 3) a separately configured checker,
     4) move to the device, 5) accelerator or our own optimisations, 6) adapters.
@@ -72,7 +74,7 @@ def load(
             log.info("optimisations: %s", ", ".join(applied))
     # 6) LoRA adapters, each checked against the model as it loads
     if adapters:
-        engine.adapters.load_folder(Path(adapters))
+        engine.adapters.load_folder(Path(adapters), max_adapters or DEFAULT_MAX_RESIDENT)
     log.info(
         "loaded %s (%s) on %s in %s in %.1f s",
         components.name,

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     )
     dtype: str = "auto"
     safety_checker: Path | None = Field(default=None, description="A safety-checker folder for any model.")
-    adapters: Path | None = Field(default=None, description="A folder of LoRA adapters (model/adapters.py).")
+    adapters: Path | None = Field(default=None, description="A folder of LoRA adapters (model/adapters).")
+    max_adapters: int = Field(
+        default=8, ge=1, le=256, description="LoRA adapters on the device at once; least recently used out."
+    )
     accelerator: Literal["none", "deepspeed"] = "none"
     compile: bool = False
     cuda_graphs: bool = False

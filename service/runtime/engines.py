@@ -189,5 +189,6 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         variant=settings.model_variant,
         config=settings.model_config_dir,
         adapters=settings.adapters,
+        max_adapters=settings.max_adapters,
     )
     return engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -23,6 +24,13 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # The metrics of one engine carry its index as label ``engine`` ("0", "1", ...; SD_DEVICES order).
 ENGINE_LABEL = "engine"
+# Metrics by LoRA adapter set carry label ``adapters``: the set's names from SD_ADAPTERS, sorted and
+# joined by "+" (scales left out), "none" without adapters. A name the server does not serve is never
+# echoed ("other"), and past MAX_ADAPTER_LABELS distinct sets new ones count as "other" too.
+ADAPTERS_LABEL = "adapters"
+MAX_ADAPTER_LABELS = 64
+NO_ADAPTERS = "none"
+OTHER_ADAPTERS = "other"
 
 
 class Metrics:
@@ -72,6 +80,16 @@ class Metrics:
             f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
         )
         self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", e, registry=r)
+        self.adapter_images_generated = Counter(
+            f"{PREFIX}adapter_images_generated", "Images generated (step loop), by LoRA adapter set.",
+            [ENGINE_LABEL, ADAPTERS_LABEL], registry=r,
+        )  # fmt: skip
+        self.adapter_step_seconds = Histogram(
+            f"{PREFIX}adapter_step_seconds", "Step-loop iterations, once per LoRA adapter set in the step.",
+            [ENGINE_LABEL, ADAPTERS_LABEL], buckets=STEP_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self._served_adapters: frozenset[str] = frozenset()
+        self._adapter_labels: set[str] = set()  # shared by every engine's view: the bound is global
         self.engines_serving = Gauge(
             f"{PREFIX}engines_serving", "Engines in rotation (SD_DEVICES); drops when one is taken out.",
             registry=r,
@@ -103,14 +121,39 @@ class Metrics:
     )  # fmt: skip
 
     def _bind(self, engine: str) -> None:
+        self._engine = engine
         for name, family in self._families.items():
             setattr(self, name, family.labels(engine))
 
-    def for_engine(self, index: int) -> Metrics:
-        """These metrics, with engine ``index``'s series of the engine-level families."""
+    def for_engine(self, index: int, adapters: Collection[str] = ()) -> Metrics:
+        """These metrics, with engine ``index``'s series of the engine-level families; ``adapters``:
+        the names of SD_ADAPTERS it serves (the only names its adapter labels may carry)."""
         view = copy.copy(self)
         view._bind(str(index))
+        view._served_adapters = frozenset(adapters)
         return view
+
+    def adapters_label(self, adapters: Iterable[tuple[str, float]]) -> str:
+        """The ``adapters`` label of an image's (name, scale) pairs: bounded, served names only."""
+        names = sorted({name for name, _ in adapters})
+        if not names:
+            return NO_ADAPTERS
+        if not all(name in self._served_adapters for name in names):
+            return OTHER_ADAPTERS
+        label = "+".join(names)
+        if label not in self._adapter_labels:
+            if len(self._adapter_labels) >= MAX_ADAPTER_LABELS:
+                return OTHER_ADAPTERS
+            self._adapter_labels.add(label)
+        return label
+
+    def adapter_image(self, adapters: Iterable[tuple[str, float]]) -> None:
+        self.adapter_images_generated.labels(self._engine, self.adapters_label(adapters)).inc()
+
+    def adapter_step(self, sets: Iterable[Iterable[tuple[str, float]]], seconds: float) -> None:
+        """One step's time, once under each adapter set that ran in it."""
+        for label in {self.adapters_label(adapters) for adapters in sets}:
+            self.adapter_step_seconds.labels(self._engine, label).observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,15 @@
 """LoRA adapters in a real `sd-endpoint serve` process (SD_ADAPTERS, random:tiny): listed in /info
 and /v1/models, broken ones named in the log and refused with 422, and images with different
 adapters, sent at once on /score and OpenAI's route, running side by side in the step loop, each
-equal to diffusers' load_lora_weights + set_adapters."""
+equal to diffusers' load_lora_weights + set_adapters. With room for one adapter on the device
+(SD_MAX_ADAPTERS=1), images asking for different adapters, one after the other and all at once,
+still equal diffusers' while the adapters go on and off the device; a set larger than the cap is
+refused with 422; metrics count images and step time by adapter set, labels only from SD_ADAPTERS."""
 
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +32,8 @@ from tests.helpers.servers import decode_png, metric_value
 
 SIZE = 128
 TOLERANCE = 2 / 255
+STEPS = 4
+PROMPT = "a lighthouse"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("adapters-server") / "server.log"
     running = start_server(log, SD_ADAPTERS=str(folder), SD_MAX_BATCH_SIZE="8")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def one_place(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Room for one adapter on the device (SD_MAX_ADAPTERS=1)."""
+    log = tmp_path_factory.mktemp("adapter-memory") / "server.log"
+    running = start_server(log, SD_ADAPTERS=str(folder), SD_MAX_ADAPTERS="1", SD_MAX_BATCH_SIZE="8")
     yield running
     stop_server(running)
 
@@ -191,3 +206,90 @@ def test_bad_a1111_lora_tags_get_422_saying_why(server: Server, prompt: str, mes
     answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 2}, timeout=60)
     assert answer.status_code == 422, answer.text
     assert message in answer.json()["detail"]
+
+
+# ------------------------------------------------- SD_MAX_ADAPTERS=1: adapters on the device on first use
+def post(server: Server, seed: int, adapters: dict[str, float] | None) -> httpx.Response:
+    return httpx.post(f"{server.url}/score", json=score(PROMPT, seed, STEPS, adapters), timeout=300)
+
+
+def check_image(response: httpx.Response, folder: Path, seed: int, adapters: dict[str, float] | None) -> None:
+    assert response.status_code == 200, response.text
+    ours = decode_png(response.json()[0]["generated_image"]) / 255
+    item = GenerationItem(PROMPT, seed=seed, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                          adapters=adapter_set(adapters))  # fmt: skip
+    assert loras.difference(ours, loras.reference(folder, item)) < TOLERANCE, f"seed {seed}, {adapters}"
+
+
+def swaps(server: Server) -> list[str]:
+    """The log's record of adapters put on the device: one line per change."""
+    return re.findall(r"adapters on the device: (\S+) \(in: (\S+); out: (\S+)\)", server.log_path.read_text())
+
+
+def test_two_adapters_alternately_with_room_for_one_match_diffusers(one_place: Server, folder: Path) -> None:
+    assert httpx.get(f"{one_place.url}/info").json()["adapters"] == ["kohya", "style", "unet-only"]
+    assert swaps(one_place) == []  # checked at start-up, put on the device only when asked for
+    sequence = [
+        ({"style": 0.8}, 51),
+        ({"kohya": 1.0}, 52),
+        ({"style": 0.8}, 53),
+        (None, 54),
+        ({"kohya": -0.5}, 55),
+    ]
+    for adapters, seed in sequence:
+        check_image(post(one_place, seed, adapters), folder, seed, adapters)
+    assert [on_device for on_device, _, _ in swaps(one_place)] == ["style", "kohya", "style", "kohya"]
+    assert [out for _, _, out in swaps(one_place)] == ["none", "style", "kohya", "style"]
+
+
+def test_two_adapters_at_once_with_room_for_one_match_diffusers(one_place: Server, folder: Path) -> None:
+    """Sent together: each waits (without holding up the others) until its adapter is on the device
+    and the other adapter's images are done."""
+    requests = [({"style": 1.2}, 61), ({"kohya": 1.0}, 62), (None, 63), ({"style": 0.3}, 64),
+                ({"kohya": 0.7}, 65), ({"unet-only": 1.0}, 66)]  # fmt: skip
+    before = len(swaps(one_place))
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(post, one_place, seed, adapters) for adapters, seed in requests]
+        responses = [future.result() for future in futures]
+    for response, (adapters, seed) in zip(responses, requests, strict=True):
+        check_image(response, folder, seed, adapters)
+    changes = swaps(one_place)[before:]
+    assert changes, "no adapter was put on the device"
+    assert all(len(on_device.split(",")) == 1 for on_device, _, _ in changes)  # never two at once
+    assert {name for _, name, _ in changes} >= {"kohya", "unet-only"}
+
+
+@pytest.mark.parametrize(
+    "adapters", [{"style": 1.0, "kohya": 1.0}, {"style": 0.5, "unet-only": 0.5, "kohya": 1.0}]
+)
+def test_more_adapters_at_once_than_the_device_holds_gets_422_saying_so(
+    one_place: Server, adapters: dict[str, float]
+) -> None:
+    response = post(one_place, 1, adapters)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert f"asks for {len(adapters)} adapters at once" in message and "SD_MAX_ADAPTERS" in message
+
+
+def test_metrics_count_images_and_steps_by_adapter_set_with_served_names_only(one_place: Server) -> None:
+    def images(label: str) -> float:
+        return metric_value(metrics(), "sd_adapter_images_generated_total", f'adapters="{label}"')
+
+    def metrics() -> str:
+        return httpx.get(f"{one_place.url}/metrics").text
+
+    before = {label: images(label) for label in ("style", "kohya", "none")}
+    for adapters, seed in (({"style": 1.0}, 71), ({"style": 0.5}, 72), ({"kohya": 1.0}, 73), (None, 74)):
+        assert post(one_place, seed, adapters).status_code == 200
+    assert images("style") - before["style"] == 2  # scales are left out of the label
+    assert images("kohya") - before["kohya"] == 1
+    assert images("none") - before["none"] == 1
+    text = metrics()
+    for label in ("style", "kohya", "none"):
+        steps = metric_value(text, "sd_adapter_step_seconds_count", f'adapters="{label}"')
+        assert steps >= STEPS, label
+    # names a client sends never become labels: only SD_ADAPTERS' names, "none" and "other"
+    for hostile in ({"nope": 1.0}, {"<script>": 1.0}, {"a" * 64: 1.0}, {"wrong-shape": 1.0}):
+        assert post(one_place, 1, hostile).status_code == 422
+    labels = set(re.findall(r'sd_adapter_\w+\{[^}]*adapters="([^"]*)"', metrics()))
+    assert labels <= {"style", "kohya", "unet-only", "none", "other"}, labels

@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
+from tests.helpers import loras
 from tests.helpers.processes import REPO, Server, start_server, stop_server
+from tests.helpers.servers import decode_png
 
 pytestmark = pytest.mark.slow
 
@@ -249,3 +251,61 @@ def test_key_is_asked_once_and_kept_for_the_tab_only(keyed_server: Server, brows
     fresh.goto(f"{keyed_server.url}/ui")
     expect(fresh.locator("#key-form")).to_be_visible()
     other.close()
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
+    running = start_server(tmp_path_factory.mktemp("adapter-ui") / "server.log", SD_ADAPTERS=str(folder))
+    yield running
+    stop_server(running)
+
+
+def test_an_adapter_picked_from_the_list_draws_what_score_draws_with_it(
+    adapter_server: Server, page: Page
+) -> None:
+    info = open_playground(page, adapter_server)
+    expect(page.locator("#adapter-field")).to_be_visible()
+    offered = page.eval_on_selector_all("#adapter option", "options => options.map(o => o.value)")
+    assert offered == ["", *info["adapters"]] and "style" in offered
+    expect(page.locator("#adapter")).to_have_value("")  # none unless picked
+
+    # 1. Picked, at a scale: sent as parameters.adapters, and the image is /score's with them.
+    fill_form(page, prompt="a lighthouse", seed="7")
+    page.select_option("#adapter", "style")
+    page.fill("#adapter-scale", "0.8")
+    response = generate(page)
+    assert response.status == 200
+    sent = response.request.post_data_json["input_data"]["parameters"]
+    assert sent["adapters"] == {"style": 0.8}
+    direct = {"input_data": {"columns": ["prompt"], "data": ["a lighthouse"], "parameters": sent}}
+    expected = httpx.post(f"{adapter_server.url}/score", json=direct, timeout=300).json()[0][
+        "generated_image"
+    ]
+    shown = page.get_attribute("#images img", "src")
+    assert shown == f"data:image/png;base64,{expected}"
+
+    # 2. Back to none: no adapters sent, another image.
+    page.select_option("#adapter", "")
+    response = generate(page)
+    assert "adapters" not in response.request.post_data_json["input_data"]["parameters"]
+    plain = page.get_attribute("#images img", "src")
+    assert plain is not None and shown is not None
+    assert abs(decode_png(plain.split(",")[1]) / 255 - decode_png(shown.split(",")[1]) / 255).max() > 0.02
+
+    # 3. A scale out of range: the server's one-line reason, shown as it says it.
+    page.select_option("#adapter", "kohya")
+    for scale in ("2.5", "-7", "1e9"):
+        page.fill("#adapter-scale", scale)
+        response = generate(page)
+        assert response.status == 422
+        expect(page.locator("#error-message")).to_have_text(response.json()["error"]["message"])
+        expect(page.locator("#error-message")).to_contain_text("scale")
+
+
+def test_the_adapter_list_is_hidden_when_the_server_serves_none(server: Server, page: Page) -> None:
+    open_playground(page, server)
+    expect(page.locator("#adapter-field")).to_be_hidden()
+    expect(page.locator("#adapter-scale-field")).to_be_hidden()
+    fill_form(page, prompt="a lighthouse")
+    assert "adapters" not in generate(page).request.post_data_json["input_data"]["parameters"]

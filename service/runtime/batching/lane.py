@@ -25,6 +25,7 @@ from service.runtime.jobs import Job
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
+ADAPTER_WAIT_S = 0.5  # an idle lane waits this long at most for an adapter file, then looks again
 
 
 @dataclass(eq=False)
@@ -88,7 +89,7 @@ class Lane:
         self._source = source
         self.max_batch_size = max_batch_size
         self._max_failures = max_failures
-        self._metrics = metrics.for_engine(index)
+        self._metrics = metrics.for_engine(index, getattr(engine.info, "adapters", ()))
         self.running: dict[int, Image] = {}
         self._leaving: set[int] = set()  # handles whose futures are done: cancel at the next step
         self.admitting: list[Image] = []  # taken from the queue, being admitted in the engine now
@@ -127,7 +128,8 @@ class Lane:
             # 2. One iteration in the engine thread: leave, admit, step, retire.
             leaving = self._take_leaving()
             admitting = self.admitting = self._source.take(self)
-            if not admitting and not self.running and not leaving:
+            pending = getattr(getattr(self.engine, "adapters", None), "pending", False) is True
+            if not admitting and not self.running and not leaving and not pending:
                 continue  # another lane took what had arrived
             self._metrics.running_images.set(self.load)
             self.in_engine = True
@@ -184,6 +186,7 @@ class Lane:
             if image.job is not None:  # now, not after the iteration: the engine may step on long
                 image.job.admitted.add(image.index)
         running = len(self.running) + len(outcome.admitted)
+        self._install_adapters(0.0 if running else ADAPTER_WAIT_S)  # adapters read go on the device
         held = [*((image, handle) for handle, image in self.running.items()), *outcome.admitted]
         ending = self._ending(held)
         if ending:  # interrupted: they end with the latents they have, before any other step
@@ -197,6 +200,7 @@ class Lane:
                 outcome.step_error = error
                 break
             outcome.steps.append((running, time.perf_counter() - started))
+            self._install_adapters(0.0)
             self._follow(held, finished)
             if outcome.first_step_done is None:
                 outcome.first_step_done = time.monotonic()
@@ -238,6 +242,18 @@ class Lane:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(job.preview, image.index, job.steps[image.index], pixels)
 
+    def adapters_ready(self, item: GenerationItem) -> bool:
+        """Whether ``item``'s LoRA adapters are on the device (model/adapters); if not, they are read."""
+        adapters = getattr(self.engine, "adapters", None)
+        if not item.adapters or adapters is None or adapters.ready(item.adapters):
+            return True
+        adapters.request(item.adapters)
+        return False
+
+    def _install_adapters(self, wait: float) -> None:
+        if hasattr(self.engine, "install_adapters"):
+            self.engine.install_adapters(wait)
+
     def _should_hand_back(self, outcome: _Outcome) -> bool:
         """Whether the event loop has something to do at this step boundary: an image left (or was
         failed), or a waiting image could join. Read from the engine thread: each check is one
@@ -278,8 +294,10 @@ class Lane:
         # 2. The steps that happened: first-step times, step metrics.
         if outcome.steps:
             self.failures = 0
+        adapter_sets = [image.item.adapters for image in self.running.values()]
         for images, seconds in outcome.steps:
             self._metrics.step_seconds.observe(seconds)
+            self._metrics.adapter_step(adapter_sets, seconds)
             self._metrics.batch_size.observe(images)
         if outcome.first_step_done is not None:
             for image in self.running.values():
@@ -301,6 +319,7 @@ class Lane:
                 continue
             self.room = min(self.room + 1, self.max_batch_size)
             self._metrics.images_generated.inc()
+            self._metrics.adapter_image(image.item.adapters)
             if result.nsfw_content_detected:
                 self._metrics.images_flagged.inc()
             if not image.future.done():

@@ -177,6 +177,8 @@ class StepLoop:
                 continue
             if head.suspect and (lane.running or admitting):
                 break
+            if not lane.adapters_ready(head.item):
+                break  # its adapters are being read; it keeps its place (FIFO)
             admitting.append(self._waiting.popleft())
             self._holder[id(head)] = lane
             self._suspected_by.pop(id(head), None)

@@ -100,6 +100,12 @@
         }),
       );
     }
+    // LoRA adapters the server serves (names from its SD_ADAPTERS folder), "none" first.
+    const adapters = Array.isArray(info.adapters) ? info.adapters.filter((name) => typeof name === "string") : [];
+    const chosen = $("adapter").value;
+    $("adapter").replaceChildren(new Option("none", ""), ...adapters.map((name) => new Option(name, name)));
+    $("adapter").value = adapters.includes(chosen) ? chosen : "";
+    $("adapter-field").hidden = $("adapter-scale-field").hidden = adapters.length === 0;
     // Start at the model's native size, unless the user already changed the fields.
     for (const [id, value] of [["width", info.native_width], ["height", info.native_height]]) {
       const input = $(id);
@@ -194,6 +200,12 @@
       if (input.value !== "") parameters[name] = Number(input.value);
     }
     if ($("scheduler").value) parameters.scheduler = $("scheduler").value;
+    if ($("adapter").value) {
+      // One adapter at its scale (blank: 1); the server says when the scale is out of its range.
+      const scale = $("adapter-scale");
+      if (scale.validity.badInput) throw new ApiError("Adapter scale must be a number.", 0, "");
+      parameters.adapters = { [$("adapter").value]: scale.value === "" ? 1 : Number(scale.value) };
+    }
     return parameters;
   }
 
