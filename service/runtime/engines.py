@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class ServingEngine(Protocol):
     """What every consumer needs of an engine; ``model.Engine`` has it, and so do the tests' fakes.
 
-    Batch jobs and the request-level batcher call ``generate``; the server's step loop
+    Batch jobs call ``generate``; the server's step loop
     (service/runtime/batching/steploop.py) calls the per-step API: ``admit`` an item (its handle back),
     ``step`` every running item once (the handles now finished; on an exception nothing has
     advanced), ``retire`` finished handles into results, ``cancel`` a handle at any time.

@@ -50,14 +50,14 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Images waiting in the queue.", registry=r)
         self.batch_size = Histogram(
-            f"{PREFIX}batch_size", "Images per engine batch (request-level batching) or per denoising step.",
+            f"{PREFIX}batch_size", "Images per denoising step.",
             e, buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.running_images = Gauge(
             f"{PREFIX}running_images", "Images in the engine's running set (step loop).", e, registry=r
         )
         self.step_seconds = Histogram(
-            f"{PREFIX}step_seconds", "One step-loop iteration: admissions, one denoising step, decodes.",
+            f"{PREFIX}step_seconds", "One denoising step of the running set (engine.step() only).",
             e, buckets=STEP_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.admitted_per_step = Histogram(
@@ -69,7 +69,11 @@ class Metrics:
             e, buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.engine_batch_seconds = Histogram(
-            f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
+            f"{PREFIX}engine_batch_seconds",
+            "Engine time per step-loop iteration: admissions, the steps until something is handed back, "
+            "decodes.",
+            buckets=ENGINE_BUCKETS_S,
+            registry=r,
         )
         self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", e, registry=r)
         self.engines_serving = Gauge(
