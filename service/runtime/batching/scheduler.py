@@ -205,13 +205,13 @@ class Scheduler:
         empty = sum(1 for other in self.engines if other is not slot and other.serving and not other.load)
         if empty and slot.running:
             return []  # the empty engines take new images
-        share = math.ceil(len(self._queue) / (empty + 1))
+        # One that is not ready stays first in line for when it is, and holds nobody up.
+        ready = [image for image in self._queue if self._ready(slot.index, image.item)]
+        share = math.ceil(len(ready) / (empty + 1))
         admit: list[Image] = []
-        for image in list(self._queue):
+        for image in ready:
             if len(slot.running) + len(admit) >= slot.room or len(admit) >= share:
                 break
-            if not self._ready(slot.index, image.item):
-                continue  # stays first in line for when it is
             if image.suspect_on is not None and (slot.running or admit):
                 break
             self._queue.remove(image)
