@@ -1,16 +1,16 @@
-"""Step loop vs request-level batching, side by side in one run, through a real server.
+"""The step loop against the engine's own full batches, measured in one run, through a real server.
 
     python benchmarks/steps.py                                  # fake step engine + random:tiny
     python benchmarks/steps.py --engines fake --clients 1,8,32 --seconds 6
 
-For each engine and each batching (SD_BATCHING=request, then step) a server process runs
+For each engine a server process runs
 `sd-endpoint serve`'s code path around that engine; closed-loop HTTP clients each post a
 one-image /score request, wait for the answer (PNG encoding included), and post the next. Two
 workloads: every request 20 steps ("uniform"), and half 20, half 50 steps ("mix").
 
 Engines:
 - ``fake``: a step costs ``a + b x rows`` seconds (guided images take two UNet rows), slept so the
-  CPU stays free; a request-level batch of n images costs steps x (a + b x 2n); images are
+  CPU stays free; a whole batch of n images costs steps x (a + b x 2n); images are
   512x512 gradients, so PNG encoding costs what it costs for real images. Its capacity, the
   throughput of full batches back to back, is the yardstick.
 - ``tiny``: random:tiny on this machine's CPU, the real per-step engine. The yardstick is stock
@@ -137,10 +137,10 @@ def serve(name: str, a_s: float, b_s: float) -> int:
 
 
 @contextlib.contextmanager
-def server(name: str, batching: str, args: argparse.Namespace) -> Iterator[str]:
+def server(name: str, args: argparse.Namespace) -> Iterator[str]:
     env = {
         **os.environ, "SD_PORT": str(args.port), "SD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-        "SD_BATCHING": batching, "SD_MAX_BATCH_SIZE": str(MAX_BATCH), "SD_MAX_QUEUE_ITEMS": "256",
+        "SD_MAX_BATCH_SIZE": str(MAX_BATCH), "SD_MAX_QUEUE_ITEMS": "256",
     }  # fmt: skip
     command = [sys.executable, __file__, "--serve", name, "--step-a-ms", str(args.step_a_ms),
                "--step-b-ms", str(args.step_b_ms)]  # fmt: skip
@@ -277,32 +277,21 @@ def main() -> None:
         base = yardstick(engine_name, engine, size, repeats=3)
         report[f"yardstick_{engine_name}"] = base
         del engine  # the server process has its own
-        results: dict[tuple[str, int, str], dict[str, Any]] = {}
-        for batching in ("request", "step"):
-            with server(engine_name, batching, args) as url:
-                for workload, steps in WORKLOADS.items():
-                    for clients in clients_list:
-                        done, elapsed, lat = asyncio.run(closed_loop(url, clients, steps, seconds))
-                        unit = "image_steps" if workload == "mix" else "images"
-                        results[(workload, clients, batching)] = {
-                            "images_per_s": round(done["images"] / elapsed, 3),
-                            "fraction_of_capacity": round(done[unit] / elapsed / base[f"{unit}_per_s"], 3),
-                            **{f"p50_{s}_s": percentile(v, 50) for s, v in lat.items()},
-                            **{f"p95_{s}_s": percentile(v, 95) for s, v in lat.items()},
-                        }
-                        print(
-                            engine_name, batching, workload, clients, results[(workload, clients, batching)]
-                        )
-        for workload in WORKLOADS:
-            for clients in clients_list:
-                request, step = results[(workload, clients, "request")], results[(workload, clients, "step")]
-                report["cases"].append({
-                    "engine": engine_name, "workload": workload, "clients": clients,
-                    "request": request, "step": step,
-                    "step_vs_request": round(
-                        step["fraction_of_capacity"] / max(request["fraction_of_capacity"], 1e-9), 2
-                    ),
-                })  # fmt: skip
+        with server(engine_name, args) as url:
+            for workload, steps in WORKLOADS.items():
+                for clients in clients_list:
+                    done, elapsed, lat = asyncio.run(closed_loop(url, clients, steps, seconds))
+                    unit = "image_steps" if workload == "mix" else "images"
+                    step = {
+                        "images_per_s": round(done["images"] / elapsed, 3),
+                        "fraction_of_capacity": round(done[unit] / elapsed / base[f"{unit}_per_s"], 3),
+                        **{f"p50_{s}_s": percentile(v, 50) for s, v in lat.items()},
+                        **{f"p95_{s}_s": percentile(v, 95) for s, v in lat.items()},
+                    }
+                    print(engine_name, workload, clients, step)
+                    report["cases"].append(
+                        {"engine": engine_name, "workload": workload, "clients": clients, "step": step}
+                    )
     write(report, args.out)
 
 
@@ -310,20 +299,18 @@ def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# Step loop vs request-level batching\n\n`{report['command']}` on {report['machine']}.\n",
+        f"# Step loop against full batches\n\n`{report['command']}` on {report['machine']}.\n",
         "Fraction: throughput over the engine's own full-batch throughput (images/s; image-steps/s "
-        "for the 20/50 mix). p50: median latency of the 20-step requests.\n",
-        "| engine | workload | clients | request-level | step loop | step/request "
-        "| p50 20-step, request-level | p50 20-step, step loop |",
-        "|---|---|---|---|---|---|---|---|",
+        "for the 20/50 mix; random:tiny's yardstick is stock diffusers' pipeline at a full batch). "
+        "p50: median latency of the 20-step requests.\n",
+        "| engine | workload | clients | fraction of full batches | p50 20-step |",
+        "|---|---|---|---|---|",
     ]
     for row in report["cases"]:
-        request, step = row["request"], row["step"]
+        step = row["step"]
         lines.append(
             f"| {row['engine']} | {row['workload']} | {row['clients']} "
-            f"| {request['fraction_of_capacity']:.2f} | {step['fraction_of_capacity']:.2f} "
-            f"| {row['step_vs_request']:.2f}x | {_seconds(request.get('p50_20_s'))} "
-            f"| {_seconds(step.get('p50_20_s'))} |"
+            f"| {step['fraction_of_capacity']:.2f} | {_seconds(step.get('p50_20_s'))} |"
         )
     for name in ("fake", "tiny"):
         base = report.get(f"yardstick_{name}")
