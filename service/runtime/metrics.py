@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -25,12 +25,25 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 ENGINE_LABEL = "engine"
 
 
+@dataclass(frozen=True)
+class EngineMetrics:
+    """One engine's series of the engine-level families (Metrics.for_engine)."""
+
+    batch_size: Histogram
+    running_images: Gauge
+    step_seconds: Histogram
+    admitted_per_step: Histogram
+    first_step_wait: Histogram
+    images_generated: Counter
+    engine_failures: Counter
+
+
 class Metrics:
     """The server's metrics. A registry per instance keeps apps in one process (tests) apart.
 
-    Engine-level metrics (images generated and the step loop's) are families labelled ``engine``;
-    the attributes of this object are engine "0"'s series, and ``for_engine(i)`` is the same object
-    with engine ``i``'s series, so that a batcher or step loop counts for its own engine.
+    Engine-level metrics (images generated and the step loop's) are families labelled ``engine``:
+    each engine's lane counts in its own series, ``for_engine(i)``; nothing records in a family
+    without saying whose it is.
     """
 
     def __init__(self) -> None:
@@ -98,23 +111,23 @@ class Metrics:
             f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r
         )
 
-        self._families = {name: getattr(self, name) for name in self._ENGINE_FAMILIES}
-        self._bind("0")
+        self._engines: dict[int, EngineMetrics] = {}
 
-    _ENGINE_FAMILIES = (
-        "batch_size", "running_images", "step_seconds", "admitted_per_step", "first_step_wait",
-        "images_generated", "engine_failures",
-    )  # fmt: skip
-
-    def _bind(self, engine: str) -> None:
-        for name, family in self._families.items():
-            setattr(self, name, family.labels(engine))
-
-    def for_engine(self, index: int) -> Metrics:
-        """These metrics, with engine ``index``'s series of the engine-level families."""
-        view = copy.copy(self)
-        view._bind(str(index))
-        return view
+    def for_engine(self, index: int) -> EngineMetrics:
+        """Engine ``index``'s series of the engine-level families, made at the first call and the
+        same object at every later one."""
+        if index not in self._engines:
+            label = str(index)
+            self._engines[index] = EngineMetrics(
+                batch_size=self.batch_size.labels(label),
+                running_images=self.running_images.labels(label),
+                step_seconds=self.step_seconds.labels(label),
+                admitted_per_step=self.admitted_per_step.labels(label),
+                first_step_wait=self.first_step_wait.labels(label),
+                images_generated=self.images_generated.labels(label),
+                engine_failures=self.engine_failures.labels(label),
+            )
+        return self._engines[index]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

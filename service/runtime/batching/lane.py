@@ -45,7 +45,7 @@ class Lane:
         self._scheduler = scheduler
         self._slot = scheduler.engines[index]
         self._metrics = metrics.for_engine(index)
-        self._queue_metrics = metrics
+        self._server_metrics = metrics
         self._wake = wake
         self.arrival = asyncio.Event()  # set when images arrive while this lane sleeps
         self.asleep = False  # waiting for images
@@ -88,7 +88,7 @@ class Lane:
                 iteration.add_done_callback(self._iteration_over)
                 raise
             self.in_engine = False
-            self._queue_metrics.engine_batch_seconds.observe(time.monotonic() - started)
+            self._server_metrics.engine_batch_seconds.observe(time.monotonic() - started)
             # 3. Hand out what it did.
             self._apply(output)
 
@@ -104,10 +104,10 @@ class Lane:
     def _took(self, images: list[Image]) -> None:
         self._metrics.running_images.set(self._slot.load)
         if images:
-            self._queue_metrics.queue_depth.set(self._scheduler.waiting)
+            self._server_metrics.queue_depth.set(self._scheduler.waiting)
             now = time.monotonic()
             for image in images:
-                self._queue_metrics.queue_wait.observe(now - image.arrived)
+                self._server_metrics.queue_wait.observe(now - image.arrived)
 
     def _iteration_over(self, _: object) -> None:
         self.in_engine = False
@@ -252,16 +252,16 @@ class Lane:
         for image, result in update.finished:
             metrics.images_generated.inc()
             if result.nsfw_content_detected:
-                metrics.images_flagged.inc()
+                self._server_metrics.images_flagged.inc()
             if not image.future.done():
                 image.future.set_result(result)
         for image, error in update.failed:
             fail([image], error)
         metrics.running_images.set(len(self._slot.running))
-        self._queue_metrics.queue_depth.set(self._scheduler.waiting)
+        self._server_metrics.queue_depth.set(self._scheduler.waiting)
 
     def _report_taken_out(self, error: BaseException | None) -> None:
-        self._queue_metrics.engines_serving.set(len(self._scheduler.serving))
+        self._server_metrics.engines_serving.set(len(self._scheduler.serving))
         log.error(
             "%s\n  ENGINE %d (%s) TAKEN OUT OF ROTATION after %d failed steps in a row (last: %s: %s);\n"
             "  the other engines keep serving. Restart the server to bring its device back.\n%s",
