@@ -54,7 +54,7 @@ def load(
 ) -> Engine:
     """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine
     (``adapters``: a folder of LoRA adapters, model/adapters.py)."""
-    from model.loader import load as load_engine
+    from model.loader import load_engine
 
     return load_engine(
         spec,

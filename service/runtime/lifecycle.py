@@ -26,7 +26,7 @@ from service.runtime.engines import (
     available_cores,
     cpu_threads_per_engine,
     engine_thread,
-    load_engine,
+    load_serving_engine,
     resolve_devices,
 )
 from service.runtime.errors import NotReadyError, ShuttingDownError
@@ -154,7 +154,7 @@ class Lifecycle:
         # In parallel: the model's loader reads one device's weights at a time (diffusers builds
         # models under process-wide contexts; model/loading says why) and moves them in parallel.
         loads = [
-            loop.run_in_executor(thread, load_engine, self.settings, device)
+            loop.run_in_executor(thread, load_serving_engine, self.settings, device)
             for device, thread in zip(devices, threads, strict=True)
         ]
         results = list(await asyncio.gather(*loads, return_exceptions=True))

@@ -112,7 +112,7 @@ class ThreadRecording(FakeStepEngine):
 
 
 async def serve_six_images(settings: Settings) -> list[ThreadRecording]:
-    """A Lifecycle on ``settings`` (whose load_engine the caller patched to give ThreadRecording
+    """A Lifecycle on ``settings`` (whose load_serving_engine the caller patched to give ThreadRecording
     engines) serves six 3-step images in seed order, stops, and hands back its engines."""
     from service.runtime.lifecycle import Lifecycle
     from service.runtime.metrics import Metrics

@@ -201,12 +201,12 @@ def overlapping(spans: list[tuple[str, float, float]], prefix: str) -> bool:
 
 
 def test_every_device_loads_and_warms_up_at_once_before_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
-    def load(settings: Settings, device: str | None = "settings") -> FakeStepEngine:
+    def load(settings: Settings, device: str | None) -> FakeStepEngine:
         if device == "cuda:7":
             raise ModelLoadError("CUDA error: invalid device ordinal")
         return SlowLoad(device)
 
-    monkeypatch.setattr(lifecycle_module, "load_engine", load)
+    monkeypatch.setattr(lifecycle_module, "load_serving_engine", load)
 
     async def start(devices: str) -> Lifecycle:
         lifecycle = Lifecycle(Settings(model="/models/sd", devices=devices), Metrics())
@@ -246,7 +246,7 @@ def test_each_engine_is_loaded_warmed_up_and_run_in_one_thread_of_its_own(
 ) -> None:
     """torch keeps per-thread state (CPU thread teams, the current CUDA device): a second thread
     made random:tiny's steps 3x slower on a 2-core CPU. Load, warm-up and every step share one."""
-    monkeypatch.setattr(lifecycle_module, "load_engine", lambda settings, device: ThreadRecording(device))
+    monkeypatch.setattr(lifecycle_module, "load_serving_engine", lambda _, device: ThreadRecording(device))
 
     async def test() -> None:
         settings = Settings(model="/models/sd", devices="cuda:0,cuda:1")

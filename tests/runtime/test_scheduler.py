@@ -115,7 +115,7 @@ def test_a_cancelled_running_image_leaves_its_engine_at_the_next_plan_and_frees_
     output = admit(plan)
     scheduler.update_from_output(0, output)
     scheduler.cancel(gone)
-    assert scheduler.engines[0].load == 0 and scheduler.should_hand_back(0)
+    assert scheduler.engines[0].held == 0 and scheduler.should_hand_back(0)
     plan = scheduler.schedule(0)
     assert plan.leave == [output.admitted[0][1]] and seeds(plan.admit) == [2]
 

@@ -102,7 +102,7 @@ class Lane:
             self.asleep = False
 
     def _took(self, images: list[Image]) -> None:
-        self._metrics.running_images.set(self._slot.load)
+        self._metrics.running_images.set(self._slot.held)
         if images:
             self._server_metrics.queue_depth.set(self._scheduler.waiting)
             now = time.monotonic()

@@ -94,7 +94,7 @@ class EngineSlot:
     leaving: list[int] = field(default_factory=list)  # handles its engine drops at the next plan
 
     @property
-    def load(self) -> int:
+    def held(self) -> int:
         return len(self.running) + len(self.admitting)
 
 
@@ -202,7 +202,7 @@ class Scheduler:
         suspect runs alone."""
         if not slot.serving or any(image.suspect_on is not None for image in slot.running.values()):
             return []
-        empty = sum(1 for other in self.engines if other is not slot and other.serving and not other.load)
+        empty = sum(1 for other in self.engines if other is not slot and other.serving and not other.held)
         if empty and slot.running:
             return []  # the empty engines take new images
         # One that is not ready stays first in line for when it is, and holds nobody up.
@@ -229,7 +229,7 @@ class Scheduler:
             return True
         if any(image.state is not State.ADMITTING for image in list(slot.admitting)):
             return True
-        return slot.load < slot.room and self.has_work(engine)
+        return slot.held < slot.room and self.has_work(engine)
 
     def update_from_output(self, engine: int, output: Output) -> Update:
         """Apply what ``engine``'s iteration did; say what to resolve."""

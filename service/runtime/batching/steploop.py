@@ -115,7 +115,7 @@ class StepLoop:
                 lane.index,
                 lane.engine.info.device,
                 lane.engine.info.dtype,
-                running=slot.load,
+                running=slot.held,
                 max_running=slot.room,
                 serving=slot.serving,
                 failures=slot.failures,
