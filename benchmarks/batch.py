@@ -57,14 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace, params: JobParams) -> Any:
     """The engine as `sd-endpoint batch` loads it, warmed up at the job's batch shape."""
-    from service.runtime.engines import load_engine
+    from service.runtime.engines import load_serving_engine, settings_device
     from service.settings import Settings
 
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    engine = load_engine(Settings(model=args.model, max_batch_size=args.batch_size))
+    settings = Settings(model=args.model, max_batch_size=args.batch_size)
+    engine = load_serving_engine(settings, settings_device(settings))
     items = [params.item("warm-up", "", seed, engine.info) for seed in range(args.batch_size)]
     for _ in range(2):  # kernels are chosen on the first call of a shape
         engine.generate(items)

@@ -56,7 +56,7 @@ def load(
     """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine
     (``adapters``: a folder of LoRA adapters, model/adapters, at most ``max_adapters`` on the
     device at once)."""
-    from model.loader import load as load_engine
+    from model.loader import load_engine
 
     return load_engine(
         spec,

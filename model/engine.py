@@ -23,7 +23,7 @@ from model.options import EngineOptions
 from model.schedulers import check_scheduler_name, offered_schedulers, scheduler_name
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
-from model.stepping.item import ItemState, rows_of
+from model.stepping.item import ItemState
 from model.stepping.preview import linear_preview, load_tiny_decoder, tiny_preview
 from model.stepping.rows import unet_forward
 from model.stepping.running import RunningSet
@@ -157,14 +157,6 @@ class Engine:
             self._running.discard(handle)
         return results
 
-    def retire_float(self, handles: Sequence[int]) -> tuple[list[torch.Tensor], list[bool | None]]:
-        """``retire`` before 8-bit conversion: each image 3xHxW in [0,1] on the CPU, and the flags
-        (for comparisons)."""
-        images, flags = self._floats(self._running.finished(handles))
-        for handle in handles:
-            self._running.discard(handle)
-        return images, flags
-
     def cancel(self, handle: int) -> None:
         """Drop a running or finished item at once; unknown handles are ignored."""
         self._running.discard(handle)
@@ -186,21 +178,6 @@ class Engine:
             if self._preview_decoder is not None:
                 return tiny_preview(self._preview_decoder, state.latents)
             return linear_preview(state.latents)
-
-    @staticmethod
-    def rows_of(item: GenerationItem) -> int:
-        """UNet rows ``item`` will take while it runs: 2 with guidance (scale > 1), 1 without."""
-        return rows_of(item)
-
-    @property
-    def running_rows(self) -> int:
-        """UNet rows the next step takes: 2 per guided item with steps left, 1 per unguided."""
-        return self._running.rows
-
-    @property
-    def running(self) -> int:
-        """Items admitted and not yet retired or cancelled (finished ones included)."""
-        return len(self._running)
 
     # ------------------------------------------------------------------ whole batches
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:

@@ -20,7 +20,7 @@ from model.options import EngineOptions, resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 
-def load(
+def load_engine(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,

@@ -1,7 +1,7 @@
 """Everything about serving, in folders by role.
 
 - ``web/``: the HTTP layer (app, routes, middleware, the error-status table, the playground).
-- ``runtime/``: what serving needs below HTTP: engine loading, the batcher, scoring, errors.
+- ``runtime/``: what serving needs below HTTP: engine loading, the step loop, scoring, errors.
 - ``hosts/``: the processes that run the app: uvicorn, Azure ML online, Ray Serve.
 - ``batch/`` and ``storage/``: batch jobs over blob storage (never import the web stack).
 - ``cli/``: the ``sd-endpoint`` command line.

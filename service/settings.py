@@ -34,6 +34,7 @@ _HOST_NAME = re.compile(
 )
 _ALLOWED_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9.-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_NO_EFFECT = "No effect: kept so that older deployments that set it still start."
 
 
 class Settings(BaseSettings):
@@ -119,12 +120,13 @@ class Settings(BaseSettings):
         "loopback names when SD_HOST is loopback, else any.",
     )
 
-    # Batching, backpressure and deadlines. "step": images join and leave the running batch between
-    # denoising steps (service/runtime/batching/steploop.py); "request": whole batches
-    # (service/runtime/batching/batcher.py).
-    batching: Literal["step", "request"] = "step"
+    # Batching, backpressure and deadlines: images join and leave the running batch between
+    # denoising steps (service/runtime/batching/steploop.py). SD_BATCHING and SD_MAX_BATCH_WAIT_MS
+    # belonged to the request-level batcher, which is gone: older deployments may still set them,
+    # so they are accepted and do nothing ("request" logs a warning at start-up).
+    batching: Literal["step", "request"] = Field(default="step", description=_NO_EFFECT)
     max_batch_size: int = Field(default=8, ge=1)
-    max_batch_wait_ms: float = Field(default=20, ge=0)
+    max_batch_wait_ms: float = Field(default=20, ge=0, description=_NO_EFFECT)
     max_queue_items: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=85, gt=0)
     # At least the request deadline by default, so a rolling update never cuts off a request it took.

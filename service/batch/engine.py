@@ -24,17 +24,23 @@ def load_job_engine(settings: Settings, params: JobParams) -> ServingEngine:
     import torch
 
     from model.errors import InvalidRequestError, ModelLoadError
-    from service.runtime.engines import available_cores, cpu_threads_per_engine, load_engine, use_cpu_threads
+    from service.runtime.engines import (
+        available_cores,
+        cpu_threads_per_engine,
+        load_serving_engine,
+        settings_device,
+        use_cpu_threads,
+    )
 
     # 1. This thread's torch CPU threads (the job steps its engine here), by the server's policy.
-    device = None if settings.device == "auto" else settings.device
+    device = settings_device(settings)
     kind = device or ("cuda" if torch.cuda.is_available() else None)
     threads = cpu_threads_per_engine(settings, [kind], available_cores())[0]
     if threads is not None:
         use_cpu_threads(threads)
     # 2. The model, then the parameters against it.
     try:
-        engine = load_engine(settings)
+        engine = load_serving_engine(settings, device)
     except ModelLoadError as error:
         raise BatchConfigError(f"cannot load the model {settings.model_spec}: {error}") from error
     if not engine.info.safety_checker:

@@ -1,7 +1,7 @@
 """The one engine protocol and the one engine loader, for every consumer: the server, batch
 jobs, Ray actors and both Azure ML entry scripts.
 
-Light to import (no torch, no web stack): ``load_engine`` imports the model's libraries when it
+Light to import (no torch, no web stack): ``load_serving_engine`` imports the model's libraries when it
 runs, which is always in a thread or a worker process.
 """
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class ServingEngine(Protocol):
     """What every consumer needs of an engine; ``model.Engine`` has it, and so do the tests' fakes.
 
-    Batch jobs and the request-level batcher call ``generate``; the server's step loop
+    Batch jobs call ``generate``; the server's step loop
     (service/runtime/batching/steploop.py) calls the per-step API: ``admit`` an item (its handle back),
     ``step`` every running item once (the handles now finished; on an exception nothing has
     advanced), ``retire`` finished handles into results, ``cancel`` a handle at any time.
@@ -157,9 +157,14 @@ def resolve_devices(settings: Settings) -> list[str | None]:
     return devices
 
 
-def load_engine(settings: Settings, device: str | None = "settings") -> ServingEngine:
-    """Load the model the settings name, on ``device`` (default: SD_DEVICE) and with the options
-    they name.
+def settings_device(settings: Settings) -> str | None:
+    """SD_DEVICE's device; None for auto (the model's default device)."""
+    return None if settings.device == "auto" else settings.device
+
+
+def load_serving_engine(settings: Settings, device: str | None) -> ServingEngine:
+    """Load the model the settings name (SD_MODEL and its options) on ``device`` (None: the
+    model's default device; ``settings_device`` gives SD_DEVICE's).
 
     Raises ModelLoadError, with the reason, when the spec names nothing loadable.
     """
@@ -174,8 +179,6 @@ def load_engine(settings: Settings, device: str | None = "settings") -> ServingE
         batch_buckets=batch_buckets(settings.max_batch_size),
         preview_decoder=str(settings.preview_decoder) if settings.preview_decoder else None,
     )
-    if device == "settings":
-        device = None if settings.device == "auto" else settings.device
     dtype = None if settings.dtype == "auto" else settings.dtype
     checker = str(settings.safety_checker) if settings.safety_checker else None
     # 2. The model.

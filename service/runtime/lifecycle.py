@@ -20,14 +20,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from schemas.score import ScoreLimits
-from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import NO_ENGINE_LEFT, StepLoop
 from service.runtime.engines import (
     ServingEngine,
     available_cores,
     cpu_threads_per_engine,
     engine_thread,
-    load_engine,
+    load_serving_engine,
     resolve_devices,
 )
 from service.runtime.errors import NotReadyError, ShuttingDownError
@@ -39,9 +38,6 @@ log = logging.getLogger(__name__)
 
 # After a drain timeout, how long the abandoned requests have to send their 503s.
 ANSWER_GRACE_S = 5
-
-
-ImageQueue = Batcher | StepLoop
 
 
 class Phase(enum.Enum):
@@ -56,7 +52,7 @@ class Runtime:
     """What serving needs once the model is loaded."""
 
     engine: ServingEngine  # the first engine: model info and validation
-    batcher: ImageQueue  # the step loop, or the request-level batcher (SD_BATCHING)
+    step_loop: StepLoop
     scorer: Scorer
     encode_pool: ThreadPoolExecutor
     engines: Sequence[ServingEngine] = ()  # one per device (SD_DEVICES), engine label order
@@ -151,12 +147,6 @@ class Lifecycle:
         parallel; any failure fails the start."""
         loop = asyncio.get_running_loop()
         devices = await asyncio.to_thread(resolve_devices, self.settings)
-        if len(devices) > 1 and self.settings.batching == "request":
-            log.warning(
-                "SD_BATCHING=request drives one engine: serving on %s only, not on all of %s "
-                "(SD_BATCHING=step serves every device)", devices[0], ", ".join(map(str, devices)),
-            )  # fmt: skip
-            devices = devices[:1]
         counts = cpu_threads_per_engine(self.settings, devices, available_cores())
         threads += [engine_thread(index, count) for index, count in enumerate(counts)]
         shown = ", ".join("torch's default" if count is None else str(count) for count in counts)
@@ -164,7 +154,7 @@ class Lifecycle:
         # In parallel: the model's loader reads one device's weights at a time (diffusers builds
         # models under process-wide contexts; model/loading says why) and moves them in parallel.
         loads = [
-            loop.run_in_executor(thread, load_engine, self.settings, device)
+            loop.run_in_executor(thread, load_serving_engine, self.settings, device)
             for device, thread in zip(devices, threads, strict=True)
         ]
         results = list(await asyncio.gather(*loads, return_exceptions=True))
@@ -187,31 +177,22 @@ class Lifecycle:
         settings = self.settings
         limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
         encode_pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
-        batcher: ImageQueue
-        engine = engines[0]
-        if settings.batching == "step":
-            batcher = StepLoop(
-                engines,
-                max_batch_size=settings.max_batch_size,
-                max_queue_items=settings.max_queue_items,
-                metrics=self.metrics,
-                max_failures=settings.engine_max_failures,
-                threads=threads,
+        if settings.batching == "request":
+            log.warning(
+                "SD_BATCHING=request is no longer a mode: images are batched step by step on every "
+                "device (and SD_MAX_BATCH_WAIT_MS is not used); remove the setting"
             )
-        else:
-            engines = engines[:1]
-            self.metrics.engines_serving.set(1)
-            batcher = Batcher(
-                engine,
-                max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_batch_wait_ms / 1000,
-                max_queue_items=settings.max_queue_items,
-                metrics=self.metrics,
-                thread=threads[0],
-            )
-            _release(threads[1:])
-        batcher.start()
-        return Runtime(engine, batcher, Scorer(engine, batcher, limits, encode_pool), encode_pool, engines)
+        step_loop = StepLoop(
+            engines,
+            max_batch_size=settings.max_batch_size,
+            max_queue_items=settings.max_queue_items,
+            metrics=self.metrics,
+            max_failures=settings.engine_max_failures,
+            threads=threads,
+        )
+        step_loop.start()
+        scorer = Scorer(engines[0], step_loop, limits, encode_pool)
+        return Runtime(engines[0], step_loop, scorer, encode_pool, engines)
 
     @staticmethod
     def _warn_if_random(engine: ServingEngine) -> None:
@@ -244,7 +225,7 @@ class Lifecycle:
             raise NotReadyError(self.failure)
         if self.runtime is None or self.phase is not Phase.READY:
             raise NotReadyError("the model is still loading or warming up; retry in a few seconds")
-        if isinstance(self.runtime.batcher, StepLoop) and not self.runtime.batcher.serving:
+        if not self.runtime.step_loop.serving:
             raise NotReadyError(NO_ENGINE_LEFT)
         return self.runtime
 
@@ -281,7 +262,7 @@ class Lifecycle:
                 self._active,
             )
         if self.runtime is not None:
-            self.runtime.batcher.abandon(
+            self.runtime.step_loop.abandon(
                 ShuttingDownError(
                     "the server is shutting down and ran out of time for this request; retry it"
                 )
@@ -294,7 +275,7 @@ class Lifecycle:
     def engine_busy(self) -> bool:
         """True while the engine still runs work that nobody waits for any more."""
         runtime = self.runtime or self._stopped
-        return runtime is not None and runtime.batcher.busy
+        return runtime is not None and runtime.step_loop.busy
 
     async def stop(self) -> None:
         """Release everything; queued images still waiting fail with 503."""
@@ -304,9 +285,9 @@ class Lifecycle:
         runtime, self.runtime = self.runtime, None
         if runtime is None:
             return
-        await runtime.batcher.close()
+        await runtime.step_loop.close()
         runtime.encode_pool.shutdown(wait=False, cancel_futures=True)
-        if runtime.batcher.busy:
+        if runtime.step_loop.busy:
             # The engine thread still runs an abandoned batch; releasing the model under it would
             # only make it fail noisily. The process is about to exit (see hosts/server.py).
             self._stopped = runtime

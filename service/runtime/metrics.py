@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -33,12 +33,64 @@ NO_ADAPTERS = "none"
 OTHER_ADAPTERS = "other"
 
 
+class AdapterLabels:
+    """The values of label ``adapters``, bounded: served names only, at most MAX_ADAPTER_LABELS sets
+    (one instance per Metrics, so the bound holds across engines)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def of(self, adapters: Iterable[tuple[str, float]], served: frozenset[str]) -> str:
+        names = sorted({name for name, _ in adapters})
+        if not names:
+            return NO_ADAPTERS
+        if not all(name in served for name in names):
+            return OTHER_ADAPTERS
+        label = "+".join(names)
+        if label not in self._seen:
+            if len(self._seen) >= MAX_ADAPTER_LABELS:
+                return OTHER_ADAPTERS
+            self._seen.add(label)
+        return label
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """One engine's series of the engine-level families (Metrics.for_engine)."""
+
+    batch_size: Histogram
+    running_images: Gauge
+    step_seconds: Histogram
+    admitted_per_step: Histogram
+    first_step_wait: Histogram
+    images_generated: Counter
+    engine_failures: Counter
+    # by LoRA adapter set: the families (labelled per call) and the names this engine serves
+    label: str
+    adapter_images_generated: Counter
+    adapter_step_seconds: Histogram
+    adapter_labels: AdapterLabels
+    served_adapters: frozenset[str]
+
+    def adapters_label(self, adapters: Iterable[tuple[str, float]]) -> str:
+        """The ``adapters`` label of an image's (name, scale) pairs."""
+        return self.adapter_labels.of(adapters, self.served_adapters)
+
+    def adapter_image(self, adapters: Iterable[tuple[str, float]]) -> None:
+        self.adapter_images_generated.labels(self.label, self.adapters_label(adapters)).inc()
+
+    def adapter_step(self, sets: Iterable[Iterable[tuple[str, float]]], seconds: float) -> None:
+        """One step's time, once under each adapter set that ran in it."""
+        for label in {self.adapters_label(adapters) for adapters in sets}:
+            self.adapter_step_seconds.labels(self.label, label).observe(seconds)
+
+
 class Metrics:
     """The server's metrics. A registry per instance keeps apps in one process (tests) apart.
 
-    Engine-level metrics (images generated and the step loop's) are families labelled ``engine``;
-    the attributes of this object are engine "0"'s series, and ``for_engine(i)`` is the same object
-    with engine ``i``'s series, so that a batcher or step loop counts for its own engine.
+    Engine-level metrics (images generated and the step loop's) are families labelled ``engine``:
+    each engine's lane counts in its own series, ``for_engine(i)``; nothing records in a family
+    without saying whose it is.
     """
 
     def __init__(self) -> None:
@@ -58,14 +110,14 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Images waiting in the queue.", registry=r)
         self.batch_size = Histogram(
-            f"{PREFIX}batch_size", "Images per engine batch (request-level batching) or per denoising step.",
+            f"{PREFIX}batch_size", "Images per denoising step.",
             e, buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.running_images = Gauge(
             f"{PREFIX}running_images", "Images in the engine's running set (step loop).", e, registry=r
         )
         self.step_seconds = Histogram(
-            f"{PREFIX}step_seconds", "One step-loop iteration: admissions, one denoising step, decodes.",
+            f"{PREFIX}step_seconds", "One denoising step of the running set (engine.step() only).",
             e, buckets=STEP_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.admitted_per_step = Histogram(
@@ -77,7 +129,11 @@ class Metrics:
             e, buckets=QUEUE_WAIT_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.engine_batch_seconds = Histogram(
-            f"{PREFIX}engine_batch_seconds", "Engine time per batch.", buckets=ENGINE_BUCKETS_S, registry=r
+            f"{PREFIX}engine_batch_seconds",
+            "Engine time per step-loop iteration: admissions, the steps until something is handed back, "
+            "decodes.",
+            buckets=ENGINE_BUCKETS_S,
+            registry=r,
         )
         self.images_generated = Counter(f"{PREFIX}images_generated", "Images generated.", e, registry=r)
         self.adapter_images_generated = Counter(
@@ -88,8 +144,7 @@ class Metrics:
             f"{PREFIX}adapter_step_seconds", "Step-loop iterations, once per LoRA adapter set in the step.",
             [ENGINE_LABEL, ADAPTERS_LABEL], buckets=STEP_BUCKETS_S, registry=r,
         )  # fmt: skip
-        self._served_adapters: frozenset[str] = frozenset()
-        self._adapter_labels: set[str] = set()  # shared by every engine's view: the bound is global
+        self._adapter_labels = AdapterLabels()
         self.engines_serving = Gauge(
             f"{PREFIX}engines_serving", "Engines in rotation (SD_DEVICES); drops when one is taken out.",
             registry=r,
@@ -112,48 +167,29 @@ class Metrics:
             f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r
         )
 
-        self._families = {name: getattr(self, name) for name in self._ENGINE_FAMILIES}
-        self._bind("0")
+        self._engines: dict[int, EngineMetrics] = {}
 
-    _ENGINE_FAMILIES = (
-        "batch_size", "running_images", "step_seconds", "admitted_per_step", "first_step_wait",
-        "images_generated", "engine_failures",
-    )  # fmt: skip
-
-    def _bind(self, engine: str) -> None:
-        self._engine = engine
-        for name, family in self._families.items():
-            setattr(self, name, family.labels(engine))
-
-    def for_engine(self, index: int, adapters: Collection[str] = ()) -> Metrics:
-        """These metrics, with engine ``index``'s series of the engine-level families; ``adapters``:
-        the names of SD_ADAPTERS it serves (the only names its adapter labels may carry)."""
-        view = copy.copy(self)
-        view._bind(str(index))
-        view._served_adapters = frozenset(adapters)
-        return view
-
-    def adapters_label(self, adapters: Iterable[tuple[str, float]]) -> str:
-        """The ``adapters`` label of an image's (name, scale) pairs: bounded, served names only."""
-        names = sorted({name for name, _ in adapters})
-        if not names:
-            return NO_ADAPTERS
-        if not all(name in self._served_adapters for name in names):
-            return OTHER_ADAPTERS
-        label = "+".join(names)
-        if label not in self._adapter_labels:
-            if len(self._adapter_labels) >= MAX_ADAPTER_LABELS:
-                return OTHER_ADAPTERS
-            self._adapter_labels.add(label)
-        return label
-
-    def adapter_image(self, adapters: Iterable[tuple[str, float]]) -> None:
-        self.adapter_images_generated.labels(self._engine, self.adapters_label(adapters)).inc()
-
-    def adapter_step(self, sets: Iterable[Iterable[tuple[str, float]]], seconds: float) -> None:
-        """One step's time, once under each adapter set that ran in it."""
-        for label in {self.adapters_label(adapters) for adapters in sets}:
-            self.adapter_step_seconds.labels(self._engine, label).observe(seconds)
+    def for_engine(self, index: int, adapters: Collection[str] = ()) -> EngineMetrics:
+        """Engine ``index``'s series of the engine-level families, made at the first call and the
+        same object at every later one; ``adapters``: the names of SD_ADAPTERS it serves (the only
+        names its adapter labels may carry)."""
+        if index not in self._engines:
+            label = str(index)
+            self._engines[index] = EngineMetrics(
+                batch_size=self.batch_size.labels(label),
+                running_images=self.running_images.labels(label),
+                step_seconds=self.step_seconds.labels(label),
+                admitted_per_step=self.admitted_per_step.labels(label),
+                first_step_wait=self.first_step_wait.labels(label),
+                images_generated=self.images_generated.labels(label),
+                engine_failures=self.engine_failures.labels(label),
+                label=label,
+                adapter_images_generated=self.adapter_images_generated,
+                adapter_step_seconds=self.adapter_step_seconds,
+                adapter_labels=self._adapter_labels,
+                served_adapters=frozenset(adapters),
+            )
+        return self._engines[index]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

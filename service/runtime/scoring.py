@@ -21,7 +21,6 @@ from pydantic import BaseModel, ValidationError
 from model.types import GenerationItem, GenerationResult
 from schemas.fields import describe_location, describe_problem
 from schemas.score import ScoreLimits, ScoreRequest
-from service.runtime.batching.batcher import Batcher
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.convert import FieldError, to_items, to_records
 from service.runtime.engines import ServingEngine
@@ -196,10 +195,10 @@ class Throughput:
 
 class Scorer:
     def __init__(
-        self, engine: ServingEngine, batcher: Batcher | StepLoop, limits: ScoreLimits, encode_pool: Executor
+        self, engine: ServingEngine, step_loop: StepLoop, limits: ScoreLimits, encode_pool: Executor
     ) -> None:
         self._engine = engine
-        self._batcher = batcher
+        self._step_loop = step_loop
         self._limits = limits
         self._encode_pool = encode_pool
         self._throughput = Throughput()
@@ -231,15 +230,12 @@ class Scorer:
         if job is not None:
             job.begin([item.num_inference_steps for item in items])
         try:
-            if job is not None and isinstance(self._batcher, StepLoop):
-                futures = self._batcher.submit(items, job)  # its lanes report each image's steps to the job
-            else:
-                futures = self._batcher.submit(items)
+            futures = self._step_loop.submit(items, job)  # its lanes report each image's steps to the job
         except QueueFullError as error:
             error.retry_after_s = self._throughput.retry_after_s(error.waiting)
             raise
         if job is not None:
-            job.futures = futures  # what cancel and interrupt take out (request-level batching: cancel)
+            job.futures = futures  # what cancel and interrupt take out
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         if job is not None and job.cancelled:
             raise RequestCancelledError(_cancelled(job))

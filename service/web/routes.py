@@ -22,7 +22,6 @@ from schemas.score import (
     ImageRecord,
     InfoResponse,
 )
-from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import RequestTimeoutError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
@@ -206,31 +205,26 @@ def info(request: Request) -> InfoResponse:
                 "max_size": MAX_SIZE,
                 "max_batch_size": settings.max_batch_size,
             },
-            "engines": engines_info(runtime, settings.max_batch_size),
+            "engines": engines_info(runtime),
             "adapters": list(model.adapters),
         }
     )
 
 
-def engines_info(runtime: Runtime, max_batch_size: int) -> list[dict[str, Any]]:
-    """/info's "engines": each engine's device and state (the step loop's lanes)."""
-    batcher = runtime.batcher
-    if isinstance(batcher, StepLoop):
-        return [
-            {
-                "engine": str(lane.index),
-                "device": lane.engine.info.device,
-                "dtype": lane.engine.info.dtype,
-                "running": lane.load,
-                "max_running": lane.room,
-                "serving": lane.serving,
-                "failures": lane.failures,
-            }
-            for lane in batcher.lanes
-        ]
-    info = runtime.engine.info
-    return [{"engine": "0", "device": info.device, "dtype": info.dtype, "running": 0,
-             "max_running": max_batch_size, "serving": True, "failures": 0}]  # fmt: skip
+def engines_info(runtime: Runtime) -> list[dict[str, Any]]:
+    """/info's "engines": each engine's device and state."""
+    return [
+        {
+            "engine": str(engine.index),
+            "device": engine.device,
+            "dtype": engine.dtype,
+            "running": engine.running,
+            "max_running": engine.max_running,
+            "serving": engine.serving,
+            "failures": engine.failures,
+        }
+        for engine in runtime.step_loop.engines()
+    ]
 
 
 def package_version() -> str:

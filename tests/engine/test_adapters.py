@@ -13,6 +13,7 @@ import model
 from model.errors import InvalidRequestError
 from model.types import GenerationItem, adapter_set
 from tests.helpers import loras
+from tests.helpers.stepping import retire_float, running_rows
 
 TOLERANCE = 2 / 255
 SIZE = 128
@@ -87,9 +88,9 @@ def test_items_joining_mid_run_beside_other_adapters_match(engine: model.Engine,
     handles.append(engine.admit(second))
     engine.step()
     handles.append(engine.admit(third))
-    while engine.running_rows:
+    while running_rows(engine):
         engine.step()
-    images, _ = engine.retire_float(handles)
+    images, _ = retire_float(engine, handles)
     for image, it in zip(images, (first, second, third), strict=True):
         assert loras.difference(image.permute(1, 2, 0).numpy(), loras.reference(folder, it)) < TOLERANCE
 
@@ -138,13 +139,13 @@ def test_an_adapter_in_use_is_not_evicted_and_a_read_waits_for_the_step_boundary
     engine.install_adapters(wait=60)  # read, but style is in use: kohya waits
     assert engine.adapters.resident == ("style",)
     assert not engine.adapters.ready(waiting)  # still asked for
-    while engine.running_rows:  # the waiting image asks at each boundary, as the step loop does
+    while running_rows(engine):  # the waiting image asks at each boundary, as the step loop does
         assert not engine.adapters.ready(waiting)
         engine.step()
         engine.install_adapters()  # once the image has done its last step, style is free to go
     assert engine.adapters.ready(waiting)
     assert engine.adapters.resident == ("kohya",)
-    images, _ = engine.retire_float([handle])  # decoding needs no adapter
+    images, _ = retire_float(engine, [handle])  # decoding needs no adapter
     ours = images[0].permute(1, 2, 0).numpy()
     assert loras.difference(ours, loras.reference(folder, running)) < TOLERANCE
 

@@ -11,6 +11,7 @@ import torch
 
 import model
 from model.types import GenerationItem
+from tests.helpers.stepping import retire_float, running_rows
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,8 @@ def test_compiled_engine_keeps_the_images_and_fills_the_cache(tmp_path: Path) ->
         first = engine.admit(stepped[0])
         engine.step()
         second = engine.admit(stepped[1])
-        while engine.running_rows:
+        while running_rows(engine):
             engine.step()
-        images, _ = engine.retire_float([first, second])
+        images, _ = retire_float(engine, [first, second])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "warm-up missed a shape"
     assert float(np.abs((torch.stack(images) - plain_stepped).numpy()).mean()) < 0.01

@@ -22,6 +22,8 @@ import model
 from model.schedulers import SCHEDULER_CLASSES, make_scheduler, offered_schedulers
 from model.types import GenerationItem
 from tests.engine.test_reference import reference_image
+from tests.helpers.stepping import retire_float, rows_of, running_rows
+from tests.helpers.stepping import running as held_items
 
 SIZE = 64
 TOLERANCE = 1e-3
@@ -82,7 +84,7 @@ def assert_matches(
     engine: model.Engine, handles: list[int], items: list[GenerationItem], reference: Any
 ) -> None:
     """Retire ``handles`` together and compare each image with diffusers' for its item."""
-    images, flags = engine.retire_float(handles)
+    images, flags = retire_float(engine, handles)
     assert flags == [False] * len(items)
     for image, one in zip(images, items, strict=True):
         difference = float(np.abs(image.permute(1, 2, 0).numpy() - reference(one)).max())
@@ -92,7 +94,7 @@ def assert_matches(
 def step_until(engine: model.Engine, done: set[int], condition: Any, unet_calls: list[int]) -> None:
     """Step until ``condition()``; every step is one UNet call carrying every running row."""
     while not condition():
-        rows = engine.running_rows
+        rows = running_rows(engine)
         before = len(unet_calls)
         done.update(engine.step())
         assert unet_calls[before:] == [rows]
@@ -117,7 +119,7 @@ def test_items_joining_and_leaving_a_running_batch_match_diffusers(
     done: set[int] = set()
     with unet_batches(engine) as calls:
         ha, hb = engine.admit_all([a, b])
-        assert engine.running_rows == 3
+        assert running_rows(engine) == 3
         step_until(engine, done, lambda: len(calls) == 1, calls)
         hc = engine.admit(c)
         step_until(engine, done, lambda: hb in done, calls)
@@ -128,14 +130,14 @@ def test_items_joining_and_leaving_a_running_batch_match_diffusers(
         hd = engine.admit(d)
         step_until(engine, done, lambda: ha in done, calls)
         assert hd not in done
-        step_until(engine, done, lambda: engine.running_rows == 0, calls)
-    assert done == {ha, hb, hc, hd} and engine.running == 3
+        step_until(engine, done, lambda: running_rows(engine) == 0, calls)
+    assert done == {ha, hb, hc, hd} and held_items(engine) == 3
     assert_matches(engine, [hd, ha, hc], [d, a, c], reference)
-    assert engine.running == 0
+    assert held_items(engine) == 0
     alone = item(15, scheduler, steps=2, negative_prompt="low quality")
     reference(alone)
     he = engine.admit(alone)
-    while engine.running_rows:
+    while running_rows(engine):
         engine.step()
     assert_matches(engine, [he], [alone], reference)
 
@@ -155,17 +157,17 @@ def test_items_of_other_sizes_step_together_in_one_call_per_size(
         handles = engine.admit_all(items)
         engine.step()
         assert sorted(calls) == [3, 4]  # 64x64: 2 + 1 rows; 96x64: 2 + 2 rows
-        while engine.running_rows:
+        while running_rows(engine):
             engine.step()
     assert_matches(engine, handles, items, reference)
 
 
 def test_unguided_items_take_one_row_and_guided_items_two(engine: model.Engine) -> None:
     items = [item(31, guidance=1.0), item(32, guidance=0.5), item(33, guidance=1.01)]
-    assert [engine.rows_of(one) for one in items] == [1, 1, 2]
+    assert [rows_of(one) for one in items] == [1, 1, 2]
     with unet_batches(engine) as calls:
         handles = engine.admit_all(items)
-        assert (engine.running_rows, engine.running) == (4, 3)
+        assert (running_rows(engine), held_items(engine)) == (4, 3)
         engine.step()
         assert calls == [4]
         engine.cancel(handles[2])
@@ -173,7 +175,7 @@ def test_unguided_items_take_one_row_and_guided_items_two(engine: model.Engine) 
         assert calls == [4, 2]
     for handle in handles:
         engine.cancel(handle)
-    assert engine.running == 0 and engine.running_rows == 0
+    assert held_items(engine) == 0 and running_rows(engine) == 0
 
 
 def test_cancel_frees_rows_at_once_and_the_others_are_unchanged(engine: model.Engine, reference: Any) -> None:
@@ -185,8 +187,8 @@ def test_cancel_frees_rows_at_once_and_the_others_are_unchanged(engine: model.En
         engine.cancel(hd)
         engine.cancel(hd)  # twice, and unknown handles, are no-ops
         engine.cancel(10**9)
-        assert (engine.running_rows, engine.running) == (2, 1)
-        while engine.running_rows:
+        assert (running_rows(engine), held_items(engine)) == (2, 1)
+        while running_rows(engine):
             engine.step()
         assert calls == [4, 2, 2, 2]
     with pytest.raises(ValueError, match="no item with handle"):
@@ -235,13 +237,13 @@ def test_out_of_memory_inside_a_step_leaves_every_item_as_it_was(
     for _ in range(2):  # refused twice: a failed step is repeatable and changes nothing
         with pytest.raises(model.EngineOutOfMemoryError, match="out of memory"):
             engine.step()
-    assert exhausted.refused == 2 and (engine.running, engine.running_rows) == (2, 3)
+    assert exhausted.refused == 2 and (held_items(engine), running_rows(engine)) == (2, 3)
     engine.cancel(h2)  # what the server does: shrink the running set, step again
-    while engine.running_rows:
+    while running_rows(engine):
         engine.step()
     assert_matches(engine, [h1], [first], reference)
     h2 = engine.admit(second)  # and later admits it again from the start
-    while engine.running_rows:
+    while running_rows(engine):
         engine.step()
     assert_matches(engine, [h2], [second], reference)
 
@@ -270,7 +272,7 @@ def test_a_failure_after_some_schedulers_stepped_puts_them_all_back(
     engine.step()
     with pytest.raises(model.EngineFailure, match="CUBLAS_STATUS_EXECUTION_FAILED"):
         engine.step()
-    while engine.running_rows:
+    while running_rows(engine):
         engine.step()
     assert_matches(engine, handles, items, reference)
 
@@ -294,7 +296,7 @@ def test_retire_only_takes_finished_items_and_a_failed_decode_keeps_them(
     with pytest.raises(model.EngineOutOfMemoryError):
         engine.retire([hs])
     monkeypatch.undo()
-    assert engine.running == 2
+    assert held_items(engine) == 2
     result = engine.retire([hs])[0]
     expected = (reference(short) * 255).round()
     assert result.seed == 71 and result.image.shape == (SIZE, SIZE, 3)
@@ -308,7 +310,7 @@ def test_admission_rejects_bad_items_before_any_device_work(engine: model.Engine
             engine.admit_all([item(81), item(82, "heun")])
         with pytest.raises(model.InvalidRequestError, match="guidance_scale must be finite"):
             engine.admit(item(83, guidance=float("nan")))
-        assert engine.running == 0 and engine.step() == [] and calls == []
+        assert held_items(engine) == 0 and engine.step() == [] and calls == []
     assert engine.admit_all([]) == []
     first, second = engine.admit(item(84)), engine.admit(item(85))
     assert second > first
@@ -327,8 +329,8 @@ def test_generate_runs_apart_from_the_running_items(engine: model.Engine, refere
     images, _ = engine.generate_float(batch)
     for image, one in zip(images, batch, strict=True):
         assert float(np.abs(image.permute(1, 2, 0).numpy() - reference(one)).max()) < TOLERANCE
-    assert (engine.running, engine.running_rows) == (1, 2)
-    while engine.running_rows:
+    assert (held_items(engine), running_rows(engine)) == (1, 2)
+    while running_rows(engine):
         engine.step()
     assert_matches(engine, [handle], [running], reference)
 
@@ -359,7 +361,7 @@ def test_padding_rows_and_decodes_to_buckets_keeps_the_images(reference: Any) ->
         padded.step()  # 3 rows -> one call of 4
         handles.append(padded.admit(items[2]))
         padded.step()  # 5 rows -> 4 + 1
-        while padded.running_rows:
+        while running_rows(padded):
             padded.step()
     assert calls[:3] == [4, 4, 1]
     assert set(calls) <= {1, 2, 4}

@@ -162,13 +162,13 @@ def test_a_spec_that_could_be_a_path_or_a_hub_id_says_both(spec: str, tmp_path: 
 
 
 def test_sd_model_variant_reaches_the_loader_and_odd_values_are_refused(fp16_only: Path) -> None:
-    from service.runtime.engines import load_engine
+    from service.runtime.engines import load_serving_engine
     from service.settings import SettingsError, load_settings
 
-    engine = load_engine(load_settings(model=str(fp16_only), model_variant="fp16", device="cpu"))
+    engine = load_serving_engine(load_settings(model=str(fp16_only), model_variant="fp16"), "cpu")
     assert engine.info.dtype == "fp32"
     with pytest.raises(model.ModelLoadError, match="'ema'"):
-        load_engine(load_settings(model=str(fp16_only), model_variant="ema", device="cpu"))
+        load_serving_engine(load_settings(model=str(fp16_only), model_variant="ema"), "cpu")
     for odd in ("../fp16", "fp16.safetensors", "", "a b", "x" * 41):
         with pytest.raises(SettingsError, match="SD_MODEL_VARIANT"):
             load_settings(model_variant=odd)

@@ -112,7 +112,7 @@ class ThreadRecording(FakeStepEngine):
 
 
 async def serve_six_images(settings: Settings) -> list[ThreadRecording]:
-    """A Lifecycle on ``settings`` (whose load_engine the caller patched to give ThreadRecording
+    """A Lifecycle on ``settings`` (whose load_serving_engine the caller patched to give ThreadRecording
     engines) serves six 3-step images in seed order, stops, and hands back its engines."""
     from service.runtime.lifecycle import Lifecycle
     from service.runtime.metrics import Metrics
@@ -122,7 +122,7 @@ async def serve_six_images(settings: Settings) -> list[ThreadRecording]:
     lifecycle.begin()
     await lifecycle.wait_started()
     runtime = lifecycle.require_ready()
-    results = await asyncio.gather(*runtime.batcher.submit([item(seed=s, steps=3) for s in range(6)]))
+    results = await asyncio.gather(*runtime.step_loop.submit([item(seed=s, steps=3) for s in range(6)]))
     assert [r.seed for r in results] == list(range(6))
     await lifecycle.stop()
     return list(runtime.engines)  # type: ignore[arg-type]

@@ -102,7 +102,7 @@ def test_a_container_cpu_limit_caps_the_cores(
 def test_each_engine_thread_runs_load_warmup_and_steps_with_its_threads(
     setting: int | str, cores: int, expected: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lifecycle_module, "load_engine", lambda settings, device: ThreadRecording(device))
+    monkeypatch.setattr(lifecycle_module, "load_serving_engine", lambda _, device: ThreadRecording(device))
     monkeypatch.setattr(lifecycle_module, "available_cores", lambda: cores)
     before = torch.get_num_threads()
 
@@ -126,7 +126,7 @@ def test_a_batch_job_steps_with_the_policys_threads(monkeypatch: pytest.MonkeyPa
     from service.batch.params import JobParams
 
     monkeypatch.setattr(engines_module, "available_cores", lambda: 4)
-    monkeypatch.setattr(engines_module, "load_engine", lambda settings: ThreadRecording("cpu"))
+    monkeypatch.setattr(engines_module, "load_serving_engine", lambda _, device: ThreadRecording(device))
     seen: list[int] = []
 
     def job() -> None:

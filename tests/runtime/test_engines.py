@@ -201,12 +201,12 @@ def overlapping(spans: list[tuple[str, float, float]], prefix: str) -> bool:
 
 
 def test_every_device_loads_and_warms_up_at_once_before_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
-    def load(settings: Settings, device: str | None = "settings") -> FakeStepEngine:
+    def load(settings: Settings, device: str | None) -> FakeStepEngine:
         if device == "cuda:7":
             raise ModelLoadError("CUDA error: invalid device ordinal")
         return SlowLoad(device)
 
-    monkeypatch.setattr(lifecycle_module, "load_engine", load)
+    monkeypatch.setattr(lifecycle_module, "load_serving_engine", load)
 
     async def start(devices: str) -> Lifecycle:
         lifecycle = Lifecycle(Settings(model="/models/sd", devices=devices), Metrics())
@@ -241,26 +241,21 @@ def test_all_is_every_visible_cuda_device_or_the_default_device_without_one(
     assert resolve_devices(Settings(device="cpu")) == ["cpu"]
 
 
-@pytest.mark.parametrize("batching", ["step", "request"])
 def test_each_engine_is_loaded_warmed_up_and_run_in_one_thread_of_its_own(
-    batching: str, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """torch keeps per-thread state (CPU thread teams, the current CUDA device): a second thread
     made random:tiny's steps 3x slower on a 2-core CPU. Load, warm-up and every step share one."""
-    monkeypatch.setattr(lifecycle_module, "load_engine", lambda settings, device: ThreadRecording(device))
+    monkeypatch.setattr(lifecycle_module, "load_serving_engine", lambda _, device: ThreadRecording(device))
 
     async def test() -> None:
-        settings = Settings(model="/models/sd", devices="cuda:0,cuda:1", batching=batching)
+        settings = Settings(model="/models/sd", devices="cuda:0,cuda:1")
         engines = await serve_six_images(settings)
-        assert len(engines) == (2 if batching == "step" else 1)
-        calls = {
-            "step": {"load", "warmup", "admit", "step", "retire"},
-            "request": {"load", "warmup", "generate"},
-        }
+        assert len(engines) == 2
         served = [engine for engine in engines if len(engine.threads) > 2]
         assert served, "no engine ran an image"
         for engine in served:
-            assert {call for call, _ in engine.threads} == calls[batching]
+            assert {call for call, _ in engine.threads} == {"load", "warmup", "admit", "step", "retire"}
         threads = [{thread for _, thread in engine.threads} for engine in engines]
         assert all(len(each) == 1 for each in threads), threads  # one thread per engine
         assert threading.get_ident() not in set().union(*threads)  # never the event loop's

@@ -176,3 +176,24 @@ def test_an_image_whose_decode_fails_fails_alone_and_leaves_the_engine() -> None
         assert engine.cancelled == [1]
 
     run(test)
+
+
+def test_an_image_not_ready_waits_for_poke_while_the_others_are_served() -> None:
+    async def test() -> None:
+        engine = FakeStepEngine()
+        loading = {"adapter"}
+        steps = StepLoop(
+            engine, metrics=Metrics(), max_batch_size=4, max_queue_items=32,
+            ready=lambda _, it: it.prompt not in loading,
+        )  # fmt: skip
+        steps.start()
+        (blocked,) = steps.submit([item("adapter", seed=1)])
+        served = await asyncio.gather(*steps.submit([item(seed=2), item(seed=3)]))
+        assert [r.seed for r in served] == [2, 3] and not blocked.done()
+        loading.clear()
+        steps.poke()  # what the adapter's loader calls when it is done
+        assert (await blocked).seed == 1
+        await steps.close()
+        assert [1] in engine.steps and not any(1 in s for s in engine.steps[: len(engine.steps) - 2])
+
+    run(test)

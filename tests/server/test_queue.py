@@ -1,6 +1,6 @@
-"""Request-level batching (SD_BATCHING=request), backpressure (429), deadlines (504), disconnects
-and out-of-memory, observed through a real server whose engine the test holds at a gate while
-requests pile up. The step loop's equivalents are in test_steps.py."""
+"""Backpressure (429), deadlines (504), disconnects and out-of-memory, observed through a real
+server whose engine the test holds at a gate (each step) while requests pile up; test_steps.py
+has the step loop's own behaviour (overtaking, shrinking and regrowing)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,7 @@ def engine() -> GatedEngine:
 
 @pytest.fixture(scope="module")
 def server(engine: GatedEngine) -> Iterator[ThreadServer]:
-    settings = Settings(
-        batching="request", max_batch_size=MAX_BATCH, max_queue_items=MAX_QUEUE, max_batch_wait_ms=0
-    )
+    settings = Settings(max_batch_size=MAX_BATCH, max_queue_items=MAX_QUEUE)
     with ThreadServer(settings, engine) as running:
         yield running
 
@@ -51,25 +49,6 @@ def send(pool: ThreadPoolExecutor, url: str, body: dict[str, Any]) -> Future[htt
 
 def prompts_run(engine: GatedEngine) -> list[set[str]]:
     return [{item.prompt for item in batch} for batch in engine.batches]
-
-
-def test_concurrent_requests_share_one_engine_batch(
-    server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
-) -> None:
-    with held(engine):
-        first = send(pool, server.url, request_body(["occupies the engine"]))
-        engine.wait_until_held()
-        others = [send(pool, server.url, request_body([f"together {n}"], seed=n)) for n in range(3)]
-        apart = send(pool, server.url, request_body(["other steps"], num_inference_steps=3))
-        wait_for_metric(server.url, "sd_queue_depth", 4)
-    assert first.result().status_code == 200
-    for n, future in enumerate(others):
-        [record] = future.result().json()
-        assert (record["prompt"], record["seed"]) == (f"together {n}", n)  # each got its own image back
-    assert apart.result().status_code == 200
-    assert {"together 0", "together 1", "together 2"} in prompts_run(engine)
-    assert {"other steps"} in prompts_run(engine)  # a different batch key never joins the batch
-    assert metric_value(httpx.get(f"{server.url}/metrics").text, "sd_batch_size_bucket", 'le="3.0"') >= 2
 
 
 def test_a_full_queue_answers_429_and_disturbs_nothing(
@@ -150,9 +129,7 @@ def test_an_unexpected_engine_error_is_a_plain_500_and_the_server_carries_on(
 def test_the_deadline_answers_504_and_drops_queued_images(
     engine: GatedEngine, pool: ThreadPoolExecutor
 ) -> None:
-    with ThreadServer(
-        Settings(batching="request", request_timeout_s=2, max_batch_wait_ms=0), engine
-    ) as server:
+    with ThreadServer(Settings(request_timeout_s=2), engine) as server:
         with held(engine):
             running = send(pool, server.url, request_body(["held in the engine"]))
             engine.wait_until_held()

@@ -1,3 +1,4 @@
-"""How images share the engine: the step loop (steploop.py, the default: images join and leave
-the running batch between denoising steps), the request-level batcher (batcher.py, whole batches;
-SD_BATCHING=request), and failure isolation for whole batches (oom.py)."""
+"""How images share the engines: the step loop (steploop.py: images join and leave the running
+batch between denoising steps; one lane per engine, lane.py), the policy that decides who runs
+(scheduler.py), the rule for a failed engine call that it shares with batch jobs (oom.py), and the
+queue's room (room.py)."""

@@ -1,65 +1,71 @@
-"""Failure isolation shared by the online batcher and the batch runner.
+"""What happens to the images of a failed engine call: the one rule for the step loop's failed
+steps (scheduler.py) and for batch jobs' failed batches (``generate_isolating_failures``).
 
-When the device runs out of memory for a batch, the same items usually fit in smaller batches:
-we halve down to single items, and only items that fail alone are reported as failed. When a
-batch fails for any other reason, one bad item may be the cause: the online batcher retries each
-item alone (``generate_isolating_failures``) so that only the culprit's request fails.
+Out of memory: the same images usually fit in smaller sets, so the older half goes on and the
+newer half runs later; an image that does not fit alone fails. Any other failure: one bad image
+may be the cause, so each runs again alone and only the culprit fails.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from model.errors import EngineOutOfMemoryError
 from model.types import GenerationItem, GenerationResult
-from service.runtime.engines import ServingEngine
+
+if TYPE_CHECKING:
+    from service.runtime.engines import ServingEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def generate_splitting_on_oom(
-    engine: ServingEngine, items: Sequence[GenerationItem]
-) -> list[GenerationResult | EngineOutOfMemoryError]:
-    """Generate ``items``; on OOM retry each half, down to batches of one.
+@dataclass
+class Verdict(Generic[T]):
+    """The images of a failed call, in the order they were given, each in one list."""
 
-    Returns one entry per item, in order: a result, or the OOM error of the single-item batch that
-    still did not fit. Any other exception propagates (it concerns the whole batch).
-    """
-    try:
-        results: list[GenerationResult | EngineOutOfMemoryError] = list(engine.generate(items))
-    except EngineOutOfMemoryError as error:
-        if len(items) == 1:
-            return [error]
-        half = len(items) // 2
-        log.warning(
-            "out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
-        )
-        return generate_splitting_on_oom(engine, items[:half]) + generate_splitting_on_oom(
-            engine, items[half:]
-        )
-    if len(results) != len(items):
-        raise RuntimeError(f"engine returned {len(results)} results for {len(items)} items")
-    return results
+    keep: list[T] = field(default_factory=list)  # run on (out of memory: the older half)
+    later: list[T] = field(default_factory=list)  # run after them (out of memory: the newer half)
+    alone: list[T] = field(default_factory=list)  # each runs again alone (any other failure)
+    fail: list[T] = field(default_factory=list)  # fail with the error (it failed alone)
+
+
+def after_failure(images: Sequence[T], error: Exception) -> Verdict[T]:
+    """The rule, for ``images`` (oldest first) whose engine call failed with ``error``."""
+    if len(images) <= 1:
+        return Verdict(fail=list(images))
+    if isinstance(error, EngineOutOfMemoryError):
+        half = len(images) // 2
+        return Verdict(keep=list(images[:half]), later=list(images[half:]))
+    return Verdict(alone=list(images))
 
 
 def generate_isolating_failures(
     engine: ServingEngine, items: Sequence[GenerationItem]
 ) -> list[GenerationResult | Exception]:
-    """``generate_splitting_on_oom``, except that a batch failing with any other error is retried
-    item by item: one entry per item, its result or the error it fails with alone."""
+    """Generate ``items`` as one batch, under the rule on failure: one entry per item, in order,
+    its result or the error it failed with alone."""
     try:
-        return list(generate_splitting_on_oom(engine, items))
+        results: list[GenerationResult | Exception] = list(engine.generate(items))
     except Exception as error:
-        if len(items) == 1:
-            return [error]
-        log.warning(
-            "a batch of %d failed (%s); retrying its items one by one", len(items), type(error).__name__
-        )
-    outcomes: list[GenerationResult | Exception] = []
-    for item in items:
-        try:
-            outcomes += generate_splitting_on_oom(engine, [item])
-        except Exception as error:
-            outcomes.append(error)
-    return outcomes
+        verdict = after_failure(items, error)
+        if verdict.keep:
+            log.warning(
+                "out of memory at batch size %d; retrying as %d + %d",
+                len(items), len(verdict.keep), len(verdict.later),
+            )  # fmt: skip
+        elif verdict.alone:
+            log.warning(
+                "a batch of %d failed (%s); retrying its items one by one", len(items), type(error).__name__
+            )
+        outcomes: list[GenerationResult | Exception] = [error] * len(verdict.fail)
+        for part in [verdict.keep, verdict.later, *([each] for each in verdict.alone)]:
+            if part:
+                outcomes += generate_isolating_failures(engine, part)
+        return outcomes
+    if len(results) != len(items):
+        raise RuntimeError(f"engine returned {len(results)} results for {len(items)} items")
+    return results

@@ -1,5 +1,5 @@
-"""The one rule for whether a request's images may join a queue (the step loop's and the
-request-level batcher's): whole requests only, never part of one."""
+"""The one rule for whether a request's images may join the step loop's queue: whole requests
+only, never part of one."""
 
 from __future__ import annotations
 
