@@ -15,7 +15,7 @@ from typing import TypeVar
 from model.errors import InvalidRequestError
 from model.types import GenerationItem, GenerationResult
 from service.batch.files.inputs import InputRow
-from service.batch.files.records import Record, image_path, record_path
+from service.batch.files.records import Record, UnwrittenRecord, image_path, record_path
 from service.batch.params import JobParams
 from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.engines import ServingEngine
@@ -121,13 +121,13 @@ def _write_record(output: Storage, record: Record, retry: RetryPolicy) -> Record
     except StorageError as error:
         # Without a record the row counts as unfinished: the next run generates it again.
         log.error("row %d of %s has no record: %s", record.row, record.input_file, error)
-        return dataclasses.replace(
-            record,
-            status="failed",
-            generated_image="",
-            nsfw_content_detected=None,
-            error=f"{record.error + '; ' if record.error else ''}{error}",
-        )
+        fields = dataclasses.asdict(record) | {
+            "status": "failed",
+            "generated_image": "",
+            "nsfw_content_detected": None,
+            "error": f"{record.error + '; ' if record.error else ''}{error}",
+        }
+        return UnwrittenRecord(**fields)
     return record
 
 
