@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.batch.errors import BatchConfigError
+from service.batch.files.finished import FinishedRows
 from service.batch.files.identity import OnChange, check_input, start_over
 from service.batch.files.inputs import (
     MAX_PROMPT_CHARS,
@@ -27,12 +28,13 @@ from service.batch.files.inputs import (
     open_inputs,
     scan_inputs,
 )
-from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, parse_record_path
+from service.batch.files.records import IMAGES_DIR, JOB_FILE, RECORDS_DIR, Record, chunked, parse_record_path
 from service.batch.params import JobParams
 from service.runtime.items import random_seed, seed_in_range
 from service.storage import Storage, StorageError, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
+READ_CHUNK = 256  # records read at once (concurrently on blob stores) when they are read back
 
 
 @dataclass
@@ -44,7 +46,7 @@ class JobPlan:
     input: Storage
     output: Storage
     files: list[ScannedFile]
-    finished: set[tuple[str, int]]  # (file key, row) of rows that have a record
+    finished: FinishedRows  # (file key, row) of rows that have a record, one bit each
     params: JobParams  # with the job seed resolved (``--seed``, job.json's, or a new one)
     skipped_files: list[SkippedFile] = field(default_factory=list)  # input files that are not prompts
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -61,8 +63,7 @@ class JobPlan:
     @property
     def skipped(self) -> int:
         """Rows finished by an earlier run of this job."""
-        counts = self.counts
-        return sum(1 for key, row in self.finished if row < counts.get(key, 0))
+        return sum(self.finished.count_below(key, rows) for key, rows in self.counts.items())
 
     @property
     def pending_count(self) -> int:
@@ -229,30 +230,56 @@ def _read_job(output: Storage) -> dict[str, Any] | None:
 
 def find_finished(
     output: Storage, *, keys: Iterable[str] | None = None, retry_failed: bool = False
-) -> set[tuple[str, int]]:
-    """(file key, row) of every row with a record (of the files ``keys`` only, when given).
-
-    With ``retry_failed``, rows whose record says failed count as unfinished.
-    """
+) -> FinishedRows:
+    """``scan_finished``, with a storage error as BatchConfigError (planning's one-line refusal)."""
     try:
-        paths = list_records(output, keys)
+        return scan_finished(output, keys=keys, retry_failed=retry_failed)
     except StorageError as error:
         raise BatchConfigError(f"cannot list the finished rows: {error}") from error
-    located = {path: parse_record_path(path) for path in paths}
-    finished = {where for where in located.values() if where is not None}
-    if retry_failed and finished:
-        for path, data in output.read_many(p for p, where in located.items() if where).items():
-            where = located[path]
-            if where is not None and (isinstance(data, StorageError) or not _is_ok(data)):
-                finished.discard(where)
+
+
+def scan_finished(
+    output: Storage, *, keys: Iterable[str] | None = None, retry_failed: bool = False
+) -> FinishedRows:
+    """(file key, row) of every row with a record (of the files ``keys`` only, when given).
+
+    With ``retry_failed``, rows whose record says failed count as unfinished. The listing is
+    read a page at a time and the records (with ``retry_failed``) a chunk at a time: memory is
+    one bit per row. Raises StorageError.
+    """
+    finished = FinishedRows()
+    located = ((path, where) for path in iter_records(output, keys) if (where := parse_record_path(path)))
+    for chunk in chunked(located, READ_CHUNK):
+        for _, where in chunk:
+            finished.add(*where)
+        if retry_failed:
+            _discard_failed(output, chunk, finished)
     return finished
 
 
-def list_records(output: Storage, keys: Iterable[str] | None = None) -> list[str]:
-    """Paths of the records in ``output``: all, or those of the files ``keys`` (one listing each)."""
+def _discard_failed(
+    output: Storage, chunk: list[tuple[str, tuple[str, int]]], finished: FinishedRows
+) -> None:
+    """Rows of ``chunk`` whose record says failed (or cannot be read) count as unfinished."""
+    where = dict(chunk)
+    for path, data in output.read_many(where).items():
+        if isinstance(data, StorageError) or not _is_ok(data):
+            finished.discard(*where[path])
+
+
+def iter_records(output: Storage, keys: Iterable[str] | None = None) -> Iterator[str]:
+    """Paths of the records in ``output`` (all, or those of the files ``keys``), unsorted, a
+    listing page at a time."""
     if keys is None:
-        return output.list(RECORDS_DIR)
-    return [path for key in sorted(set(keys)) for path in output.list(f"{RECORDS_DIR}/{key}")]
+        yield from output.iter_list(RECORDS_DIR)
+        return
+    wanted = set(keys)
+    for key in sorted(wanted):
+        # records/<key>/ holds those of key/sub too: each path is checked against its own key
+        for path in output.iter_list(f"{RECORDS_DIR}/{key}"):
+            where = parse_record_path(path)
+            if where is not None and where[0] == key:
+                yield path
 
 
 def _is_ok(data: bytes) -> bool:

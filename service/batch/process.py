@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from model.errors import InvalidRequestError
 from model.types import GenerationItem, GenerationResult
 from service.batch.files.inputs import InputRow
-from service.batch.files.records import Record, image_path, record_path
+from service.batch.files.records import Record, UnwrittenRecord, image_path, record_path
 from service.batch.params import JobParams
 from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.engines import ServingEngine
@@ -121,29 +122,34 @@ def _write_record(output: Storage, record: Record, retry: RetryPolicy) -> Record
     except StorageError as error:
         # Without a record the row counts as unfinished: the next run generates it again.
         log.error("row %d of %s has no record: %s", record.row, record.input_file, error)
-        return dataclasses.replace(
-            record,
-            status="failed",
-            generated_image="",
-            nsfw_content_detected=None,
-            error=f"{record.error + '; ' if record.error else ''}{error}",
-        )
+        fields = dataclasses.asdict(record) | {
+            "status": "failed",
+            "generated_image": "",
+            "nsfw_content_detected": None,
+            "error": f"{record.error + '; ' if record.error else ''}{error}",
+        }
+        return UnwrittenRecord(**fields)
     return record
 
 
 def with_retries(action: Callable[[], T], retry: RetryPolicy, what: str) -> T:
-    """Run ``action``; on StorageError try again up to ``retry.max_retries`` times, backing off."""
-    for attempt in range(retry.max_retries + 1):
-        try:
-            return action()
-        except StorageError as error:
-            if attempt == retry.max_retries:
-                raise
-            log.warning(
-                "%s failed (attempt %d of %d), retrying: %s", what, attempt + 1, retry.max_retries + 1, error
-            )
-            time.sleep(retry.delay_s * 2**attempt)
-    raise AssertionError("unreachable")
+    """Run ``action``; on StorageError try again up to ``retry.max_retries`` times, waiting
+    ``retry.delay_s`` * 2**n between attempts (on top of the storage SDK's own retries of each
+    request, so that a row outlives a store that is away for longer than those)."""
+
+    def warn(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        attempts = retry.max_retries + 1
+        log.warning("%s failed (attempt %d of %d), retrying: %s", what, state.attempt_number, attempts, error)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(StorageError),
+        stop=stop_after_attempt(retry.max_retries + 1),
+        wait=wait_exponential(multiplier=retry.delay_s, exp_base=2),
+        before_sleep=warn,
+        reraise=True,  # the last StorageError itself, not tenacity's RetryError
+    )
+    return retrying(action)
 
 
 def _seed(row: InputRow) -> int:

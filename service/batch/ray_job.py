@@ -108,16 +108,15 @@ class RayJob:
         )
         started = time.perf_counter()
         progress = Progress(plan.pending_count)
-        records: list[Record] = []
+        result = RunResult(0.0)
         model = default_model
         stopped = ""
         try:
-            # 2. Stream the records back as the actors write them.
+            # 2. Count the records as the actors write them (the output holds them).
             for item in self._dataset(plan).iter_rows():
                 record, model = _decode(item)
-                records.append(record)
                 progress(record)
-                stopped = stopped or self._over_threshold(records)
+                stopped = stopped or self._count(result, record, written=bool(item.get("written", True)))
                 if stopped:
                     log.error("stopping: %s", stopped)
                     break
@@ -133,7 +132,8 @@ class RayJob:
         finally:
             progress.close()
             ray.shutdown()  # ends this job's actors (and the cluster, when ray.init started one)
-        return RunResult(records, time.perf_counter() - started, stopped), model
+        result.seconds, result.stopped = time.perf_counter() - started, stopped
+        return result, model
 
     def _dataset(self, plan: JobPlan) -> Any:
         """The pending rows through a pool of engine actors; one output row (a record) per input row."""
@@ -166,11 +166,9 @@ class RayJob:
         )
         # 3. The rows themselves are read in Ray tasks, file by file (one small item per file goes
         #    from the driver), so neither the driver nor the object store holds the job's rows.
-        done: dict[str, list[int]] = {}
-        for key, row in plan.finished:
-            done.setdefault(key, []).append(row)
         items = [
-            {"file": index, "done": done.get(item.file.key, [])} for index, item in enumerate(plan.files)
+            {"file": index, "done": plan.finished.bitmap(item.file.key)}
+            for index, item in enumerate(plan.files)
         ]
         source = plan.input.root if plan.input.is_local else plan.input.uri
         reader = functools.partial(
@@ -196,11 +194,17 @@ class RayJob:
             )
         )
 
-    def _over_threshold(self, records: list[Record]) -> str:
+    def _count(self, result: RunResult, record: Record, *, written: bool) -> str:
+        """Count ``record`` into ``result``; why to stop (the error threshold), or ''."""
         from service.batch.errors import threshold_stop
 
-        failed = [r for r in records if not r.ok]
-        return threshold_stop(len(failed), self.config.error_threshold, failed[-1].error if failed else "")
+        if not written:
+            result.unwritten[(record.key, record.row)] = record
+        if record.ok:
+            result.generated += 1
+            return ""
+        result.failed += 1
+        return threshold_stop(result.failed, self.config.error_threshold, record.error)
 
 
 class EngineActor:
@@ -225,12 +229,17 @@ class EngineActor:
         import pyarrow
 
         from service.batch.files.inputs import InputRow
+        from service.batch.files.records import UnwrittenRecord
         from service.batch.runner import process_rows
 
         rows = [InputRow(**row) for row in batch.to_pylist()]
         records = process_rows(self.engine, rows, self.output, self.params, self.config)
         return pyarrow.table(
-            {"record": [r.to_json().decode("utf-8") for r in records], "model": [self.model] * len(records)}
+            {
+                "record": [r.to_json().decode("utf-8") for r in records],
+                "written": [not isinstance(r, UnwrittenRecord) for r in records],
+                "model": [self.model] * len(records),
+            }
         )
 
 
@@ -244,12 +253,13 @@ def _pending_rows(
 ) -> Iterator[dict[str, Any]]:
     """A Ray task: the rows of one input file (``item["file"]``) that no earlier run finished,
     read from the input as planned (a file changed since is refused)."""
+    from service.batch.files.finished import has_row
     from service.batch.files.inputs import iter_rows
     from service.storage import open_storage
 
-    done = set(item["done"])
+    done = item["done"]  # a bitmap of the rows (FinishedRows.bitmap)
     rows = iter_rows(open_storage(source, options), [files[item["file"]]], job_seed, max_chars)
-    return (asdict(row) for row in rows if row.row not in done)
+    return (asdict(row) for row in rows if not has_row(done, row.row))
 
 
 def _decode(item: dict[str, Any]) -> tuple[Record, tuple[str, dict[str, Any]]]:

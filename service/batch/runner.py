@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from service.batch.errors import ErrorThresholdExceeded, threshold_stop
 from service.batch.files.inputs import InputRow
-from service.batch.files.records import Record
+from service.batch.files.records import Record, UnwrittenRecord
 from service.batch.params import JobParams
 from service.batch.plan import JobPlan
 from service.batch.process import RetryPolicy, generate_batch, write_failure, write_success
@@ -40,17 +40,15 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    records: list[Record]  # the records this run wrote
+    """What a run did, in counts: its records are in the output (finalize reads them back), so that
+    memory does not grow with the rows."""
+
     seconds: float
     stopped: str = ""  # why the run ended early; empty when every pending row was attempted
-
-    @property
-    def generated(self) -> int:
-        return sum(1 for r in self.records if r.ok)
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for r in self.records if not r.ok)
+    generated: int = 0  # rows whose image and record were written
+    failed: int = 0  # rows that failed (their record says why)
+    # Records that storage would not take, by (file key, row): finalize reports them as failed.
+    unwritten: dict[tuple[str, int], Record] = field(default_factory=dict)
 
 
 def run_job(
@@ -70,10 +68,11 @@ def process_rows(
 
     Raises ErrorThresholdExceeded when ``config.error_threshold`` stops the work early.
     """
-    result = run_rows(engine, rows, output, params, config)
+    records: list[Record] = []
+    result = run_rows(engine, rows, output, params, config, on_record=records.append)
     if result.stopped:
         raise ErrorThresholdExceeded(result.stopped)
-    by_row = {(r.input_file, r.row): r for r in result.records}
+    by_row = {(r.input_file, r.row): r for r in records}
     return [by_row[(row.file, row.row)] for row in rows]
 
 
@@ -123,7 +122,8 @@ def run_rows(
             run.stop("interrupted")
         # 3) every submitted write finishes, even when stopping: those rows are done
         run.collect(block=True)
-    return RunResult(run.records, time.perf_counter() - started, run.stopped)
+    seconds = time.perf_counter() - started
+    return RunResult(seconds, run.stopped, run.generated, run.failed, run.unwritten)
 
 
 class _Run:
@@ -133,8 +133,8 @@ class _Run:
         self.config, self.on_record = config, on_record
         self.pool: ThreadPoolExecutor | None = None
         self.writes: deque[Future[Record]] = deque()
-        self.records: list[Record] = []
-        self.failed = 0
+        self.generated, self.failed = 0, 0
+        self.unwritten: dict[tuple[str, int], Record] = {}
         self.stopped = ""
 
     def submit(self, fn: Callable[..., Record], *args: object) -> None:
@@ -154,9 +154,12 @@ class _Run:
 
     def _take(self, future: Future[Record]) -> None:
         record = future.result()
-        self.records.append(record)
         self.on_record(record)
-        if not record.ok:
+        if isinstance(record, UnwrittenRecord):
+            self.unwritten[(record.key, record.row)] = record
+        if record.ok:
+            self.generated += 1
+        else:
             self.failed += 1
             reason = threshold_stop(self.failed, self.config.error_threshold, record.error)
             if reason:

@@ -1,7 +1,8 @@
 """`sd-endpoint generate`: send one prompt to a running endpoint and save the images as PNG files.
 
 Speaks the same Azure ML scoring contract as any other client, so it also works against an Azure ML
-online endpoint (pass its scoring URL and key). Imports only httpx: starting it costs no torch.
+online endpoint (pass its scoring URL and key). Imports only httpx and tenacity (its 429 retries):
+starting it costs no torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
 DEFAULT_URL = "http://127.0.0.1:5001"
 KEY_ENV = "SD_API_KEY"
@@ -175,45 +177,56 @@ def scoring_url(url: str) -> str:
 def post_with_retries(
     url: str, body: dict[str, Any], headers: dict[str, str], *, timeout_s: float, retries: int
 ) -> httpx.Response:
-    for attempt in range(retries + 1):
-        try:
-            response = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
-        except httpx.ConnectError as error:
-            raise ClientError(
-                f"cannot connect to {url} ({error}): is the server running? "
-                "Start it with `sd-endpoint serve`, or pass --url."
-            ) from error
-        except httpx.TimeoutException as error:
-            raise ClientError(
-                f"no answer from {url} within {timeout_s:g} s; the server may be overloaded, "
-                "or raise --timeout for large images and many steps."
-            ) from error
-        except httpx.HTTPError as error:
-            raise ClientError(f"request to {url} failed: {error}") from error
+    """POST, retrying a busy server's 429 up to ``retries`` times after the pause its Retry-After
+    asks for; every other failure is a ClientError at once."""
 
-        if response.status_code == 429 and attempt < retries:
-            wait_s = retry_after_s(response)
-            print(
-                f"server busy (429), retrying in {wait_s:g} s (retry {attempt + 1} of {retries})",
-                file=sys.stderr,
-            )
-            time.sleep(wait_s)
-            continue
-        if response.status_code == 429:
-            raise ClientError(
-                f"the server is still busy after {retries + 1} attempts (429: {error_message(response)}); "
-                "try again later or raise --retries."
-            )
-        if response.status_code == 401:
-            problem = "refused the API key" if "Authorization" in headers else "needs an API key"
-            raise ClientError(
-                f"the server {problem} (401: {error_message(response)}); "
-                f"pass the right one with --key or ${KEY_ENV}."
-            )
-        if response.is_error:
-            raise ClientError(f"the server answered {response.status_code}: {error_message(response)}")
-        return response
-    raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+    def announce(state: RetryCallState) -> None:
+        wait_s = state.next_action.sleep if state.next_action else 0.0
+        print(
+            f"server busy (429), retrying in {wait_s:g} s (retry {state.attempt_number} of {retries})",
+            file=sys.stderr,
+        )
+
+    retrying = Retrying(
+        retry=retry_if_result(lambda response: response.status_code == 429),
+        stop=stop_after_attempt(retries + 1),
+        wait=lambda state: retry_after_s(state.outcome.result()) if state.outcome else 1.0,
+        before_sleep=announce,
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+    )
+    response: httpx.Response = retrying(_post, url, body, headers, timeout_s)
+    if response.status_code == 429:
+        raise ClientError(
+            f"the server is still busy after {retries + 1} attempts (429: {error_message(response)}); "
+            "try again later or raise --retries."
+        )
+    if response.status_code == 401:
+        problem = "refused the API key" if "Authorization" in headers else "needs an API key"
+        raise ClientError(
+            f"the server {problem} (401: {error_message(response)}); "
+            f"pass the right one with --key or ${KEY_ENV}."
+        )
+    if response.is_error:
+        raise ClientError(f"the server answered {response.status_code}: {error_message(response)}")
+    return response
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float) -> httpx.Response:
+    """One POST; a failure to get any answer is a ClientError saying what to check."""
+    try:
+        return httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+    except httpx.ConnectError as error:
+        raise ClientError(
+            f"cannot connect to {url} ({error}): is the server running? "
+            "Start it with `sd-endpoint serve`, or pass --url."
+        ) from error
+    except httpx.TimeoutException as error:
+        raise ClientError(
+            f"no answer from {url} within {timeout_s:g} s; the server may be overloaded, "
+            "or raise --timeout for large images and many steps."
+        ) from error
+    except httpx.HTTPError as error:
+        raise ClientError(f"request to {url} failed: {error}") from error
 
 
 def retry_after_s(response: httpx.Response) -> float:

@@ -86,7 +86,8 @@ def _bound_azure_retries(fs: AbstractFileSystem) -> None:
     """Retries that give up within seconds: the storage SDK's defaults (15 s, then 18, 24, 42...
     per request) made an unreachable account take four minutes to report. adlfs passes no retry
     settings to the client it builds, so its policy (shared by every container client made from
-    it) is changed in place; the runner retries each row's writes on top of this."""
+    it) is changed in place (this is azure-core's own RetryPolicy, not a loop of ours); the runner
+    retries each row's writes on top of this."""
     policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
     if policy is None:
         return

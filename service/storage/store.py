@@ -1,6 +1,8 @@
 """Files under one root (a local folder, a blob prefix), with atomic writes.
 
 The whole interface is list / read / write / exists; fsspec does the talking to each backend.
+``iter_list`` and ``writing`` do the same for more files or bytes than memory should hold
+(streams.py).
 Atomicity: locally a write goes to a hidden temporary file in the target's folder, then
 ``os.replace`` (a rename within one filesystem is atomic). Remotely one upload of the whole
 object is committed by the service as a unit (Azure's put-blob or put-block-list, S3's put-object
@@ -13,12 +15,14 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from service.storage.names import printable, unsafe_name_reason, walk_local, within
+from service.storage.streams import AtomicWriter, iter_find
 
 # Temporary files of local writes: hidden, and recognisable so that a resumed job can remove the
 # ones a killed process left behind.
@@ -101,6 +105,21 @@ class Storage:
         paths = (self.fs._strip_protocol(p)[start:] for p in found)
         return sorted(p for p in paths if p and PARTIAL_MARKER not in posixpath.basename(p))
 
+    def iter_list(self, prefix: str = "") -> Iterator[str]:
+        """Relative paths of every file below ``prefix`` (recursively), unsorted, partial writes
+        excluded, fetched a page at a time: memory does not grow with the number of files."""
+        base = self._full(prefix.strip("/"))
+        start = len(self.root) + 1
+        try:
+            for found in iter_find(self.fs, base):
+                path = self.fs._strip_protocol(found)[start:]
+                if path and PARTIAL_MARKER not in posixpath.basename(path):
+                    yield path
+        except FileNotFoundError:
+            return
+        except Exception as error:
+            raise StorageError(f"cannot list {self.describe(prefix)}: {_reason(error)}") from error
+
     def list_files(self) -> tuple[Names, Refusals]:
         """Every file below the root that may be read, sorted, and (name, reason) of every one that
         may not: a name that could leave the root (``..``, absolute, a backslash, control
@@ -171,6 +190,27 @@ class Storage:
         except Exception as error:
             raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
 
+    @contextmanager
+    def writing(self, path: str) -> Iterator[Writer]:
+        """A file written in chunks (``with output.writing(path) as out: out.write(data)``) and
+        committed atomically when the block ends without an error; on an error the old file (or
+        none) stays. Memory is one upload block, whatever the file's size."""
+        full = self._full(path)
+        try:
+            writer = AtomicWriter(self.fs, full, PARTIAL_MARKER)
+        except Exception as error:
+            raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
+        try:
+            yield Writer(writer, self.describe(path))
+        except BaseException:  # the caller's error (or Writer's StorageError), passed on as it is
+            writer.discard()
+            raise
+        try:
+            writer.commit()
+        except Exception as error:
+            writer.discard()
+            raise StorageError(f"cannot write {self.describe(path)}: {_reason(error)}") from error
+
     def remove(self, paths: Iterable[str]) -> None:
         """Remove the files ``paths`` (missing ones are no error)."""
         full = [self._full(path) for path in paths]
@@ -191,16 +231,34 @@ class Storage:
         only, unless ``recursive``); returns how many."""
         if not self.is_local:
             return 0  # remote uploads that never committed are invisible and expire on their own
-        base = self._full(prefix.strip("/"))
         removed = 0
-        for folder, dirs, files in os.walk(base):
-            for name in files:
-                if name.startswith(".") and PARTIAL_MARKER in name:
-                    os.unlink(os.path.join(folder, name))
-                    removed += 1
-            if not recursive:
-                dirs.clear()
+        pending = [self._full(prefix.strip("/"))]
+        while pending:  # os.scandir, not os.walk: a folder of a million records is not listed at once
+            try:
+                entries = os.scandir(pending.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.extend([entry.path] if recursive else [])
+                    elif entry.name.startswith(".") and PARTIAL_MARKER in entry.name:
+                        os.unlink(entry.path)
+                        removed += 1
         return removed
+
+
+class Writer:
+    """What ``Storage.writing`` yields: ``write(bytes)``, with the backend's errors as StorageError."""
+
+    def __init__(self, writer: AtomicWriter, uri: str) -> None:
+        self._writer, self._uri = writer, uri
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+        except Exception as error:
+            raise StorageError(f"cannot write {self._uri}: {_reason(error)}") from error
 
 
 def _write_local_atomically(full: str, data: bytes) -> None:

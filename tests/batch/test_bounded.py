@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from service.batch.errors import BatchConfigError
+from service.batch.files.finished import FinishedRows
 from service.batch.files.inputs import InputRow
 from service.batch.params import JobParams
 from service.batch.plan import plan_job
@@ -71,7 +72,9 @@ def test_planning_one_large_file_holds_its_bytes_not_its_rows(tmp_path: Path) ->
 
 def test_the_rows_are_read_again_in_order_and_only_the_pending_ones(tmp_path: Path) -> None:
     _, plan = planning_peak(tmp_path, 12_000)
-    plan.finished = {("part-00000000", 3), ("part-00005000", 0), ("elsewhere", 1), ("part-00010000", 99_999)}
+    plan.finished = FinishedRows(
+        [("part-00000000", 3), ("part-00005000", 0), ("elsewhere", 1), ("part-00010000", 99_999)]
+    )
     assert plan.skipped == 2 and plan.pending_count == 11_998
     rows = plan.rows()
     assert isinstance(rows, Iterator)
@@ -165,14 +168,15 @@ def test_a_ray_task_reads_the_pending_rows_of_its_one_file(tmp_path: Path) -> No
     read = functools.partial(
         _pending_rows, plan.input.root, StorageOptions(), plan.files, plan.params.seed, plan.max_prompt_chars
     )
-    rows = list(read({"file": 1, "done": [0, 2, 4_999]}))
+    done = FinishedRows([("part-00005000", 0), ("part-00005000", 2), ("part-00005000", 4_999)])
+    rows = list(read({"file": 1, "done": done.bitmap("part-00005000")}))
     assert len(rows) == 4_997 and {row["file"] for row in rows} == {"part-00005000.csv"}
     assert [row["row"] for row in rows[:3]] == [1, 3, 4]
     planned = [r for r in plan.rows() if r.file == "part-00005000.csv" and r.row not in (0, 2, 4_999)]
     assert rows == [dataclasses.asdict(r) for r in planned]  # the same rows, seeds included
     (tmp_path / "in-10000-5000" / "part-00000000.csv").write_text("prompt\nanother\n")
     with pytest.raises(BatchConfigError, match="changed while the job ran"):
-        list(read({"file": 0, "done": []}))
+        list(read({"file": 0, "done": b""}))
 
 
 def test_a_file_changed_while_the_job_runs_stops_it_in_one_line_and_the_rerun_refuses_it(

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from model.errors import EngineFailure
-from service.batch.files.records import PREDICTION_COLUMNS
+from service.batch.files.records import PREDICTION_COLUMNS, Record
 from service.batch.params import JobParams
 from service.batch.plan import plan_job
 from service.batch.process import RetryPolicy
@@ -226,10 +226,12 @@ def test_an_engine_failure_is_retried_and_bad_rows_never_reach_the_engine(
 
     flaky = FailsOnce()
     plan = plan_job(str(prompts), str(tmp_path / "out"), JobParams(num_inference_steps=2))
-    result = run_job(flaky, plan, RunConfig(batch_size=2, retry=RetryPolicy(max_retries=1, delay_s=0)))
+    records: list[Record] = []
+    config = RunConfig(batch_size=2, retry=RetryPolicy(max_retries=1, delay_s=0))
+    result = run_job(flaky, plan, config, on_record=records.append)
     assert (result.generated, result.stopped) == (4, "")
     assert set(flaky.prompts) == {"a red cat", "a blue dog", "the sun", "the moon"}
-    retried = {r.prompt: r.attempts for r in result.records if r.ok}
+    retried = {r.prompt: r.attempts for r in records if r.ok}
     assert retried["a red cat"] == 2 and retried["a blue dog"] == 1 and retried["the moon"] == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -364,3 +365,48 @@ def test_progress_is_log_lines_elsewhere(caplog: pytest.LogCaptureFixture) -> No
     assert len(caplog.messages) == 1
     assert "2/2 rows (1 failed)" in caplog.messages[0] and "images/s" in caplog.messages[0]
     assert "ETA" in caplog.messages[0]
+
+
+@pytest.mark.parametrize(("max_retries", "fails"), [(0, 1), (2, 2), (2, 5), (3, 3)])
+def test_a_storage_write_is_retried_with_backoff_then_its_own_error_is_raised(
+    max_retries: int, fails: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    from service.batch.process import RetryPolicy, with_retries
+    from service.storage import StorageError
+
+    calls: list[float] = []
+
+    def write() -> str:
+        calls.append(time.monotonic())
+        if len(calls) <= fails:
+            raise StorageError(f"cannot write s3://b/x: failure {len(calls)}")
+        return "written"
+
+    policy = RetryPolicy(max_retries=max_retries, delay_s=0.02)
+    with caplog.at_level(logging.WARNING, logger="service.batch.process"):
+        if fails <= max_retries:
+            assert with_retries(write, policy, "writing x") == "written"
+        else:  # the last failure itself, not a wrapper of the retry library's
+            with pytest.raises(StorageError, match=f"failure {max_retries + 1}$"):
+                with_retries(write, policy, "writing x")
+    assert len(calls) == min(fails, max_retries) + 1
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    assert all(gap >= 0.02 * 2**n * 0.9 for n, gap in enumerate(gaps)), gaps  # 0.02 s, then 0.04...
+    warned = [r.getMessage() for r in caplog.records]
+    attempts = max_retries + 1
+    assert warned == [
+        f"writing x failed (attempt {n} of {attempts}), retrying: cannot write s3://b/x: failure {n}"
+        for n in range(1, len(gaps) + 1)
+    ]
+
+
+def test_the_runtime_does_not_import_pandas() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, service.batch.command, service.batch.runner, service.batch.files.formats; "
+    code += "print('pandas' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "False", done.stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from service.batch.errors import BatchConfigError
@@ -27,6 +27,7 @@ from service.batch.files.records import (
     PREDICTIONS_FILE,
     RECORDS_DIR,
     SUMMARY_FILE,
+    chunked,
     file_key,
     parse_record_path,
 )
@@ -62,7 +63,7 @@ def check_input(
     content (None: there is none)."""
     # 1) what differs
     if job is None:
-        if not output.list(RECORDS_DIR):
+        if next(output.iter_list(RECORDS_DIR), None) is None:
             return  # a new output
         problem, changes = "holds results but no job.json saying what they were made from", None
     elif "inputs" not in job:
@@ -81,21 +82,28 @@ def check_input(
 
 
 def remove_results(output: Storage, keys: set[str] | None = None) -> int:
-    """Remove the records and then the images of the files ``keys`` (all, when None); how many."""
-    records = [
+    """Remove the records and then the images of the files ``keys`` (all, when None); how many.
+    Listed and removed a page at a time, so that memory does not grow with the rows."""
+    records = (
         path
-        for path in output.list(RECORDS_DIR)
+        for path in output.iter_list(RECORDS_DIR)
         if (where := parse_record_path(path)) and (keys is None or where[0] in keys)
-    ]
-    images = [
+    )
+    images = (
         path
-        for path in output.list(IMAGES_DIR)
+        for path in output.iter_list(IMAGES_DIR)
         if _IMAGE.fullmatch(posixpath.basename(path))
         and (keys is None or posixpath.dirname(path)[len(IMAGES_DIR) + 1 :] in keys)
-    ]
-    output.remove(records)
-    output.remove(images)
-    return len(records) + len(images)
+    )
+    return _remove_in_chunks(output, records) + _remove_in_chunks(output, images)
+
+
+def _remove_in_chunks(output: Storage, paths: Iterable[str], chunk: int = 1000) -> int:
+    removed = 0
+    for batch in chunked(paths, chunk):
+        output.remove(batch)
+        removed += len(batch)
+    return removed
 
 
 def start_over(output: Storage) -> int:

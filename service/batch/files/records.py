@@ -19,9 +19,9 @@ import csv
 import io
 import json
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from service.storage.names import unsafe_name_reason
 
@@ -31,6 +31,7 @@ PREDICTIONS_FILE = "predictions.csv"
 DETAILED_FILE = "predictions-detailed.csv"
 SUMMARY_FILE = "summary.json"
 JOB_FILE = "job.json"
+T = TypeVar("T")
 
 # predictions.csv: exactly Azure ML's batch columns, in Azure's order, without a header line (Azure's
 # notebooks read it with header=None and these names).
@@ -136,6 +137,12 @@ class Record:
         ]
 
 
+@dataclass(frozen=True)
+class UnwrittenRecord(Record):
+    """A row's record that storage would not take: the row counts as unfinished in the output
+    (the next run generates it again), but this run reports it as failed, with the reason."""
+
+
 # Cells that a spreadsheet would read as a formula (or, after a tab or CR, split into one) start
 # with one of these; OWASP's advice is to prefix such a cell with a single quote. Records keep the
 # text exactly; only the two CSV files, made to be opened in spreadsheets, are neutralised.
@@ -173,7 +180,32 @@ def predictions_csv(records: Iterable[Record]) -> bytes:
 
 def detailed_csv(records: Iterable[Record], parameters: Mapping[str, Any]) -> bytes:
     """predictions-detailed.csv: a header, then every row (failed ones too), in input order."""
-    shared = ["" if parameters.get(name) is None else str(parameters.get(name)) for name in PARAMETER_COLUMNS]
-    lines = [csv_line([*DETAILED_COLUMNS, *PARAMETER_COLUMNS])]
-    lines += [csv_line([*record.detailed_row(), *shared]) for record in in_order(records)]
+    shared = parameter_cells(parameters)
+    lines = [detailed_header(), *(detailed_line(record, shared) for record in in_order(records))]
     return "".join(f"{line}\n" for line in lines).encode("utf-8")
+
+
+def parameter_cells(parameters: Mapping[str, Any]) -> list[str]:
+    """The job's generation parameters, the last cells of every predictions-detailed.csv line."""
+    return ["" if parameters.get(name) is None else str(parameters.get(name)) for name in PARAMETER_COLUMNS]
+
+
+def detailed_header() -> str:
+    return csv_line([*DETAILED_COLUMNS, *PARAMETER_COLUMNS])
+
+
+def detailed_line(record: Record, shared: list[str]) -> str:
+    """One line of predictions-detailed.csv (without its line ending); ``shared``: parameter_cells."""
+    return csv_line([*record.detailed_row(), *shared])
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
