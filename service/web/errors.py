@@ -12,6 +12,7 @@ from __future__ import annotations
 import http
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -141,6 +142,25 @@ _INTERNAL_MESSAGE = (
 _ENGINE_OOM_MESSAGE = (
     "the device ran out of memory even for a single image; retry later or ask for smaller images"
 )
+
+
+def error_responses(
+    descriptions: dict[int, str], model: type | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route documents (for /docs): its own ``descriptions`` and the ones every
+    route shares, each with the body ``model`` its API answers errors with."""
+    merged = {**descriptions, **SHARED_ERROR_DESCRIPTIONS}
+    return {
+        status: {"description": text} | ({"model": model} if model is not None else {})
+        for status, text in sorted(merged.items())
+    }
+
+
+def json_body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself (parsed off the event loop),
+    so that /docs still shows the body's schema and an example."""
+    content = {"application/json": {"schema": schema, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def classify(error: BaseException) -> tuple[ErrorKind, str]:

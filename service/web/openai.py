@@ -30,7 +30,7 @@ from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.common import lifecycle_of, served_names
 from service.web.clients.streaming import stream_images, wants_stream
-from service.web.errors import SHARED_ERROR_DESCRIPTIONS, ModelNotFoundError
+from service.web.errors import ModelNotFoundError, error_responses, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -38,16 +38,13 @@ OWNER = "sd-endpoint"
 ADAPTER_OWNER = "sd-endpoint (LoRA adapter)"  # a LoRA adapter of SD_ADAPTERS: the model with it at scale 1
 _STARTED = int(time.time())  # a model's "created": when this server process started
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIErrorResponse, "description": description}
-    for status, description in sorted(
-        {
-            400: "Invalid request: not JSON, an unknown field, a value out of bounds (param names it).",
-            404: "model names a model this server does not serve.",
-            **SHARED_ERROR_DESCRIPTIONS,
-        }.items()
-    )
-}
+_ERRORS = error_responses(
+    {
+        400: "Invalid request: not JSON, an unknown field, a value out of bounds (param names it).",
+        404: "model names a model this server does not serve.",
+    },
+    OpenAIErrorResponse,
+)
 _REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
 
 
@@ -94,12 +91,7 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: 
         },
         **_ERRORS,
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _REQUEST_SCHEMA, "example": SAMPLE_IMAGES_REQUEST}},
-        }
-    },
+    openapi_extra=json_body(_REQUEST_SCHEMA, SAMPLE_IMAGES_REQUEST),
 )
 async def create_images(request: Request) -> Any:
     lifecycle = lifecycle_of(request)

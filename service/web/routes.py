@@ -27,23 +27,20 @@ from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
 from service.web.clients.common import followed
-from service.web.errors import SHARED_ERROR_DESCRIPTIONS, error_json, error_response
+from service.web.errors import error_json, error_response, error_responses, json_body
 from service.web.middleware import CLIENT_CLOSED_STATUS
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 T = TypeVar("T")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in sorted(
-        {
-            400: "The body is not JSON.",
-            422: "The JSON does not follow the contract (the message says where and why).",
-            **SHARED_ERROR_DESCRIPTIONS,
-        }.items()
-    )
-}
+_ERRORS = error_responses(
+    {
+        400: "The body is not JSON.",
+        422: "The JSON does not follow the contract (the message says where and why).",
+    },
+    ErrorResponse,
+)
 
 
 def _lifecycle(request: Request) -> Lifecycle:
@@ -89,17 +86,7 @@ async def _race(request: Request, work: Awaitable[T], timeout_s: float) -> T | N
         },
         **_ERRORS,
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": "#/components/schemas/ScoreRequest"},
-                    "example": SAMPLE_REQUEST,
-                }
-            },
-        }
-    },
+    openapi_extra=json_body({"$ref": "#/components/schemas/ScoreRequest"}, SAMPLE_REQUEST),
 )
 async def score(request: Request) -> Response:
     return await answer_generation(request, lambda runtime, body, job: runtime.scorer.score(body, job=job))

@@ -26,19 +26,17 @@ from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop, parse_json
 from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
-from service.web.errors import SHARED_ERROR_DESCRIPTIONS
+from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 CLIENT = "a1111"
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": text}
-    for status, text in {
+_ERRORS = error_responses(
+    {
         400: "The body is not JSON.",
         422: "A field this server cannot honour at its value (the detail names it), or off the contract.",
-        **SHARED_ERROR_DESCRIPTIONS,
-    }.items()
-}
+    }
+)
 _TXT2IMG_SCHEMA = Txt2ImgRequest.model_json_schema()
 
 
@@ -119,12 +117,7 @@ async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ..
     "/txt2img",
     summary="Generate images (AUTOMATIC1111's txt2img)",
     responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _TXT2IMG_SCHEMA, "example": SAMPLE_TXT2IMG}},
-        }
-    },
+    openapi_extra=json_body(_TXT2IMG_SCHEMA, SAMPLE_TXT2IMG),
 )
 async def txt2img(request: Request) -> Response:
     names = _names(request)

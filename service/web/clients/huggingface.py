@@ -20,7 +20,7 @@ from service.runtime.errors import ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop
-from service.web.errors import SHARED_ERROR_DESCRIPTIONS, classify
+from service.web.errors import classify, error_responses, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
@@ -43,16 +43,11 @@ def _png(image_base64: str) -> Response:
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "The PNG."},
-        **{status: {"description": text} for status, text in SHARED_ERROR_DESCRIPTIONS.items()},
-        400: {"description": "The body is not JSON."},
-        422: {"description": "Off the contract (the error says where and why)."},
+        **error_responses(
+            {400: "The body is not JSON.", 422: "Off the contract (the error says where and why)."}
+        ),
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _SCHEMA, "example": SAMPLE_TEXT_TO_IMAGE}},
-        }
-    },
+    openapi_extra=json_body(_SCHEMA, SAMPLE_TEXT_TO_IMAGE),
 )
 async def text_to_image(request: Request) -> Response:
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:
