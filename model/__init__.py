@@ -7,7 +7,6 @@ torch and diffusers on first use, so light callers (CLIs validating input) stay 
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from model.errors import (
@@ -20,9 +19,8 @@ from model.errors import (
 from model.types import BatchKey, GenerationItem, GenerationResult, ModelInfo
 
 if TYPE_CHECKING:
-    import torch
-
     from model.engine import Engine
+    from model.loader import load_engine as load
     from model.options import EngineOptions
 
 __all__ = [
@@ -41,37 +39,12 @@ __all__ = [
 ]
 
 
-def load(
-    spec: str,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    *,
-    safety_checker: str | None = None,
-    options: EngineOptions | None = None,
-    variant: str | None = None,
-    config: str | None = None,
-    adapters: str | os.PathLike[str] | None = None,
-    max_adapters: int | None = None,
-) -> Engine:
-    """Load ``spec`` onto ``device`` (default: CUDA if present) and return a ready engine
-    (``adapters``: a folder of LoRA adapters, model/adapters, at most ``max_adapters`` on the
-    device at once)."""
-    from model.loader import load_engine
-
-    return load_engine(
-        spec,
-        device,
-        dtype,
-        safety_checker=safety_checker,
-        options=options,
-        variant=variant,
-        config=config,
-        adapters=adapters,
-        max_adapters=max_adapters,
-    )
-
-
 def __getattr__(name: str) -> Any:
+    # ``load(spec, device=None, dtype=None, *, ...) -> Engine``: model/loader.py's load_engine
+    if name == "load":
+        from model.loader import load_engine
+
+        return load_engine
     if name == "Engine":
         from model.engine import Engine
 
