@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 import model
 from model.schedulers import make_scheduler, offered_schedulers
 from model.types import GenerationItem
+from tests.helpers.stock import stock_image
 
 STEPS = 3
 SIZE = 64  # a multiple of 8 below the native 128: exercises non-native sizes too
@@ -26,19 +27,7 @@ def reference_image(engine: model.Engine, item: GenerationItem) -> np.ndarray:
     c = engine.components
     pipe = StableDiffusionPipeline(**c.modules(), requires_safety_checker=False)
     pipe.scheduler = make_scheduler(c.scheduler, item.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        item.prompt,
-        negative_prompt=item.negative_prompt or None,
-        num_inference_steps=item.num_inference_steps,
-        guidance_scale=item.guidance_scale,
-        height=item.height,
-        width=item.width,
-        generator=torch.Generator("cpu").manual_seed(item.seed),
-        output_type="np",
-    )
-    image: np.ndarray = out.images[0]
-    return image
+    return stock_image(pipe, item)
 
 
 def mixed_batch(scheduler: str) -> list[GenerationItem]:

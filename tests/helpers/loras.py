@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tests.helpers.stock import stock_image
+
 if TYPE_CHECKING:
     from model.types import GenerationItem
 
@@ -111,23 +113,12 @@ def reference(folder: Path, it: GenerationItem) -> np.ndarray:
     from model.architectures import build_components
 
     pipe = StableDiffusionPipeline(**build_components("tiny", 0), requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
     for name, _ in it.adapters:
         path = folder / name / DIFFUSERS_FILE if (folder / name).is_dir() else folder / f"{name}.safetensors"
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     if it.adapters:
         pipe.set_adapters([n for n, _ in it.adapters], adapter_weights=[s for _, s in it.adapters])
-    out = pipe(
-        it.prompt,
-        num_inference_steps=it.num_inference_steps,
-        guidance_scale=it.guidance_scale,
-        height=it.height,
-        width=it.width,
-        generator=torch.Generator("cpu").manual_seed(it.seed),
-        output_type="np",
-    )
-    image: np.ndarray = out.images[0]
-    return image
+    return stock_image(pipe, it)
 
 
 def difference(ours: np.ndarray, theirs: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 import model
 from model.schedulers import make_scheduler
-from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.processes import Server, serving, start_server, stop_server
 from tests.helpers.servers import decode_png, metric_value
 
 SIZE = 128  # random:tiny's native size
@@ -27,9 +27,8 @@ SIZE = 128  # random:tiny's native size
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("steps") / "server.log", SD_MAX_BATCH_SIZE="4")
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("steps") / "server.log", SD_MAX_BATCH_SIZE="4") as running:
+        yield running
 
 
 def body(prompt: str, seed: int, steps: int, **parameters: Any) -> dict[str, Any]:

@@ -16,23 +16,14 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.helpers import loras
-from tests.helpers.processes import REPO, Server, start_server, stop_server
+from tests.helpers.processes import REPO, Server, serving
 from tests.helpers.servers import decode_png
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 # Generous ceilings for waits on a busy 2-core CI machine; they bound a hang, they time nothing.
 WAIT_MS = 120_000
 KEYS = ("primary-key-1", "secondary-key-2")
@@ -44,26 +35,14 @@ KEY_STORAGE = "sd-endpoint-api-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("server") / "server.log")
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("server") / "server.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("keyed") / "server.log", SD_API_KEYS=",".join(KEYS))
-    yield running
-    stop_server(running)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium with `apt-get install -y chromium`")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
+    with serving(tmp_path_factory.mktemp("keyed") / "server.log", SD_API_KEYS=",".join(KEYS)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -256,9 +235,8 @@ def test_key_is_asked_once_and_kept_for_the_tab_only(keyed_server: Server, brows
 @pytest.fixture(scope="module")
 def adapter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = loras.adapter_folder(tmp_path_factory.mktemp("adapters"))
-    running = start_server(tmp_path_factory.mktemp("adapter-ui") / "server.log", SD_ADAPTERS=str(folder))
-    yield running
-    stop_server(running)
+    with serving(tmp_path_factory.mktemp("adapter-ui") / "server.log", SD_ADAPTERS=str(folder)) as running:
+        yield running
 
 
 def test_an_adapter_picked_from_the_list_draws_what_score_draws_with_it(
