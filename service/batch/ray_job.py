@@ -204,7 +204,7 @@ class RayJob:
             result.generated += 1
             return ""
         result.failed += 1
-        return threshold_stop(result.failed, self.config.error_threshold, record.error)
+        return threshold_stop(result.failed, self.config.error_threshold, record.error, len(result.unwritten))
 
 
 class EngineActor:

@@ -161,6 +161,8 @@ class _Run:
             self.generated += 1
         else:
             self.failed += 1
-            reason = threshold_stop(self.failed, self.config.error_threshold, record.error)
+            reason = threshold_stop(
+                self.failed, self.config.error_threshold, record.error, len(self.unwritten)
+            )
             if reason:
                 self.stop(reason)

@@ -263,6 +263,26 @@ def test_a_store_that_keeps_failing_stops_the_job_at_the_error_threshold(
     assert not (out / "images").exists()
 
 
+def test_a_store_that_refuses_every_record_stops_the_job_whatever_the_threshold(
+    engine: Any, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records that storage refuses wait in memory for finalize; a store that refuses them all would
+    grow that without end, so past MAX_UNWRITTEN the job stops (also with no --error-threshold)."""
+    import service.batch.errors
+
+    (prompts / "a.csv").write_text("prompt\n" + "".join(f"prompt {i}\n" for i in range(40)))
+    monkeypatch.setattr(service.batch.errors, "MAX_UNWRITTEN", 3)
+    plan = plan_job(str(prompts), str(tmp_path / "out"), JobParams(num_inference_steps=1))
+    store = FailingWrites(plan.output, lambda path, attempt: path.startswith("records/"))
+    plan.output = store
+    config = RunConfig(batch_size=2, error_threshold=-1, retry=RetryPolicy(max_retries=0, delay_s=0))
+    result = run_job(engine, plan, config)
+    assert "output store refused the records of 3 rows" in result.stopped
+    assert "injected failure" in result.stopped and "can be written" in result.stopped
+    # it stopped early: rows already generated or being written when it stopped may add a few
+    assert 3 <= len(result.unwritten) < 3 + 2 * config.max_pending_writes + 2 * config.batch_size < 40
+
+
 def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
     (tmp / "in").mkdir()
     (tmp / "in/a.csv").write_text("prompt\nhello\n")
