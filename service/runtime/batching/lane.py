@@ -114,8 +114,14 @@ class Lane:
         try:
             while not self._scheduler.has_work(self.index):
                 if self._adapters_pending():
-                    # a waiting image's adapter is being read: on the device as soon as it is
-                    await loop.run_in_executor(self._engine_thread, self._install_adapters, ADAPTER_WAIT_S)
+                    # a waiting image's adapter is being read: on the device as soon as it is (busy
+                    # until the engine thread is done, as for an iteration)
+                    install = loop.run_in_executor(
+                        self._engine_thread, self._install_adapters, ADAPTER_WAIT_S
+                    )
+                    self.in_engine = True
+                    install.add_done_callback(self._iteration_over)
+                    await asyncio.shield(install)
                     continue
                 self.arrival.clear()
                 await self.arrival.wait()
