@@ -130,3 +130,15 @@ def test_every_settings_variable_is_known_aliases_included(monkeypatch: pytest.M
     monkeypatch.setenv("SD_MODEL_CONFIG_DIR", "x")
     [warning] = check_server_environment()
     assert "SD_MODEL_CONFIG_DIR" in warning and "SD_MODEL_CONFIG," not in warning
+
+
+def test_an_old_deployment_setting_sd_batching_request_starts_with_one_warning() -> None:
+    """The request-level batcher is gone; a deployment that still sets SD_BATCHING=request (and
+    SD_MAX_BATCH_WAIT_MS) starts on the step loop and is told once to drop the setting."""
+    env = clean_env(
+        SD_MODEL="random:tiny", SD_PORT=str(free_port()), SD_BATCHING="request", SD_MAX_BATCH_WAIT_MS="50"
+    )
+    lines = log_lines_until(env, "SD_BATCHING=request")  # logged as the step loop is built
+    [warning] = [line for line in lines if "SD_BATCHING=request" in line]
+    assert "WARNING" in warning and "remove the setting" in warning
+    assert not any("unknown SD_*" in line for line in lines), lines
