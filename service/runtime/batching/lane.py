@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Ready, Scheduler, State
@@ -23,13 +24,18 @@ log = logging.getLogger(__name__)
 ADAPTER_WAIT_S = 0.5  # a lane with nothing to run waits this long at most for an adapter's file
 
 
+def adapter_manager(engine: ServingEngine) -> Any:
+    """The engine's LoRA adapters (model/adapters), or None for an engine without any (fakes)."""
+    return getattr(engine, "adapters", None)
+
+
 def adapters_ready(engines: Sequence[ServingEngine]) -> Ready:
     """The scheduler's ``ready``: an image may run on an engine once its LoRA adapters are on that
     engine's device (model/adapters); until then they are read in the background. Asked again at
     every step boundary while the image waits, which keeps its request alive there."""
 
     def ready(index: int, item: GenerationItem) -> bool:
-        adapters = getattr(engines[index], "adapters", None)
+        adapters = adapter_manager(engines[index])
         if not item.adapters or adapters is None or adapters.ready(item.adapters):
             return True
         adapters.request(item.adapters)
@@ -129,13 +135,14 @@ class Lane:
             self.asleep = False
 
     def _adapters_pending(self) -> bool:
-        return getattr(getattr(self.engine, "adapters", None), "pending", False) is True
+        manager = adapter_manager(self.engine)
+        return manager is not None and bool(manager.pending)
 
     def _install_adapters(self, wait: float) -> None:
         """In the engine thread, at a step boundary: adapters read for waiting images go on the
         device (Engine.install_adapters; engines without adapters have nothing to do)."""
-        if hasattr(self.engine, "install_adapters"):
-            self.engine.install_adapters(wait)
+        if adapter_manager(self.engine) is not None:
+            self.engine.install_adapters(wait)  # type: ignore[attr-defined]
 
     def _took(self, images: list[Image]) -> None:
         self._metrics.running_images.set(self._slot.held)
@@ -167,7 +174,6 @@ class Lane:
                 continue
             if image.job is not None:  # now, not after the iteration: the engine may step on long
                 image.job.admitted.add(image.index)
-        self._install_adapters(0.0)
         held = [*((image, handle) for handle, image in list(self._slot.running.items())), *output.admitted]
         ending = self._ending(held)
         if ending:  # interrupted: they end with the latents they have, before any other step
