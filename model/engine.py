@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,11 +142,12 @@ class Engine:
         """``admit`` for several items with one text-encoder call; all or none are admitted."""
         return self._admit(self._running, items)
 
-    def step(self) -> list[int]:
+    def step(self, only: Collection[int] | None = None) -> list[int]:
         """Advance every running item one denoising step (per size, one UNet call with a timestep
-        per row). Returns the handles whose last step is now done; they stay until retired. If
-        it raises, no item has advanced."""
-        return self._step(self._running)
+        per row), or only the handles in ``only`` (the others pause, their latents kept). Returns
+        the handles whose last step is now done; they stay until retired. If it raises, no item
+        has advanced."""
+        return self._step(self._running, only)
 
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
         """Decode finished items in one batch (per size) and run the safety checker; they leave
@@ -261,10 +262,10 @@ class Engine:
         in_use = {name for state in self._running.active for name, _ in state.item.adapters}
         return in_use | {name for state in running.active for name, _ in state.item.adapters}
 
-    def _step(self, running: RunningSet) -> list[int]:
+    def _step(self, running: RunningSet, only: Collection[int] | None = None) -> list[int]:
         forward = unet_forward(self.components.unet, self.options.cuda_graphs)
         with _engine_errors(), torch.inference_mode():
-            return running.step(forward, self.options.unet_row_buckets, self.adapters.activate)
+            return running.step(forward, self.options.unet_row_buckets, self.adapters.activate, only)
 
     def _run_alone(self, items: Sequence[GenerationItem]) -> list[ItemState]:
         """Admit ``items`` to a set of their own and step it until all are done."""

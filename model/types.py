@@ -53,6 +53,11 @@ class GenerationItem:
         return BatchKey(self.num_inference_steps, self.height, self.width, self.scheduler)
 
 
+def rows_of(item: GenerationItem) -> int:
+    """UNet rows an item takes while it runs: two with guidance (scale > 1), one without."""
+    return 2 if item.guidance_scale > 1 else 1
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """One generated image.

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model.types import GenerationItem
+from model.types import GenerationItem, rows_of
 
 _STEP_PARAMETERS: dict[type, frozenset[str]] = {}
 
@@ -36,11 +36,6 @@ def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     if "eta" in params:
         kwargs["eta"] = 0.0
     return kwargs
-
-
-def rows_of(item: GenerationItem) -> int:
-    """UNet rows an item takes while it runs: two with guidance (scale > 1), one without."""
-    return 2 if item.guidance_scale > 1 else 1
 
 
 @dataclass(eq=False)

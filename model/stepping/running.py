@@ -9,7 +9,7 @@ it was, so no item has advanced and the caller may drop some items and step agai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 
@@ -68,11 +68,16 @@ class RunningSet:
         return states
 
     def step(
-        self, forward: Forward, row_buckets: Sequence[int] | None, activate: Activate | None = None
+        self,
+        forward: Forward,
+        row_buckets: Sequence[int] | None,
+        activate: Activate | None = None,
+        only: Collection[int] | None = None,
     ) -> list[int]:
-        """Advance every active item one step; returns the handles that finished now. Each group
-        of one size and one adapter set is one UNet call, after ``activate`` of its set."""
-        active = self.active
+        """Advance every active item one step (or those of ``only``: the others pause, unchanged);
+        returns the handles that finished now. Each group of one size and one adapter set is one
+        UNet call, after ``activate`` of its set."""
+        active = self.active if only is None else [state for state in self.active if state.handle in only]
         if not active:
             return []
         checkpoints = [state.checkpoint() for state in active]

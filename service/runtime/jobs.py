@@ -11,12 +11,35 @@ follow or stop it, so an id seen in a log stops nothing of anyone else's.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from service.settings import Settings
+
+
+def caller_of(key: str | bytes) -> str:
+    """A caller's name from its API key: a digest, so that no key is kept or logged."""
+    raw = key.encode() if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def caller_weights(settings: Settings) -> dict[str, float]:
+    """Each key's caller and its share (SD_KEY_WEIGHTS, in SD_API_KEYS' order; checked at start-up)."""
+    weights = [float(weight) for weight in (settings.key_weights or "").split(",") if weight.strip()]
+    return {caller_of(key): weight for key, weight in zip(settings.api_key_list, weights, strict=False)}
+
+
+def images_per_caller(settings: Settings) -> int | None:
+    """Images one caller may have waiting or running at once (None: no bound but the queue's):
+    SD_MAX_IMAGES_PER_KEY, else half the queue on a server with keys."""
+    if settings.max_images_per_key is not None:
+        return settings.max_images_per_key
+    return max(1, settings.max_queue_items // 2) if settings.api_keys is not None else None
 
 
 @dataclass(eq=False)

@@ -30,6 +30,7 @@ from service.runtime.engines import (
     resolve_devices,
 )
 from service.runtime.errors import NotReadyError, ShuttingDownError
+from service.runtime.jobs import caller_weights, images_per_caller
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
 from service.settings import Settings
@@ -189,6 +190,9 @@ class Lifecycle:
             metrics=self.metrics,
             max_failures=settings.engine_max_failures,
             threads=threads,
+            max_images_per_caller=images_per_caller(settings),
+            weights=caller_weights(settings),
+            max_groups=settings.max_groups_per_step,
         )
         step_loop.start()
         scorer = Scorer(engines[0], step_loop, limits, encode_pool)

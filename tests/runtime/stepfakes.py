@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,18 +45,20 @@ class FakeStepEngine(FakeEngine):
         self.running[self._next] = _Running(item)
         return self._next
 
-    def step(self) -> list[int]:
+    def step(self, only: Collection[int] | None = None) -> list[int]:
+        """Every running image one step, or those of ``only`` (the others pause)."""
         self.step_started.release()
         if self.gate is not None:
             self.gate.wait(30)
-        items = [r.item for r in self.running.values()]
+        stepping = {h: r for h, r in self.running.items() if only is None or h in only}
+        items = [r.item for r in stepping.values()]
         if self.max_rows is not None and len(items) > self.max_rows:
             raise EngineOutOfMemoryError(f"{len(items)} images do not fit")
         if any(item.prompt in self.fail_prompts for item in items):
             raise EngineFailure("the device failed")
         self.steps.append(sorted(item.seed for item in items))
         finished = []
-        for handle, running in self.running.items():
+        for handle, running in stepping.items():
             running.done += 1
             if running.done >= running.item.num_inference_steps:
                 finished.append(handle)
@@ -102,9 +104,9 @@ class ThreadRecording(FakeStepEngine):
         self._saw("admit")
         return super().admit(item)
 
-    def step(self) -> list[int]:
+    def step(self, only: Collection[int] | None = None) -> list[int]:
         self._saw("step")
-        return super().step()
+        return super().step(only)
 
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]:
         self._saw("retire")

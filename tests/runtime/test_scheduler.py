@@ -115,7 +115,7 @@ def test_a_cancelled_running_image_leaves_its_engine_at_the_next_plan_and_frees_
     output = admit(plan)
     scheduler.update_from_output(0, output)
     scheduler.cancel(gone)
-    assert scheduler.engines[0].held == 0 and scheduler.should_hand_back(0)
+    assert scheduler.engines[0].held == 0 and scheduler.wants_plan(0)
     plan = scheduler.schedule(0)
     assert plan.leave == [output.admitted[0][1]] and seeds(plan.admit) == [2]
 
@@ -126,7 +126,7 @@ def test_an_image_cancelled_while_its_engine_admits_it_leaves_once_its_handle_is
     scheduler.add([gone])
     plan = scheduler.schedule(0)
     scheduler.cancel(gone)
-    assert scheduler.should_hand_back(0)
+    assert scheduler.wants_plan(0)
     output = admit(plan)
     update = scheduler.update_from_output(0, output)
     assert update.finished == update.failed == [] and running(scheduler) == []
@@ -251,11 +251,11 @@ def test_a_waiting_image_that_could_join_ends_the_engines_run_of_steps() -> None
     scheduler = Scheduler(1, max_batch_size=2)
     scheduler.add(images(1))
     scheduler.update_from_output(0, admit(scheduler.schedule(0)))
-    assert not scheduler.should_hand_back(0)
+    assert not scheduler.wants_plan(0)
     scheduler.add(images(2))
-    assert scheduler.should_hand_back(0)
+    assert scheduler.wants_plan(0)
     scheduler.engines[0].room = 1  # after out of memory: no room, it steps on
-    assert not scheduler.should_hand_back(0)
+    assert not scheduler.wants_plan(0)
 
 
 def test_abandon_fails_every_waiting_and_held_image() -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from model.types import GenerationItem, GenerationResult
-from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Ready, Scheduler, State
+from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Plan, Ready, Scheduler, State
 from service.runtime.engines import FollowableEngine, ServingEngine, engine_thread
 from service.runtime.metrics import Metrics
 
@@ -71,6 +72,10 @@ class Lane:
         self._wake = wake
         self.arrival = asyncio.Event()  # set when images arrive while this lane sleeps
         self.asleep = False  # waiting for images
+        # Set on the event loop when the scheduler has something for this engine (an image could
+        # join, one left or was cancelled): the engine thread reads only this between steps, never
+        # the scheduler's state, and ends its iteration to ask for a new plan.
+        self.attention = threading.Event()
         # The engine's one thread (the one it was loaded and warmed up in, when given; the lane
         # owns it from now on): every engine call of an iteration runs there.
         self._engine_thread = thread or engine_thread(index)
@@ -95,12 +100,13 @@ class Lane:
             if not self._slot.running and not self._slot.leaving:
                 await self._wait_for_work()
             # 2. The plan, carried out in the engine thread: leave, admit, step, retire.
+            self.attention.clear()
             plan = self._scheduler.schedule(self.index)
             if not plan.admit and not self._slot.running and not plan.leave:
                 continue  # another lane took what had arrived
             self._took(plan.admit)
             self.in_engine = True
-            iteration = loop.run_in_executor(self._engine_thread, self._iterate, plan.leave, plan.admit)
+            iteration = loop.run_in_executor(self._engine_thread, self._iterate, plan)
             started = time.monotonic()
             try:
                 output = await asyncio.shield(iteration)
@@ -155,7 +161,7 @@ class Lane:
     def _iteration_over(self, _: object) -> None:
         self.in_engine = False
 
-    def _iterate(self, leaving: list[int], admitting: list[Image]) -> Output:
+    def _iterate(self, plan: Plan) -> Output:
         """In the engine thread: cancel, admit, then step until there is something to hand back.
 
         The engine steps on without a round trip through the event loop for as long as nothing
@@ -164,9 +170,9 @@ class Lane:
         errors: a failed step ends the iteration, the steps before it stand.
         """
         engine, output = self.engine, Output()
-        for handle in leaving:
+        for handle in plan.leave:
             engine.cancel(handle)
-        for image in admitting:
+        for image in plan.admit:
             try:
                 output.admitted.append((image, engine.admit(image.item)))
             except Exception as error:  # this item only: the engine cannot take it
@@ -174,15 +180,20 @@ class Lane:
                 continue
             if image.job is not None:  # now, not after the iteration: the engine may step on long
                 image.job.admitted.add(image.index)
-        held = [*((image, handle) for handle, image in list(self._slot.running.items())), *output.admitted]
+        held = [*plan.running, *output.admitted]
         ending = self._ending(held)
         if ending:  # interrupted: they end with the latents they have, before any other step
             output.results = self._retire(ending)
             return output
+        only = None
+        if plan.step is not None:  # the others pause this iteration (fairness.select)
+            chosen = {id(image) for image in plan.step}
+            held = [(image, handle) for image, handle in held if id(image) in chosen]
+            only = {handle for _, handle in held}
         while held:
             started = time.perf_counter()
             try:
-                finished = engine.step()
+                finished = engine.step() if only is None else engine.step(only)  # type: ignore[call-arg]
             except Exception as error:  # nothing advanced in this step: the scheduler decides who leaves
                 output.step_error = error
                 break
@@ -202,7 +213,7 @@ class Lane:
         """In the engine thread, between steps: whether the event loop has something to do. A
         future is done as soon as its request gives up, before the scheduler hears of it (its
         callback waits for the event loop, which may not run while steps are this fast)."""
-        if self._scheduler.should_hand_back(self.index):
+        if self.attention.is_set():
             return True
         return any(
             image.future.done() or (image.job is not None and image.job.finish_now) for image, _ in held

@@ -23,3 +23,20 @@ def check_room(*, closed: bool, waiting: int, incoming: int, max_queue_items: in
             "retry after the Retry-After seconds",
             waiting=waiting,
         )
+
+
+def check_caller_room(*, held: int, incoming: int, max_images: int, metrics: Metrics) -> None:
+    """Raise why one caller's ``incoming`` images cannot join the ``held`` ones it has waiting or
+    running (SD_MAX_IMAGES_PER_KEY): one key never fills the queue that every key shares."""
+    if incoming > max_images:
+        raise ContractError(
+            f"the request asks for {incoming} images; this server takes at most {max_images} at once "
+            "from one API key (SD_MAX_IMAGES_PER_KEY): send fewer prompts or images"
+        )
+    if held + incoming > max_images:
+        metrics.rejections.inc()
+        raise QueueFullError(
+            f"this API key has {held} images waiting or running, and may have at most {max_images} "
+            "(SD_MAX_IMAGES_PER_KEY); retry after the Retry-After seconds, or wait for them",
+            waiting=held,
+        )

@@ -8,11 +8,18 @@ which futures to resolve. The scheduler is the queue's one owner: a cancelled im
 queue at once, or its engine at that engine's next plan.
 
 The rules (steploop.py's docstring tells them as a user sees them):
-- FIFO by image among the images that are ready (``ready``): one that is not ready (its adapter
-  still loading, say) stays waiting without holding up the images behind it;
+- a fair share per caller (fairness.py): each caller's images are FIFO, and callers take turns
+  by the step time they have used (weighted per key); among the images that are ready
+  (``ready``), one that is not ready (its adapter still loading, say) stays waiting without
+  holding up the images behind it;
 - an engine admits while it has room (``max_batch_size``, less after running out of memory), and
-  while another engine holds nothing, a busy one leaves new images to it and an empty one takes
-  its share;
+  a caller with nothing on it beyond that, up to ``max_batch_size`` more, so a newcomer never
+  waits for a flood's images to finish; while another engine holds nothing, a busy one leaves new
+  images to it and an empty one takes its share;
+- what steps: every image an engine holds while one caller has images there; with several, a
+  step costs at most what a light caller's share allows (fairness.select, with the prices of
+  cost.py learned from the engine's measured steps) and opens at most ``max_groups`` UNet calls,
+  the images left out pausing with their latents (they lose nothing);
 - out of memory in a step: the most recently admitted half goes back to the front of the queue
   and the room shrinks to what is left, growing back by one per image finished; one image that
   does not fit alone fails;
@@ -23,27 +30,34 @@ The rules (steploop.py's docstring tells them as a user sees them):
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
 
 from model.errors import EngineOutOfMemoryError
-from model.types import GenerationItem, GenerationResult
+from model.types import GenerationItem
+from service.runtime.batching.cost import group_of, rows_of
+from service.runtime.batching.fairness import FairQueue, candidates, select
 from service.runtime.batching.oom import after_failure
+from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, State, Update
 from service.runtime.errors import NotReadyError
 
-if TYPE_CHECKING:
-    import asyncio
-
-    from service.runtime.jobs import Job
+__all__ = [
+    "DONE",
+    "NO_ENGINE_LEFT",
+    "EngineSlot",
+    "Image",
+    "Output",
+    "Plan",
+    "Ready",
+    "Scheduler",
+    "State",
+    "Update",
+]
 
 NO_ENGINE_LEFT = "every engine of this server failed and was taken out of rotation; restart the server"
 
 # Whether an image may be admitted on an engine now: (engine index, item) -> ready. Called on the
-# event loop and, for a yes/no between steps, from engine threads: it must be a cheap, safe read.
+# event loop only (the engine threads read nothing of the scheduler's): a cheap read.
 Ready = Callable[[int, GenerationItem], bool]
 
 
@@ -51,94 +65,25 @@ def always_ready(engine: int, item: GenerationItem) -> bool:
     return True
 
 
-class State(enum.Enum):
-    WAITING = "waiting"  # in the queue
-    ADMITTING = "admitting"  # taken by an engine, which admits it in its current iteration
-    RUNNING = "running"  # an engine holds it (``handle``)
-    FINISHED = "finished"  # its result is out
-    CANCELLED = "cancelled"  # its caller gave up; its handle, if any, leaves at the next plan
-    FAILED = "failed"  # it got an error: its own, its engine's, or the shutdown's
-
-
-DONE = frozenset({State.FINISHED, State.CANCELLED, State.FAILED})
-
-
-@dataclass(eq=False)
-class Image:
-    """One image of a request, from the queue to its result. The scheduler never touches
-    ``future``; the lanes resolve it from the scheduler's ``Update``."""
-
-    item: GenerationItem
-    future: asyncio.Future[GenerationResult]
-    arrived: float = 0.0  # monotonic time of its arrival (the caller's clock: for metrics only)
-    job: Job | None = None  # the request it belongs to, when someone follows it (jobs.py)
-    index: int = 0  # its place in the job
-    state: State = State.WAITING
-    engine: int | None = None  # the engine that holds or admits it
-    handle: int | None = None  # its handle in that engine
-    suspect_on: int | None = None  # a failed step on this engine made it suspect: it runs alone
-    first_step: bool = True  # no step of it has ended since it was (re)admitted
-
-
-@dataclass
-class EngineSlot:
-    """What the scheduler knows of one engine."""
-
-    index: int
-    max_batch_size: int
-    room: int  # the running set's size limit: shrinks after out of memory, grows back
-    serving: bool = True  # in rotation
-    failures: int = 0  # failed steps in a row (not out of memory)
-    running: dict[int, Image] = field(default_factory=dict)  # handle -> image, in admission order
-    admitting: list[Image] = field(default_factory=list)  # planned, in its engine's admit now
-    leaving: list[int] = field(default_factory=list)  # handles its engine drops at the next plan
-
-    @property
-    def held(self) -> int:
-        return len(self.running) + len(self.admitting)
-
-
-@dataclass
-class Plan:
-    """One iteration of one engine: drop ``leave`` (handles), then admit ``admit`` in order."""
-
-    leave: list[int]
-    admit: list[Image]
-
-
-@dataclass
-class Output:
-    """What one iteration did, as the lane hands it back."""
-
-    admitted: list[tuple[Image, int]] = field(default_factory=list)  # (image, its handle)
-    refused: list[tuple[Image, Exception]] = field(default_factory=list)  # admit raised
-    results: list[tuple[int, GenerationResult | Exception]] = field(default_factory=list)  # retired
-    step_error: Exception | None = None  # the step that failed (nothing advanced in it)
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per step done
-    first_step_done: float | None = None  # monotonic time at the end of its first step
-
-
-@dataclass
-class Update:
-    """What to tell the callers after an iteration."""
-
-    finished: list[tuple[Image, GenerationResult]] = field(default_factory=list)
-    failed: list[tuple[Image, BaseException]] = field(default_factory=list)
-    requeued: list[Image] = field(default_factory=list)  # back in the queue, from step 0
-    out_of_memory_at: int = 0  # the running images of a step that ran out of memory (0: none did)
-    isolated: int = 0  # the images of a failed step that each run alone from now on
-    counted_failure: bool = False  # a failed step that counts towards taking the engine out
-    taken_out: bool = False  # this engine left the rotation
-
-
 class Scheduler:
     def __init__(
-        self, engines: int, *, max_batch_size: int, max_failures: int = 3, ready: Ready = always_ready
+        self,
+        engines: int,
+        *,
+        max_batch_size: int,
+        max_failures: int = 3,
+        ready: Ready = always_ready,
+        weights: Mapping[str, float] | None = None,
+        max_groups: int = 4,
     ) -> None:
+        """``weights``: callers' shares (1 for any not named); ``max_groups``: UNet calls per step
+        (distinct sizes and adapter sets) at most, beyond the first image's."""
         self.engines = [EngineSlot(index, max_batch_size, max_batch_size) for index in range(engines)]
+        self._max_batch_size = max_batch_size
         self._max_failures = max_failures
+        self._max_groups = max_groups
         self._ready = ready
-        self._queue: deque[Image] = deque()
+        self._queue = FairQueue(weights)
 
     # ----------------------------------------------------------------- the queue
     @property
@@ -150,19 +95,33 @@ class Scheduler:
         return [slot for slot in self.engines if slot.serving]
 
     def add(self, images: Sequence[Image]) -> None:
-        """Queue ``images`` behind every waiting one (the caller checked the queue's room)."""
+        """Queue ``images`` behind their caller's waiting ones (the caller checked the queue's room)."""
         for image in images:
             image.state = State.WAITING
-        self._queue.extend(images)
+        self._queue.add(images)
+
+    def held_by(self, caller: str) -> int:
+        """``caller``'s images waiting or on an engine (its share of the queue's room)."""
+        held = sum(
+            1
+            for slot in self.engines
+            for image in [*slot.running.values(), *slot.admitting]
+            if image.caller == caller
+        )
+        return held + self._queue.waiting_of(caller)
 
     def has_work(self, engine: int) -> bool:
         """Whether a waiting image is ready for ``engine`` (safe to call from its thread)."""
-        return any(self._ready(engine, image.item) for image in list(self._queue))
+        return any(self._ready(engine, image.item) for image in self._waiting())
+
+    def _waiting(self) -> list[Image]:
+        return list(self._queue)  # type: ignore[arg-type]
 
     def cancel(self, image: Image) -> None:
         """``image``'s caller gave up: it leaves the queue now, or its engine at the next plan."""
         if image.state is State.WAITING:
             self._queue.remove(image)
+            self._forget_idle()
         elif image.state is State.RUNNING and image.engine is not None and image.handle is not None:
             slot = self.engines[image.engine]
             slot.running.pop(image.handle, None)
@@ -174,8 +133,7 @@ class Scheduler:
     def abandon(self) -> list[Image]:
         """Every waiting and held image, failed now (the caller fails their futures); held ones
         leave their engines at the next plan."""
-        images = list(self._queue)
-        self._queue.clear()
+        images: list[Image] = self._queue.clear()  # type: ignore[assignment]
         for slot in self.engines:
             images += slot.admitting  # their handles are dropped in update_from_output
             for handle, image in slot.running.items():
@@ -195,7 +153,27 @@ class Scheduler:
         for image in admit:
             image.state, image.engine = State.ADMITTING, engine
         slot.admitting = admit
-        return Plan(leave, admit)
+        held = [*slot.running.values(), *admit]
+        step = self._select(slot, held)
+        slot.stepping = held if step is None else step
+        return Plan(leave, admit, step, [(image, handle) for handle, image in slot.running.items()])
+
+    def _select(self, slot: EngineSlot, held: list[Image]) -> list[Image] | None:
+        """Who steps in ``slot``'s iteration: None (everyone) unless several callers share it or
+        the images open more groups than a step may (fairness.select)."""
+        groups = {group_of(image.item) for image in held}
+        callers = {image.caller for image in held}
+        if len(callers) <= 1 and len(groups) <= self._max_groups and len(held) <= slot.room:
+            return None
+        chosen = select(
+            candidates(held, lambda image: image.caller, lambda image: image.item),  # type: ignore[attr-defined]
+            passes=self._queue.passes(),
+            weights=lambda name: self._queue.caller(name).weight,
+            cost=slot.cost,
+            max_images=slot.room,
+            max_groups=self._max_groups,
+        )
+        return chosen  # type: ignore[return-value]
 
     def _take(self, slot: EngineSlot) -> list[Image]:
         """Waiting images for ``slot``, oldest ready first, within its room and its share; a
@@ -205,31 +183,57 @@ class Scheduler:
         empty = sum(1 for other in self.engines if other is not slot and other.serving and not other.held)
         if empty and slot.running:
             return []  # the empty engines take new images
-        # One that is not ready stays first in line for when it is, and holds nobody up.
-        ready = [image for image in self._queue if self._ready(slot.index, image.item)]
+        # Fair order; one that is not ready stays first in line for when it is, and holds nobody up.
+        order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
+        ready = [image for image in order if self._ready(slot.index, image.item)]
         share = math.ceil(len(ready) / (empty + 1))
         admit: list[Image] = []
+        present = {image.caller for image in slot.running.values()}
+        owed = self._owed(present)
         for image in ready:
-            if len(slot.running) + len(admit) >= slot.room or len(admit) >= share:
+            held = len(slot.running) + len(admit)
+            if len(admit) >= share:
                 break
+            if held >= slot.room and not (
+                owed(image.caller) and image.caller not in present and held < slot.room + self._max_batch_size
+            ):  # full, but a caller owed its share with nothing here gets in (the step decides who runs)
+                continue
             if image.suspect_on is not None and (slot.running or admit):
                 break
             self._queue.remove(image)
             admit.append(image)
+            present.add(image.caller)
             if image.suspect_on is not None:
                 break
         return admit
 
-    def should_hand_back(self, engine: int) -> bool:
-        """Whether ``engine``'s thread should end its iteration at this step boundary: a handle
-        is to leave, an image it admits was cancelled, or a waiting image could join. Read from
-        the engine's thread; a stale answer costs one step."""
+    def wants_plan(self, engine: int) -> bool:
+        """Whether ``engine`` should end its iteration at its next step boundary for a new plan:
+        a handle is to leave, an image it admits was cancelled, or a waiting image could join
+        (one within its room, or a caller's first beyond it). Asked on the event loop after each
+        command; the lane passes the answer to its engine thread."""
         slot = self.engines[engine]
         if slot.leaving or not slot.serving:
             return True
-        if any(image.state is not State.ADMITTING for image in list(slot.admitting)):
+        if any(image.state is not State.ADMITTING for image in slot.admitting):
             return True
-        return slot.held < slot.room and self.has_work(engine)
+        if slot.held < slot.room:
+            return self.has_work(engine)
+        if slot.held >= slot.room + self._max_batch_size:
+            return False
+        present = {image.caller for image in [*slot.running.values(), *slot.admitting]}
+        owed = self._owed(present)
+        return any(
+            owed(image.caller) and image.caller not in present and self._ready(engine, image.item)
+            for image in self._waiting()
+        )
+
+    def _owed(self, present: set[str]) -> Callable[[str], bool]:
+        """Whether a caller is owed service beside ``present`` ones: its pass is at most theirs (a
+        newcomer, or one behind its weighted share), so it may join a full engine."""
+        passes = self._queue.passes()
+        lowest = min((passes.get(name, 0.0) for name in present), default=float("inf"))
+        return lambda name: self._queue.caller(name).pass_ <= lowest
 
     def update_from_output(self, engine: int, output: Output) -> Update:
         """Apply what ``engine``'s iteration did; say what to resolve."""
@@ -249,6 +253,7 @@ class Scheduler:
         slot.admitting = []
         if output.steps:
             slot.failures = 0
+            self._charge(slot, output.steps)
         # 2. A failed step (its images as they were): shrink, isolate or take out.
         if output.step_error is not None:
             self._recover(slot, output.step_error, update)
@@ -266,7 +271,32 @@ class Scheduler:
             slot.room = min(slot.room + 1, slot.max_batch_size)
             image.state = State.FINISHED
             update.finished.append((image, result))
+        self._forget_idle()
         return update
+
+    def _charge(self, slot: EngineSlot, steps: list[tuple[int, float]]) -> None:
+        """The steps' times teach the prices; each caller pays its rows' part of each step."""
+        stepped = [
+            image
+            for image in slot.stepping
+            if image.state in (State.RUNNING, State.FINISHED, State.CANCELLED)
+        ]
+        if not stepped:
+            return
+        groups: dict[tuple[int, int, tuple[tuple[str, float], ...]], int] = {}
+        for image in stepped:
+            key = group_of(image.item)
+            groups[key] = groups.get(key, 0) + rows_of(image.item)
+        total_rows = sum(groups.values())
+        for _, seconds in steps:
+            slot.cost.observe(groups, seconds)
+        price = slot.cost.estimate(groups) * len(steps)
+        for image in stepped:
+            self._queue.charge(image.caller, price * rows_of(image.item) / total_rows)
+
+    def _forget_idle(self) -> None:
+        busy = {image.caller for slot in self.engines for image in [*slot.running.values(), *slot.admitting]}
+        self._queue.forget_idle(busy.__contains__)
 
     def _recover(self, slot: EngineSlot, error: Exception, update: Update) -> None:
         """After a failed step (the engine state unchanged): the rule of oom.py, unless the engine
@@ -277,7 +307,8 @@ class Scheduler:
             if slot.failures >= self._max_failures:
                 self._take_out(slot, list(slot.running.values()), error, update)
                 return
-        verdict = after_failure(list(slot.running.values()), error)  # in admission order
+        stepped = [image for image in slot.stepping if image.state is State.RUNNING]
+        verdict = after_failure(stepped or list(slot.running.values()), error)  # in admission order
         self._fail(slot, verdict.fail, error, update)
         if verdict.later:  # out of memory: the room shrinks to what goes on
             slot.room = len(verdict.keep)
@@ -298,7 +329,7 @@ class Scheduler:
         for image in images:
             self._leave(slot, image)
             image.state, image.first_step = State.WAITING, True
-        self._queue.extendleft(reversed(images))
+        self._queue.add(images, front=True)
         update.requeued += images
 
     @staticmethod
@@ -314,11 +345,11 @@ class Scheduler:
         slot.serving = False
         update.taken_out = True
         self._fail(slot, running, error, update)
-        for image in self._queue:
+        for image in self._waiting():
             if image.suspect_on == slot.index:
                 image.suspect_on = None
         if not self.serving:
-            waiting = list(self._queue)
+            waiting = self._waiting()
             self._queue.clear()
             for image in waiting:
                 image.state = State.FAILED

@@ -37,13 +37,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.lane import Lane, adapters_ready, fail
-from service.runtime.batching.room import check_room
+from service.runtime.batching.room import check_caller_room, check_room
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import NotReadyError, ShuttingDownError
@@ -77,20 +77,28 @@ class StepLoop:
         max_failures: int = 3,
         threads: Sequence[ThreadPoolExecutor] = (),
         ready: Ready | None = None,
+        max_images_per_caller: int | None = None,
+        weights: Mapping[str, float] | None = None,
+        max_groups: int = 4,
     ) -> None:
         """``threads``: each engine's own thread (engines.engine_thread), which its lane takes
         over; a lane makes one for an engine without. ``ready``: whether an image may be admitted
         on an engine now (scheduler.py; by default, once its LoRA adapters are on the engine's
-        device); call ``poke`` when one becomes ready."""
+        device); call ``poke`` when one becomes ready. ``max_images_per_caller``: one caller's
+        images waiting or running at most (None: the queue's bound); ``weights``: callers' shares
+        and ``max_groups``: UNet calls per step (scheduler.py)."""
         engines = list(engine) if isinstance(engine, Sequence) else [engine]
         given = list(threads) + [None] * (len(engines) - len(threads))
         self._max_queue_items = max_queue_items
+        self._max_per_caller = max_images_per_caller
         self._metrics = metrics
         self.scheduler = Scheduler(
             len(engines),
             max_batch_size=max_batch_size,
             max_failures=max_failures,
             ready=ready or adapters_ready(engines),
+            weights=weights,
+            max_groups=max_groups,
         )
         self.lanes = [
             Lane(index, each, self.scheduler, metrics=metrics, wake=self.poke, thread=thread)
@@ -139,9 +147,17 @@ class StepLoop:
             closed=self._closed, waiting=self.scheduler.waiting, incoming=len(items),
             max_queue_items=self._max_queue_items, metrics=self._metrics,
         )  # fmt: skip
+        caller = job.owner if job is not None else ""
+        if self._max_per_caller is not None:
+            check_caller_room(
+                held=self.scheduler.held_by(caller), incoming=len(items),
+                max_images=self._max_per_caller, metrics=self._metrics,
+            )  # fmt: skip
         # 2. Register each future before the image becomes visible to the lanes.
         loop, now = asyncio.get_running_loop(), time.monotonic()
-        images = [Image(item, loop.create_future(), now, job, index) for index, item in enumerate(items)]
+        images = [
+            Image(item, loop.create_future(), now, job, index, caller) for index, item in enumerate(items)
+        ]
         for image in images:
             image.future.add_done_callback(functools.partial(self._done, image))
         self.scheduler.add(images)
@@ -150,17 +166,20 @@ class StepLoop:
         return [image.future for image in images]
 
     def poke(self) -> None:
-        """Images are waiting or became ready: wake the sleeping lanes (they share them out; busy
-        ones take at their next step)."""
+        """Images are waiting or became ready: wake the sleeping lanes (they share them out), and
+        tell the busy ones the scheduler wants a new plan from (they hand back at their next step)."""
         for lane in self.lanes:
             if lane.serving and lane.asleep:
                 lane.arrival.set()
+            elif lane.serving and self.scheduler.wants_plan(lane.index):
+                lane.attention.set()
 
     def _done(self, image: Image, _: object = None) -> None:
         """An image's future is done: a cancelled one leaves the queue now, or its engine next step."""
         if image.future.cancelled():
             self.scheduler.cancel(image)
             self._metrics.queue_depth.set(self.scheduler.waiting)
+            self.poke()
 
     # ----------------------------------------------------------------- stop
     def abandon(self, error: BaseException) -> None:

@@ -3,7 +3,6 @@ caller is, and the job that follows its request."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from service.logs import request_id_var
-from service.runtime.jobs import Job, Jobs
+from service.runtime.jobs import Job, Jobs, caller_of
 from service.runtime.lifecycle import Lifecycle
 from service.web.middleware import presented_key
 
@@ -38,7 +37,7 @@ def caller(request: Request) -> str:
     on a server without keys, where every caller is the same one."""
     if not request.app.state.settings.api_key_list:
         return ""
-    return hashlib.sha256(presented_key(Headers(scope=request.scope)).encode()).hexdigest()[:32]
+    return caller_of(presented_key(Headers(scope=request.scope)))
 
 
 @asynccontextmanager

@@ -1,0 +1,103 @@
+"""The scheduler's records (scheduler.py): each image's one state, what it knows of each engine, and
+the plans, outputs and updates it trades with the lanes. Everything else (a job's progress, a
+metric) is a view of these or an output."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from model.types import GenerationItem, GenerationResult
+from service.runtime.batching.cost import StepCost
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from service.runtime.jobs import Job
+
+
+class State(enum.Enum):
+    WAITING = "waiting"  # in the queue
+    ADMITTING = "admitting"  # taken by an engine, which admits it in its current iteration
+    RUNNING = "running"  # an engine holds it (``handle``)
+    FINISHED = "finished"  # its result is out
+    CANCELLED = "cancelled"  # its caller gave up; its handle, if any, leaves at the next plan
+    FAILED = "failed"  # it got an error: its own, its engine's, or the shutdown's
+
+
+DONE = frozenset({State.FINISHED, State.CANCELLED, State.FAILED})
+
+
+@dataclass(eq=False)
+class Image:
+    """One image of a request, from the queue to its result. The scheduler never touches
+    ``future``; the lanes resolve it from the scheduler's ``Update``."""
+
+    item: GenerationItem
+    future: asyncio.Future[GenerationResult]
+    arrived: float = 0.0  # monotonic time of its arrival (the caller's clock: for metrics only)
+    job: Job | None = None  # the request it belongs to, when someone follows it (jobs.py)
+    index: int = 0  # its place in the job
+    caller: str = ""  # whose it is (a digest of the API key): the unit of the fair share
+    state: State = State.WAITING
+    engine: int | None = None  # the engine that holds or admits it
+    handle: int | None = None  # its handle in that engine
+    suspect_on: int | None = None  # a failed step on this engine made it suspect: it runs alone
+    first_step: bool = True  # no step of it has ended since it was (re)admitted
+
+
+@dataclass
+class EngineSlot:
+    """What the scheduler knows of one engine."""
+
+    index: int
+    max_batch_size: int
+    room: int  # the running set's size limit: shrinks after out of memory, grows back
+    serving: bool = True  # in rotation
+    failures: int = 0  # failed steps in a row (not out of memory)
+    running: dict[int, Image] = field(default_factory=dict)  # handle -> image, in admission order
+    admitting: list[Image] = field(default_factory=list)  # planned, in its engine's admit now
+    leaving: list[int] = field(default_factory=list)  # handles its engine drops at the next plan
+    stepping: list[Image] = field(default_factory=list)  # the images the current iteration steps
+    cost: StepCost = field(default_factory=StepCost)  # its steps' prices, fitted to their times
+
+    @property
+    def held(self) -> int:
+        return len(self.running) + len(self.admitting)
+
+
+@dataclass
+class Plan:
+    """One iteration of one engine: drop ``leave`` (handles), then admit ``admit`` in order, then
+    step ``step`` (None: every image it holds; else these, the others paused)."""
+
+    leave: list[int]
+    admit: list[Image]
+    step: list[Image] | None = None
+    running: list[tuple[Image, int]] = field(default_factory=list)  # what it holds already, by handle
+
+
+@dataclass
+class Output:
+    """What one iteration did, as the lane hands it back."""
+
+    admitted: list[tuple[Image, int]] = field(default_factory=list)  # (image, its handle)
+    refused: list[tuple[Image, Exception]] = field(default_factory=list)  # admit raised
+    results: list[tuple[int, GenerationResult | Exception]] = field(default_factory=list)  # retired
+    step_error: Exception | None = None  # the step that failed (nothing advanced in it)
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per step done
+    first_step_done: float | None = None  # monotonic time at the end of its first step
+
+
+@dataclass
+class Update:
+    """What to tell the callers after an iteration."""
+
+    finished: list[tuple[Image, GenerationResult]] = field(default_factory=list)
+    failed: list[tuple[Image, BaseException]] = field(default_factory=list)
+    requeued: list[Image] = field(default_factory=list)  # back in the queue, from step 0
+    out_of_memory_at: int = 0  # the running images of a step that ran out of memory (0: none did)
+    isolated: int = 0  # the images of a failed step that each run alone from now on
+    counted_failure: bool = False  # a failed step that counts towards taking the engine out
+    taken_out: bool = False  # this engine left the rotation
