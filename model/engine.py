@@ -258,6 +258,15 @@ class Engine:
         except Exception:  # the step loop must go on for the other images
             log.exception("putting LoRA adapters on the device failed")
 
+    def place_adapters(self, evict: Sequence[str], install: Sequence[str]) -> dict[str, str]:
+        """At a step boundary, as the step loop's scheduler planned: LoRA adapters off the device,
+        then on (model/adapters). Never raises: returns the adapters that failed, with why."""
+        try:  # outside inference mode, as load_lora_weights runs: peft makes parameters
+            return self.adapters.place(evict, install)
+        except Exception as error:  # the step loop must go on for the other images
+            log.exception("putting LoRA adapters on the device failed")
+            return dict.fromkeys(install, f"it could not be put on the device ({type(error).__name__})")
+
     def _in_use(self, running: RunningSet) -> set[str]:
         in_use = {name for state in self._running.active for name, _ in state.item.adapters}
         return in_use | {name for state in running.active for name, _ in state.item.adapters}

@@ -141,6 +141,48 @@ class Adapters:
                         self._reader = ThreadPoolExecutor(1, thread_name_prefix="adapter-read")
                     self._reads[name] = self._reader.submit(read_adapter, self.served[name])
 
+    # ------------------------------------------------------------------ directed by a step loop
+    def start_read(self, name: str) -> Future[AdapterFile]:
+        """Start reading ``name``'s file in the background (the step loop's scheduler decided it
+        will be needed here); the future says when it is read."""
+        with self._lock:
+            future = self._reads.get(name)
+            if future is None:
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(1, thread_name_prefix="adapter-read")
+                future = self._reads[name] = self._reader.submit(read_adapter, self.served[name])
+            return future
+
+    def place(self, evict: Collection[str], install: Collection[str]) -> dict[str, str]:
+        """Engine thread, at a step boundary: take ``evict`` off the device, then put ``install``
+        on it (their files read by ``start_read``, waited for if need be), as the step loop's
+        scheduler planned. Returns the adapters that failed, with why (they are left out)."""
+        for name in evict:
+            self._delete(name)
+            self.evicted += 1
+            with self._lock:
+                self._residency.forget(name)
+        failed = {}
+        for name in install:
+            with self._lock:
+                future = self._reads.pop(name, None)
+            if future is None:
+                future = self.start_read(name)
+                with self._lock:
+                    self._reads.pop(name, None)
+            self._install(name, future)
+            if name in self.broken:
+                failed[name] = self.broken[name]
+            else:
+                with self._lock:
+                    self._residency.place([name])
+        if install or evict:
+            log.info(
+                "adapters on the device: %s (in: %s; out: %s)",
+                ", ".join(self.resident), ", ".join(install) or "none", ", ".join(evict) or "none",
+            )  # fmt: skip
+        return failed
+
     @property
     def pending(self) -> bool:
         """Whether a request waits for an install pass."""

@@ -76,6 +76,12 @@ class Residency:
             if name in self._resident:
                 self._resident.move_to_end(name)
 
+    def place(self, names: Iterable[str]) -> None:
+        """``names`` are on the device now (put there by a plan made elsewhere: the step loop's)."""
+        for name in names:
+            self._resident[name] = None
+            self._resident.move_to_end(name)
+
     def forget(self, name: str) -> None:
         """``name`` is not on the device after all (its injection failed)."""
         self._resident.pop(name, None)

@@ -1,9 +1,10 @@
 """Requests in flight as jobs: each image's step and total, its latest preview, and the ways to
 stop one (cancel by request id; end now with the image it has, as AUTOMATIC1111's interrupt does).
 
-The step loop (batching/lane.py) writes a job's progress from the engine thread: plain integer
-stores, read by the event loop without locks (a stale read is one step behind). Previews are
-handed to the event loop with ``call_soon_threadsafe``. A job belongs to the caller that made
+A job holds no state of its images: their steps are the scheduler's records (batching/records.py),
+counted on the event loop as each step ends; interrupts and preview requests are commands to the
+step loop, which the scheduler carries out at the next step boundary. Previews arrive on the event
+loop with ``call_soon_threadsafe``. A job belongs to the caller that made
 it (``owner``: a digest of its API key, "" on a server without keys): only that caller can
 follow or stop it, so an id seen in a log stops nothing of anyone else's.
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,9 +43,29 @@ def images_per_caller(settings: Settings) -> int | None:
     return max(1, settings.max_queue_items // 2) if settings.api_keys is not None else None
 
 
+class Core(Protocol):
+    """The commands a job sends the step loop that runs its images (steploop.StepLoop)."""
+
+    def finish_now(self, job: Job, images: list[int]) -> None: ...
+
+    def ask_preview(self, job: Job) -> None: ...
+
+
+class Followed(Protocol):
+    """What a job reads of its images' records in the scheduler (batching/records.Image)."""
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def on_engine(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class Job:
-    """One generating request: its images, in response order, as the step loop runs them."""
+    """One generating request: its images, in response order, as the step loop runs them. Each
+    image's state is held once, in the scheduler's record (``images``); a job's steps and progress
+    are views of those, and its stops are commands to the step loop (``core``)."""
 
     request_id: str
     owner: str
@@ -52,20 +73,29 @@ class Job:
     preview_every: int = 0  # a preview of each image every k steps (0: none)
     totals: list[int] = field(default_factory=list)  # each image's steps, once queued
     started: float = field(default_factory=time.monotonic)
-    steps: list[int] = field(default_factory=list)  # each image's steps done (the engine thread writes)
-    admitted: set[int] = field(default_factory=set)  # images an engine holds (its thread adds them)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    images: Sequence[Followed] = ()  # the scheduler's records of its images (set when queued)
+    core: Core | None = None  # the step loop that runs them (set when queued)
     cancelled: bool = False  # cancel: the request answers 499 cancelled
     interrupted: bool = False  # interrupt: the request answers with the images it has
-    finish_now: set[int] = field(default_factory=set)  # images to end at the next step, as they are
-    want_preview: bool = False  # one preview at the next step (someone polls the progress)
     latest: np.ndarray | None = None  # the latest preview of any of its images
     events: asyncio.Queue[tuple[int, int, np.ndarray]] = field(default_factory=asyncio.Queue)
 
     def begin(self, totals: list[int]) -> None:
         """Its images are queued, with these steps each."""
         self.totals = totals
-        self.steps = [0] * len(totals)
+
+    @property
+    def steps(self) -> list[int]:
+        """Each image's steps done (0 while it waits, and again if it is put back in the queue)."""
+        if len(self.images) != len(self.totals):
+            return [0] * len(self.totals)
+        return [image.steps for image in self.images]
+
+    @property
+    def admitted(self) -> set[int]:
+        """The images an engine holds."""
+        return {index for index, image in enumerate(self.images) if image.on_engine}
 
     @property
     def progress(self) -> float:
@@ -76,12 +106,10 @@ class Job:
     def step_of(self, image: int) -> tuple[int, int]:
         return min(self.steps[image], self.totals[image]), self.totals[image]
 
-    def wants_preview(self, image: int) -> bool:
-        """Read from the engine thread after each step of ``image``."""
-        done = self.steps[image]
-        if self.want_preview:
-            return True
-        return bool(self.preview_every) and done % self.preview_every == 0 and done < self.totals[image]
+    def ask_preview(self) -> None:
+        """Someone polls its progress: a preview of its running images soon (at a bounded rate)."""
+        if self.core is not None:
+            self.core.ask_preview(self)
 
     def preview(self, image: int, step: int, pixels: np.ndarray) -> None:
         """On the event loop: a preview of ``image`` at ``step`` arrived."""
@@ -98,8 +126,9 @@ class Job:
     def interrupt(self, *, waiting_too: bool) -> None:
         """The running images end at the next step with the image they have; the waiting ones
         leave too (``waiting_too``: A1111's interrupt) or go on (its skip)."""
-        running = {image for image in list(self.admitted) if not self.futures[image].done()}
-        self.finish_now |= running
+        running = sorted(image for image in self.admitted if not self.futures[image].done())
+        if self.core is not None and running:
+            self.core.finish_now(self, running)
         if waiting_too:
             self.interrupted = True
             for image, future in enumerate(self.futures):

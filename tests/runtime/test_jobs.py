@@ -78,7 +78,7 @@ def test_want_preview_gives_one_preview_at_the_next_step() -> None:
         job.begin([6])
         [future] = job.futures = steps.submit([item(seed=1, steps=6)], job)
         await step_boundary(engine)
-        job.want_preview = True
+        job.ask_preview()
         engine.gate.set()
         await future
         await asyncio.sleep(0)

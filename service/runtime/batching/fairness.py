@@ -144,6 +144,50 @@ class FairQueue:
                 heapq.heappush(heap, (pass_ + spent, size, arrival, name))
         return order
 
+    def owed(self, present: set[str]) -> Callable[[str], bool]:
+        """Whether a caller is owed service beside ``present`` ones: its pass is at most theirs (a
+        newcomer, or one behind its weighted share), so it may join a full engine."""
+        lowest = min(
+            (self._callers[name].pass_ for name in present if name in self._callers), default=float("inf")
+        )
+        return lambda name: self.caller(name).pass_ <= lowest
+
+    def step_set(
+        self, held: Sequence[Queued], cost: StepCost, *, max_images: int, max_groups: int
+    ) -> list[object] | None:
+        """Who of ``held`` (an engine's images) steps next: None (everyone) while one caller has
+        images there within the room and the groups, else ``select``'s choice."""
+        items: list[GenerationItem] = [image.item for image in held]  # type: ignore[misc]
+        callers, groups = {image.caller for image in held}, {group_of(item) for item in items}
+        if len(callers) <= 1 and len(groups) <= max_groups and len(held) <= max_images:
+            return None
+        return select(
+            [
+                Candidate(image, image.caller, group_of(item), rows_of(item))
+                for image, item in zip(held, items, strict=True)
+            ],
+            passes=self.passes(),
+            weights=lambda name: self.caller(name).weight,
+            cost=cost,
+            max_images=max_images,
+            max_groups=max_groups,
+        )
+
+    def charge_steps(self, stepped: Sequence[Queued], cost: StepCost, seconds: Sequence[float]) -> None:
+        """Steps of ``stepped`` took ``seconds`` each: the prices learn them, and each caller pays its
+        rows' part of each step's price."""
+        if not stepped or not seconds:
+            return
+        items: list[GenerationItem] = [image.item for image in stepped]  # type: ignore[misc]
+        groups: dict[Group, int] = {}
+        for item in items:
+            groups[group_of(item)] = groups.get(group_of(item), 0) + rows_of(item)
+        for each in seconds:
+            cost.observe(groups, each)
+        price = cost.estimate(groups) * len(seconds) / sum(groups.values())
+        for image, item in zip(stepped, items, strict=True):
+            self.charge(image.caller, price * rows_of(item))
+
     def passes(self) -> dict[str, float]:
         return {name: caller.pass_ for name, caller in self._callers.items()}
 
@@ -228,12 +272,3 @@ def _next(queue: list[Candidate], groups: Mapping[Group, int], max_groups: int) 
     if queue and len(groups) < max_groups:
         return queue[0]
     return None
-
-
-def candidates(
-    images: Iterable[object], caller: Callable[[object], str], item: Callable[[object], object]
-) -> list[Candidate]:
-    return [
-        Candidate(image, caller(image), group_of(item(image)), rows_of(item(image)))  # type: ignore[arg-type]
-        for image in images
-    ]

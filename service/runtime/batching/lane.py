@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from model.types import GenerationItem, GenerationResult
-from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Plan, Ready, Scheduler, State
+from model.types import GenerationResult
+from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Plan, Scheduler, State
 from service.runtime.engines import FollowableEngine, ServingEngine, engine_thread
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
-ADAPTER_WAIT_S = 0.5  # a lane with nothing to run waits this long at most for an adapter's file
 
 
 def adapter_manager(engine: ServingEngine) -> Any:
@@ -30,19 +29,10 @@ def adapter_manager(engine: ServingEngine) -> Any:
     return getattr(engine, "adapters", None)
 
 
-def adapters_ready(engines: Sequence[ServingEngine]) -> Ready:
-    """The scheduler's ``ready``: an image may run on an engine once its LoRA adapters are on that
-    engine's device (model/adapters); until then they are read in the background. Asked again at
-    every step boundary while the image waits, which keeps its request alive there."""
-
-    def ready(index: int, item: GenerationItem) -> bool:
-        adapters = adapter_manager(engines[index])
-        if not item.adapters or adapters is None or adapters.ready(item.adapters):
-            return True
-        adapters.request(item.adapters)
-        return False
-
-    return ready
+def adapter_cap(engine: ServingEngine) -> int | None:
+    """How many LoRA adapters the engine's device holds at once; None when it serves none."""
+    manager = adapter_manager(engine)
+    return manager.max_resident if manager is not None and manager.names else None
 
 
 def fail(images: Sequence[Image], error: BaseException) -> None:
@@ -102,8 +92,10 @@ class Lane:
             # 2. The plan, carried out in the engine thread: leave, admit, step, retire.
             self.attention.clear()
             plan = self._scheduler.schedule(self.index)
-            if not plan.admit and not self._slot.running and not plan.leave:
-                continue  # another lane took what had arrived
+            self._start_reads(plan.adapters.read)
+            if not plan.admit and not self._slot.running and not plan.leave and not plan.adapters:
+                await self._wait_for_arrival()  # another lane took what had arrived
+                continue
             self._took(plan.admit)
             self.in_engine = True
             iteration = loop.run_in_executor(self._engine_thread, self._iterate, plan)
@@ -121,34 +113,42 @@ class Lane:
             self._apply(output)
 
     async def _wait_for_work(self) -> None:
-        loop = asyncio.get_running_loop()
         self.asleep = True
         try:
             while not self._scheduler.has_work(self.index):
-                if self._adapters_pending():
-                    # a waiting image's adapter is being read: on the device as soon as it is (busy
-                    # until the engine thread is done, as for an iteration)
-                    install = loop.run_in_executor(
-                        self._engine_thread, self._install_adapters, ADAPTER_WAIT_S
-                    )
-                    self.in_engine = True
-                    install.add_done_callback(self._iteration_over)
-                    await asyncio.shield(install)
-                    continue
                 self.arrival.clear()
                 await self.arrival.wait()
         finally:
             self.asleep = False
 
-    def _adapters_pending(self) -> bool:
-        manager = adapter_manager(self.engine)
-        return manager is not None and bool(manager.pending)
+    async def _wait_for_arrival(self) -> None:
+        """Sleep until the step loop pokes (images, a read done, images put back): what looked like
+        work was not this engine's, and asking again at once would spin."""
+        self.asleep = True
+        try:
+            self.arrival.clear()
+            await self.arrival.wait()
+        finally:
+            self.asleep = False
 
-    def _install_adapters(self, wait: float) -> None:
-        """In the engine thread, at a step boundary: adapters read for waiting images go on the
-        device (Engine.install_adapters; engines without adapters have nothing to do)."""
-        if adapter_manager(self.engine) is not None:
-            self.engine.install_adapters(wait)  # type: ignore[attr-defined]
+    def _start_reads(self, names: list[str]) -> None:
+        """On the event loop: the plan's adapter files start reading in the background; each one
+        read is a command back to the scheduler (and a wake-up)."""
+        manager = adapter_manager(self.engine)
+        if not names or manager is None or self._loop is None:
+            return
+        loop = self._loop
+        for name in names:
+            future = manager.start_read(name)
+
+            def done(_: object, name: str = name) -> None:
+                loop.call_soon_threadsafe(self._read_done, name)
+
+            future.add_done_callback(done)
+
+    def _read_done(self, name: str) -> None:
+        self._scheduler.adapter_read(self.index, name)
+        self._wake()
 
     def _took(self, images: list[Image]) -> None:
         self._metrics.running_images.set(self._slot.held)
@@ -172,19 +172,23 @@ class Lane:
         engine, output = self.engine, Output()
         for handle in plan.leave:
             engine.cancel(handle)
+        if plan.adapters.evict or plan.adapters.install:  # at this step boundary, before admission
+            output.adapter_failures = engine.place_adapters(  # type: ignore[attr-defined]
+                plan.adapters.evict, plan.adapters.install
+            )
         for image in plan.admit:
             try:
                 output.admitted.append((image, engine.admit(image.item)))
             except Exception as error:  # this item only: the engine cannot take it
                 output.refused.append((image, error))
                 continue
-            if image.job is not None:  # now, not after the iteration: the engine may step on long
-                image.job.admitted.add(image.index)
-        held = [*plan.running, *output.admitted]
-        ending = self._ending(held)
-        if ending:  # interrupted: they end with the latents they have, before any other step
-            output.results = self._retire(ending)
+        if plan.finish and self._followable:  # interrupted: they end with what they have, first
+            for handle in plan.finish:
+                engine.finish(handle)  # type: ignore[attr-defined]
+            output.results = self._retire(plan.finish)
             return output
+        held = [*plan.running, *output.admitted]
+        self._preview(plan, held, [], 0, output)
         only = None
         if plan.step is not None:  # the others pause this iteration (fairness.select)
             chosen = {id(image) for image in plan.step}
@@ -198,8 +202,9 @@ class Lane:
                 output.step_error = error
                 break
             output.steps.append((len(held), time.perf_counter() - started))
-            self._install_adapters(0.0)
-            self._follow(held, finished)
+            if self._loop is not None:  # progress as it happens, not at the end of the iteration
+                self._loop.call_soon_threadsafe(self._scheduler.stepped, [image for image, _ in held])
+            self._preview(plan, held, finished, len(output.steps), output)
             if output.first_step_done is None:
                 output.first_step_done = time.monotonic()
             if finished:
@@ -213,42 +218,31 @@ class Lane:
         """In the engine thread, between steps: whether the event loop has something to do. A
         future is done as soon as its request gives up, before the scheduler hears of it (its
         callback waits for the event loop, which may not run while steps are this fast)."""
-        if self.attention.is_set():
-            return True
-        return any(
-            image.future.done() or (image.job is not None and image.job.finish_now) for image, _ in held
-        )
+        return self.attention.is_set() or any(image.future.done() for image, _ in held)
 
-    def _ending(self, held: list[tuple[Image, int]]) -> list[int]:
-        """In the engine thread: the handles whose jobs were interrupted, finished as they are."""
-        if not self._followable:
-            return []
-        ending = []
+    def _preview(
+        self, plan: Plan, held: list[tuple[Image, int]], finished: list[int], stepped: int, output: Output
+    ) -> None:
+        """In the engine thread, after the iteration's ``stepped``-th step (0: before the first):
+        the previews the plan asked for now, handed to the event loop, their time in the output
+        (the caller's share pays for it); a failed preview costs the image nothing."""
+        if not self._followable or not plan.preview or self._loop is None:
+            return
         for image, handle in held:
-            if image.job is not None and image.index in image.job.finish_now:
-                image.job.finish_now.discard(image.index)
-                self.engine.finish(handle)  # type: ignore[attr-defined]
-                ending.append(handle)
-        return ending
-
-    def _follow(self, held: list[tuple[Image, int]], finished: list[int]) -> None:
-        """In the engine thread, after a step: the followed images' steps, and the previews asked
-        for (handed to the event loop; a failed preview costs the image nothing)."""
-        for image, handle in held:
+            order = plan.preview.get(image)
             job = image.job
-            if job is None:
+            if order is None or job is None or handle in finished:
                 continue
-            job.steps[image.index] += 1
-            if not self._followable or handle in finished or not job.wants_preview(image.index):
+            if not order.due(stepped, image.item.num_inference_steps):
                 continue
-            job.want_preview = False  # one preview per request for it (the engine may step on at once)
+            started = time.perf_counter()
             try:
                 pixels = self.engine.preview(handle)  # type: ignore[attr-defined]
             except Exception:
                 log.warning("engine %d: a preview failed; the image goes on", self.index, exc_info=True)
                 continue
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(job.preview, image.index, job.steps[image.index], pixels)
+            output.previews.append((image, time.perf_counter() - started))
+            self._loop.call_soon_threadsafe(job.preview, image.index, order.steps + stepped, pixels)
 
     def _retire(self, handles: list[int]) -> list[tuple[int, GenerationResult | Exception]]:
         """Decode the finished images together; on failure one by one, so each gets its own outcome
@@ -299,10 +293,6 @@ class Lane:
             )  # fmt: skip
         if update.taken_out:
             self._report_taken_out(output.step_error)
-        for image in update.requeued:
-            if image.job is not None:
-                image.job.steps[image.index] = 0  # it restarts from step 0
-                image.job.admitted.discard(image.index)
         if update.requeued:
             self._wake()
         # 3. Futures.

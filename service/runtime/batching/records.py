@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.cost import StepCost
+from service.runtime.batching.residency import Changes, Placement
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,6 +46,15 @@ class Image:
     handle: int | None = None  # its handle in that engine
     suspect_on: int | None = None  # a failed step on this engine made it suspect: it runs alone
     first_step: bool = True  # no step of it has ended since it was (re)admitted
+    steps: int = 0  # steps done since it was (re)admitted (its job's progress is a view of this)
+    ending: bool = False  # interrupted: it ends at its next plan with the latents it has
+    preview_asked: bool = False  # someone polls its progress: one preview after its next step
+    previewed_at: int = -(10**9)  # its step at its last preview asked by a poll (the rate bound)
+    preview_every: int = 0  # a preview every k steps (a stream's partial images; 0: none)
+
+    @property
+    def on_engine(self) -> bool:
+        return self.state in (State.ADMITTING, State.RUNNING)
 
 
 @dataclass
@@ -59,8 +69,10 @@ class EngineSlot:
     running: dict[int, Image] = field(default_factory=dict)  # handle -> image, in admission order
     admitting: list[Image] = field(default_factory=list)  # planned, in its engine's admit now
     leaving: list[int] = field(default_factory=list)  # handles its engine drops at the next plan
+    ending: list[int] = field(default_factory=list)  # handles its engine ends now (interrupted)
     stepping: list[Image] = field(default_factory=list)  # the images the current iteration steps
     cost: StepCost = field(default_factory=StepCost)  # its steps' prices, fitted to their times
+    placement: Placement = field(default_factory=lambda: Placement(None))  # what is on its device
 
     @property
     def held(self) -> int:
@@ -70,12 +82,39 @@ class EngineSlot:
 @dataclass
 class Plan:
     """One iteration of one engine: drop ``leave`` (handles), then admit ``admit`` in order, then
-    step ``step`` (None: every image it holds; else these, the others paused)."""
+    step ``step`` (None: every image it holds; else these, the others paused). ``finish``: handles
+    to end now with the latents they have (an interrupt), retired before any step. ``preview``:
+    the images to preview, each with when (``Preview``)."""
 
     leave: list[int]
     admit: list[Image]
     step: list[Image] | None = None
     running: list[tuple[Image, int]] = field(default_factory=list)  # what it holds already, by handle
+    finish: list[int] = field(default_factory=list)
+    preview: dict[Image, Preview] = field(default_factory=dict)
+    adapters: Changes = field(default_factory=Changes)  # reads to start; out and in, first thing
+
+
+@dataclass(frozen=True)
+class Preview:
+    """When an image of a plan is previewed: ``once`` (a poll asked) at once, or after the first
+    step of an image that has none yet; and at every step that is a multiple of ``every`` before its
+    last (a stream's partial images)."""
+
+    steps: int  # its steps done when the plan was made
+    every: int = 0
+    once: bool = False
+
+    def due(self, stepped: int, total: int) -> bool:
+        """Whether to preview after the iteration's ``stepped``-th step (0: before the first) of an
+        image of ``total`` steps."""
+        done = self.steps + stepped
+        if done >= total:
+            return False
+        once_at = 1 if self.steps == 0 else 0  # an image not yet stepped has nothing to show
+        if self.once and stepped == once_at:
+            return True
+        return stepped > 0 and self.every > 0 and done % self.every == 0
 
 
 @dataclass
@@ -87,6 +126,8 @@ class Output:
     results: list[tuple[int, GenerationResult | Exception]] = field(default_factory=list)  # retired
     step_error: Exception | None = None  # the step that failed (nothing advanced in it)
     steps: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per step done
+    previews: list[tuple[Image, float]] = field(default_factory=list)  # (image, seconds) per preview
+    adapter_failures: dict[str, str] = field(default_factory=dict)  # adapters that failed to install
     first_step_done: float | None = None  # monotonic time at the end of its first step
 
 

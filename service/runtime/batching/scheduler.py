@@ -33,26 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from model.errors import EngineOutOfMemoryError
+from model.errors import EngineOutOfMemoryError, InvalidRequestError
 from model.types import GenerationItem
-from service.runtime.batching.cost import group_of, rows_of
-from service.runtime.batching.fairness import FairQueue, candidates, select
+from service.runtime.batching.fairness import FairQueue
 from service.runtime.batching.oom import after_failure
-from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, State, Update
+from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, Preview, State, Update
+from service.runtime.batching.residency import Placement
 from service.runtime.errors import NotReadyError
 
-__all__ = [
-    "DONE",
-    "NO_ENGINE_LEFT",
-    "EngineSlot",
-    "Image",
-    "Output",
-    "Plan",
-    "Ready",
-    "Scheduler",
-    "State",
-    "Update",
-]
+__all__ = ["DONE", "NO_ENGINE_LEFT", "EngineSlot", "Image", "Output", "Plan", "Ready", "Scheduler", "State"]
+__all__ += ["Update"]
 
 NO_ENGINE_LEFT = "every engine of this server failed and was taken out of rotation; restart the server"
 
@@ -75,10 +65,16 @@ class Scheduler:
         ready: Ready = always_ready,
         weights: Mapping[str, float] | None = None,
         max_groups: int = 4,
+        adapter_caps: Sequence[int | None] = (),
     ) -> None:
         """``weights``: callers' shares (1 for any not named); ``max_groups``: UNet calls per step
-        (distinct sizes and adapter sets) at most, beyond the first image's."""
-        self.engines = [EngineSlot(index, max_batch_size, max_batch_size) for index in range(engines)]
+        (distinct sizes and adapter sets) at most, beyond the first image's; ``adapter_caps``: the
+        LoRA adapters each engine's device holds at once (None: it places none)."""
+        caps = [*adapter_caps, *[None] * (engines - len(adapter_caps))]
+        self.engines = [
+            EngineSlot(index, max_batch_size, max_batch_size, placement=Placement(caps[index]))
+            for index in range(engines)
+        ]
         self._max_batch_size = max_batch_size
         self._max_failures = max_failures
         self._max_groups = max_groups
@@ -102,17 +98,29 @@ class Scheduler:
 
     def held_by(self, caller: str) -> int:
         """``caller``'s images waiting or on an engine (its share of the queue's room)."""
-        held = sum(
-            1
-            for slot in self.engines
-            for image in [*slot.running.values(), *slot.admitting]
-            if image.caller == caller
-        )
-        return held + self._queue.waiting_of(caller)
+        held = [image for slot in self.engines for image in [*slot.running.values(), *slot.admitting]]
+        return sum(image.caller == caller for image in held) + self._queue.waiting_of(caller)
 
     def has_work(self, engine: int) -> bool:
-        """Whether a waiting image is ready for ``engine`` (safe to call from its thread)."""
-        return any(self._ready(engine, image.item) for image in self._waiting())
+        """Whether ``engine`` has something to do: a waiting image ready for it, or adapters to place."""
+        slot = self.engines[engine]
+        waiting = self._waiting()
+        if any(self._fits(slot, image) for image in waiting):
+            return True
+        return slot.placement.work([image.item for image in waiting], self._elsewhere(slot))
+
+    def _fits(self, slot: EngineSlot, image: Image) -> bool:
+        """Whether ``image`` may be admitted on ``slot`` now: ready, its adapters on the device."""
+        return self._ready(slot.index, image.item) and slot.placement.ready(image.item)
+
+    def _elsewhere(self, slot: EngineSlot) -> Callable[[tuple[str, ...]], bool]:
+        """Adapter affinity: another serving engine with room holds or reads these adapters."""
+        others = [o for o in self.engines if o is not slot and o.serving and o.held < o.room]
+        return lambda names: any(other.placement.holds(names) for other in others)
+
+    def adapter_read(self, engine: int, name: str) -> None:
+        """An adapter's file was read for ``engine`` (the lane's reader reports it)."""
+        self.engines[engine].placement.read_done(name)
 
     def _waiting(self) -> list[Image]:
         return list(self._queue)  # type: ignore[arg-type]
@@ -149,30 +157,59 @@ class Scheduler:
         """What ``engine`` does at its step boundary: the handles to drop, the images to admit."""
         slot = self.engines[engine]
         leave, slot.leaving = slot.leaving, []
+        pinned = {name for image in slot.running.values() for name, _ in image.item.adapters}
+        waiting = [image.item for image in self._queue.fair_order(slot.cost)]  # type: ignore[attr-defined]
+        changes = slot.placement.plan(waiting, pinned, self._elsewhere(slot))
         admit = self._take(slot)
         for image in admit:
             image.state, image.engine = State.ADMITTING, engine
         slot.admitting = admit
-        held = [*slot.running.values(), *admit]
+        finish, slot.ending = slot.ending, []
+        ended = {slot.running[handle] for handle in finish if handle in slot.running}
+        held = [image for image in [*slot.running.values(), *admit] if image not in ended]
         step = self._select(slot, held)
         slot.stepping = held if step is None else step
-        return Plan(leave, admit, step, [(image, handle) for handle, image in slot.running.items()])
+        running = [(image, handle) for handle, image in slot.running.items() if image not in ended]
+        return Plan(leave, admit, step, running, finish, self._previews(slot.stepping), changes)
+
+    # ----------------------------------------------------------------- commands on running images
+    def finish(self, images: Sequence[Image]) -> None:
+        """Interrupt (A1111's interrupt and skip): ``images`` on an engine end at its next plan
+        with the latents they have; waiting ones are the caller's to cancel or leave."""
+        for image in images:
+            if image.state is State.RUNNING and image.engine is not None and image.handle is not None:
+                slot = self.engines[image.engine]
+                if image.handle not in slot.ending:
+                    slot.ending.append(image.handle)
+            elif image.state is State.ADMITTING:
+                image.ending = True  # its handle joins ``ending`` once it is known
+
+    def ask_preview(self, images: Sequence[Image]) -> None:
+        """Someone polls: each image on an engine is previewed after its next step, at most once
+        per tenth of its steps (so polling faster costs the engine nothing more)."""
+        for image in images:
+            gap = max(1, image.item.num_inference_steps // 10)
+            if image.on_engine and image.steps - image.previewed_at >= gap:
+                image.preview_asked = True
+
+    def stepped(self, images: Sequence[Image]) -> None:
+        """An engine reports a step of ``images`` (as it happens: progress is visible mid-iteration)."""
+        for image in images:
+            if image.on_engine:
+                image.steps += 1
+
+    def _previews(self, stepping: list[Image]) -> dict[Image, Preview]:
+        orders = {}
+        for image in stepping:
+            if image.preview_asked or image.preview_every:
+                orders[image] = Preview(image.steps, image.preview_every, image.preview_asked)
+                if image.preview_asked:
+                    image.preview_asked, image.previewed_at = False, image.steps
+        return orders
 
     def _select(self, slot: EngineSlot, held: list[Image]) -> list[Image] | None:
-        """Who steps in ``slot``'s iteration: None (everyone) unless several callers share it or
-        the images open more groups than a step may (fairness.select)."""
-        groups = {group_of(image.item) for image in held}
-        callers = {image.caller for image in held}
-        if len(callers) <= 1 and len(groups) <= self._max_groups and len(held) <= slot.room:
-            return None
-        chosen = select(
-            candidates(held, lambda image: image.caller, lambda image: image.item),  # type: ignore[attr-defined]
-            passes=self._queue.passes(),
-            weights=lambda name: self._queue.caller(name).weight,
-            cost=slot.cost,
-            max_images=slot.room,
-            max_groups=self._max_groups,
-        )
+        """Who steps in ``slot``'s iteration (fairness.select; None: everyone)."""
+        chosen = self._queue.step_set(held, slot.cost, max_images=slot.room, max_groups=self._max_groups)
         return chosen  # type: ignore[return-value]
 
     def _take(self, slot: EngineSlot) -> list[Image]:
@@ -180,16 +217,18 @@ class Scheduler:
         suspect runs alone."""
         if not slot.serving or any(image.suspect_on is not None for image in slot.running.values()):
             return []
-        empty = sum(1 for other in self.engines if other is not slot and other.serving and not other.held)
-        if empty and slot.running:
-            return []  # the empty engines take new images
         # Fair order; one that is not ready stays first in line for when it is, and holds nobody up.
         order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
-        ready = [image for image in order if self._ready(slot.index, image.item)]
+        ready = [image for image in order if self._fits(slot, image)]
+        # The empty engines that could run them take new images (not those lacking their adapters).
+        idle = [o for o in self.engines if o is not slot and o.serving and not o.held]
+        empty = sum(1 for other in idle if any(self._fits(other, image) for image in ready))
+        if empty and slot.running:
+            return []
         share = math.ceil(len(ready) / (empty + 1))
         admit: list[Image] = []
         present = {image.caller for image in slot.running.values()}
-        owed = self._owed(present)
+        owed = self._queue.owed(present)
         for image in ready:
             held = len(slot.running) + len(admit)
             if len(admit) >= share:
@@ -213,7 +252,9 @@ class Scheduler:
         (one within its room, or a caller's first beyond it). Asked on the event loop after each
         command; the lane passes the answer to its engine thread."""
         slot = self.engines[engine]
-        if slot.leaving or not slot.serving:
+        if slot.leaving or slot.ending or slot.placement.news or not slot.serving:
+            return True
+        if any(image.preview_asked or image.ending for image in [*slot.running.values(), *slot.admitting]):
             return True
         if any(image.state is not State.ADMITTING for image in slot.admitting):
             return True
@@ -222,18 +263,11 @@ class Scheduler:
         if slot.held >= slot.room + self._max_batch_size:
             return False
         present = {image.caller for image in [*slot.running.values(), *slot.admitting]}
-        owed = self._owed(present)
+        owed = self._queue.owed(present)
         return any(
-            owed(image.caller) and image.caller not in present and self._ready(engine, image.item)
+            owed(image.caller) and image.caller not in present and self._fits(slot, image)
             for image in self._waiting()
         )
-
-    def _owed(self, present: set[str]) -> Callable[[str], bool]:
-        """Whether a caller is owed service beside ``present`` ones: its pass is at most theirs (a
-        newcomer, or one behind its weighted share), so it may join a full engine."""
-        passes = self._queue.passes()
-        lowest = min((passes.get(name, 0.0) for name in present), default=float("inf"))
-        return lambda name: self._queue.caller(name).pass_ <= lowest
 
     def update_from_output(self, engine: int, output: Output) -> Update:
         """Apply what ``engine``'s iteration did; say what to resolve."""
@@ -244,6 +278,8 @@ class Scheduler:
             if image.state is State.ADMITTING:
                 image.state = State.RUNNING
                 slot.running[handle] = image
+                if image.ending:
+                    slot.ending.append(handle)
             else:
                 slot.leaving.append(handle)
         for image, error in output.refused:
@@ -254,6 +290,10 @@ class Scheduler:
         if output.steps:
             slot.failures = 0
             self._charge(slot, output.steps)
+        for image, seconds in output.previews:  # a preview is engine time too: its caller's
+            self._queue.charge(image.caller, seconds)
+        if output.adapter_failures:
+            self._adapters_failed(slot, output.adapter_failures, update)
         # 2. A failed step (its images as they were): shrink, isolate or take out.
         if output.step_error is not None:
             self._recover(slot, output.step_error, update)
@@ -281,18 +321,19 @@ class Scheduler:
             for image in slot.stepping
             if image.state in (State.RUNNING, State.FINISHED, State.CANCELLED)
         ]
-        if not stepped:
-            return
-        groups: dict[tuple[int, int, tuple[tuple[str, float], ...]], int] = {}
-        for image in stepped:
-            key = group_of(image.item)
-            groups[key] = groups.get(key, 0) + rows_of(image.item)
-        total_rows = sum(groups.values())
-        for _, seconds in steps:
-            slot.cost.observe(groups, seconds)
-        price = slot.cost.estimate(groups) * len(steps)
-        for image in stepped:
-            self._queue.charge(image.caller, price * rows_of(image.item) / total_rows)
+        self._queue.charge_steps(stepped, slot.cost, [seconds for _, seconds in steps])
+
+    def _adapters_failed(self, slot: EngineSlot, failures: dict[str, str], update: Update) -> None:
+        """Adapters that could not be put on the device: the waiting images that need them fail
+        with why (the engine refuses admitted ones the same way)."""
+        for name, reason in failures.items():
+            slot.placement.failed(name, reason)
+        for image in self._waiting():
+            refusal = slot.placement.refusal(image.item)
+            if refusal is not None:
+                self._queue.remove(image)
+                image.state = State.FAILED
+                update.failed.append((image, InvalidRequestError(refusal)))
 
     def _forget_idle(self) -> None:
         busy = {image.caller for slot in self.engines for image in [*slot.running.values(), *slot.admitting]}
@@ -328,7 +369,7 @@ class Scheduler:
         """Back to the front of the queue, in order; they restart from step 0."""
         for image in images:
             self._leave(slot, image)
-            image.state, image.first_step = State.WAITING, True
+            image.state, image.first_step, image.steps, image.ending = State.WAITING, True, 0, False
         self._queue.add(images, front=True)
         update.requeued += images
 

@@ -40,11 +40,12 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from model.types import GenerationItem, GenerationResult
-from service.runtime.batching.lane import Lane, adapters_ready, fail
+from service.runtime.batching.lane import Lane, adapter_cap, fail
 from service.runtime.batching.room import check_caller_room, check_room
-from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler
+from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler, always_ready
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.jobs import Job
@@ -96,7 +97,8 @@ class StepLoop:
             len(engines),
             max_batch_size=max_batch_size,
             max_failures=max_failures,
-            ready=ready or adapters_ready(engines),
+            ready=ready or always_ready,
+            adapter_caps=[adapter_cap(each) for each in engines],
             weights=weights,
             max_groups=max_groups,
         )
@@ -158,12 +160,27 @@ class StepLoop:
         images = [
             Image(item, loop.create_future(), now, job, index, caller) for index, item in enumerate(items)
         ]
+        if job is not None:
+            job.images, job.core = images, self
+            for image in images:
+                image.preview_every = job.preview_every
         for image in images:
             image.future.add_done_callback(functools.partial(self._done, image))
         self.scheduler.add(images)
         self._metrics.queue_depth.set(self.scheduler.waiting)
         self.poke()
         return [image.future for image in images]
+
+    # ----------------------------------------------------------------- commands of a job (jobs.Core)
+    def finish_now(self, job: Job, images: list[int]) -> None:
+        """End ``job``'s images of these indexes at their next step, with what they have."""
+        self.scheduler.finish([cast(Image, job.images[index]) for index in images])
+        self.poke()
+
+    def ask_preview(self, job: Job) -> None:
+        """A preview of ``job``'s running images at their engines' next step boundary."""
+        self.scheduler.ask_preview([cast(Image, image) for image in job.images])
+        self.poke()
 
     def poke(self) -> None:
         """Images are waiting or became ready: wake the sleeping lanes (they share them out), and

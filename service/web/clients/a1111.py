@@ -235,7 +235,7 @@ def progress(request: Request, skip_current_image: str = "false") -> dict[str, A
     # 2. A preview: the latest one now, and one more at the next step (only while someone looks).
     current = None
     if skip_current_image.lower() not in ("true", "1"):
-        job.want_preview = True
+        job.ask_preview()
         current = encode_png_base64(job.latest) if job.latest is not None else None
     state: dict[str, Any] = {"skipped": False, "interrupted": job.interrupted, "stopping_generation": False}
     state |= {"job": f"request {job.request_id}", "job_count": len(running), "job_timestamp": "0"}

@@ -1,0 +1,133 @@
+"""What is on each engine's device, as scheduler state: LoRA adapters now (models next).
+
+The scheduler (scheduler.py) asks ``Placement.plan`` at every plan what the engine should start
+reading (in the background: tensors from disk), what to evict and what to install at this step
+boundary, and carries the answers in its ``Plan``; the lane starts the reads and the engine thread
+does the installs, and what happened comes back as commands (``read_done``) and outputs
+(``failed``). The least-recently-used policy itself is model/adapters/policy.py's: at most the
+engine's cap at once, never an adapter a held image uses nor one an older waiting image is owed.
+
+No polling and no side-effecting predicates: ``ready`` only reads, and a request lives exactly as
+long as a waiting image asks for it at each plan.
+
+With several engines, an adapter in demand is read where it is already resident or being read
+(affinity: ``elsewhere``); another engine reads it too only while that one is full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from model.adapters.policy import Names, Residency, names_of
+from model.types import GenerationItem
+
+
+def needs(item: GenerationItem) -> Names:
+    return names_of(name for name, _ in item.adapters)
+
+
+@dataclass
+class Changes:
+    """One plan's residency work: reads to start, then (at the step boundary) out, then in."""
+
+    read: list[str] = field(default_factory=list)
+    evict: list[str] = field(default_factory=list)
+    install: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.read or self.evict or self.install)
+
+
+class Placement:
+    """One engine's device: its resident adapters (None: the engine has no adapters to place) and
+    the reads in flight or done."""
+
+    def __init__(self, cap: int | None) -> None:
+        self.residency = Residency(cap) if cap else None
+        self.reading: set[str] = set()  # reads in flight
+        self.read: set[str] = set()  # read, not yet on the device
+        self.news = False  # a read finished since the last plan
+        self.broken: dict[str, str] = {}  # adapters that failed to install, with why
+
+    @property
+    def resident(self) -> frozenset[str]:
+        return frozenset(self.residency.resident) if self.residency is not None else frozenset()
+
+    def holds(self, names: Names) -> bool:
+        """Whether ``names`` are on this device or on their way (being read, or read)."""
+        return all(name in self.resident or name in self.reading or name in self.read for name in names)
+
+    def ready(self, item: GenerationItem) -> bool:
+        """Whether ``item`` may be admitted here now: its adapters are on the device (an engine
+        without adapters, or an unknown name, is the engine's to refuse at admission)."""
+        if self.residency is None or not item.adapters:
+            return True
+        return self.ready_names(needs(item))
+
+    def work(self, waiting: Iterable[GenerationItem], elsewhere: Callable[[Names], bool]) -> bool:
+        """Whether a plan would change something: a read to start, one just done, or one read
+        that a waiting image needs on the device (an idle engine installs it at once)."""
+        if self.residency is None:
+            return False
+        if self.news:
+            return True
+        for names in dict.fromkeys(needs(item) for item in waiting if item.adapters):
+            if any(name in self.broken for name in names):
+                continue
+            arrived = [name in self.read or name in self.resident for name in names]
+            if (all(arrived) and not self.ready_names(names)) or (
+                not self.holds(names) and not elsewhere(names)
+            ):
+                return True
+        return False
+
+    def ready_names(self, names: Names) -> bool:
+        return all(name in self.resident for name in names)
+
+    def plan(
+        self, waiting: Iterable[GenerationItem], pinned: set[str], elsewhere: Callable[[Names], bool]
+    ) -> Changes:
+        """This plan's residency work, for the waiting images in the order they will be admitted
+        (the oldest request is served first) and the adapters of the images the engine holds
+        (``pinned``: never evicted). ``elsewhere(names)``: another engine with room holds or reads
+        them, so this one leaves them be."""
+        changes = Changes()
+        self.news = False
+        if self.residency is None:
+            return changes
+        # 1. Each waiting image's set is a request for this plan; what is missing starts reading.
+        for names in dict.fromkeys(needs(item) for item in waiting if item.adapters):
+            if any(name in self.broken for name in names) or (not self.holds(names) and elsewhere(names)):
+                continue
+            for name in self.residency.want(names):
+                if name not in self.reading and name not in self.read:
+                    self.reading.add(name)
+                    changes.read.append(name)
+        # 2. What is read goes on the device, least recently used adapters out (policy.py).
+        for order in self.residency.plan(self.read, pinned):
+            changes.evict += order.evict
+            changes.install += order.install
+            self.read -= set(order.install)
+        return changes
+
+    # ------------------------------------------------------------------ what happened
+    def read_done(self, name: str) -> None:
+        """A read finished (well or not: the install says which)."""
+        self.reading.discard(name)
+        self.read.add(name)
+        self.news = True
+
+    def failed(self, name: str, reason: str) -> None:
+        """``name`` could not be put on the device: off the residency, its images refused."""
+        if self.residency is not None:
+            self.residency.forget(name)
+        self.read.discard(name)
+        self.broken[name] = reason
+
+    def refusal(self, item: GenerationItem) -> str | None:
+        """Why ``item`` cannot run here (an adapter of it failed to install), or None."""
+        for name in needs(item):
+            if name in self.broken:
+                return f"adapter {name} could not be loaded: {self.broken[name]}"
+        return None
