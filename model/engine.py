@@ -143,10 +143,10 @@ class Engine:
         return self._admit(self._running, items)
 
     def step(self, only: Collection[int] | None = None) -> list[int]:
-        """Advance every running item one denoising step (per size, one UNet call with a timestep
-        per row), or only the handles in ``only`` (the others pause, their latents kept). Returns
-        the handles whose last step is now done; they stay until retired. If it raises, no item
-        has advanced."""
+        """Advance every running item one denoising step (one UNet call per size and adapter set,
+        with a timestep per row), or only the handles in ``only`` (the others pause, their latents
+        kept). Returns the handles whose last step is now done; they stay until retired. If it
+        raises, no item has advanced."""
         return self._step(self._running, only)
 
     def retire(self, handles: Sequence[int]) -> list[GenerationResult]:

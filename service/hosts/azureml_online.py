@@ -2,7 +2,7 @@
 
 Point a deployment's ``code_configuration.scoring_script`` here (or at a one-line file that does
 ``from service.hosts.azureml_online import init, run``). It serves the same contract through the same code as
-``POST /score``: the scorer, the dynamic batcher and the error table. Concurrent ``run`` calls (the
+``POST /score``: the scorer, the step loop and the error table. Concurrent ``run`` calls (the
 inference server's worker threads) are batched together by one event loop in a background thread.
 Errors are answered with their real status when the inference server's AMLResponse is importable,
 else as the error body with status 200 (the only thing a plain return value can carry). Logging is
@@ -26,7 +26,7 @@ _bridge: _Bridge | None = None
 
 
 class _Bridge:
-    """A Lifecycle (model, batcher, scorer) on an event loop that runs in its own thread."""
+    """A Lifecycle (model, step loop, scorer) on an event loop that runs in its own thread."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -6,7 +6,7 @@ and CPUs per replica, replica counts, autoscaling); the server itself is configu
 else, by the SD_* variables (put them in the application's ``runtime_env``), optionally overridden
 by ``args["settings"]``.
 
-Each replica builds its own app with ``create_app``: its own engine, batcher, queue, metrics and
+Each replica builds its own app with ``create_app``: its own engine, step loop, queue, metrics and
 limits, so requests are batched per replica exactly as on a single machine. The app's start-up
 (model load and warm-up) runs inside the replica, and Serve counts a replica as started only
 once it is ready, so the router never sends a request to a replica that would answer 503.

@@ -4,7 +4,7 @@ and ``GET /v1/models/{id}``, so that OpenAI's SDKs and the tools built on them w
 Nothing here generates: a request is parsed with the same rules and limits as ``/score``
 (``parse_body``), turned into engine items in service/runtime/convert.py, and answered through
 ``answer_generation`` and ``Scorer.generate``, the very path of ``/score`` (deadline, disconnects,
-batcher, safety checker, PNG encoding, metrics, request ids, API keys). Errors on /v1/* are rendered
+step loop, safety checker, PNG encoding, metrics, request ids, API keys). Errors on /v1/* are rendered
 in OpenAI's shape by service/web/errors.py, from the same table.
 """
 

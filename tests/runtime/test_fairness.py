@@ -14,7 +14,7 @@ import pytest
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.cost import StepCost, group_of
 from service.runtime.batching.fairness import FairQueue
-from service.runtime.batching.room import check_caller_room
+from service.runtime.batching.room import caller_bound, check_room, queue_bound
 from service.runtime.batching.scheduler import Image, Output, Scheduler, State
 from service.runtime.errors import ContractError, QueueFullError
 from service.runtime.jobs import caller_of, caller_weights, images_per_caller
@@ -215,12 +215,17 @@ def test_step_prices_are_fitted_from_measured_steps() -> None:
 
 def test_a_key_past_its_limit_gets_429_and_a_request_larger_than_the_limit_422() -> None:
     metrics = Metrics()
-    check_caller_room(held=3, incoming=1, max_images=4, metrics=metrics)
+
+    def check(held: int, incoming: int) -> None:
+        bounds = [queue_bound(0, 64), caller_bound(held, 4)]
+        check_room(closed=False, incoming=incoming, bounds=bounds, metrics=metrics)
+
+    check(3, 1)
     with pytest.raises(QueueFullError, match="SD_MAX_IMAGES_PER_KEY") as refused:
-        check_caller_room(held=4, incoming=1, max_images=4, metrics=metrics)
+        check(4, 1)
     assert refused.value.waiting == 4
     with pytest.raises(ContractError, match="at most 4 at once from one API key"):
-        check_caller_room(held=0, incoming=5, max_images=4, metrics=metrics)
+        check(0, 5)
 
 
 def test_a_cancelled_paused_image_leaves_its_engine() -> None:

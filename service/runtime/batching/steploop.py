@@ -1,21 +1,35 @@
-"""Step-level continuous batching: images join and leave the running batch between denoising steps.
+"""The engine core: step-level continuous batching over every engine of the server.
 
-One bounded queue (counted in images) in front of one loop per engine (a lane, lane.py: one per
-device of SD_DEVICES), one future per image. Each iteration of a lane, in its engine's own
-thread: cancel what left (a request that timed out or whose client went away), admit waiting
-images oldest first while the running set has room (``max_batch_size`` images), advance every
-running image one step (one UNet call per image size, whatever each image's steps, scheduler or
-position), and retire the finished ones into a batched decode. An image arriving at an idle
-engine starts at once; nothing waits for company.
+One core for all engines (vLLM's EngineCore, TEI's queue actor): the event loop is its one
+thread, and the scheduler (scheduler.py) the one owner of every image's state and of what is on
+each device. Everything else sends it commands, on the event loop: ``submit`` (add), a future's
+cancellation (cancel), ``finish_now`` (A1111's interrupt and skip), ``ask_preview`` (a progress
+poll), a lane's report of a step or of an adapter file read. One core rather than one per engine
+behind a dispatcher, because placement is a decision over all engines at once: the fair share
+per caller (fairness.py) and adapter affinity (residency.py) need the whole queue and every
+device's residency, and a second-level dispatcher would have to mirror both.
 
-With several engines, sleeping lanes are woken first when images arrive and share them out (so
-the least loaded engines take new work); a busy lane takes images at its next step boundary only
-while no engine is empty. An image stays on the engine that admitted it until it is done (or put
-back).
+Each engine has a lane (lane.py): at each step boundary it asks the scheduler for a plan (what to
+drop, end, read, evict, install, admit, which images step and which preview), carries it out in
+the engine's own thread, and hands the output back (steps and their times, previews, finished
+images, failures); the scheduler's update says which futures to resolve. The engine thread reads
+nothing of the scheduler's: it steps on without a round trip for as long as its plan holds, and
+between steps looks at one flag (``Lane.attention``), which the core sets when a command concerns
+that engine (an image could join, one left, an interrupt, a preview, an adapter read).
 
-Admission is FIFO by image: a request's images are queued together and admitted one by one, in
-order, as room frees, so a 4-image request is never overtaken by later single images (they queue
-behind its last image) and, when the set is nearly full, its first images already start.
+As a user sees it:
+- an image arriving at an idle engine starts at once; nothing waits for company. Every running
+  image advances one step per iteration (one UNet call per image size and adapter set, whatever
+  each image's steps, scheduler or position), and finished ones leave into a batched decode;
+- admission is fair between callers (API keys) and FIFO within one: a request's images are
+  queued together and admitted one by one as room frees (``max_batch_size`` images per engine),
+  so a caller's 4-image request is never overtaken by its own later single images, and another
+  caller's single image is not stuck behind a flood (it joins a full engine, and the step's cost
+  is capped so it runs near its speed alone while the flood's other images pause);
+- with several engines, sleeping lanes are woken first when images arrive and share them out; a
+  busy lane takes images at its next step boundary only while no engine that could run them is
+  empty; an image stays on the engine that admitted it until it is done (or put back);
+- one bounded queue (counted in images), and per caller a bound on images waiting or running.
 
 Failures stay with their image:
 - a failed ``admit`` (the engine refuses the item) fails that image only;
@@ -27,9 +41,6 @@ Failures stay with their image:
   alone, so only the image that fails alone fails (500);
 - steps of one engine that keep failing (SD_ENGINE_MAX_FAILURES in a row, not out of memory) take
   that engine out of rotation; when none is left, waiting images fail with 503.
-
-Who runs when is decided by the scheduler (scheduler.py), which holds each image's state; this
-module wires it to asyncio: futures, cancellation, waking the lanes, the queue's room.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from typing import cast
 
 from model.types import GenerationItem, GenerationResult
 from service.runtime.batching.lane import Lane, adapter_cap, fail
-from service.runtime.batching.room import check_caller_room, check_room
+from service.runtime.batching.room import caller_bound, check_room, queue_bound
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler, always_ready
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import NotReadyError, ShuttingDownError
@@ -145,16 +156,11 @@ class StepLoop:
         # 1. Refuse whole requests, never part of one.
         if not self._closed and not self.serving:
             raise NotReadyError(NO_ENGINE_LEFT)
-        check_room(
-            closed=self._closed, waiting=self.scheduler.waiting, incoming=len(items),
-            max_queue_items=self._max_queue_items, metrics=self._metrics,
-        )  # fmt: skip
         caller = job.owner if job is not None else ""
+        bounds = [queue_bound(self.scheduler.waiting, self._max_queue_items)]
         if self._max_per_caller is not None:
-            check_caller_room(
-                held=self.scheduler.held_by(caller), incoming=len(items),
-                max_images=self._max_per_caller, metrics=self._metrics,
-            )  # fmt: skip
+            bounds.append(caller_bound(self.scheduler.held_by(caller), self._max_per_caller))
+        check_room(closed=self._closed, incoming=len(items), bounds=bounds, metrics=self._metrics)
         # 2. Register each future before the image becomes visible to the lanes.
         loop, now = asyncio.get_running_loop(), time.monotonic()
         images = [
