@@ -6,7 +6,8 @@ this server's address by its DNS) from using the server through its visitor's br
   service/web/docs.py), ``Content-Security-Policy: default-src 'none'; frame-ancestors 'none'``.
 - The Host header must name a host of SD_ALLOWED_HOSTS (default: the loopback names when the server
   listens on loopback). A DNS-rebinding page reaches 127.0.0.1 under its own name, and says so in
-  Host; the health probes are exempt (orchestrators probe by address).
+  Host; the health probes' GET and HEAD are exempt (orchestrators probe by address), never a POST to
+  the same path (``POST /`` generates).
 - JSON routes take only ``application/json`` bodies (415): a page may post a ``text/plain`` form or
   a typeless body to any site without asking the browser first; ``application/json`` needs the
   CORS preflight, which this server never grants.
@@ -22,6 +23,7 @@ from service.web.errors import HostNotAllowedError, UnsupportedMediaTypeError, e
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 _SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
 JSON_MEDIA_TYPE = "application/json"
+PROBE_METHODS = frozenset({"GET", "HEAD"})
 
 
 class SecurityHeadersMiddleware:
@@ -66,7 +68,8 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 class HostCheckMiddleware:
-    """400 ``host_not_allowed`` for a Host header outside the allowed names (probes exempt)."""
+    """400 ``host_not_allowed`` for a Host header outside the allowed names (the probes' GET and HEAD
+    exempt: the exemption is for orchestrators, and ``POST /`` on a probe's path generates)."""
 
     def __init__(self, app: ASGIApp, allowed: tuple[str, ...], exempt_paths: frozenset[str]) -> None:
         self.app = app
@@ -74,7 +77,8 @@ class HostCheckMiddleware:
         self.exempt_paths = exempt_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "*" in self.allowed or scope["path"] in self.exempt_paths:
+        probe = scope.get("method") in PROBE_METHODS and scope.get("path") in self.exempt_paths
+        if scope["type"] != "http" or "*" in self.allowed or probe:
             await self.app(scope, receive, send)
             return
         if host_allowed(host_of(Headers(scope=scope).get("host", "")), self.allowed):
