@@ -27,7 +27,12 @@ from service.settings import Settings
 from service.web import docs, openai, routes, ui
 from service.web.clients import a1111, control, huggingface
 from service.web.errors import error_response
-from service.web.guards import HostCheckMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware
+from service.web.guards import (
+    CrossOriginMiddleware,
+    HostCheckMiddleware,
+    JsonOnlyMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.web.middleware import (
     PROBE_PATHS,
     ApiKeyMiddleware,
@@ -51,7 +56,8 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 
 
 CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
-# POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check.
+# POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check (the
+# cross-origin rule of service/web/guards.py keeps other sites' pages from sending them).
 BODYLESS_POSTS = frozenset({"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel"})
 
 
@@ -87,8 +93,8 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)
 
-    # Middleware: the last added runs first. Ids and metrics, security headers, Host, HEAD, slashes,
-    # then keys, then the media type and the body.
+    # Middleware: the last added runs first. Ids and metrics, security headers, Host, the origin of a
+    # state-changing request, HEAD, slashes, then keys, then the media type and the body.
     routers = (routes.router, ui.router, openai.router, docs.router, *CLIENT_ROUTERS)
     api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     app.add_middleware(
@@ -104,6 +110,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.router.redirect_slashes = False
     app.add_middleware(SlashRedirectMiddleware, route_paths=route_paths)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(CrossOriginMiddleware)
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_host_list, exempt_paths=PROBE_PATHS)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)

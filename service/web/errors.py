@@ -44,6 +44,7 @@ RETRY_AFTER_OVERLOADED_S = 5
 # the queue, readiness, the deadline), described once for every route's OpenAPI entry.
 SHARED_ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing or unknown API key (when SD_API_KEYS is set).",
+    403: "A browser sent it from a page of another origin (Sec-Fetch-Site or Origin say so).",
     408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
     413: "The body is larger than SD_MAX_BODY_BYTES.",
     415: "The body is not application/json, or has a Content-Encoding (gzip, ...); send plain JSON.",
@@ -81,6 +82,10 @@ class HostNotAllowedError(ServiceError):
     """The Host header names a host outside SD_ALLOWED_HOSTS (DNS rebinding)."""
 
 
+class CrossOriginError(ServiceError):
+    """A browser sent a state-changing request from a page of another origin (Sec-Fetch-Site, Origin)."""
+
+
 class TooManyConnectionsError(ServiceError):
     """SD_MAX_CONNECTIONS connections (or requests) are open already."""
 
@@ -115,6 +120,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
     HostNotAllowedError: ErrorKind(400, "host_not_allowed"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
+    CrossOriginError: ErrorKind(403, "cross_origin_request"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),

@@ -8,6 +8,11 @@ this server's address by its DNS) from using the server through its visitor's br
   listens on loopback). A DNS-rebinding page reaches 127.0.0.1 under its own name, and says so in
   Host; the health probes' GET and HEAD are exempt (orchestrators probe by address), never a POST to
   the same path (``POST /`` generates).
+- A state-changing request (any method but GET, HEAD, OPTIONS) that a browser sent from another
+  origin is refused (403): the browser says so in ``Sec-Fetch-Site`` (or, before 2023, in ``Origin``).
+  A page may send a ``text/plain`` or body-less POST anywhere without a preflight, and a loopback
+  server sees its visitor's own Host; clients that are not browsers (A1111's, OpenAI's SDKs, curl)
+  send neither header and are served.
 - JSON routes take only ``application/json`` bodies (415): a page may post a ``text/plain`` form or
   a typeless body to any site without asking the browser first; ``application/json`` needs the
   CORS preflight, which this server never grants.
@@ -15,15 +20,25 @@ this server's address by its DNS) from using the server through its visitor's br
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.web.errors import HostNotAllowedError, UnsupportedMediaTypeError, error_response
+from service.web.errors import (
+    CrossOriginError,
+    HostNotAllowedError,
+    UnsupportedMediaTypeError,
+    error_response,
+)
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 _SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
 JSON_MEDIA_TYPE = "application/json"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROBE_METHODS = frozenset({"GET", "HEAD"})
+# Sec-Fetch-Site values of a request the user made on this origin, or typed in (curl sends none).
+_SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
 
 
 class SecurityHeadersMiddleware:
@@ -89,6 +104,40 @@ class HostCheckMiddleware:
             "this one to SD_ALLOWED_HOSTS"
         )
         await error_response(error, path=scope["path"])(scope, receive, send)
+
+
+class CrossOriginMiddleware:
+    """403 ``cross_origin_request`` for a state-changing request a browser sent from another origin,
+    on every route, the body-less ones (interrupt, skip, cancel) included. The check of Go's
+    ``net/http.CrossOriginProtection``: ``Sec-Fetch-Site`` when the browser sends it, else an
+    ``Origin`` that must name the request's own Host; a request with neither is not a browser's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or _same_origin(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        error = CrossOriginError(
+            "a web page of another origin cannot send this request through its visitor's browser; "
+            "call the API from a program, or from a page this server serves"
+        )
+        await error_response(error, path=scope["path"])(scope, receive, send)
+
+
+def _same_origin(headers: Headers) -> bool:
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site.strip().lower() in _SAME_ORIGIN_SITES
+    origin = headers.get("origin")
+    if origin is None:
+        return True  # neither header: not a browser (every browser since 2020 sends Origin on a POST)
+    try:
+        netloc = urlsplit(origin.strip()).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc.lower() == headers.get("host", "").strip().lower()  # "null" has none
 
 
 class JsonOnlyMiddleware:
