@@ -24,7 +24,7 @@ from service.runtime.convert import FieldError, a1111_to_items
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
-from service.runtime.scoring import parse_body_off_loop, parse_json
+from service.runtime.scoring import parse_body_off_loop, parse_document_off_loop
 from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
 from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
@@ -147,7 +147,8 @@ def get_options(request: Request) -> dict[str, Any]:
 )
 async def set_options(request: Request) -> None:
     names = _names(request)
-    document = parse_json(await request.body(), "an options object")
+    limits = lifecycle_of(request).require_ready().scorer.limits
+    document = await parse_document_off_loop(await request.body(), limits, "an options object")
     if not isinstance(document, dict):
         raise FieldError("the body must be an object of options (GET /sdapi/v1/options)", param=None)
     current = _options(names)
