@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,3 +54,29 @@ def test_bodies_of_millions_of_values_never_hold_the_event_loop(server: Server, 
             time.sleep(0.005)
     assert {future.result() for future in floods} <= {400, 422}  # refused by the budget, per route's shape
     assert slowest < LIVE_WITHIN_S, f"/health/live took {slowest:.3f} s while {path} read large bodies"
+
+
+def test_a_client_that_leaves_a_stream_leaves_no_task_pending(server: Server) -> None:
+    body = {
+        "prompt": "leave",
+        "stream": True,
+        "partial_images": 3,
+        "num_inference_steps": 40,
+        "size": "128x128",
+    }
+    for _ in range(12):
+        with httpx.stream("POST", f"{server.url}/v1/images/generations", json=body, timeout=60) as answer:
+            assert answer.status_code == 200
+            for line in answer.iter_lines():
+                if line.startswith("event: image_generation.partial_image"):
+                    break  # and leave
+    # Enough other requests for the collector to run (a left task is found with its cycle).
+    for _ in range(2):
+        assert httpx.post(
+            f"{server.url}/v1/images/generations", json={"prompt": "after"}, timeout=60
+        ).is_success
+    with httpx.Client() as client:
+        for _ in range(300):
+            client.get(f"{server.url}/metrics")
+    log = Path(server.log_path).read_text()
+    assert "Task was destroyed but it is pending" not in log, log[-3000:]

@@ -127,10 +127,14 @@ async def _events(
         while not generation.done():
             arrival: asyncio.Future[Any] = asyncio.ensure_future(job.events.get())
             waiting: list[asyncio.Future[Any]] = [generation, arrival]
-            await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0),
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-            if not arrival.done():
-                arrival.cancel()
+            try:
+                await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0),
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                arrived = arrival.done()
+                if not arrived:  # time ran out, or the client left (cancelled here): nothing left pending
+                    arrival.cancel()
+            if not arrived:
                 if not generation.done():
                     lifecycle.metrics.timeouts.inc()
                     raise RequestTimeoutError.after(lifecycle.settings.request_timeout_s)
