@@ -17,7 +17,6 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from model.errors import EngineError
-from schemas.score import ScoreRequest
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ServiceError
 from service.runtime.jobs import Jobs
@@ -26,7 +25,7 @@ from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import docs, openai, routes, ui
 from service.web.clients import a1111, control, huggingface
-from service.web.errors import error_response
+from service.web.errors import error_response, request_components
 from service.web.guards import (
     CrossOriginMiddleware,
     HostCheckMiddleware,
@@ -122,14 +121,12 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the request model, which /score reads itself (to answer 400 vs 422)."""
+    """FastAPI's schema plus the request models of the routes that read their bodies themselves (to
+    parse them off the loop, and answer 400 vs 422): every reference in it resolves."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        request_schema = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(request_schema.pop("$defs", {}))
-        components["ScoreRequest"] = request_schema
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
         app.openapi_schema = schema
     return app.openapi_schema

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -162,11 +163,29 @@ def error_responses(
     }
 
 
-def json_body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
+# The request models of the routes that read their body themselves: their schemas (and the models
+# they nest) go into the OpenAPI document's components, where json_body's references point.
+REQUEST_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def json_body(model: type[BaseModel], example: Any) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (parsed off the event loop),
-    so that /docs still shows the body's schema and an example."""
+    so that /docs still shows the body's schema and an example. The schema is a reference to the
+    components (see ``request_components``): pydantic's own ``#/$defs/...`` would dangle there."""
+    REQUEST_MODELS[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
     content = {"application/json": {"schema": schema, "example": example}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def request_components() -> dict[str, Any]:
+    """The schemas of every model json_body named, and of the models they nest, by name."""
+    components: dict[str, Any] = {}
+    for name, model in REQUEST_MODELS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[name] = schema
+    return components
 
 
 def classify(error: BaseException) -> tuple[ErrorKind, str]:

@@ -45,7 +45,6 @@ _ERRORS = error_responses(
     },
     OpenAIErrorResponse,
 )
-_REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
 
 
 def _served(name: str, owner: str = OWNER) -> OpenAIModel:
@@ -85,7 +84,7 @@ async def _generate(runtime: Runtime, request: ImageGenerationRequest, job: Job)
         },
         **_ERRORS,
     },
-    openapi_extra=json_body(_REQUEST_SCHEMA, SAMPLE_IMAGES_REQUEST),
+    openapi_extra=json_body(ImageGenerationRequest, SAMPLE_IMAGES_REQUEST),
 )
 async def create_images(request: Request) -> Any:
     lifecycle = lifecycle_of(request)

@@ -37,7 +37,6 @@ _ERRORS = error_responses(
         422: "A field this server cannot honour at its value (the detail names it), or off the contract.",
     }
 )
-_TXT2IMG_SCHEMA = Txt2ImgRequest.model_json_schema()
 
 
 def _names(request: Request) -> tuple[str, ...]:
@@ -117,7 +116,7 @@ async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ..
     "/txt2img",
     summary="Generate images (AUTOMATIC1111's txt2img)",
     responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
-    openapi_extra=json_body(_TXT2IMG_SCHEMA, SAMPLE_TXT2IMG),
+    openapi_extra=json_body(Txt2ImgRequest, SAMPLE_TXT2IMG),
 )
 async def txt2img(request: Request) -> Response:
     names = _names(request)

@@ -24,7 +24,6 @@ from service.web.errors import classify, error_responses, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
-_SCHEMA = TextToImageRequest.model_json_schema()
 
 
 def huggingface_error(error: BaseException) -> JSONResponse:
@@ -47,7 +46,7 @@ def _png(image_base64: str) -> Response:
             {400: "The body is not JSON.", 422: "Off the contract (the error says where and why)."}
         ),
     },
-    openapi_extra=json_body(_SCHEMA, SAMPLE_TEXT_TO_IMAGE),
+    openapi_extra=json_body(TextToImageRequest, SAMPLE_TEXT_TO_IMAGE),
 )
 async def text_to_image(request: Request) -> Response:
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:
