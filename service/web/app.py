@@ -25,7 +25,7 @@ from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import docs, openai, routes, ui
 from service.web.clients import a1111, control, huggingface
-from service.web.errors import error_response, request_components
+from service.web.errors import request_components, scope_error_response
 from service.web.guards import (
     CrossOriginMiddleware,
     HostCheckMiddleware,
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.
     async def handle(request: Request, error: Exception) -> Response:
-        return error_response(error, path=request.scope["path"])  # OpenAI's shape on /v1/*
+        return scope_error_response(error, request.scope)  # in the shape of the route's client
 
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)

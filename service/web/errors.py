@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http
 import logging
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,9 +215,11 @@ def _classify(error: BaseException) -> tuple[ErrorKind, str]:
     return kind, str(error) or kind.code.replace("_", " ")
 
 
-def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
-    """The JSON answer for ``error`` (in OpenAI's shape when ``path`` is under /v1/); logs the
-    traceback of anything unexpected."""
+def error_response(error: BaseException, *, path: str = "", method: str = "GET") -> JSONResponse:
+    """The JSON answer for ``error`` in the shape of the client whose route ``method`` and ``path``
+    name (OpenAI's under /v1/, A1111's under /sdapi/, Hugging Face's on POST /), whichever layer
+    refuses it (keys, body size, media type: the middleware's answers too); logs the traceback of
+    anything unexpected."""
     kind, message = classify(error)
     if kind is _INTERNAL:
         log.error("unexpected error", exc_info=error)
@@ -227,11 +230,18 @@ def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
         response = openai_error_json(kind, message, param if isinstance(param, str) else None)
     elif path.startswith(A1111_PREFIX):
         response = a1111_error_json(kind, message)
+    elif path == HUGGING_FACE_PATH and method == "POST":
+        response = huggingface_error_json(kind, message)
     else:
         response = error_json(kind.status, kind.code, message, kind.retry_after_s)
     if isinstance(error, HTTPException) and error.headers:
         response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
     return response
+
+
+def scope_error_response(error: BaseException, scope: MutableMapping[str, Any]) -> JSONResponse:
+    """``error_response`` for the request of an ASGI ``scope`` (the middleware's refusals)."""
+    return error_response(error, path=scope["path"], method=scope["method"])
 
 
 def error_json(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
@@ -269,6 +279,15 @@ def openai_error_json(kind: ErrorKind, message: str, param: str | None = None) -
 # AUTOMATIC1111's shape on /sdapi/*: its clients show ``detail`` (FastAPI's field); the table's code
 # is ``error``, with the table's status and Retry-After.
 A1111_PREFIX = "/sdapi/"
+
+
+# Hugging Face's shape on POST / (its clients show ``error``); GET / is the readiness probe, in ours.
+HUGGING_FACE_PATH = "/"
+
+
+def huggingface_error_json(kind: ErrorKind, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
+    return JSONResponse({"error": message, "error_type": kind.code}, status_code=kind.status, headers=headers)
 
 
 def a1111_error_json(kind: ErrorKind, message: str) -> JSONResponse:

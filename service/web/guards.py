@@ -29,7 +29,7 @@ from service.web.errors import (
     CrossOriginError,
     HostNotAllowedError,
     UnsupportedMediaTypeError,
-    error_response,
+    scope_error_response,
 )
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -103,7 +103,7 @@ class HostCheckMiddleware:
             "the Host header names a host this server does not answer to; use one of its names, or add "
             "this one to SD_ALLOWED_HOSTS"
         )
-        await error_response(error, path=scope["path"])(scope, receive, send)
+        await scope_error_response(error, scope)(scope, receive, send)
 
 
 class CrossOriginMiddleware:
@@ -123,7 +123,7 @@ class CrossOriginMiddleware:
             "a web page of another origin cannot send this request through its visitor's browser; "
             "call the API from a program, or from a page this server serves"
         )
-        await error_response(error, path=scope["path"])(scope, receive, send)
+        await scope_error_response(error, scope)(scope, receive, send)
 
 
 def _same_origin(headers: Headers) -> bool:
@@ -160,4 +160,4 @@ class JsonOnlyMiddleware:
         error = UnsupportedMediaTypeError(
             f"this route takes a JSON body, and the request has {shown}; send Content-Type: {JSON_MEDIA_TYPE}"
         )
-        await error_response(error, path=scope["path"])(scope, receive, send)
+        await scope_error_response(error, scope)(scope, receive, send)

@@ -20,16 +20,14 @@ from service.runtime.errors import ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop
-from service.web.errors import classify, error_responses, json_body
+from service.web.errors import classify, error_responses, huggingface_error_json, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
 
 
 def huggingface_error(error: BaseException) -> JSONResponse:
-    kind, message = classify(error)
-    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
-    return JSONResponse({"error": message, "error_type": kind.code}, status_code=kind.status, headers=headers)
+    return huggingface_error_json(*classify(error))
 
 
 def _png(image_base64: str) -> Response:
