@@ -173,6 +173,9 @@ def test_sillytaverns_body_equals_score_and_its_auth_is_never_echoed(server: Ser
         ({"subseed_strength": 0.5}, "subseed_strength"),
         ({"clip_skip": 2}, "clip_skip"),
         ({"s_noise": 0.5}, "s_noise"),
+        ({"s_noise": "x", "sampler_name": "Euler"}, "s_noise"),  # used by no sampler here, yet a number
+        ({"s_noise": True, "sampler_name": "Euler"}, "s_noise"),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "sd_model_checkpoint"),
         ({"send_images": False}, "send_images"),
         ({"mystery_field": 1}, "mystery_field"),
         ({"seed": -2}, "seed"),
