@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+# At most one preview a second for a request's progress polls, however often it polls (A1111's own
+# live_preview_refresh_period): each is a decode in the engine thread, which every caller's images
+# share, so a client polling in a tight loop must not buy a decode at every step.
+POLLED_PREVIEW_INTERVAL_S = 1.0
+
 
 @dataclass(eq=False)
 class Job:
@@ -36,6 +41,7 @@ class Job:
     interrupted: bool = False  # interrupt: the request answers with the images it has
     finish_now: set[int] = field(default_factory=set)  # images to end at the next step, as they are
     want_preview: bool = False  # one preview at the next step (someone polls the progress)
+    polled_preview_at: float = -POLLED_PREVIEW_INTERVAL_S  # when the last polled preview was made
     latest: np.ndarray | None = None  # the latest preview of any of its images
     events: asyncio.Queue[tuple[int, int, np.ndarray]] = field(default_factory=asyncio.Queue)
 
@@ -54,9 +60,12 @@ class Job:
         return min(self.steps[image], self.totals[image]), self.totals[image]
 
     def wants_preview(self, image: int) -> bool:
-        """Read from the engine thread after each step of ``image``."""
+        """Read from the engine thread after each step of ``image``: a polled preview at most every
+        POLLED_PREVIEW_INTERVAL_S (the poll waits for the next one), a streamed one at its steps."""
         done = self.steps[image]
-        if self.want_preview:
+        now = time.monotonic()
+        if self.want_preview and now - self.polled_preview_at >= POLLED_PREVIEW_INTERVAL_S:
+            self.polled_preview_at = now
             return True
         return bool(self.preview_every) and done % self.preview_every == 0 and done < self.totals[image]
 
