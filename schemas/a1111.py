@@ -185,6 +185,9 @@ class Txt2ImgRequest(StepsWithinLimit):
                 raise _error(f"{_shown(name)} is not an option this server can apply; leave it out")
             if allowed and not _is(setting, allowed):
                 raise _error(f"{_shown(name)} must be left at {allowed[0]!r} on this server")
+            if name == "sd_model_checkpoint" and not isinstance(setting, str | None):
+                # Checked against the served titles by the route, which reads strings only.
+                raise _error("sd_model_checkpoint must be a checkpoint's title (GET /sdapi/v1/sd-models)")
         return value
 
     @model_validator(mode="after")
@@ -194,6 +197,8 @@ class Txt2ImgRequest(StepsWithinLimit):
             if name in IGNORED:
                 continue
             if name == "s_noise":
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise _error("s_noise must be a number (1: the noise unscaled)")
                 if value != 1 and self.scheduler_name == "euler_ancestral":
                     raise _error("s_noise must be 1 with Euler a: its noise is not scaled here")
                 continue

@@ -39,6 +39,16 @@ def find_adapters(directory: Path) -> dict[str, Path]:
     return found
 
 
+# A path's folders, as OS and library errors quote them ("/srv/adapters/x.safetensors", "C:\\a\\x").
+_FOLDERS = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/]+[\\/])+")
+
+
+def without_folders(text: str) -> str:
+    """``text`` with each quoted path cut to its last part: what a client may read of why an adapter
+    is left out (the log keeps the whole path, for the operator)."""
+    return _FOLDERS.sub("", text)
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -26,7 +26,14 @@ from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import Any
 
-from model.adapters.files import AdapterFile, find_adapters, first_line, fit_problem, read_adapter
+from model.adapters.files import (
+    AdapterFile,
+    find_adapters,
+    first_line,
+    fit_problem,
+    read_adapter,
+    without_folders,
+)
 from model.adapters.policy import Names, Residency, names_of
 from model.errors import InvalidRequestError
 from model.types import MAX_ADAPTER_SCALE, MAX_ADAPTERS_PER_ITEM, AdapterSet
@@ -83,7 +90,7 @@ class Adapters:
             if reason is None:
                 self.served[name] = path
             else:
-                self.broken[name] = reason
+                self.broken[name] = without_folders(reason)  # what clients read: no server paths
                 log.error("adapter %s left out: %s", name, reason)
         if self.served:
             log.info(
@@ -246,7 +253,8 @@ class Adapters:
         self._delete(name)
         with self._lock:
             self._residency.forget(name)
-        self.broken[name] = reason  # ``served`` is read from other threads: it never changes after start-up
+        # ``served`` is read from other threads: it never changes after start-up. Clients read no path.
+        self.broken[name] = without_folders(reason)
         log.error("adapter %s left out: %s", name, reason)
 
     def _inject(self, name: str, file: AdapterFile) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model.errors import ModelLoadError
+from model.loading.tokenizer import clip_tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt")
 # The original (LDM) layout's cross-attention key projection of the first attention block: its
@@ -24,11 +25,13 @@ SUFFIXES = (".safetensors", ".ckpt")
 _CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _SD1_TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."
-# Where a recognised architecture's tokenizer lives in a Hugging Face cache (a checkpoint has none).
+# Where a recognised architecture's tokenizer lives in a Hugging Face cache (a checkpoint has none),
+# and the padding token it has, for the one built offline when the cache lacks it (tokenizer.py).
 TOKENIZERS = {
     "sd-v1-4": ("openai/clip-vit-large-patch14", ""),
     "sd-2-base": ("stabilityai/stable-diffusion-2-base", "tokenizer"),
 }
+PAD_TOKENS = {"sd-v1-4": "<|endoftext|>", "sd-2-base": "!"}
 _AGAIN = "copy or download it again"
 _CONVERT = "convert it to .safetensors (load it where you trust it, save it with safetensors) and give that"
 
@@ -131,7 +134,8 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> tupl
 
 def write_configs(architecture: str, out: Path) -> Path:
     """A diffusers folder of configs (no weights) for a published architecture, plus its tokenizer
-    from the Hugging Face cache: what ``from_single_file`` needs to convert the file offline."""
+    (from the Hugging Face cache, else built from CLIP's merges): what ``from_single_file`` needs to
+    convert the file offline."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -143,13 +147,10 @@ def write_configs(architecture: str, out: Path) -> Path:
         tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True)
     except Exception:  # not cached: every hub error here means that
         tokenizer = None
-    # transformers builds an empty tokenizer, without an error, when the files are missing
+    # transformers builds an empty tokenizer, without an error, when the files are missing; then the
+    # same tokenizer is built from CLIP's merges, which a dependency ships (no network, ever)
     if tokenizer is None or len(tokenizer) != arch.text_encoder["vocab_size"]:
-        raise ModelLoadError(
-            f"a {architecture} checkpoint needs the CLIP tokenizer of {repo}, which is not in the local "
-            f"Hugging Face cache (a checkpoint holds none); set SD_MODEL_CONFIG to a diffusers folder of "
-            f"the same model, or load {repo} once with a network"
-        )
+        tokenizer = clip_tokenizer(PAD_TOKENS[architecture])
     with torch.device("meta"):
         UNet2DConditionModel(**arch.unet).save_config(out / "unet")
         AutoencoderKL(**arch.vae).save_config(out / "vae")

@@ -12,6 +12,7 @@ loads (the socket is bound before the model's libraries are imported).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import socket
 import sys
@@ -91,13 +92,33 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def exposure_warnings(settings: Settings) -> list[str]:
-    """A loud line when anyone who can reach the address may use the server."""
-    if settings.api_key_list or settings.listens_on_loopback:
-        return []
-    return [
-        f"NO API KEYS: listening on {settings.host} (beyond this machine) and SD_API_KEYS is unset, so "
-        "anyone who can reach this address can generate images; set SD_API_KEYS, or SD_HOST=127.0.0.1"
+    """A loud line when anyone who can reach the address may use the server, and one for each
+    SD_ALLOWED_HOSTS entry that can never match."""
+    warnings = [
+        f"SD_ALLOWED_HOSTS: {entry[:60]!r} has a port and never matches (the Host check compares the "
+        f"host name without its port); list {entry.rpartition(':')[0][:60]!r} instead"
+        for entry in (settings.allowed_hosts or "").split(",")
+        if _has_port(entry.strip())
     ]
+    if not settings.api_key_list and not settings.listens_on_loopback:
+        warnings.append(
+            f"NO API KEYS: listening on {settings.host} (beyond this machine) and SD_API_KEYS is unset, so "
+            "anyone who can reach this address can generate images; set SD_API_KEYS, or SD_HOST=127.0.0.1"
+        )
+    return warnings
+
+
+def _has_port(entry: str) -> bool:
+    """``10.0.0.1:8080``, which the settings' name check lets through (a colon may be IPv6's) but no
+    Host header's name ever equals; ``::1`` and ``[::1]`` are addresses."""
+    bare = entry.strip("[]")
+    if ":" not in bare:
+        return False
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        return True
+    return False
 
 
 def serve(app: FastAPI, settings: Settings, listener: socket.socket | None = None) -> int:

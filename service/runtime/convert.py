@@ -10,7 +10,7 @@ from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from schemas.a1111 import Txt2ImgRequest
-from schemas.fields import DEFAULT_GUIDANCE
+from schemas.fields import DEFAULT_GUIDANCE, MAX_ADAPTERS
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import InputData
@@ -63,8 +63,16 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
     _check_scheduler(request.scheduler, info, "scheduler")
     base_seed = request.seed if request.seed is not None else random_seed()
     adapters = request.adapters
-    if adapters is None and request.model in info.adapters:  # an adapter's id: the model with it, scale 1
-        adapters = {request.model: 1.0}
+    if request.model in info.adapters and request.model not in (adapters or {}):
+        # An adapter's id: the model with it at scale 1, beside any the request lists (an empty
+        # "adapters" too: it would otherwise silently drop the adapter the model names).
+        adapters = {request.model: 1.0, **(adapters or {})}
+        if len(adapters) > MAX_ADAPTERS:
+            raise FieldError(
+                f"model names the adapter {request.model!r} and adapters lists {MAX_ADAPTERS} others; "
+                f"give at most {MAX_ADAPTERS} in all",
+                param="adapters",
+            )
     return [
         make_item(
             info,

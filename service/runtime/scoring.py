@@ -60,11 +60,8 @@ def parse_json(body: bytes, expected: str = "the input_data object") -> Any:
         raise MalformedJsonError(f"the body holds a value the parser cannot take ({error})") from None
 
 
-def parse_body(
-    body: bytes, model: type[M], limits: ScoreLimits, *, expected: str = "the input_data object"
-) -> M:
-    """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
-    messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
+def parse_document(body: bytes, limits: ScoreLimits, expected: str = "the input_data object") -> Any:
+    """Bytes -> a JSON document no larger than any valid request: what every route reads first."""
     # 1. A size no valid request reaches, told from the bytes before the parser runs: json.loads
     #    holds the interpreter for the whole body (a megabyte of tiny values: tens of milliseconds
     #    in which no other request, health checks included, is answered); the scan stops early.
@@ -79,6 +76,22 @@ def parse_body(
     document = parse_json(body, expected)
     if _holds_more_values(document, budget):  # what the scan counts, on what the parser read
         raise too_many
+    return document
+
+
+async def parse_document_off_loop(body: bytes, limits: ScoreLimits, expected: str) -> Any:
+    """``parse_document``, in a worker thread for a large body (as ``parse_body_off_loop``)."""
+    if len(body) < OFF_LOOP_BYTES:
+        return parse_document(body, limits, expected)
+    return await asyncio.to_thread(parse_document, body, limits, expected)
+
+
+def parse_body(
+    body: bytes, model: type[M], limits: ScoreLimits, *, expected: str = "the input_data object"
+) -> M:
+    """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
+    messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
+    document = parse_document(body, limits, expected)
     # 3. The contract, with the operator's limits.
     try:
         return model.model_validate(document, context={"limits": limits})

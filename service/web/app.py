@@ -17,7 +17,6 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from model.errors import EngineError
-from schemas.score import ScoreRequest
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ServiceError
 from service.runtime.jobs import Jobs
@@ -26,8 +25,13 @@ from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import docs, openai, routes, ui
 from service.web.clients import a1111, control, huggingface
-from service.web.errors import error_response
-from service.web.guards import HostCheckMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware
+from service.web.errors import request_components, scope_error_response
+from service.web.guards import (
+    CrossOriginMiddleware,
+    HostCheckMiddleware,
+    JsonOnlyMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.web.middleware import (
     PROBE_PATHS,
     ApiKeyMiddleware,
@@ -51,7 +55,8 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 
 
 CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
-# POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check.
+# POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check (the
+# cross-origin rule of service/web/guards.py keeps other sites' pages from sending them).
 BODYLESS_POSTS = frozenset({"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel"})
 
 
@@ -82,13 +87,13 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.
     async def handle(request: Request, error: Exception) -> Response:
-        return error_response(error, path=request.scope["path"])  # OpenAI's shape on /v1/*
+        return scope_error_response(error, request.scope)  # in the shape of the route's client
 
     for error_type in (ServiceError, EngineError, HTTPException):
         app.add_exception_handler(error_type, handle)
 
-    # Middleware: the last added runs first. Ids and metrics, security headers, Host, HEAD, slashes,
-    # then keys, then the media type and the body.
+    # Middleware: the last added runs first. Ids and metrics, security headers, Host, the origin of a
+    # state-changing request, HEAD, slashes, then keys, then the media type and the body.
     routers = (routes.router, ui.router, openai.router, docs.router, *CLIENT_ROUTERS)
     api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     app.add_middleware(
@@ -104,6 +109,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.router.redirect_slashes = False
     app.add_middleware(SlashRedirectMiddleware, route_paths=route_paths)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(CrossOriginMiddleware)
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_host_list, exempt_paths=PROBE_PATHS)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
@@ -115,14 +121,12 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the request model, which /score reads itself (to answer 400 vs 422)."""
+    """FastAPI's schema plus the request models of the routes that read their bodies themselves (to
+    parse them off the loop, and answer 400 vs 422): every reference in it resolves."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        request_schema = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(request_schema.pop("$defs", {}))
-        components["ScoreRequest"] = request_schema
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
         app.openapi_schema = schema
     return app.openapi_schema

@@ -15,9 +15,9 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 OPENAPI_URL = "/swagger.json"
 TITLE = "Stable Diffusion endpoint"
@@ -90,3 +90,10 @@ def asset(name: str) -> FileResponse:
     if media_type is None:  # only the listed files: never a path the client composes
         raise HTTPException(404, f"no documentation asset {name[:60]!r}")
     return FileResponse(assets_dir() / name, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+
+@router.get("/openapi.json")
+def openapi_document(request: Request) -> JSONResponse:
+    """The document of /swagger.json under FastAPI's default name too, where client generators and
+    fuzzers look first."""
+    return JSONResponse(request.app.openapi())

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import http
 import logging
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -44,6 +46,7 @@ RETRY_AFTER_OVERLOADED_S = 5
 # the queue, readiness, the deadline), described once for every route's OpenAPI entry.
 SHARED_ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing or unknown API key (when SD_API_KEYS is set).",
+    403: "A browser sent it from a page of another origin (Sec-Fetch-Site or Origin say so).",
     408: "The body did not arrive within SD_BODY_TIMEOUT_S.",
     413: "The body is larger than SD_MAX_BODY_BYTES.",
     415: "The body is not application/json, or has a Content-Encoding (gzip, ...); send plain JSON.",
@@ -81,6 +84,10 @@ class HostNotAllowedError(ServiceError):
     """The Host header names a host outside SD_ALLOWED_HOSTS (DNS rebinding)."""
 
 
+class CrossOriginError(ServiceError):
+    """A browser sent a state-changing request from a page of another origin (Sec-Fetch-Site, Origin)."""
+
+
 class TooManyConnectionsError(ServiceError):
     """SD_MAX_CONNECTIONS connections (or requests) are open already."""
 
@@ -115,6 +122,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MalformedJsonError: ErrorKind(400, "malformed_json"),
     HostNotAllowedError: ErrorKind(400, "host_not_allowed"),
     UnauthorizedError: ErrorKind(401, "unauthorized"),
+    CrossOriginError: ErrorKind(403, "cross_origin_request"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
@@ -156,11 +164,29 @@ def error_responses(
     }
 
 
-def json_body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
+# The request models of the routes that read their body themselves: their schemas (and the models
+# they nest) go into the OpenAPI document's components, where json_body's references point.
+REQUEST_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def json_body(model: type[BaseModel], example: Any) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (parsed off the event loop),
-    so that /docs still shows the body's schema and an example."""
+    so that /docs still shows the body's schema and an example. The schema is a reference to the
+    components (see ``request_components``): pydantic's own ``#/$defs/...`` would dangle there."""
+    REQUEST_MODELS[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
     content = {"application/json": {"schema": schema, "example": example}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def request_components() -> dict[str, Any]:
+    """The schemas of every model json_body named, and of the models they nest, by name."""
+    components: dict[str, Any] = {}
+    for name, model in REQUEST_MODELS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[name] = schema
+    return components
 
 
 def classify(error: BaseException) -> tuple[ErrorKind, str]:
@@ -189,9 +215,11 @@ def _classify(error: BaseException) -> tuple[ErrorKind, str]:
     return kind, str(error) or kind.code.replace("_", " ")
 
 
-def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
-    """The JSON answer for ``error`` (in OpenAI's shape when ``path`` is under /v1/); logs the
-    traceback of anything unexpected."""
+def error_response(error: BaseException, *, path: str = "", method: str = "GET") -> JSONResponse:
+    """The JSON answer for ``error`` in the shape of the client whose route ``method`` and ``path``
+    name (OpenAI's under /v1/, A1111's under /sdapi/, Hugging Face's on POST /), whichever layer
+    refuses it (keys, body size, media type: the middleware's answers too); logs the traceback of
+    anything unexpected."""
     kind, message = classify(error)
     if kind is _INTERNAL:
         log.error("unexpected error", exc_info=error)
@@ -202,11 +230,18 @@ def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
         response = openai_error_json(kind, message, param if isinstance(param, str) else None)
     elif path.startswith(A1111_PREFIX):
         response = a1111_error_json(kind, message)
+    elif path == HUGGING_FACE_PATH and method == "POST":
+        response = huggingface_error_json(kind, message)
     else:
         response = error_json(kind.status, kind.code, message, kind.retry_after_s)
     if isinstance(error, HTTPException) and error.headers:
         response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
     return response
+
+
+def scope_error_response(error: BaseException, scope: MutableMapping[str, Any]) -> JSONResponse:
+    """``error_response`` for the request of an ASGI ``scope`` (the middleware's refusals)."""
+    return error_response(error, path=scope["path"], method=scope["method"])
 
 
 def error_json(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
@@ -244,6 +279,15 @@ def openai_error_json(kind: ErrorKind, message: str, param: str | None = None) -
 # AUTOMATIC1111's shape on /sdapi/*: its clients show ``detail`` (FastAPI's field); the table's code
 # is ``error``, with the table's status and Retry-After.
 A1111_PREFIX = "/sdapi/"
+
+
+# Hugging Face's shape on POST / (its clients show ``error``); GET / is the readiness probe, in ours.
+HUGGING_FACE_PATH = "/"
+
+
+def huggingface_error_json(kind: ErrorKind, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
+    return JSONResponse({"error": message, "error_type": kind.code}, status_code=kind.status, headers=headers)
 
 
 def a1111_error_json(kind: ErrorKind, message: str) -> JSONResponse:

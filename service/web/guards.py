@@ -6,7 +6,13 @@ this server's address by its DNS) from using the server through its visitor's br
   service/web/docs.py), ``Content-Security-Policy: default-src 'none'; frame-ancestors 'none'``.
 - The Host header must name a host of SD_ALLOWED_HOSTS (default: the loopback names when the server
   listens on loopback). A DNS-rebinding page reaches 127.0.0.1 under its own name, and says so in
-  Host; the health probes are exempt (orchestrators probe by address).
+  Host; the health probes' GET and HEAD are exempt (orchestrators probe by address), never a POST to
+  the same path (``POST /`` generates).
+- A state-changing request (any method but GET, HEAD, OPTIONS) that a browser sent from another
+  origin is refused (403): the browser says so in ``Sec-Fetch-Site`` (or, before 2023, in ``Origin``).
+  A page may send a ``text/plain`` or body-less POST anywhere without a preflight, and a loopback
+  server sees its visitor's own Host; clients that are not browsers (A1111's, OpenAI's SDKs, curl)
+  send neither header and are served.
 - JSON routes take only ``application/json`` bodies (415): a page may post a ``text/plain`` form or
   a typeless body to any site without asking the browser first; ``application/json`` needs the
   CORS preflight, which this server never grants.
@@ -14,14 +20,25 @@ this server's address by its DNS) from using the server through its visitor's br
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.web.errors import HostNotAllowedError, UnsupportedMediaTypeError, error_response
+from service.web.errors import (
+    CrossOriginError,
+    HostNotAllowedError,
+    UnsupportedMediaTypeError,
+    scope_error_response,
+)
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 _SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
 JSON_MEDIA_TYPE = "application/json"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PROBE_METHODS = frozenset({"GET", "HEAD"})
+# Sec-Fetch-Site values of a request the user made on this origin, or typed in (curl sends none).
+_SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
 
 
 class SecurityHeadersMiddleware:
@@ -66,7 +83,8 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 class HostCheckMiddleware:
-    """400 ``host_not_allowed`` for a Host header outside the allowed names (probes exempt)."""
+    """400 ``host_not_allowed`` for a Host header outside the allowed names (the probes' GET and HEAD
+    exempt: the exemption is for orchestrators, and ``POST /`` on a probe's path generates)."""
 
     def __init__(self, app: ASGIApp, allowed: tuple[str, ...], exempt_paths: frozenset[str]) -> None:
         self.app = app
@@ -74,7 +92,8 @@ class HostCheckMiddleware:
         self.exempt_paths = exempt_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "*" in self.allowed or scope["path"] in self.exempt_paths:
+        probe = scope.get("method") in PROBE_METHODS and scope.get("path") in self.exempt_paths
+        if scope["type"] != "http" or "*" in self.allowed or probe:
             await self.app(scope, receive, send)
             return
         if host_allowed(host_of(Headers(scope=scope).get("host", "")), self.allowed):
@@ -84,7 +103,41 @@ class HostCheckMiddleware:
             "the Host header names a host this server does not answer to; use one of its names, or add "
             "this one to SD_ALLOWED_HOSTS"
         )
-        await error_response(error, path=scope["path"])(scope, receive, send)
+        await scope_error_response(error, scope)(scope, receive, send)
+
+
+class CrossOriginMiddleware:
+    """403 ``cross_origin_request`` for a state-changing request a browser sent from another origin,
+    on every route, the body-less ones (interrupt, skip, cancel) included. The check of Go's
+    ``net/http.CrossOriginProtection``: ``Sec-Fetch-Site`` when the browser sends it, else an
+    ``Origin`` that must name the request's own Host; a request with neither is not a browser's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or _same_origin(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        error = CrossOriginError(
+            "a web page of another origin cannot send this request through its visitor's browser; "
+            "call the API from a program, or from a page this server serves"
+        )
+        await scope_error_response(error, scope)(scope, receive, send)
+
+
+def _same_origin(headers: Headers) -> bool:
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site.strip().lower() in _SAME_ORIGIN_SITES
+    origin = headers.get("origin")
+    if origin is None:
+        return True  # neither header: not a browser (every browser since 2020 sends Origin on a POST)
+    try:
+        netloc = urlsplit(origin.strip()).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc.lower() == headers.get("host", "").strip().lower()  # "null" has none
 
 
 class JsonOnlyMiddleware:
@@ -107,4 +160,4 @@ class JsonOnlyMiddleware:
         error = UnsupportedMediaTypeError(
             f"this route takes a JSON body, and the request has {shown}; send Content-Type: {JSON_MEDIA_TYPE}"
         )
-        await error_response(error, path=scope["path"])(scope, receive, send)
+        await scope_error_response(error, scope)(scope, receive, send)

@@ -31,7 +31,7 @@ from service.web.errors import (
     TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedEncodingError,
-    error_response,
+    scope_error_response,
 )
 
 log = logging.getLogger("service.access")
@@ -95,7 +95,7 @@ class RequestContextMiddleware:
         try:
             refusal = self._refusal(scope, too_long)
             if refusal is not None:
-                response = error_response(refusal, path=scope["path"])
+                response = scope_error_response(refusal, scope)
                 if isinstance(refusal, TooManyConnectionsError):
                     response.headers["connection"] = "close"  # its slot is what the others wait for
                 await response(scope, receive, send_with_ids)
@@ -108,7 +108,7 @@ class RequestContextMiddleware:
             if status:
                 log.exception("failed after the answer had started")
             else:
-                await error_response(error, path=scope["path"])(scope, receive, send_with_ids)
+                await scope_error_response(error, scope)(scope, receive, send_with_ids)
         finally:
             # 3. Metrics by route template (unknown paths share one label) and the access line.
             seconds = time.perf_counter() - started
@@ -210,12 +210,12 @@ class ApiKeyMiddleware:
         if any(matches):
             await self.app(scope, receive, send)
             return
-        response = error_response(
+        response = scope_error_response(
             UnauthorizedError(
                 "a valid API key is required; send the header Authorization: Bearer <key> "
                 "(or HTTP Basic with the key as the password)"
             ),
-            path=scope["path"],
+            scope,
         )
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -253,7 +253,7 @@ class BodyLimitMiddleware:
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await error_response(self._too_large(), path=scope["path"])(scope, receive, send)
+            await scope_error_response(self._too_large(), scope)(scope, receive, send)
             return
         listed = ",".join(headers.getlist("content-encoding")).split(",")
         encodings = {part.strip().lower() for part in listed} - {"", "identity"}
@@ -263,7 +263,7 @@ class BodyLimitMiddleware:
             error = UnsupportedEncodingError(
                 f"the body's Content-Encoding ({shown}) is not supported; send it uncompressed"
             )
-            await error_response(error, path=scope["path"])(scope, receive, send)
+            await scope_error_response(error, scope)(scope, receive, send)
             return
         received = 0
         complete = False

@@ -29,7 +29,7 @@ from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.common import lifecycle_of, served_names
-from service.web.clients.streaming import stream_images, wants_stream
+from service.web.clients.streaming import stream_images
 from service.web.errors import ModelNotFoundError, error_responses, json_body
 from service.web.routes import answer_generation
 
@@ -45,7 +45,6 @@ _ERRORS = error_responses(
     },
     OpenAIErrorResponse,
 )
-_REQUEST_SCHEMA = ImageGenerationRequest.model_json_schema()
 
 
 def _served(name: str, owner: str = OWNER) -> OpenAIModel:
@@ -65,15 +64,9 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
         )
 
 
-async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: Job) -> dict[str, Any]:
-    """Bytes -> OpenAI's images answer, through /score's parsing rules and generation path."""
-    # 1. Parse with /score's rules and limits; check the model, then build the items.
-    request = await parse_body_off_loop(
-        body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
-    )
-    _require_served(request.model, names)
+async def _generate(runtime: Runtime, request: ImageGenerationRequest, job: Job) -> dict[str, Any]:
+    """A parsed images request -> OpenAI's images answer, through /score's generation path."""
     items = openai_to_items(request, runtime.engine.info)
-    # 2. The shared path: validate, queue, await, encode.
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)
     return {"created": int(time.time()), "data": to_image_data(results, images)}
 
@@ -91,19 +84,24 @@ async def _generate(runtime: Runtime, body: bytes, names: tuple[str, ...], job: 
         },
         **_ERRORS,
     },
-    openapi_extra=json_body(_REQUEST_SCHEMA, SAMPLE_IMAGES_REQUEST),
+    openapi_extra=json_body(ImageGenerationRequest, SAMPLE_IMAGES_REQUEST),
 )
 async def create_images(request: Request) -> Any:
     lifecycle = lifecycle_of(request)
     body = await request.body()
-    if wants_stream(body):  # Server-Sent Events (service/web/clients/streaming.py)
-        names = _model_ids(lifecycle, lifecycle.require_ready().engine.info)
-        return await stream_images(request, body, lambda model: _require_served(model, names))
-
-    async def generate(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-        return await _generate(runtime, body, _model_ids(lifecycle, runtime.engine.info), job)
-
-    return await answer_generation(request, generate, client="openai")
+    runtime = lifecycle.require_ready()
+    # The budget scan, then the parse, with /score's rules and limits (in a worker thread for a large
+    # body), before anything reads the body: whether it streams is a field of the parsed request, so
+    # that no body is ever parsed whole on the event loop.
+    parsed = await parse_body_off_loop(
+        body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
+    )
+    _require_served(parsed.model, _model_ids(lifecycle, runtime.engine.info))
+    if parsed.stream:  # Server-Sent Events (service/web/clients/streaming.py)
+        return await stream_images(request, parsed)
+    return await answer_generation(
+        request, lambda runtime, _, job: _generate(runtime, parsed, job), client="openai"
+    )
 
 
 @router.get(

@@ -21,6 +21,7 @@ from schemas.score import (
     ErrorResponse,
     ImageRecord,
     InfoResponse,
+    ScoreRequest,
 )
 from service.runtime.errors import RequestTimeoutError
 from service.runtime.jobs import Job
@@ -86,7 +87,7 @@ async def _race(request: Request, work: Awaitable[T], timeout_s: float) -> T | N
         },
         **_ERRORS,
     },
-    openapi_extra=json_body({"$ref": "#/components/schemas/ScoreRequest"}, SAMPLE_REQUEST),
+    openapi_extra=json_body(ScoreRequest, SAMPLE_REQUEST),
 )
 async def score(request: Request) -> Response:
     return await answer_generation(request, lambda runtime, body, job: runtime.scorer.score(body, job=job))

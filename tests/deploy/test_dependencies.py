@@ -29,9 +29,12 @@ def project() -> dict[str, object]:
 
 
 def imported_names() -> set[str]:
-    """Top-level names the package's code imports (or reads package data of, as files("x") does)."""
+    """Top-level names the package's code imports (or reads package data of, as files("x") does, or
+    finds without importing it, as find_spec("x") does)."""
     found: set[str] = set()
-    pattern = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)|files\(\"([A-Za-z_]\w*)\"\)", re.MULTILINE)
+    pattern = re.compile(
+        r"^\s*(?:from|import)\s+([A-Za-z_]\w*)|(?:files|find_spec)\(\"([A-Za-z_]\w*)\"\)", re.MULTILINE
+    )
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             for match in pattern.finditer(path.read_text(encoding="utf-8")):

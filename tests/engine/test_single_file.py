@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 import model
 from model.architectures import CONFIGS
@@ -115,17 +116,66 @@ def test_an_unrecognised_file_without_sd_model_config_says_to_set_it(folder: Pat
     assert str(single) in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_recognised_architecture_without_its_tokenizer_cached_says_what_to_do(tmp_path: Path) -> None:
+# What the hub's CLIP tokenizer gives for diffusers' own example prompt (openai/clip-vit-large-patch14).
+HUB_IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]
+
+
+@pytest.mark.parametrize(("arch", "pad"), [("sd-v1-4", "<|endoftext|>"), ("sd-2-base", "!")])
+def test_a_recognised_architecture_without_its_tokenizer_cached_builds_it_offline(
+    tmp_path: Path, arch: str, pad: str
+) -> None:
+    # An air-gapped machine with an empty Hugging Face cache: the tokenizer comes from CLIP's merges.
     code = (
-        "import pathlib, model\nfrom model.loading.single_file import write_configs\n"
-        f"try:\n    write_configs('sd-v1-4', pathlib.Path({str(tmp_path / 'c')!r}))\n"
-        "except model.ModelLoadError as e:\n    print(e)"
+        "import pathlib\nfrom model.loading.single_file import write_configs\n"
+        f"write_configs({arch!r}, pathlib.Path({str(tmp_path / 'c')!r}))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    [message] = done.stdout.strip().splitlines()
-    assert "openai/clip-vit-large-patch14" in message and "SD_MODEL_CONFIG" in message
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "c" / "tokenizer", local_files_only=True)
+    assert len(tokenizer) == CONFIGS[arch].text_encoder["vocab_size"] and tokenizer.model_max_length == 77
+    assert tokenizer.pad_token == pad
+    assert tokenizer("a photo of an astronaut riding a horse on mars").input_ids == HUB_IDS
+    padded = tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert padded[:4] == [49406, 320, 2368, 49407] and set(padded[4:]) == {tokenizer.pad_token_id}
+    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
     assert write_configs.__doc__
+
+
+PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "A Red FOX in the snow, 8k, highly-detailed!!, trending on artstation, by greg rutkowski",
+    "(masterpiece:1.2), best quality, 1girl, solo, looking at viewer <lora:style:0.8>",
+    "portrait of a cyberpunk samurai, neon lights, rain, cinematic lighting, octane render, 35mm",
+    "café naïve résumé, Zürich, São Paulo, Ελληνικά, русский текст, 東京の夜景, 서울, عربى",
+    "emoji 🚀🔥👩‍🚀 and symbols © ® ™ ° ± × ÷ → ★ ♪",
+    "don't won't it's I'm you're they've we'll she'd",
+    "numbers 1234567890 3.14159 1,000,000 2024-06-01 12:30pm #hashtag @user",
+    "   spaces\tand\nnewlines   everywhere  ",
+    "UPPER lower MiXeD CaSe ALLCAPSWORDTHATISVERYLONGINDEED supercalifragilisticexpialidocious",
+    "negative: blurry, lowres, bad anatomy, extra fingers, (worst quality:1.4), jpeg artifacts",
+    "a " * 100,
+    "",
+]
+
+
+def test_the_built_tokenizer_equals_clips_own_byte_pair_encoding_on_a_corpus_of_prompts() -> None:
+    """The reference: OpenAI's SimpleTokenizer (the BPE the hub's CLIP tokenizers were made to match),
+    as openai-clip ships it beside the merges. HTML entities are left out: OpenAI's cleans them
+    (html.unescape), the hub's tokenizers do not."""
+    import importlib.util
+
+    from model.loading.tokenizer import bpe_path, clip_tokenizer
+
+    spec = importlib.util.spec_from_file_location("clip_reference", bpe_path().parent / "simple_tokenizer.py")
+    assert spec is not None and spec.loader is not None
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    bpe = reference.SimpleTokenizer(str(bpe_path()))
+    start, end = bpe.encoder["<|startoftext|>"], bpe.encoder["<|endoftext|>"]
+    tokenizer = clip_tokenizer()
+    for prompt in PROMPTS:
+        assert tokenizer(prompt).input_ids == [start, *bpe.encode(prompt), end], prompt
 
 
 def saved(value: object) -> bytes:

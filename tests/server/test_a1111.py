@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.runtime.jobs import POLLED_PREVIEW_INTERVAL_S
 from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, metric_value, request_body
 
@@ -173,6 +174,9 @@ def test_sillytaverns_body_equals_score_and_its_auth_is_never_echoed(server: Ser
         ({"subseed_strength": 0.5}, "subseed_strength"),
         ({"clip_skip": 2}, "clip_skip"),
         ({"s_noise": 0.5}, "s_noise"),
+        ({"s_noise": "x", "sampler_name": "Euler"}, "s_noise"),  # used by no sampler here, yet a number
+        ({"s_noise": True, "sampler_name": "Euler"}, "s_noise"),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "sd_model_checkpoint"),
         ({"send_images": False}, "send_images"),
         ({"mystery_field": 1}, "mystery_field"),
         ({"seed": -2}, "seed"),
@@ -258,6 +262,27 @@ def test_progress_shows_steps_and_a_png_preview_then_interrupt_answers_with_the_
     assert json.loads(answer.json()["info"])["all_seeds"] == [9]
     assert decode_png(answer.json()["images"][0]).shape == (256, 256, 3)
     assert get(server, "/sdapi/v1/progress").json()["progress"] == 0
+
+
+def test_polling_in_a_tight_loop_buys_at_most_a_preview_a_second(server: Server) -> None:
+    # Each preview is a decode in the engine thread every caller shares (a full one with
+    # SD_PREVIEW_DECODER): a client polling without pause once had one made at every step.
+    body = {**LONG, "width": 128, "height": 128, "steps": 80}
+    seen: set[str] = set()
+    with ThreadPoolExecutor(1) as pool, httpx.Client(headers=OPEN_WEBUI, timeout=30) as client:
+        running: Future[httpx.Response] = pool.submit(post, server, "/sdapi/v1/txt2img", body, timeout=300)
+        _wait(lambda: client.get(f"{server.url}/sdapi/v1/progress").json()["progress"] > 0, "the first step")
+        started = time.monotonic()
+        steps = []
+        while not running.done():
+            state = client.get(f"{server.url}/sdapi/v1/progress").json()
+            if state["current_image"]:
+                seen.add(state["current_image"])
+            steps.append(state["state"]["sampling_step"])
+        polled_s = time.monotonic() - started
+    assert running.result().status_code == 200
+    assert max(steps) - min(steps) > 3 * (polled_s + 1), "too few steps to tell"  # steps outran previews
+    assert len(seen) <= polled_s / POLLED_PREVIEW_INTERVAL_S + 2, (len(seen), polled_s)
 
 
 def test_cancel_by_request_id_answers_499_and_only_its_sender_can(server: Server) -> None:

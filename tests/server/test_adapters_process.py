@@ -171,6 +171,40 @@ def test_an_infinite_scale_is_refused(server: Server) -> None:
     assert "finite" in response.json()["error"]["message"]
 
 
+def openai_image(server: Server, **fields: Any) -> str:
+    body = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 4, "size": f"{SIZE}x{SIZE}", **fields}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    image: str = response.json()["data"][0]["b64_json"]
+    return image
+
+
+def test_an_openai_model_naming_an_adapter_applies_it_beside_empty_or_other_adapters(server: Server) -> None:
+    named = openai_image(server, model="style")
+    assert named != openai_image(server)  # the adapter changes the image
+    assert openai_image(server, model="style", adapters={}) == named  # once silently the bare model
+    assert openai_image(server, model="style", adapters={"style": 1}) == named
+    both = openai_image(server, model="style", adapters={"kohya": 1})
+    assert both == openai_image(server, adapters={"style": 1, "kohya": 1})
+
+
+def test_an_adapter_file_replaced_after_start_up_is_refused_without_the_servers_paths(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    folder = loras.adapter_folder(tmp_path_factory.mktemp("replaced"))
+    with serving(folder.parent / "server.log", SD_ADAPTERS=str(folder)) as server:
+        (folder / "kohya.safetensors").write_bytes(b"\x00\x01not a safetensors file any more")
+        (folder / "style" / loras.DIFFUSERS_FILE).unlink()
+        for name in ("kohya", "style", "wrong-shape", "kohya"):  # the first use, then as left out
+            response = httpx.post(f"{server.url}/score", json=score("x", 1, 2, {name: 1}), timeout=60)
+            assert response.status_code == 422, response.text
+            message = response.json()["error"]["message"]
+            assert name in message and str(folder) not in message and str(folder.parent) not in message, (
+                message
+            )
+        assert str(folder) in server.log_path.read_text()  # the operator's log keeps where
+
+
 def test_a1111_lora_tags_in_the_prompt_pick_adapters_and_equal_score(server: Server) -> None:
     """Open WebUI's and SillyTavern's users write <lora:NAME:SCALE> in the prompt, as on A1111."""
     loras_listed = httpx.get(f"{server.url}/sdapi/v1/loras").json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -127,6 +128,46 @@ def test_swagger_has_the_schemas_and_the_sample(client: httpx.Client) -> None:
     )
     assert operation["responses"]["200"]["content"]["application/json"]["example"][0]["prompt"]
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def references(node: Any) -> Iterator[str]:
+    """Every ``$ref`` in a JSON document, depth first."""
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from references(value)
+
+
+def resolve(document: Any, reference: str) -> Any:
+    """A local reference (``#/components/schemas/X``) as RFC 6901 reads it; KeyError if it dangles."""
+    assert reference.startswith("#/"), f"{reference} is not a reference within the document"
+    node = document
+    for part in reference[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+@pytest.mark.parametrize("path", ["/swagger.json", "/openapi.json"])
+def test_every_reference_of_the_openapi_document_resolves(client: httpx.Client, path: str) -> None:
+    # What client generators and fuzzers do first: a dangling one (POST /'s #/$defs/...) stops them.
+    spec = client.get(path).json()
+    found = set(references(spec))
+    dangling = []
+    for reference in sorted(found):
+        try:
+            resolve(spec, reference)
+        except (KeyError, AssertionError):
+            dangling.append(reference)
+    assert not dangling, f"{path}: {dangling}"
+    for route, component in [("/", "TextToImageRequest"), ("/sdapi/v1/txt2img", "Txt2ImgRequest"),
+                             ("/v1/images/generations", "ImageGenerationRequest")]:  # fmt: skip
+        body = spec["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{component}"}, route
+    assert "#/components/schemas/TextToImageParameters" in found
 
 
 def test_health_and_metrics(client: httpx.Client) -> None:

@@ -94,6 +94,26 @@ def test_the_loopback_names_are_served(server: ThreadServer, host: str) -> None:
 def test_probes_answer_whatever_the_host(server: ThreadServer) -> None:
     for path in ("/", "/health/live", "/health/ready", "/metrics"):
         assert httpx.get(f"{server.url}{path}", headers={"host": "10.1.2.3:5001"}).status_code == 200, path
+        assert httpx.head(f"{server.url}{path}", headers={"host": "10.1.2.3:5001"}).status_code == 200, path
+
+
+def hugging_face_post(url: str, host: str) -> httpx.Response:
+    body = {"inputs": "rebound", "parameters": {"num_inference_steps": 1}}
+    return httpx.post(f"{url}/", json=body, headers={"host": host}, timeout=60)
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:5001", "10.1.2.3"])
+def test_post_root_generates_for_the_allowed_hosts_only_though_get_root_is_a_probe(
+    server: ThreadServer, engine: GatedEngine, host: str
+) -> None:
+    # A DNS-rebinding page posts to / under its own name and reads the PNG: the probe's exemption
+    # is for GET and HEAD.
+    before = len(engine.batches)
+    refused = hugging_face_post(server.url, host)
+    assert refused.status_code == 400, refused.text[:200]
+    assert "host_not_allowed" in refused.text and "SD_ALLOWED_HOSTS" in refused.text
+    assert len(engine.batches) == before  # nothing ran
+    assert hugging_face_post(server.url, "localhost:5001").status_code == 200
 
 
 def test_the_allowed_hosts_are_configurable_and_any_host_when_listening_beyond_loopback(
@@ -104,6 +124,8 @@ def test_the_allowed_hosts_are_configurable_and_any_host_when_listening_beyond_l
         for host, status in [("api.example.com", 200), ("API.example.com:443", 200), ("a.b.svc.local", 200),
                              ("svc.local", 400), ("x.api.example.com", 400), ("localhost", 400)]:  # fmt: skip
             assert httpx.get(f"{server.url}/info", headers={"host": host}).status_code == status, host
+        assert hugging_face_post(server.url, "attacker.example").status_code == 400
+        assert hugging_face_post(server.url, "api.example.com").status_code == 200
     # In a container (SD_HOST=0.0.0.0) the names clients use are unknown: any host, unless listed.
     with ThreadServer(Settings(host="0.0.0.0"), engine) as server:
         assert httpx.get(f"{server.url}/info", headers={"host": "my-service.default.svc"}).status_code == 200

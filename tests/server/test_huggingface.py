@@ -112,6 +112,30 @@ def test_hostile_bodies_are_one_line_errors_naming_the_field(
     assert "\n" not in error["error"]
 
 
+@pytest.mark.parametrize(
+    ("headers", "content", "status", "code"),
+    [
+        ({}, b'{"inputs": "x"}', 401, "unauthorized"),
+        ({"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}, b'{"inputs": "x"}', 415,
+         "unsupported_media_type"),
+        ({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, b"x" * (2 << 20), 413,
+         "body_too_large"),
+        ({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+          "Sec-Fetch-Site": "cross-site"}, b'{"inputs": "x"}', 403, "cross_origin_request"),
+    ],
+)  # fmt: skip
+def test_the_middlewares_refusals_are_in_hugging_faces_shape_too(
+    server: Server, headers: dict[str, str], content: bytes, status: int, code: str
+) -> None:
+    # Refused before the route runs (keys, media type, size): still {"error": message, "error_type"}.
+    answer = httpx.post(server.url, content=content, headers=headers, timeout=30)
+    assert answer.status_code == status, answer.text[:300]
+    error = answer.json()
+    assert isinstance(error["error"], str) and error["error_type"] == code, error
+    probe = httpx.get(server.url, headers={"Authorization": "Bearer wrong"})  # GET / is open: our shape
+    assert probe.status_code == 200
+
+
 def test_the_client_raises_the_servers_message(client: InferenceClient) -> None:
     with pytest.raises(HfHubHTTPError, match="width"):
         client.text_to_image("a cat", width=100)

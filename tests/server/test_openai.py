@@ -245,10 +245,13 @@ def test_routes_are_in_metrics_openapi_and_the_log_without_user_or_prompt(server
         labels = f'route="/v1/images/generations",status="{status}"'
         assert metric_value(metrics, "sd_requests_total", labels) >= 1, status
     assert metric_value(metrics, "sd_requests_total", 'route="/v1/models/{model_id}",status="404"') >= 1
-    paths = httpx.get(f"{server.url}/swagger.json", headers=auth).json()["paths"]
+    spec = httpx.get(f"{server.url}/swagger.json", headers=auth).json()
+    paths = spec["paths"]
     assert {"/v1/images/generations", "/v1/models", "/v1/models/{model_id}"} <= set(paths)
     body_schema = paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
-    assert {"prompt", "n", "size", "seed", "num_inference_steps"} <= set(body_schema["schema"]["properties"])
+    assert body_schema["schema"] == {"$ref": "#/components/schemas/ImageGenerationRequest"}
+    properties = spec["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    assert {"prompt", "n", "size", "seed", "num_inference_steps"} <= set(properties)
     # The log: the request under its id, never the user field or the prompt.
     log_text = server.log_path.read_text()
     lines = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]

@@ -106,6 +106,14 @@ def test_unknown_variables_and_a_server_open_beyond_loopback_without_keys_are_na
     assert SECRET not in "".join(lines)
 
 
+def test_an_allowed_host_with_a_port_which_never_matches_is_named_at_start_up() -> None:
+    env = clean_env(SD_MODEL="random:tiny", SD_PORT=str(free_port()), SD_ALLOWED_HOSTS="10.0.0.1:8080,::1")
+    lines = log_lines_until(env, "Started server process")  # the start-up warnings come before
+    [warning] = [line for line in lines if "SD_ALLOWED_HOSTS" in line]
+    assert "WARNING" in warning and "'10.0.0.1:8080'" in warning and "list '10.0.0.1'" in warning
+    assert "'::1'" not in warning
+
+
 def test_a_loopback_server_without_keys_or_stray_variables_warns_of_neither() -> None:
     env = clean_env(SD_MODEL="random:tiny", SD_PORT=str(free_port()))
     lines = log_lines_until(env, "Started server process")

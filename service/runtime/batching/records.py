@@ -49,7 +49,7 @@ class Image:
     steps: int = 0  # steps done since it was (re)admitted (its job's progress is a view of this)
     ending: bool = False  # interrupted: it ends at its next plan with the latents it has
     preview_asked: bool = False  # someone polls its progress: one preview after its next step
-    previewed_at: int = -(10**9)  # its step at its last preview asked by a poll (the rate bound)
+    previewed_at: float = float("-inf")  # when a poll last asked for its preview (the rate bound)
     preview_every: int = 0  # a preview every k steps (a stream's partial images; 0: none)
 
     @property

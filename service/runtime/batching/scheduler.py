@@ -44,6 +44,7 @@ from service.runtime.errors import NotReadyError
 __all__ = ["DONE", "NO_ENGINE_LEFT", "EngineSlot", "Image", "Output", "Plan", "Ready", "Scheduler", "State"]
 __all__ += ["Update"]
 
+POLLED_PREVIEW_INTERVAL_S = 1.0
 NO_ENGINE_LEFT = "every engine of this server failed and was taken out of rotation; restart the server"
 
 # Whether an image may be admitted on an engine now: (engine index, item) -> ready. Called on the
@@ -184,13 +185,16 @@ class Scheduler:
             elif image.state is State.ADMITTING:
                 image.ending = True  # its handle joins ``ending`` once it is known
 
-    def ask_preview(self, images: Sequence[Image]) -> None:
-        """Someone polls: each image on an engine is previewed after its next step, at most once
-        per tenth of its steps (so polling faster costs the engine nothing more)."""
+    def ask_preview(self, images: Sequence[Image], now: float) -> None:
+        """Someone polls a request's progress (``images``: the request's, ``now``: the caller's
+        clock): its images on an engine are previewed at their next step boundary, at most once per
+        POLLED_PREVIEW_INTERVAL_S for the request (A1111's live_preview_refresh_period), so a
+        client polling in a tight loop buys no decode at every step of an engine others share."""
+        if any(now - image.previewed_at < POLLED_PREVIEW_INTERVAL_S for image in images):
+            return
         for image in images:
-            gap = max(1, image.item.num_inference_steps // 10)
-            if image.on_engine and image.steps - image.previewed_at >= gap:
-                image.preview_asked = True
+            image.previewed_at = now
+            image.preview_asked = image.on_engine
 
     def stepped(self, images: Sequence[Image]) -> None:
         """An engine reports a step of ``images`` (as it happens: progress is visible mid-iteration)."""
@@ -203,8 +207,7 @@ class Scheduler:
         for image in stepping:
             if image.preview_asked or image.preview_every:
                 orders[image] = Preview(image.steps, image.preview_every, image.preview_asked)
-                if image.preview_asked:
-                    image.preview_asked, image.previewed_at = False, image.steps
+                image.preview_asked = False
         return orders
 
     def _select(self, slot: EngineSlot, held: list[Image]) -> list[Image] | None:

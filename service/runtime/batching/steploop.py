@@ -185,7 +185,7 @@ class StepLoop:
 
     def ask_preview(self, job: Job) -> None:
         """A preview of ``job``'s running images at their engines' next step boundary."""
-        self.scheduler.ask_preview([cast(Image, image) for image in job.images])
+        self.scheduler.ask_preview([cast(Image, image) for image in job.images], time.monotonic())
         self.poke()
 
     def poke(self) -> None:

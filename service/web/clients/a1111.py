@@ -24,7 +24,7 @@ from service.runtime.convert import FieldError, a1111_to_items
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
-from service.runtime.scoring import parse_body_off_loop, parse_json
+from service.runtime.scoring import parse_body_off_loop, parse_document_off_loop
 from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
 from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
@@ -37,7 +37,6 @@ _ERRORS = error_responses(
         422: "A field this server cannot honour at its value (the detail names it), or off the contract.",
     }
 )
-_TXT2IMG_SCHEMA = Txt2ImgRequest.model_json_schema()
 
 
 def _names(request: Request) -> tuple[str, ...]:
@@ -117,7 +116,7 @@ async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ..
     "/txt2img",
     summary="Generate images (AUTOMATIC1111's txt2img)",
     responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
-    openapi_extra=json_body(_TXT2IMG_SCHEMA, SAMPLE_TXT2IMG),
+    openapi_extra=json_body(Txt2ImgRequest, SAMPLE_TXT2IMG),
 )
 async def txt2img(request: Request) -> Response:
     names = _names(request)
@@ -147,7 +146,8 @@ def get_options(request: Request) -> dict[str, Any]:
 )
 async def set_options(request: Request) -> None:
     names = _names(request)
-    document = parse_json(await request.body(), "an options object")
+    limits = lifecycle_of(request).require_ready().scorer.limits
+    document = await parse_document_off_loop(await request.body(), limits, "an options object")
     if not isinstance(document, dict):
         raise FieldError("the body must be an object of options (GET /sdapi/v1/options)", param=None)
     current = _options(names)

@@ -20,17 +20,14 @@ from service.runtime.errors import ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop
-from service.web.errors import classify, error_responses, json_body
+from service.web.errors import classify, error_responses, huggingface_error_json, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
-_SCHEMA = TextToImageRequest.model_json_schema()
 
 
 def huggingface_error(error: BaseException) -> JSONResponse:
-    kind, message = classify(error)
-    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
-    return JSONResponse({"error": message, "error_type": kind.code}, status_code=kind.status, headers=headers)
+    return huggingface_error_json(*classify(error))
 
 
 def _png(image_base64: str) -> Response:
@@ -47,7 +44,7 @@ def _png(image_base64: str) -> Response:
             {400: "The body is not JSON.", 422: "Off the contract (the error says where and why)."}
         ),
     },
-    openapi_extra=json_body(_SCHEMA, SAMPLE_TEXT_TO_IMAGE),
+    openapi_extra=json_body(TextToImageRequest, SAMPLE_TEXT_TO_IMAGE),
 )
 async def text_to_image(request: Request) -> Response:
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:

@@ -35,21 +35,10 @@ from service.runtime.convert import openai_to_items
 from service.runtime.errors import RequestTimeoutError, ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
-from service.runtime.scoring import parse_body_off_loop, parse_json
 from service.web.clients.common import followed
 from service.web.errors import classify, openai_error_type
 
 Generation = asyncio.Future[tuple[list[GenerationResult], list[str]]]
-
-
-def wants_stream(body: bytes) -> bool:
-    """Whether an images request asks for a stream (a body that is not JSON is parsed, and refused,
-    on the ordinary path)."""
-    try:
-        document = parse_json(body)
-    except ServiceError:
-        return False
-    return isinstance(document, dict) and document.get("stream") is True
 
 
 def preview_every(steps: int, partial_images: int) -> int:
@@ -69,19 +58,13 @@ def _partial_png(pixels: np.ndarray, item: GenerationItem) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def stream_images(
-    request: Request, body: bytes, require_served: Callable[[str | None], None]
-) -> Response:
-    """The streamed answer to ``body`` (which asks for ``stream: true``)."""
+async def stream_images(request: Request, parsed: ImageGenerationRequest) -> Response:
+    """The streamed answer to ``parsed`` (which asks for ``stream: true``; parsed, its model checked)."""
     lifecycle: Lifecycle = request.app.state.lifecycle
     deadline = time.monotonic() + lifecycle.settings.request_timeout_s
     async with AsyncExitStack() as stack:
-        # 1. Before the stream: ready, parsed, the served model, queued (errors keep their status).
+        # 1. Before the stream: ready and queued (errors keep their status).
         runtime = await stack.enter_async_context(lifecycle.serving())
-        parsed = await parse_body_off_loop(
-            body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
-        )
-        require_served(parsed.model)
         items = openai_to_items(parsed, runtime.engine.info)
         every = preview_every(items[0].num_inference_steps, parsed.partial_images or 0)
         job = await stack.enter_async_context(followed(request, "openai", every))
@@ -144,10 +127,14 @@ async def _events(
         while not generation.done():
             arrival: asyncio.Future[Any] = asyncio.ensure_future(job.events.get())
             waiting: list[asyncio.Future[Any]] = [generation, arrival]
-            await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0),
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-            if not arrival.done():
-                arrival.cancel()
+            try:
+                await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0),
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                arrived = arrival.done()
+                if not arrived:  # time ran out, or the client left (cancelled here): nothing left pending
+                    arrival.cancel()
+            if not arrived:
                 if not generation.done():
                     lifecycle.metrics.timeouts.inc()
                     raise RequestTimeoutError.after(lifecycle.settings.request_timeout_s)
