@@ -43,6 +43,12 @@ def images_per_caller(settings: Settings) -> int | None:
     return max(1, settings.max_queue_items // 2) if settings.api_keys is not None else None
 
 
+# At most one preview a second for a request's progress polls, however often it polls (A1111's own
+# live_preview_refresh_period): each is a decode in the engine thread, which every caller's images
+# share, so a client polling in a tight loop must not buy a decode at every step (scheduler.py).
+POLLED_PREVIEW_INTERVAL_S = 1.0
+
+
 class Core(Protocol):
     """The commands a job sends the step loop that runs its images (steploop.StepLoop)."""
 

@@ -40,11 +40,11 @@ from service.runtime.batching.oom import after_failure
 from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, Preview, State, Update
 from service.runtime.batching.residency import Placement
 from service.runtime.errors import NotReadyError
+from service.runtime.jobs import POLLED_PREVIEW_INTERVAL_S
 
 __all__ = ["DONE", "NO_ENGINE_LEFT", "EngineSlot", "Image", "Output", "Plan", "Ready", "Scheduler", "State"]
 __all__ += ["Update"]
 
-POLLED_PREVIEW_INTERVAL_S = 1.0
 NO_ENGINE_LEFT = "every engine of this server failed and was taken out of rotation; restart the server"
 
 # Whether an image may be admitted on an engine now: (engine index, item) -> ready. Called on the
