@@ -162,14 +162,23 @@ def to_records(
     ]
 
 
-def to_image_data(results: Sequence[GenerationResult], images_base64: Sequence[str]) -> list[dict[str, Any]]:
-    """OpenAI's ``data`` list: one entry per image, with its seed and NSFW flag as extensions."""
+def to_image_data(
+    results: Sequence[GenerationResult],
+    images_base64: Sequence[str],
+    urls: Sequence[str | None] | None = None,
+    *,
+    inline: bool = True,
+) -> list[dict[str, Any]]:
+    """OpenAI's ``data`` list: one entry per image (its base64 when ``inline``, its link when
+    ``urls`` are given), with its seed and NSFW flag as extensions."""
+    links = urls if urls is not None else [None] * len(results)
     return [
         {
-            "b64_json": image,
+            "b64_json": image if inline else None,
+            "url": url,
             "revised_prompt": None,
             "seed": result.seed,
             "nsfw_content_detected": result.nsfw_content_detected,
         }
-        for result, image in zip(results, images_base64, strict=True)
+        for result, image, url in zip(results, images_base64, links, strict=True)
     ]

@@ -25,7 +25,7 @@ from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import docs, openai, routes, ui
-from service.web.clients import a1111, a1111_lists, control, huggingface
+from service.web.clients import a1111, a1111_lists, control, huggingface, links
 from service.web.errors import error_response
 from service.web.guards import HostCheckMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware
 from service.web.middleware import (
@@ -50,7 +50,7 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 """
 
 
-CLIENT_ROUTERS = (huggingface.router, a1111.router, a1111_lists.router, control.router)
+CLIENT_ROUTERS = (huggingface.router, a1111.router, a1111_lists.router, control.router, links.router)
 # POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check.
 BODYLESS_POSTS = frozenset(
     {"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel", *a1111_lists.BODYLESS}
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
+    app.state.image_links = links.links_from(settings)  # OpenAI's url answers
     app.state.jobs = Jobs()  # requests in flight, to follow and stop by id (service/web/clients/)
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.

@@ -103,6 +103,10 @@ class RequestNotFoundError(ServiceError):
     """No running request of the caller has the id it asked to cancel."""
 
 
+class LinkNotFoundError(ServiceError):
+    """An image link (OpenAI's url answers) is unknown, expired, or left the store for newer ones."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -117,6 +121,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     UnauthorizedError: ErrorKind(401, "unauthorized"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
+    LinkNotFoundError: ErrorKind(404, "link_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
