@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -30,6 +32,8 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
     StableDiffusionPipeline,
 )
 
@@ -51,15 +55,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
 
 
-def diffusers_image(item: GenerationItem, cls: type, **options: Any) -> np.ndarray:
+def diffusers_image(item: GenerationItem, cls: type, eta: float = 0.0, **options: Any) -> np.ndarray:
     c = tiny_engine().components
     pipe = StableDiffusionPipeline(**c.modules(), requires_safety_checker=False)
     pipe.scheduler = cls.from_config(c.scheduler.config, **options)
-    return stock_image(pipe, item)
+    return stock_image(pipe, replace(item, eta=eta))
 
 
 def assert_drawn_by(png: np.ndarray, item: GenerationItem, cls: type, **options: Any) -> None:
-    expected = diffusers_image(item, cls, **options)
+    expected = diffusers_image(item, cls, **options)  # options: the class's, and the pipeline's eta
     difference = np.abs(png.astype(np.float32) / 255 - expected).max()
     assert difference < TOLERANCE, difference
 
@@ -205,3 +209,27 @@ def test_no_op_extension_fields_are_accepted(server: Server) -> None:
     off = {"ADetailer": {"args": [False]}, "animatediff": {"args": [False]}, "ControlNet": {"args": []}}
     body = stable_diffusion_api_body(prompt="x", seed=1, steps=1, width=128, height=128, alwayson_scripts=off)
     txt2img(server, body | {"controlnet_units": [], "hr_checkpoint_name": None, "hr_sampler_name": None})
+
+
+def test_requests_with_different_samplers_at_once_each_equal_diffusers(server: Server) -> None:
+    """Sent together, they share the step loop's running set (one UNet call per step for all):
+    each image is still the one diffusers draws for it alone."""
+    base = {"prompt": "a fox in snow", "steps": 3, "width": 128, "height": 128, "cfg_scale": 7}
+    cases = [
+        ({"sampler_name": "Euler a", "eta": 1.0, "seed": 31}, EulerAncestralDiscreteScheduler, {}),
+        ({"sampler_name": "DDIM", "eta": 0.5, "seed": 32}, DDIMScheduler, {"eta": 0.5}),
+        ({"sampler_name": "DPM++ 2M Karras", "seed": 33}, DPMSolverMultistepScheduler, KARRAS_2M),
+        ({"sampler_name": "Heun", "scheduler": "normal", "seed": 34}, HeunDiscreteScheduler, {}),
+        (
+            {"sampler_name": "LMS", "scheduler": "Karras", "seed": 35},
+            LMSDiscreteScheduler,
+            {"use_karras_sigmas": True},
+        ),
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda case: txt2img(server, base | case[0]), cases))
+    for (body, cls, options), data in zip(cases, answers, strict=True):
+        item = GenerationItem(
+            "a fox in snow", body["seed"], num_inference_steps=3, guidance_scale=7, height=128, width=128
+        )
+        assert_drawn_by(decode_png(data["images"][0]), item, cls, **options)
