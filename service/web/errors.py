@@ -194,6 +194,22 @@ def _classify(error: BaseException) -> tuple[ErrorKind, str]:
     return kind, str(error) or kind.code.replace("_", " ")
 
 
+# The status line's reason phrase of an error answer, carried from the app to the protocol in this
+# header (service/hosts/connections.py writes it into the status line and drops the header): clients
+# that show only the status and its phrase (Open WebUI's OpenAI engine shows aiohttp's
+# ``ClientResponseError.message``) then show what to change. Reason phrases are free text (RFC 9112).
+REASON_HEADER = "x-sd-reason"
+MAX_REASON_CHARS = 200
+
+
+def reason_phrase(status: int, message: str) -> str:
+    """The standard phrase and the message's first line, in the printable ASCII a status line takes."""
+    standard = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Error"
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    text = f"{standard}: {first}" if first else standard
+    return "".join(char if " " <= char <= "~" else "?" for char in text)[:MAX_REASON_CHARS]
+
+
 def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
     """The JSON answer for ``error`` (in OpenAI's shape when ``path`` is under /v1/); logs the
     traceback of anything unexpected."""
@@ -211,6 +227,7 @@ def error_response(error: BaseException, *, path: str = "") -> JSONResponse:
         response = error_json(kind.status, kind.code, message, kind.retry_after_s)
     if isinstance(error, HTTPException) and error.headers:
         response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
+    response.headers[REASON_HEADER] = reason_phrase(response.status_code, message)
     return response
 
 

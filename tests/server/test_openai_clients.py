@@ -102,3 +102,18 @@ def test_huggingface_hub_with_an_a1111_sampler_name(server: Server) -> None:
     client = InferenceClient(base_url=server.url, api_key=KEY)
     image = client.text_to_image("a red fox", seed=4, scheduler="DPM++ 2M Karras", height=128, width=128)
     assert image.size == (128, 128)
+
+
+def test_the_status_line_says_what_to_change_for_clients_that_show_only_it(server: Server) -> None:
+    """Open WebUI's OpenAI engine shows aiohttp's ClientResponseError.message: the reason phrase."""
+    body = {"prompt": "x", "model": "dall-e-9"}
+    answer = httpx.post(
+        f"{server.url}/v1/images/generations", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert answer.status_code == 404 and "x-sd-reason" not in answer.headers
+    assert answer.reason_phrase.startswith("Not Found: this server serves only 'random:tiny'")
+    assert answer.reason_phrase.split(": ", 1)[1] == answer.json()["error"]["message"][:189]
+    unknown = httpx.get(f"{server.url}/v1/images/files/{'A' * 43}.png")
+    assert unknown.reason_phrase.startswith("Not Found: this image link is unknown or expired")
+    fine = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert fine.reason_phrase == "OK"
