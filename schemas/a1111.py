@@ -222,7 +222,13 @@ class Txt2ImgRequest(StepsWithinLimit):
                 f"eta: {self.sampler_label} runs with its own noise, A1111's eta 1; send 1 or leave it out "
                 "(for eta 0 pick the sampler without noise, such as Euler for Euler a)"
             )
-        # 4. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
+        # 4. A schedule without a sampler, and two CLIP skips that disagree, would be ignored in part.
+        if entry is None and self.scheduler and self.scheduler_name is None and not _plain(self.scheduler):
+            raise _error("scheduler: a schedule other than Automatic needs a sampler_name to apply to")
+        setting = (self.override_settings or {}).get("CLIP_stop_at_last_layers")
+        if self.clip_skip is not None and setting is not None and setting != self.clip_skip:
+            raise _error("clip_skip and override_settings.CLIP_stop_at_last_layers differ; send one value")
+        # 5. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
         self.prompt, tagged = lora_tags(self.prompt)
         if tagged:
             try:
@@ -291,6 +297,14 @@ def _scripts_off(scripts: Any) -> None:
 
 def _switched_off(arg: Any) -> bool:
     return arg is None or arg is False or (isinstance(arg, dict) and arg.get("enabled") is False)
+
+
+def _plain(schedule: str) -> bool:
+    """Whether a schedule is the scheduler's own (Automatic, Uniform, Normal), which needs no sampler."""
+    try:
+        return resolve("Euler", schedule) == "euler"
+    except ValueError:
+        return False
 
 
 def _is_clip_skip(value: Any) -> bool:

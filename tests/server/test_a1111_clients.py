@@ -194,6 +194,8 @@ def test_stable_diffusion_api_on_its_defaults(server: Server) -> None:
         ({"scheduler": "Beta"}, "scheduler"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 13}}, "CLIP_stop_at_last_layers"),
         ({"clip_skip": 3}, "clip_skip"),
+        ({"clip_skip": 2, "override_settings": {"CLIP_stop_at_last_layers": 1}}, "clip_skip"),
+        ({"sampler_name": None, "scheduler": "Karras"}, "scheduler"),
     ],
 )
 def test_what_asks_for_work_not_done_is_a_422_naming_it(
