@@ -20,7 +20,7 @@ from model.adapters import Adapters
 from model.errors import EngineError, EngineFailure, EngineOutOfMemoryError, InvalidRequestError
 from model.loading import Components
 from model.options import EngineOptions
-from model.schedulers import check_scheduler_name, offered_schedulers, scheduler_name
+from model.schedulers import check_scheduler_name, offered_schedulers, scheduler_name, takes_eta
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
 from model.stepping.item import ItemState
@@ -130,6 +130,18 @@ class Engine:
         if not 0 <= item.seed <= MAX_SEED:  # what torch.Generator.manual_seed takes
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {item.seed!r}")
         check_scheduler_name(item.scheduler)
+        if item.eta and not (
+            math.isfinite(item.eta) and takes_eta(self.components.scheduler, item.scheduler)
+        ):
+            raise InvalidRequestError(
+                f"eta must be 0 with scheduler {item.scheduler!r}: only DDIM's step takes an eta"
+            )
+        layers = self.components.text_encoder.config.num_hidden_layers
+        if not 0 <= item.clip_skip < layers:
+            raise InvalidRequestError(
+                f"clip_skip must be from 0 to {layers - 1} (AUTOMATIC1111's CLIP_stop_at_last_layers: 1 to "
+                f"{layers}): this model's text encoder has {layers} layers"
+            )
         self.adapters.check(item.adapters)
 
     # ------------------------------------------------------------------ step by step

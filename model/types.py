@@ -47,6 +47,12 @@ class GenerationItem:
     width: int = 512
     scheduler: str = DEFAULT_SCHEDULER
     adapters: AdapterSet = ()  # LoRA adapters and their scales (``adapter_set``)
+    # DDIM's eta (0: deterministic; 1: as much fresh noise as DDPM); only schedulers whose step()
+    # takes one accept another value. Ancestral and SDE samplers draw their own noise regardless.
+    eta: float = 0.0
+    # Text-encoder layers skipped, as diffusers' ``clip_skip`` (0: the last layer's output, 1: the
+    # one before it, ...; AUTOMATIC1111's CLIP_stop_at_last_layers is this plus one).
+    clip_skip: int = 0
 
     @property
     def batch_key(self) -> BatchKey:

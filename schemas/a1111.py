@@ -7,8 +7,8 @@ high-resolution pass, face restoration, another checkpoint), so that nothing is 
 The generation fields are the definitions every route shares (schemas/fields.py), under the
 operator's limits (``ScoreLimits``).
 
-Samplers map onto this server's schedulers (``SAMPLERS``); the "Karras" and other sigma schedules
-are not offered, so only A1111's ``Automatic`` schedule is accepted.
+Samplers and schedules map onto this server's schedulers through one table (schemas/samplers.py);
+``eta`` and CLIP skip are honoured as A1111 reads them.
 
 This module imports nothing outside ``schemas/``. Error messages never repeat what the client sent.
 """
@@ -39,20 +39,18 @@ from schemas.fields import (
     seeds_fit,
 )
 from schemas.fields import contract_error as _error
+from schemas.samplers import (
+    SAMPLERS,
+    A1111Sampler,
+    resolve,
+    sampler_rule,
+    schedule_rule,
+    split_sampler,
+)
 
 # A1111's extra-network syntax for a LoRA in the prompt: <lora:NAME> or <lora:NAME:SCALE>.
 LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 
-# A1111's sampler names -> this server's schedulers; each also answers to A1111's aliases.
-SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "Euler": ("euler", ("k_euler",)),
-    "Euler a": ("euler_ancestral", ("k_euler_a",)),
-    "DDIM": ("ddim", ("ddim",)),
-    "PLMS": ("pndm", ("plms",)),
-    "DPM++ 2M": ("dpmsolver++", ("k_dpmpp_2m",)),
-    "UniPC": ("unipc", ("unipc",)),
-}
-AUTOMATIC = "Automatic"  # A1111's schedule "as the sampler chooses": the one diffusers' schedulers use
 DEFAULT_CFG_SCALE = 7.0  # A1111's default, not /score's 7.5
 
 SAMPLE_TXT2IMG: dict[str, Any] = {
@@ -68,16 +66,8 @@ SAMPLE_TXT2IMG: dict[str, Any] = {
 }
 
 
-def scheduler_of(sampler: str) -> str | None:
-    """This server's scheduler for an A1111 sampler name or alias (any case); None when unknown."""
-    wanted = sampler.strip().lower()
-    for name, (scheduler, aliases) in SAMPLERS.items():
-        if wanted in (name.lower(), scheduler, *aliases):
-            return scheduler
-    return None
-
-
-SAMPLER_RULE = f"must be one of: {', '.join(SAMPLERS)} (GET /sdapi/v1/samplers)"
+SAMPLER_RULE = sampler_rule()
+MAX_CLIP_SKIP = 12  # A1111's slider; the model's text encoder may have fewer layers (the engine says)
 
 # Fields that matter only when another one is on (the high-resolution pass, the refiner, extension
 # scripts): any value is accepted, none is used. SillyTavern's relay adds url and auth (its own
@@ -92,28 +82,30 @@ IGNORED = (
 )  # fmt: skip
 # Fields accepted at the values that change nothing here, and why another value is refused.
 NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
-    "enable_hr": ((False, None), "this server makes no high-resolution second pass; send false"),
+    "enable_hr": (
+        (False, None),
+        "hires fix needs image-to-image, which this server does not run yet; send false",
+    ),
     "restore_faces": ((False, None), "this server runs no face restoration; send false"),
     "tiling": ((False, None), "this server draws no tileable images; send false"),
     "subseed_strength": ((0, None), "variation seeds are not supported; send 0"),
     "seed_resize_from_h": ((-1, 0, None), "seed resizing is not supported; send -1"),
     "seed_resize_from_w": ((-1, 0, None), "seed resizing is not supported; send -1"),
-    "eta": ((0, None), "the samplers run with eta 0 here; leave it out"),
     "s_churn": ((0, None), "stochastic churn is not supported; send 0"),
     "s_min_uncond": ((0, None), "skipping guidance at low sigmas is not supported; send 0"),
-    "clip_skip": ((1, 0, None), "the text encoder's last layer is always used; send 1"),
     "send_images": ((True, None), "the images are always sent back; send true"),
     "styles": (([], None), "saved styles are not supported; put their text in the prompt"),
     "script_name": (("", None), "scripts are not supported; leave it out"),
     "script_args": (([], None), "scripts are not supported; leave it out"),
-    "alwayson_scripts": (({}, None), "extension scripts (ADetailer, ControlNet...) are not run here"),
+    "use_deprecated_controlnet": ((False, None), "ControlNet is not run here; send false"),
+    "controlnet_units": (([], None), "ControlNet is not run here; send no units"),
     "refiner_checkpoint": (("", None), "refiner models are not supported; leave it out"),
     "infotext": (("", None), "settings from infotext are not supported; send the fields themselves"),
 }
 # override_settings: the options whose values here change nothing (sd_model_checkpoint is checked
 # against the served names by the route, which knows them).
 NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "CLIP_stop_at_last_layers": (1, None),
+    "CLIP_stop_at_last_layers": (1, None),  # any of 1-12 is applied (Txt2ImgRequest.clip_layers)
     "sd_vae": ("Automatic", "None", None, ""),
     "forge_additional_modules": ([], None),
     "samples_format": ("png", None),
@@ -144,7 +136,16 @@ class Txt2ImgRequest(StepsWithinLimit):
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random. Image k gets seed + k.")
     sampler_name: Name | None = Field(default=None, description=SAMPLER_RULE[8:])
     sampler_index: Name | None = Field(default=None, description="Used when sampler_name is not.")
-    scheduler: Name | None = Field(default=None, description=f'Only "{AUTOMATIC}".')
+    scheduler: Name | None = Field(default=None, description=schedule_rule()[8:])
+    eta: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="DDIM's eta (default 0); samplers with their own noise (Euler a...) take only 1.",
+    )
+    clip_skip: int | None = Field(
+        default=None, ge=1, le=MAX_CLIP_SKIP, description="CLIP_stop_at_last_layers: 1 uses the last layer."
+    )
     adapters: Adapters = Field(
         default=None,
         description='LoRA adapters, as /score\'s {"NAME": scale}; each <lora:NAME:SCALE> of the prompt '
@@ -165,15 +166,18 @@ class Txt2ImgRequest(StepsWithinLimit):
     @field_validator("sampler_name", "sampler_index")
     @classmethod
     def _known_sampler(cls, value: str | None) -> str | None:
-        if value is not None and value and scheduler_of(value) is None:
+        if value is not None and value and split_sampler(value) is None:
             raise _error(SAMPLER_RULE)
         return value
 
     @field_validator("scheduler")
     @classmethod
-    def _automatic_only(cls, value: str | None) -> str | None:
-        if value and value.lower() != AUTOMATIC.lower():
-            raise _error(f'must be "{AUTOMATIC}": the samplers run on their own schedules here')
+    def _known_schedule(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                resolve(None, value)
+            except ValueError:
+                raise _error(schedule_rule()) from None
         return value
 
     @field_validator("override_settings")
@@ -181,6 +185,8 @@ class Txt2ImgRequest(StepsWithinLimit):
     def _neutral_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         for name, setting in (value or {}).items():
             allowed = NEUTRAL_OPTIONS.get(name)
+            if name == "CLIP_stop_at_last_layers" and _is_clip_skip(setting):
+                continue
             if allowed is None:
                 raise _error(f"{_shown(name)} is not an option this server can apply; leave it out")
             if allowed and not _is(setting, allowed):
@@ -196,11 +202,14 @@ class Txt2ImgRequest(StepsWithinLimit):
         for name, value in (self.model_extra or {}).items():
             if name in IGNORED:
                 continue
+            if name == "alwayson_scripts":
+                _scripts_off(value)
+                continue
             if name == "s_noise":
                 if not isinstance(value, int | float) or isinstance(value, bool):
                     raise _error("s_noise must be a number (1: the noise unscaled)")
-                if value != 1 and self.scheduler_name == "euler_ancestral":
-                    raise _error("s_noise must be 1 with Euler a: its noise is not scaled here")
+                if value != 1 and self.sampler_entry is not None and self.sampler_entry.eta == "noise":
+                    raise _error("s_noise must be 1 with samplers that add noise: it is not scaled here")
                 continue
             neutral = NEUTRAL.get(name)
             if neutral is None:
@@ -211,7 +220,20 @@ class Txt2ImgRequest(StepsWithinLimit):
         if self.batch_size * self.n_iter > MAX_IMAGES_PER_PROMPT:
             raise _error(f"batch_size x n_iter may be at most {MAX_IMAGES_PER_PROMPT} images per request")
 
-        # 3. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
+        # 3. eta as A1111 reads it for this sampler.
+        entry = self.sampler_entry
+        if self.eta is not None and entry is not None and entry.eta == "noise" and self.eta != 1:
+            raise _error(
+                f"eta: {self.sampler_label} runs with its own noise, A1111's eta 1; send 1 or leave it out "
+                "(for eta 0 pick the sampler without noise, such as Euler for Euler a)"
+            )
+        # 4. A schedule without a sampler, and two CLIP skips that disagree, would be ignored in part.
+        if entry is None and self.scheduler and self.scheduler_name is None and not _plain(self.scheduler):
+            raise _error("scheduler: a schedule other than Automatic needs a sampler_name to apply to")
+        setting = (self.override_settings or {}).get("CLIP_stop_at_last_layers")
+        if self.clip_skip is not None and setting is not None and setting != self.clip_skip:
+            raise _error("clip_skip and override_settings.CLIP_stop_at_last_layers differ; send one value")
+        # 5. LoRA tags out of the prompt's text, into the adapters (checked as /score checks them).
         self.prompt, tagged = lora_tags(self.prompt)
         if tagged:
             try:
@@ -221,10 +243,34 @@ class Txt2ImgRequest(StepsWithinLimit):
         return self
 
     @property
+    def sampler_label(self) -> str | None:
+        """A1111's name of the sampler asked for (sampler_name first, as A1111 reads them)."""
+        found = split_sampler(self.sampler_name or self.sampler_index or "")
+        return found[0] if found else None
+
+    @property
+    def sampler_entry(self) -> A1111Sampler | None:
+        label = self.sampler_label
+        return SAMPLERS[label] if label else None
+
+    @property
     def scheduler_name(self) -> str | None:
-        """This server's scheduler (None: the model's own); sampler_name first, as A1111 reads them."""
-        sampler = self.sampler_name or self.sampler_index
-        return scheduler_of(sampler) if sampler else None
+        """This server's scheduler (None: the model's own); a schedule in the sampler's name wins."""
+        return resolve(self.sampler_name or self.sampler_index, self.scheduler)
+
+    @property
+    def engine_eta(self) -> float:
+        """The eta of the engine's item: DDIM's (A1111's default 0); the others take none."""
+        entry = self.sampler_entry
+        return float(self.eta or 0) if entry is not None and entry.eta == "ddim" else 0.0
+
+    @property
+    def clip_layers(self) -> int:
+        """A1111's CLIP_stop_at_last_layers (1: the last layer): clip_skip, else the override."""
+        setting = (self.override_settings or {}).get("CLIP_stop_at_last_layers")
+        if self.clip_skip is not None:
+            return self.clip_skip
+        return setting if isinstance(setting, int) and _is_clip_skip(setting) else 1
 
     @property
     def images(self) -> int:
@@ -236,6 +282,40 @@ class Txt2ImgRequest(StepsWithinLimit):
         return value if isinstance(value, str) else None
 
 
+def _scripts_off(scripts: Any) -> None:
+    """``alwayson_scripts`` asks for nothing when each script's ``args`` are empty or switched off
+    (False, null, or units with ``"enabled": false``): webuiapi and stable-diffusion-api send
+    ``{"ControlNet": {"args": []}}`` and ``{"ADetailer": {"args": [false]}}`` so that A1111 does not
+    reuse earlier arguments. A script with work to do is refused by name."""
+    if scripts is None:
+        return
+    if not isinstance(scripts, dict):
+        raise _error("alwayson_scripts must be an object of scripts, each with its args")
+    for name, entry in scripts.items():
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, list) or not all(_switched_off(arg) for arg in args):
+            raise _error(
+                f"alwayson_scripts: {_shown(name)} asks for work this server does not do "
+                "(it runs no extension scripts); send it with empty args, or leave it out"
+            )
+
+
+def _switched_off(arg: Any) -> bool:
+    return arg is None or arg is False or (isinstance(arg, dict) and arg.get("enabled") is False)
+
+
+def _plain(schedule: str) -> bool:
+    """Whether a schedule is the scheduler's own (Automatic, Uniform, Normal), which needs no sampler."""
+    try:
+        return resolve("Euler", schedule) == "euler"
+    except ValueError:
+        return False
+
+
+def _is_clip_skip(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CLIP_SKIP
+
+
 def _is(value: Any, allowed: tuple[Any, ...]) -> bool:
     """``value`` is one of ``allowed``, a boolean only where a boolean is (JSON's false is not 0)."""
     return any(value == each and isinstance(value, bool) == isinstance(each, bool) for each in allowed)
@@ -243,7 +323,8 @@ def _is(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 def _shown(name: str) -> str:
     """A field name fit to repeat: short and plain, else a placeholder."""
-    return name if len(name) <= 64 and name.replace("_", "").isalnum() and name.isascii() else "a field"
+    plain = name.replace("_", "").replace(" ", "")
+    return name if len(name) <= 64 and plain.isalnum() and name.isascii() else "a field"
 
 
 def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:

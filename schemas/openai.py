@@ -31,6 +31,7 @@ from schemas import fields
 from schemas.fields import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, contract_error
 
 B64_JSON = "b64_json"
+URL = "url"
 AUTO_SIZE = "auto"
 # OpenAI's options (dall-e-2/3's and gpt-image-1's) and the values accepted: none changes the image
 # (the steps set the quality, the server's safety checker moderates, PNG is what comes back).
@@ -82,7 +83,10 @@ class ImageGenerationRequest(fields.StepsWithinLimit):
         'default (or "auto"): the model\'s native size.',
     )
     response_format: str | None = Field(
-        default=None, max_length=16, description='Only "b64_json" (the default): images come back inline.'
+        default=None,
+        max_length=16,
+        description='"b64_json": inline; "url": a link to the image on this server, valid for '
+        "SD_IMAGE_LINK_TTL_S (OpenAI: 60 minutes); left out: both, for clients that read either.",
     )
     model: fields.Text | None = Field(
         default=None, max_length=1000, description="When given, the id GET /v1/models lists."
@@ -148,15 +152,21 @@ class ImageGenerationRequest(fields.StepsWithinLimit):
 
     @field_validator("response_format")
     @classmethod
-    def _inline_only(cls, value: str | None) -> str | None:
-        if value == "url":
-            raise contract_error(
-                '"url" is not supported: this server keeps no copy of the images to link '
-                'to; send "b64_json" (the default) to get them inline'
-            )
-        if value is not None and value != B64_JSON:
-            raise contract_error('must be "b64_json"')
+    def _b64_or_url(cls, value: str | None) -> str | None:
+        if value is not None and value not in (B64_JSON, URL):
+            raise contract_error('must be "b64_json" or "url"')
         return value
+
+    @property
+    def inline(self) -> bool:
+        """Whether the answer carries the images' base64 (b64_json, or no format named)."""
+        return self.response_format != URL
+
+    @property
+    def linked(self) -> bool:
+        """Whether the answer carries links (url, or no format named: OpenAI's default for
+        dall-e-2 and dall-e-3 is url, and clients built for them read data[0].url)."""
+        return self.response_format != B64_JSON
 
     @property
     def width(self) -> int | None:
@@ -188,7 +198,13 @@ def _is_side(text: str) -> bool:
 class ImageData(BaseModel):
     """One generated image. ``seed`` and ``nsfw_content_detected`` are this server's extensions."""
 
-    b64_json: str = Field(description="Base64 PNG (standard alphabet, padded, no data: prefix).")
+    b64_json: str | None = Field(
+        default=None, description="Base64 PNG (standard alphabet, padded, no data: prefix); null with url."
+    )
+    url: str | None = Field(
+        default=None,
+        description="A link to the PNG on this server, until SD_IMAGE_LINK_TTL_S; null with b64_json.",
+    )
     revised_prompt: None = Field(default=None, description="Always null: the prompt is used as given.")
     seed: int = Field(description="Send it back (with n 1) to get the same image.")
     nsfw_content_detected: bool | None = Field(

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         default=None,
         description="Comma-separated ids the OpenAI API answers to (e.g. dall-e-3); unset: the model's name.",
     )
+    # OpenAI's url answers (service/web/clients/links.py): how long a link lasts (OpenAI: 60 minutes),
+    # how many bytes of PNGs the store keeps (least recently used out), and where (unset: memory).
+    image_link_ttl_s: float = Field(default=3600, gt=0, le=7 * 86400)
+    image_link_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    image_link_dir: Path | None = Field(default=None, description="A folder for them; unset: memory.")
     max_connections: int = Field(
         default=256, ge=1, description="Open connections (and requests) at once; beyond it: 503."
     )

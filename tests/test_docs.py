@@ -204,3 +204,19 @@ def test_the_quick_start_runs_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert "scripts/test.sh" in ci, ".ci/run runs the README's test command, scripts/test.sh"
     assert "scripts/setup.sh" in (ROOT / "scripts" / "serve.sh").read_text(), "serve.sh sets up .venv first"
+
+
+def test_the_sampler_table_is_the_servers() -> None:
+    """docs/api.md's samplers and schedules table names each A1111 sampler with the scheduler it
+    runs, as schemas/samplers.py maps them, and each runs with the diffusers class it says."""
+    from model.schedulers import scheduler_options
+    from schemas.samplers import SAMPLERS
+
+    rows = re.findall(
+        r"^\| `([^`]+)` \| `([^`]+)` \| `([A-Za-z0-9]+Scheduler)`", section("api.md", "Other clients"), re.M
+    )
+    assert [(name, scheduler) for name, scheduler, _ in rows] == [
+        (name, sampler.scheduler) for name, sampler in SAMPLERS.items()
+    ]
+    for _, scheduler, cls in rows:
+        assert scheduler_options(scheduler)[0].__name__ == cls

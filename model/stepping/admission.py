@@ -27,7 +27,9 @@ class PromptEncoder:
         self.dtype = dtype
         self._empty_negative: dict[AdapterSet, torch.Tensor] = {}
 
-    def encode(self, components: Any, texts: list[str]) -> torch.Tensor:
+    def encode(self, components: Any, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
+        """``clip_skip`` layers from the end: the hidden state before them through the final layer
+        norm, as StableDiffusionPipeline.encode_prompt takes it."""
         tokens = components.tokenizer(
             texts,
             padding="max_length",
@@ -38,13 +40,22 @@ class PromptEncoder:
         mask = None
         if getattr(components.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
-        out: torch.Tensor = components.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-        return out.to(self.dtype)
+        ids = tokens.input_ids.to(self.device)
+        if not clip_skip:
+            out: torch.Tensor = components.text_encoder(ids, attention_mask=mask)[0]
+            return out.to(self.dtype)
+        hidden = components.text_encoder(ids, attention_mask=mask, output_hidden_states=True)[-1]
+        # CLIPTextModel's final norm: under text_model before transformers 5.6, on the model after
+        encoder = components.text_encoder
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        skipped: torch.Tensor = norm(hidden[-(clip_skip + 1)])
+        return skipped.to(self.dtype)
 
     def encode_negatives(
         self, components: Any, negatives: list[str], adapters: AdapterSet = ()
     ) -> torch.Tensor:
-        """The negatives' embeddings, with ``adapters`` active in the text encoder."""
+        """The negatives' embeddings, with ``adapters`` active in the text encoder. CLIP skip never
+        applies to them: StableDiffusionPipeline.encode_prompt skips layers of the prompt only."""
         if all(n == "" for n in negatives):
             if adapters not in self._empty_negative:
                 if len(self._empty_negative) >= CACHED_NEGATIVES:  # the oldest other than none's
@@ -58,17 +69,17 @@ class PromptEncoder:
 def encode_items(
     components: Any, prompts: PromptEncoder, items: Sequence[GenerationItem], activate: Activate | None
 ) -> list[torch.Tensor]:
-    """Each item's embedding rows ([negative, prompt] guided, [prompt] not): per adapter set, one
-    text-encoder call for the prompts and one for the negatives of the guided items."""
-    groups: dict[AdapterSet, list[int]] = {}
+    """Each item's embedding rows ([negative, prompt] guided, [prompt] not): per adapter set and
+    CLIP skip, one text-encoder call for the prompts and one for the negatives of the guided items."""
+    groups: dict[tuple[AdapterSet, int], list[int]] = {}
     for index, item in enumerate(items):
-        groups.setdefault(item.adapters, []).append(index)
+        groups.setdefault((item.adapters, item.clip_skip), []).append(index)
     embeds: dict[int, torch.Tensor] = {}
-    for adapters, indices in groups.items():
+    for (adapters, clip_skip), indices in groups.items():
         if activate is not None:
             activate(adapters)
         group = [items[index] for index in indices]
-        positive = prompts.encode(components, [item.prompt for item in group])
+        positive = prompts.encode(components, [item.prompt for item in group], clip_skip)
         guided = [row for row, item in enumerate(group) if item.guidance_scale > 1]
         negatives = (
             prompts.encode_negatives(components, [group[row].negative_prompt for row in guided], adapters)
@@ -99,7 +110,7 @@ def admit_items(
     all_embeds = encode_items(components, prompts, items, activate)
     states = []
     for item, handle, embeds in zip(items, handles, all_embeds, strict=True):
-        scheduler = make_scheduler(components.scheduler, item.scheduler)
+        scheduler = make_scheduler(components.scheduler, item.scheduler, item.seed)
         scheduler.set_timesteps(item.num_inference_steps, device=device)
         generator = torch.Generator(device=device).manual_seed(item.seed)
         shape = (
@@ -118,7 +129,7 @@ def admit_items(
                 latents=noise * scheduler.init_noise_sigma,
                 embeds=embeds,
                 unet_timesteps=scheduler.timesteps.to("cpu", torch.float32).tolist(),
-                step_kwargs=step_kwargs(scheduler, generator),
+                step_kwargs=step_kwargs(scheduler, generator, item.eta),
             )
         )
     return states

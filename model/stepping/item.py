@@ -26,15 +26,15 @@ def step_parameters(scheduler: Any) -> frozenset[str]:
     return _STEP_PARAMETERS[cls]
 
 
-def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+def step_kwargs(scheduler: Any, generator: torch.Generator, eta: float = 0.0) -> dict[str, Any]:
     """What the pipeline passes to step(): the generator (ancestral samplers draw noise each
-    step) and eta 0, where the scheduler takes them."""
+    step) and the item's eta, where the scheduler takes them."""
     params = step_parameters(scheduler)
     kwargs: dict[str, Any] = {}
     if "generator" in params:
         kwargs["generator"] = generator
     if "eta" in params:
-        kwargs["eta"] = 0.0
+        kwargs["eta"] = eta
     return kwargs
 
 

@@ -29,6 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.runtime.metrics import Metrics
 from service.settings import Settings
+from service.web.errors import REASON_HEADER
 from service.web.middleware import OVER_CAPACITY
 
 log = logging.getLogger("service.access")
@@ -54,6 +55,37 @@ def refusal(status: int, phrase: str, code: str, message: str) -> bytes:
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+_REASON_LINE = b"\r\n" + REASON_HEADER.encode() + b": "
+
+
+def with_reason(data: bytes) -> bytes:
+    """An answer's head with the reason phrase the app gave in ``REASON_HEADER`` (service/web/
+    errors.py) as its status line's phrase, and without that header; anything else as it is.
+    httptools' and h11's protocols both write a head (status line and headers) in one write."""
+    start = data.find(_REASON_LINE) if data.startswith(b"HTTP/1.1 ") else -1
+    head_end = data.find(b"\r\n\r\n")
+    if start < 0 or start > head_end:
+        return data
+    end = data.index(b"\r\n", start + 2)
+    phrase = data[start + len(_REASON_LINE) : end]
+    status_end = data.index(b"\r\n")
+    status = data[: len(b"HTTP/1.1 200")]
+    return status + b" " + phrase + data[status_end:start] + data[end:]
+
+
+class ReasonTransport:
+    """The connection's transport, writing heads through ``with_reason``; the rest passes through."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(with_reason(bytes(data)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def guarded_protocol(settings: Settings, metrics: Metrics, base: type[Any] | None = None) -> type[Any]:
@@ -121,7 +153,7 @@ def guarded_protocol(settings: Settings, metrics: Metrics, base: type[Any] | Non
             self._live = ()
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
+            super().connection_made(ReasonTransport(transport))
             self._arm()
 
         def data_received(self, data: bytes) -> None:

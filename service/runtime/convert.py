@@ -13,6 +13,7 @@ from schemas.a1111 import Txt2ImgRequest
 from schemas.fields import DEFAULT_GUIDANCE, MAX_ADAPTERS
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
+from schemas.samplers import engine_scheduler
 from schemas.score import InputData
 from service.runtime.errors import ContractError
 from service.runtime.items import make_item, random_seed
@@ -34,7 +35,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
     image per prompt, row i gets base + i.
     """
     params = input_data.parameters
-    _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
+    scheduler = _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
     base_seed = params.seed if params.seed is not None else random_seed()
     per_prompt = params.num_images_per_prompt
     items: list[GenerationItem] = []
@@ -51,7 +52,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
                     guidance_scale=params.guidance_scale,
                     height=params.height,
                     width=params.width,
-                    scheduler=params.scheduler,
+                    scheduler=scheduler,
                     adapters=params.adapters,
                 )
             )
@@ -60,7 +61,7 @@ def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
 
 def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[GenerationItem]:
     """One item per image of ``POST /v1/images/generations``: the k-th gets seed + k, as on /score."""
-    _check_scheduler(request.scheduler, info, "scheduler")
+    scheduler = _check_scheduler(request.scheduler, info, "scheduler")
     base_seed = request.seed if request.seed is not None else random_seed()
     adapters = request.adapters
     if request.model in info.adapters and request.model not in (adapters or {}):
@@ -83,7 +84,7 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
             guidance_scale=request.guidance_scale,
             height=request.height,
             width=request.width,
-            scheduler=request.scheduler,
+            scheduler=scheduler,
             adapters=adapters,
         )
         for image in range(request.n)
@@ -95,7 +96,12 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
     as A1111 and /score number them; seed -1 draws one."""
     base_seed = request.seed if request.seed >= 0 else random_seed()
     scheduler = request.scheduler_name
-    _check_scheduler(scheduler, info, "sampler_name")
+    if scheduler is not None and scheduler not in info.schedulers:  # a sampler without that schedule
+        raise FieldError(
+            f"sampler_name: {request.sampler_label} runs here with the schedules GET /sdapi/v1/samplers "
+            "lists in its options; send one of those as scheduler (or Automatic)",
+            param="sampler_name",
+        )
     return [
         make_item(
             info,
@@ -108,6 +114,8 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
             width=request.width,
             scheduler=scheduler,
             adapters=request.adapters,
+            eta=request.engine_eta,
+            clip_skip=request.clip_layers - 1,  # A1111's 1 (the last layer) is diffusers' 0
         )
         for image in range(request.images)
     ]
@@ -116,8 +124,7 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
 def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[GenerationItem]:
     """The one image of Hugging Face's text-to-image task (``POST /``)."""
     params = request.parameters
-    scheduler = params.scheduler_name
-    _check_scheduler(scheduler, info, "parameters.scheduler")
+    scheduler = _check_scheduler(params.scheduler_name, info, "parameters.scheduler")
     return [
         make_item(
             info,
@@ -133,12 +140,19 @@ def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[G
     ]
 
 
-def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> None:
-    """The one check of a request's scheduler: the names are the model's (GET /info), which
-    schemas/ cannot know, and the message names the field without repeating the client's text."""
-    if scheduler is not None and scheduler not in info.schedulers:
+def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> str | None:
+    """The one check of a request's scheduler: the names are the model's (GET /info), or an
+    A1111 sampler name for one of them ("DPM++ 2M Karras"), which schemas/ cannot know; the
+    message names the field without repeating the client's text. Returns the engine's name."""
+    name = engine_scheduler(scheduler) if scheduler is not None else None
+    if name is not None and name not in info.schedulers:
         param = where.rpartition(".")[2]
-        raise FieldError(f"{where} must be one of: {', '.join(info.schedulers)}", param=param)
+        raise FieldError(
+            f"{where} must be one of: {', '.join(info.schedulers)}, or an AUTOMATIC1111 sampler name "
+            '(GET /sdapi/v1/samplers, optionally followed by a schedule: "DPM++ 2M Karras")',
+            param=param,
+        )
+    return name
 
 
 def to_records(
@@ -156,14 +170,23 @@ def to_records(
     ]
 
 
-def to_image_data(results: Sequence[GenerationResult], images_base64: Sequence[str]) -> list[dict[str, Any]]:
-    """OpenAI's ``data`` list: one entry per image, with its seed and NSFW flag as extensions."""
+def to_image_data(
+    results: Sequence[GenerationResult],
+    images_base64: Sequence[str],
+    urls: Sequence[str | None] | None = None,
+    *,
+    inline: bool = True,
+) -> list[dict[str, Any]]:
+    """OpenAI's ``data`` list: one entry per image (its base64 when ``inline``, its link when
+    ``urls`` are given), with its seed and NSFW flag as extensions."""
+    links = urls if urls is not None else [None] * len(results)
     return [
         {
-            "b64_json": image,
+            "b64_json": image if inline else None,
+            "url": url,
             "revised_prompt": None,
             "seed": result.seed,
             "nsfw_content_detected": result.nsfw_content_detected,
         }
-        for result, image in zip(results, images_base64, strict=True)
+        for result, image, url in zip(results, images_base64, links, strict=True)
     ]

@@ -40,9 +40,11 @@ def make_item(
     width: int | None,
     scheduler: str | None,
     adapters: dict[str, float] | None = None,
+    eta: float = 0.0,
+    clip_skip: int = 0,
 ) -> GenerationItem:
     """One item; None for height, width or scheduler means the model's own; ``adapters``: LoRA
-    adapter names and scales."""
+    adapter names and scales; ``eta`` and ``clip_skip`` as ``GenerationItem`` reads them."""
     return GenerationItem(
         prompt=prompt,
         seed=seed,
@@ -53,4 +55,6 @@ def make_item(
         width=width or info.native_width,
         scheduler=scheduler or DEFAULT_SCHEDULER,  # the engine's name for the model's own
         adapters=adapter_set(adapters),
+        eta=eta,
+        clip_skip=clip_skip,
     )

@@ -24,7 +24,7 @@ from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 from service.web import docs, openai, routes, ui
-from service.web.clients import a1111, control, huggingface
+from service.web.clients import a1111, a1111_lists, control, huggingface, links
 from service.web.errors import request_components, scope_error_response
 from service.web.guards import (
     CrossOriginMiddleware,
@@ -54,10 +54,12 @@ same limits and generation path; errors on `/v1/*` are OpenAI's `{"error": {"mes
 """
 
 
-CLIENT_ROUTERS = (huggingface.router, a1111.router, control.router)
+CLIENT_ROUTERS = (huggingface.router, a1111.router, a1111_lists.router, control.router, links.router)
 # POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check (the
 # cross-origin rule of service/web/guards.py keeps other sites' pages from sending them).
-BODYLESS_POSTS = frozenset({"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel"})
+BODYLESS_POSTS = frozenset(
+    {"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel", *a1111_lists.BODYLESS}
+)
 
 
 def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
+    app.state.image_links = links.links_from(settings)  # OpenAI's url answers
     app.state.jobs = Jobs()  # requests in flight, to follow and stop by id (service/web/clients/)
 
     # Errors: one table (service/web/errors.py) for the server's, the engine's and routing's exceptions.

@@ -110,6 +110,10 @@ class RequestNotFoundError(ServiceError):
     """No running request of the caller has the id it asked to cancel."""
 
 
+class LinkNotFoundError(ServiceError):
+    """An image link (OpenAI's url answers) is unknown, expired, or left the store for newer ones."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -125,6 +129,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     CrossOriginError: ErrorKind(403, "cross_origin_request"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
+    LinkNotFoundError: ErrorKind(404, "link_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
@@ -215,6 +220,22 @@ def _classify(error: BaseException) -> tuple[ErrorKind, str]:
     return kind, str(error) or kind.code.replace("_", " ")
 
 
+# The status line's reason phrase of an error answer, carried from the app to the protocol in this
+# header (service/hosts/connections.py writes it into the status line and drops the header): clients
+# that show only the status and its phrase (Open WebUI's OpenAI engine shows aiohttp's
+# ``ClientResponseError.message``) then show what to change. Reason phrases are free text (RFC 9112).
+REASON_HEADER = "x-sd-reason"
+MAX_REASON_CHARS = 200
+
+
+def reason_phrase(status: int, message: str) -> str:
+    """The standard phrase and the message's first line, in the printable ASCII a status line takes."""
+    standard = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Error"
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    text = f"{standard}: {first}" if first else standard
+    return "".join(char if " " <= char <= "~" else "?" for char in text)[:MAX_REASON_CHARS]
+
+
 def error_response(error: BaseException, *, path: str = "", method: str = "GET") -> JSONResponse:
     """The JSON answer for ``error`` in the shape of the client whose route ``method`` and ``path``
     name (OpenAI's under /v1/, A1111's under /sdapi/, Hugging Face's on POST /), whichever layer
@@ -236,6 +257,7 @@ def error_response(error: BaseException, *, path: str = "", method: str = "GET")
         response = error_json(kind.status, kind.code, message, kind.retry_after_s)
     if isinstance(error, HTTPException) and error.headers:
         response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
+    response.headers[REASON_HEADER] = reason_phrase(response.status_code, message)
     return response
 
 

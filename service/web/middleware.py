@@ -40,6 +40,9 @@ MAX_ID_CHARS = 100
 ID_HEADERS = ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")
 # Probes and scrapes: open without a key, and logged at DEBUG so they do not drown the log.
 OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/ui"})
+# GETs under these are open too: the image links of OpenAI's url answers, where the unguessable
+# token in the path is the permission (service/web/clients/links.py).
+OPEN_PREFIXES = ("/v1/images/files/",)
 PROBE_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics"})
 # Set in the scope by the protocol (service/hosts/connections.py) beyond SD_MAX_CONNECTIONS: 503 here.
 OVER_CAPACITY = "sd_endpoint.over_capacity"
@@ -122,7 +125,9 @@ class RequestContextMiddleware:
             self.metrics.request_duration.labels(route=route).observe(seconds)
             probe = path in PROBE_PATHS and scope["method"] in ("GET", "HEAD")  # POST / generates
             level = logging.DEBUG if probe and status < 500 else logging.INFO
-            log.log(level, "%s %s %d %.1f ms", cap(scope["method"], 20), cap(path), status, seconds * 1000)
+            # an image link's token is its permission: the log holds the route's template instead
+            shown = str(template) if path.startswith(OPEN_PREFIXES) else path
+            log.log(level, "%s %s %d %.1f ms", cap(scope["method"], 20), cap(shown), status, seconds * 1000)
             request_id_var.reset(token)
 
     @staticmethod
@@ -200,7 +205,8 @@ class ApiKeyMiddleware:
         self._digests = tuple(hashlib.sha256(key).digest() for key in keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        open_path = scope.get("method") == "GET" and scope["path"] in OPEN_PATHS  # POST / needs a key
+        path = scope.get("path", "")  # POST / needs a key
+        open_path = scope.get("method") == "GET" and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES))
         if scope["type"] != "http" or not self._digests or open_path:
             await self.app(scope, receive, send)
             return

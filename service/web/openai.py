@@ -10,6 +10,8 @@ in OpenAI's shape by service/web/errors.py, from the same table.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import time
 from typing import Any
 
@@ -29,6 +31,7 @@ from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.common import lifecycle_of, served_names
+from service.web.clients.links import link_url, links_of
 from service.web.clients.streaming import stream_images
 from service.web.errors import ModelNotFoundError, error_responses, json_body
 from service.web.routes import answer_generation
@@ -36,6 +39,12 @@ from service.web.routes import answer_generation
 router = APIRouter(prefix="/v1", tags=["openai"])
 OWNER = "sd-endpoint"
 ADAPTER_OWNER = "sd-endpoint (LoRA adapter)"  # a LoRA adapter of SD_ADAPTERS: the model with it at scale 1
+# OpenAI's own image model ids: the defaults of the clients built on OpenAI's API (Open WebUI's
+# dall-e-2, LangChain's and LiteLLM's dall-e-2, the SDK users' dall-e-3 or gpt-image-1). Without
+# SD_SERVED_MODEL_NAMES they name the served model, so those clients work unchanged; they are not
+# listed (GET /v1/models shows the real name). SD_SERVED_MODEL_NAMES replaces them.
+OPENAI_IDS = ("dall-e-2", "dall-e-3", "gpt-image-1")
+OPENAI_ID_OWNER = "sd-endpoint (OpenAI's id, for the served model)"
 _STARTED = int(time.time())  # a model's "created": when this server process started
 
 _ERRORS = error_responses(
@@ -51,9 +60,15 @@ def _served(name: str, owner: str = OWNER) -> OpenAIModel:
     return OpenAIModel(id=name, created=_STARTED, owned_by=owner)
 
 
+def _openai_ids(lifecycle: Lifecycle) -> tuple[str, ...]:
+    """OpenAI's ids, when SD_SERVED_MODEL_NAMES does not say which names this server answers to."""
+    return () if lifecycle.settings.served_model_name_list else OPENAI_IDS
+
+
 def _model_ids(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
-    """Every id ``model`` may name: the served names, then each LoRA adapter (the model with it)."""
-    return served_names(lifecycle) + info.adapters
+    """Every id ``model`` may name: the served names, each LoRA adapter (the model with it), then
+    OpenAI's ids where they name the served model."""
+    return served_names(lifecycle) + info.adapters + _openai_ids(lifecycle)
 
 
 def _require_served(model: str | None, names: tuple[str, ...]) -> None:
@@ -64,11 +79,23 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
         )
 
 
-async def _generate(runtime: Runtime, request: ImageGenerationRequest, job: Job) -> dict[str, Any]:
+async def _generate(
+    runtime: Runtime, parsed: ImageGenerationRequest, job: Job, request: Request
+) -> dict[str, Any]:
     """A parsed images request -> OpenAI's images answer, through /score's generation path."""
-    items = openai_to_items(request, runtime.engine.info)
+    items = openai_to_items(parsed, runtime.engine.info)
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)
-    return {"created": int(time.time()), "data": to_image_data(results, images)}
+    # 3. Links, when the client reads them (service/web/clients/links.py).
+    urls = None
+    if parsed.linked:
+        links = links_of(request)
+
+        def store() -> list[str | None]:  # off the event loop: decoding, and writing files
+            return [link_url(request, links.put(base64.b64decode(image))) for image in images]
+
+        urls = await asyncio.to_thread(store)
+    data = to_image_data(results, images, urls, inline=parsed.inline)
+    return {"created": int(time.time()), "data": data}
 
 
 @router.post(
@@ -100,7 +127,7 @@ async def create_images(request: Request) -> Any:
     if parsed.stream:  # Server-Sent Events (service/web/clients/streaming.py)
         return await stream_images(request, parsed)
     return await answer_generation(
-        request, lambda runtime, _, job: _generate(runtime, parsed, job), client="openai"
+        request, lambda runtime, _, job: _generate(runtime, parsed, job, request), client="openai"
     )
 
 
@@ -127,4 +154,6 @@ def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
     lifecycle = lifecycle_of(request)
     info = lifecycle.require_ready().engine.info
     _require_served(model_id, _model_ids(lifecycle, info))
-    return _served(model_id, ADAPTER_OWNER if model_id in info.adapters else OWNER)
+    if model_id in info.adapters:
+        return _served(model_id, ADAPTER_OWNER)
+    return _served(model_id, OPENAI_ID_OWNER if model_id in _openai_ids(lifecycle) else OWNER)

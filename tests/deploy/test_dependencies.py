@@ -16,6 +16,8 @@ THROUGH_DIFFUSERS = {
     "peft": "diffusers' LoRA loaders (model/adapters.py)",
     "accelerate": "diffusers' low-memory loading",
     "huggingface-hub": "diffusers' and transformers' model downloads",
+    "scipy": "diffusers' LMSDiscreteScheduler (model/schedulers.py)",
+    "torchsde": "diffusers' DPMSolverSDEScheduler (model/schedulers.py)",
 }
 
 

@@ -23,6 +23,8 @@ def stock_image(pipe: Any, item: GenerationItem) -> np.ndarray:
         width=item.width,
         generator=torch.Generator("cpu").manual_seed(item.seed),
         output_type="np",
+        eta=item.eta,
+        clip_skip=item.clip_skip or None,
     )
     image: np.ndarray = out.images[0]
     return image

@@ -86,7 +86,8 @@ def test_the_handshakes_of_open_webui_and_sillytavern(server: Server) -> None:
     assert [(m["title"], m["model_name"]) for m in models] == [(SERVED, SERVED)]
     samplers = [entry["name"] for entry in get(server, "/sdapi/v1/samplers").json()]
     assert {"Euler", "Euler a", "DDIM", "DPM++ 2M", "UniPC"} <= set(samplers)
-    assert [entry["label"] for entry in get(server, "/sdapi/v1/schedulers").json()] == ["Automatic"]
+    schedules = [entry["label"] for entry in get(server, "/sdapi/v1/schedulers").json()]
+    assert schedules == ["Automatic", "Uniform", "Normal", "Karras", "Exponential"]
     assert [entry["name"] for entry in get(server, "/sdapi/v1/upscalers").json()] == ["None"]
     for path in ("/sdapi/v1/latent-upscale-modes", "/sdapi/v1/sd-vae", "/sdapi/v1/loras"):
         assert get(server, path).json() == []
@@ -165,14 +166,16 @@ def test_sillytaverns_body_equals_score_and_its_auth_is_never_echoed(server: Ser
         ({"restore_faces": True}, "restore_faces"),
         ({"tiling": 1}, "tiling"),
         ({"override_settings": {"sd_model_checkpoint": "sdxl.safetensors"}}, "override_settings"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "CLIP_stop_at_last_layers"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP_stop_at_last_layers"),
         ({"override_settings": {"sd_vae": "kl-f8.pt"}}, "sd_vae"),
-        ({"sampler_name": "DPM++ 2M Karras"}, "sampler_name"),
-        ({"sampler_name": "euler ", "scheduler": "Karras"}, "scheduler"),
+        ({"sampler_name": "DPM++ 9M"}, "sampler_name"),
+        ({"sampler_name": "PLMS", "scheduler": "Karras"}, "sampler_name"),
+        ({"sampler_name": "euler ", "scheduler": "Polyexponential"}, "scheduler"),
         ({"styles": ["cinematic"]}, "styles"),
-        ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts"),
+        ({"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}}, "ADetailer"),
+        ({"eta": 0}, "eta"),
         ({"subseed_strength": 0.5}, "subseed_strength"),
-        ({"clip_skip": 2}, "clip_skip"),
+        ({"clip_skip": 13}, "clip_skip"),
         ({"s_noise": 0.5}, "s_noise"),
         ({"s_noise": "x", "sampler_name": "Euler"}, "s_noise"),  # used by no sampler here, yet a number
         ({"s_noise": True, "sampler_name": "Euler"}, "s_noise"),

@@ -130,7 +130,7 @@ def test_the_same_seed_gives_the_same_images_and_score_draws_them_the_same(
         ({"size": "100x100"}, "size", "multiple of 8 from 128 to 1024"),
         ({"size": "2048x2048"}, "size", "multiple of 8 from 128 to 1024"),
         ({"size": "512"}, "size", "WIDTHxHEIGHT"),
-        ({"response_format": "url"}, "response_format", "b64_json"),
+        ({"response_format": "png"}, "response_format", '"b64_json" or "url"'),
         ({"quality": "ultra"}, "quality", "must be one of: auto, standard, hd"),
         ({"style": "baroque"}, "style", "must be one of: vivid, natural"),
         ({"moderation": "none"}, "moderation", "must be one of: auto, low"),
@@ -208,11 +208,15 @@ def test_models_lists_and_retrieves_the_served_names_and_only_those(client: open
     assert SERVED in raised.value.body["message"] and ALIAS in raised.value.body["message"]  # type: ignore[index]
 
 
-def test_without_served_names_only_the_model_itself_is_listed(full_queue: str) -> None:
+def test_without_served_names_only_the_model_itself_is_listed_and_openais_ids_name_it(
+    full_queue: str,
+) -> None:
     client = openai.OpenAI(base_url=f"{full_queue}/v1", api_key="unused", max_retries=0)
     assert [model.id for model in client.models.list()] == [SERVED]
+    for openai_id in ("dall-e-2", "dall-e-3", "gpt-image-1"):
+        assert "OpenAI's id" in client.models.retrieve(openai_id).owned_by
     with pytest.raises(openai.NotFoundError):
-        client.models.retrieve(ALIAS)
+        client.models.retrieve("dall-e-4")
 
 
 def test_score_keeps_its_own_shapes_beside_the_openai_api(server: Server) -> None:

@@ -111,3 +111,21 @@ def test_a_client_that_reads_nothing_is_cut_off_and_one_that_reads_slowly_is_not
             received += len(chunk)
             time.sleep(0.02)
     assert received > 3 * size and time.monotonic() - started > SEND_TIMEOUT_S * 1.5
+
+
+def test_an_error_answers_status_line_says_what_to_change(server: ThreadServer) -> None:
+    """Both implementations write the app's reason phrase (service/web/errors.py REASON_HEADER) into
+    the status line and drop the header; answers without one keep the standard phrase."""
+    body = json.dumps(request_body(["x"], num_inference_steps=0)).encode()
+    post = (
+        b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+    answer = exchange(server.url, [post], read_s=30)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(
+        b"HTTP/1.1 422 Unprocessable Entity: input_data.parameters.num_inference_steps"
+    )
+    assert b"x-sd-reason" not in rest.split(b"\r\n\r\n", 1)[0]
+    assert exchange(server.url, [HEAD + b"Connection: close\r\n\r\n"]).startswith(b"HTTP/1.1 200 OK\r\n")

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from model.types import ModelInfo
-from schemas.a1111 import AUTOMATIC, NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, SAMPLERS, Txt2ImgRequest
+from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest
+from schemas.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
 from service.runtime.convert import FieldError, a1111_to_items
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
@@ -56,7 +57,7 @@ def _require_served(checkpoint: str | None, names: tuple[str, ...], where: str) 
 # ----------------------------------------------------------------------------- generation
 def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool | None]) -> dict[str, Any]:
     """A1111's ``info`` (sent as a JSON string): what was drawn, with every image's seed."""
-    sampler = parsed.sampler_name or parsed.sampler_index or "Default"
+    sampler = parsed.sampler_label or "Default"
     return {
         "prompt": parsed.prompt,
         "all_prompts": [parsed.prompt] * len(seeds),
@@ -70,7 +71,7 @@ def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool
         "width": parsed.width,
         "height": parsed.height,
         "sampler_name": sampler,
-        "scheduler": AUTOMATIC,
+        "scheduler": parsed.scheduler or AUTOMATIC,
         "cfg_scale": parsed.cfg_scale,
         "steps": parsed.steps,
         "batch_size": parsed.batch_size,
@@ -80,7 +81,8 @@ def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": None,
-        "clip_skip": 1,
+        "clip_skip": parsed.clip_layers,
+        "eta": parsed.eta,
         "index_of_first_image": 0,
         "infotexts": [
             f"{parsed.prompt}\nNegative prompt: {parsed.negative_prompt}\nSteps: {parsed.steps}, "
@@ -171,11 +173,20 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
 
 
 def _samplers(info: ModelInfo) -> list[dict[str, Any]]:
-    return [
-        {"name": name, "aliases": list(aliases), "options": {"scheduler": scheduler}}
-        for name, (scheduler, aliases) in SAMPLERS.items()
-        if scheduler in info.schedulers
-    ]
+    """A1111's shape; ``options`` says what each runs here: this server's scheduler (the one
+    "Automatic" picks) and the schedules this model offers with it."""
+    listed = []
+    for name, sampler in SAMPLERS.items():
+        if sampler.scheduler not in info.schedulers:
+            continue
+        schedules = [
+            label
+            for key, (label, flag) in SCHEDULES.items()
+            if flag is None or f"{sampler.scheduler}{SCHEDULE_SEPARATOR}{flag}" in info.schedulers
+        ]
+        options = {"scheduler": scheduler_for(name, None), "schedules": schedules}
+        listed.append({"name": name, "aliases": list(sampler.aliases), "options": options})
+    return listed
 
 
 @router.get("/samplers", summary="Samplers, each with the scheduler of this server it runs")
@@ -183,11 +194,14 @@ def samplers(request: Request) -> list[dict[str, Any]]:
     return _samplers(lifecycle_of(request).require_ready().engine.info)
 
 
-@router.get("/schedulers", summary='Schedules: only "Automatic" (each sampler\'s own)')
+@router.get("/schedulers", summary="Schedules: Automatic (each sampler's own), Uniform, Karras...")
 def schedulers(request: Request) -> list[dict[str, Any]]:
     lifecycle_of(request).require_ready()
-    entry = {"name": AUTOMATIC.lower(), "label": AUTOMATIC, "aliases": None, "default_rho": -1}
-    return [{**entry, "need_inner_model": False}]
+    return [
+        {"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else -1}
+        | {"need_inner_model": key == "uniform"}
+        for key, (label, _) in SCHEDULES.items()
+    ]
 
 
 @router.get("/upscalers", summary='Upscalers: only "None" (no high-resolution pass here)')
