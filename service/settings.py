@@ -133,13 +133,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_ms: float = Field(default=20, ge=0, description=_NO_EFFECT)
     max_queue_items: int = Field(default=64, ge=1)
-    # A fair share per caller (service/runtime/batching/fairness.py): images waiting or running per
-    # API key (unset: half of SD_MAX_QUEUE_ITEMS with SD_API_KEYS, the whole queue without), each
-    # key's weight (in SD_API_KEYS' order), and the UNet calls (sizes x adapter sets) per step.
+    # A fair share per caller (service/runtime/batching/fairness.py; docs/settings.md).
     max_images_per_key: int | None = Field(default=None, ge=1)
-    key_weights: str | None = Field(
-        default=None, description="Comma-separated weights, one per key of SD_API_KEYS, in order (default 1)."
-    )
+    key_weights: str | None = Field(default=None, description="One weight per key of SD_API_KEYS, in order.")
     max_groups_per_step: int = Field(default=4, ge=1)
     request_timeout_s: float = Field(default=85, gt=0)
     # At least the request deadline by default, so a rolling update never cuts off a request it took.
@@ -326,10 +322,9 @@ class Settings(BaseSettings):
         weights = [weight.strip() for weight in self.key_weights.split(",")]
         if not all(re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6})?", w) and float(w) > 0 for w in weights):
             raise ValueError("SD_KEY_WEIGHTS: expected comma-separated positive numbers (e.g. 2,1,1)")
-        if len(weights) != len(self.api_key_list):
+        if len(weights) != len(keys := self.api_key_list):
             raise ValueError(
-                f"SD_KEY_WEIGHTS: {len(weights)} weights for {len(self.api_key_list)} keys of SD_API_KEYS; "
-                "give one weight per key, in the same order"
+                f"SD_KEY_WEIGHTS: {len(weights)} weights for {len(keys)} keys of SD_API_KEYS; give one each"
             )
         return self
 
