@@ -36,7 +36,7 @@ from schemas.fields import (
 )
 from service.batch.errors import BatchConfigError
 from service.runtime.items import MAX_SEED as MAX_SEED
-from service.runtime.items import SEED_DRAW_RANGE, make_item
+from service.runtime.items import SEED_DRAW_RANGE, Ask, Prompt
 
 if TYPE_CHECKING:
     from model.types import GenerationItem, ModelInfo
@@ -115,18 +115,16 @@ class JobParams:
         }
 
     def item(self, prompt: str, negative_prompt: str, seed: int, info: ModelInfo) -> GenerationItem:
-        return make_item(
-            info,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
+        ask = Ask(
+            prompts=(Prompt(prompt, negative_prompt, seed),),
+            steps=self.num_inference_steps,
+            guidance=self.guidance_scale,
             height=self.height,
             width=self.width,
             scheduler=self.scheduler,
             adapters=self.adapters,
         )
+        return ask.items(info)[0]
 
 
 def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:

@@ -5,7 +5,7 @@ checked here is the scheduler, whose names only the model knows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
@@ -16,7 +16,7 @@ from schemas.openai import ImageGenerationRequest
 from schemas.samplers import engine_scheduler
 from schemas.score import InputData
 from service.runtime.errors import ContractError
-from service.runtime.items import make_item, random_seed
+from service.runtime.items import Ask, Prompt
 
 
 class FieldError(ContractError):
@@ -27,42 +27,28 @@ class FieldError(ContractError):
         self.param = param
 
 
-def to_items(input_data: InputData, info: ModelInfo) -> list[GenerationItem]:
-    """One item per image, in response order: each row's images in a run, rows in input order.
-
-    Seeds: a row's own seed s gives its images s, s+1, ...; otherwise the n-th image of the response
-    gets base + n, where base is ``parameters.seed`` or one random number per request. With one
-    image per prompt, row i gets base + i.
-    """
+def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
+    """/score's rows and parameters; a row's own seed and negative prompt win over the parameters'."""
     params = input_data.parameters
-    scheduler = _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
-    base_seed = params.seed if params.seed is not None else random_seed()
-    per_prompt = params.num_images_per_prompt
-    items: list[GenerationItem] = []
-    for row in input_data.rows:
-        for image in range(per_prompt):
-            seed = (row.seed + image) if row.seed is not None else base_seed + len(items)
-            items.append(
-                make_item(
-                    info,
-                    prompt=row.prompt,
-                    seed=seed,
-                    negative_prompt=row.negative_prompt or params.negative_prompt or "",
-                    num_inference_steps=params.num_inference_steps,
-                    guidance_scale=params.guidance_scale,
-                    height=params.height,
-                    width=params.width,
-                    scheduler=scheduler,
-                    adapters=params.adapters,
-                )
-            )
-    return items
+    return Ask(
+        prompts=tuple(
+            Prompt(row.prompt, row.negative_prompt or params.negative_prompt or "", row.seed)
+            for row in input_data.rows
+        ),
+        steps=params.num_inference_steps,
+        guidance=params.guidance_scale,
+        per_prompt=params.num_images_per_prompt,
+        seed=params.seed,
+        height=params.height,
+        width=params.width,
+        scheduler=_check_scheduler(params.scheduler, info, "input_data.parameters.scheduler"),
+        adapters=params.adapters,
+    )
 
 
-def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[GenerationItem]:
-    """One item per image of ``POST /v1/images/generations``: the k-th gets seed + k, as on /score."""
-    scheduler = _check_scheduler(request.scheduler, info, "scheduler")
-    base_seed = request.seed if request.seed is not None else random_seed()
+def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
+    """``POST /v1/images/generations``: ``n`` images of one prompt; a ``model`` that names an adapter
+    is the served model with that adapter."""
     adapters = request.adapters
     if request.model in info.adapters and request.model not in (adapters or {}):
         # An adapter's id: the model with it at scale 1, beside any the request lists (an empty
@@ -74,27 +60,21 @@ def openai_to_items(request: ImageGenerationRequest, info: ModelInfo) -> list[Ge
                 f"give at most {MAX_ADAPTERS} in all",
                 param="adapters",
             )
-    return [
-        make_item(
-            info,
-            prompt=request.prompt,
-            seed=base_seed + image,
-            negative_prompt=request.negative_prompt or "",
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            height=request.height,
-            width=request.width,
-            scheduler=scheduler,
-            adapters=adapters,
-        )
-        for image in range(request.n)
-    ]
+    return Ask(
+        prompts=(Prompt(request.prompt, request.negative_prompt or ""),),
+        steps=request.num_inference_steps,
+        guidance=request.guidance_scale,
+        per_prompt=request.n,
+        seed=request.seed,
+        height=request.height,
+        width=request.width,
+        scheduler=_check_scheduler(request.scheduler, info, "scheduler"),
+        adapters=adapters,
+    )
 
 
-def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationItem]:
-    """One item per image of ``POST /sdapi/v1/txt2img`` (batch_size x n_iter): image k gets seed + k,
-    as A1111 and /score number them; seed -1 draws one."""
-    base_seed = request.seed if request.seed >= 0 else random_seed()
+def a1111_ask(request: Txt2ImgRequest, info: ModelInfo) -> Ask:
+    """``POST /sdapi/v1/txt2img``: batch_size x n_iter images of one prompt; seed -1 draws one."""
     scheduler = request.scheduler_name
     if scheduler is not None and scheduler not in info.schedulers:  # a sampler without that schedule
         raise FieldError(
@@ -102,42 +82,49 @@ def a1111_to_items(request: Txt2ImgRequest, info: ModelInfo) -> list[GenerationI
             "lists in its options; send one of those as scheduler (or Automatic)",
             param="sampler_name",
         )
-    return [
-        make_item(
-            info,
-            prompt=request.prompt,
-            seed=base_seed + image,
-            negative_prompt=request.negative_prompt,
-            num_inference_steps=request.steps,
-            guidance_scale=request.cfg_scale,
-            height=request.height,
-            width=request.width,
-            scheduler=scheduler,
-            adapters=request.adapters,
-            eta=request.engine_eta,
-            clip_skip=request.clip_layers - 1,  # A1111's 1 (the last layer) is diffusers' 0
-        )
-        for image in range(request.images)
-    ]
+    return Ask(
+        prompts=(Prompt(request.prompt, request.negative_prompt),),
+        steps=request.steps,
+        guidance=request.cfg_scale,
+        per_prompt=request.images,
+        seed=request.seed if request.seed >= 0 else None,
+        height=request.height,
+        width=request.width,
+        scheduler=scheduler,
+        adapters=request.adapters,
+        eta=request.engine_eta,
+        clip_skip=request.clip_layers - 1,  # A1111's 1 (the last layer) is diffusers' 0
+    )
 
 
-def huggingface_to_items(request: TextToImageRequest, info: ModelInfo) -> list[GenerationItem]:
-    """The one image of Hugging Face's text-to-image task (``POST /``)."""
+def huggingface_ask(request: TextToImageRequest, info: ModelInfo) -> Ask:
+    """Hugging Face's text-to-image task (``POST /``): one image."""
     params = request.parameters
-    scheduler = _check_scheduler(params.scheduler_name, info, "parameters.scheduler")
-    return [
-        make_item(
-            info,
-            prompt=request.inputs,
-            seed=params.seed if params.seed is not None else random_seed(),
-            negative_prompt=params.negative_prompt or "",
-            num_inference_steps=params.num_inference_steps or 1,  # set by validation
-            guidance_scale=DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale,
-            height=params.height,
-            width=params.width,
-            scheduler=scheduler,
-        )
-    ]
+    return Ask(
+        prompts=(Prompt(request.inputs, params.negative_prompt or "", params.seed),),
+        steps=params.num_inference_steps or 1,  # set by validation
+        guidance=DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale,
+        height=params.height,
+        width=params.width,
+        scheduler=_check_scheduler(params.scheduler_name, info, "parameters.scheduler"),
+    )
+
+
+# The one table of the protocols' requests: each maps its schema to an Ask (what it asks of the
+# engine), and the items come from the Ask alone.
+ASKS: dict[type[Any], Callable[[Any, ModelInfo], Ask]] = {
+    InputData: score_ask,
+    ImageGenerationRequest: openai_ask,
+    Txt2ImgRequest: a1111_ask,
+    TextToImageRequest: huggingface_ask,
+}
+
+
+def items_of(
+    request: InputData | ImageGenerationRequest | Txt2ImgRequest | TextToImageRequest, info: ModelInfo
+) -> list[GenerationItem]:
+    """One item per image of any protocol's parsed request, in response order (items.Ask)."""
+    return ASKS[type(request)](request, info).items(info)
 
 
 def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> str | None:

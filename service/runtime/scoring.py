@@ -22,7 +22,7 @@ from model.types import GenerationItem, GenerationResult
 from schemas.fields import describe_location, describe_problem
 from schemas.score import ScoreLimits, ScoreRequest
 from service.runtime.batching.steploop import StepLoop
-from service.runtime.convert import FieldError, to_items, to_records
+from service.runtime.convert import FieldError, items_of, to_records
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, MalformedJsonError, QueueFullError, RequestCancelledError
 from service.runtime.images import encode_png_base64
@@ -224,7 +224,7 @@ class Scorer:
     async def score(self, body: bytes, job: Job | None = None) -> list[dict[str, Any]]:
         """The response records for ``body``; raises the errors of service/web/errors.py's table."""
         request = await parse_body_off_loop(body, ScoreRequest, self._limits)
-        items = to_items(request.input_data, self._engine.info)
+        items = items_of(request.input_data, self._engine.info)
         results, images = await self.generate(items, prompts=len(request.input_data.rows), job=job)
         return to_records(items, results, images)
 

@@ -26,7 +26,7 @@ from schemas.openai import (
     OpenAIModel,
     OpenAIModelList,
 )
-from service.runtime.convert import openai_to_items, to_image_data
+from service.runtime.convert import items_of, to_image_data
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
@@ -83,7 +83,7 @@ async def _generate(
     runtime: Runtime, parsed: ImageGenerationRequest, job: Job, request: Request
 ) -> dict[str, Any]:
     """A parsed images request -> OpenAI's images answer, through /score's generation path."""
-    items = openai_to_items(parsed, runtime.engine.info)
+    items = items_of(parsed, runtime.engine.info)
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)
     # 3. Links, when the client reads them (service/web/clients/links.py).
     urls = None

@@ -13,13 +13,7 @@ from schemas.a1111 import Txt2ImgRequest
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import ScoreRequest
-from service.runtime.convert import (
-    FieldError,
-    a1111_to_items,
-    huggingface_to_items,
-    openai_to_items,
-    to_items,
-)
+from service.runtime.convert import FieldError, items_of
 from tests.runtime.fakes import INFO
 
 SERVED = replace(INFO, schedulers=offered_schedulers())
@@ -32,9 +26,9 @@ def schedulers_of(scheduler: str) -> set[str]:
     openai = ImageGenerationRequest.model_validate({"prompt": "x", "scheduler": scheduler})
     hf = TextToImageRequest.model_validate({"inputs": "x", "parameters": {"scheduler": scheduler}})
     items = [
-        *to_items(score.input_data, SERVED),
-        *openai_to_items(openai, SERVED),
-        *huggingface_to_items(hf, SERVED),
+        *items_of(score.input_data, SERVED),
+        *items_of(openai, SERVED),
+        *items_of(hf, SERVED),
     ]
     return {item.scheduler for item in items}
 
@@ -56,13 +50,11 @@ def test_the_same_choice_through_every_route(
 ) -> None:
     assert schedulers_of(name) == {expected}
     body = {"prompt": "x", "sampler_name": sampler} | ({"scheduler": schedule} if schedule else {})
-    assert {item.scheduler for item in a1111_to_items(Txt2ImgRequest.model_validate(body), SERVED)} == {
-        expected
-    }
+    assert {item.scheduler for item in items_of(Txt2ImgRequest.model_validate(body), SERVED)} == {expected}
 
 
 def test_a_scheduler_no_route_knows_names_the_field_and_the_a1111_names() -> None:
     openai = ImageGenerationRequest.model_validate({"prompt": "x", "scheduler": "DDIM Karras"})
     with pytest.raises(FieldError, match="AUTOMATIC1111 sampler name") as caught:
-        openai_to_items(openai, SERVED)
+        items_of(openai, SERVED)
     assert caught.value.param == "scheduler"

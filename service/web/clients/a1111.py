@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from model.types import ModelInfo
 from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest
 from schemas.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
-from service.runtime.convert import FieldError, a1111_to_items
+from service.runtime.convert import FieldError, items_of
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
@@ -103,7 +103,7 @@ async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ..
     )
     _require_served(parsed.checkpoint, names, "override_settings")
     info = runtime.engine.info
-    items = a1111_to_items(parsed, info)
+    items = items_of(parsed, info)
     parsed.width, parsed.height = items[0].width, items[0].height  # as drawn, in the answer
     # 2. The shared path; an interrupted request answers with the images it has.
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.errors import EngineError
 from schemas.huggingface import SAMPLE_TEXT_TO_IMAGE, TextToImageRequest
-from service.runtime.convert import huggingface_to_items
+from service.runtime.convert import items_of
 from service.runtime.errors import ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
@@ -54,7 +54,7 @@ async def text_to_image(request: Request) -> Response:
             runtime.scorer.limits,
             expected='{"inputs": prompt, "parameters": {...}}',
         )
-        items = huggingface_to_items(parsed, runtime.engine.info)
+        items = items_of(parsed, runtime.engine.info)
         _, images = await runtime.scorer.generate(items, prompts=1, job=job)
         return images[0]
 

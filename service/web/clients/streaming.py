@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from model.errors import EngineError
 from model.types import GenerationItem, GenerationResult
 from schemas.openai import ImageGenerationRequest
-from service.runtime.convert import openai_to_items
+from service.runtime.convert import items_of
 from service.runtime.errors import RequestTimeoutError, ServiceError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
@@ -65,7 +65,7 @@ async def stream_images(request: Request, parsed: ImageGenerationRequest) -> Res
     async with AsyncExitStack() as stack:
         # 1. Before the stream: ready and queued (errors keep their status).
         runtime = await stack.enter_async_context(lifecycle.serving())
-        items = openai_to_items(parsed, runtime.engine.info)
+        items = items_of(parsed, runtime.engine.info)
         every = preview_every(items[0].num_inference_steps, parsed.partial_images or 0)
         job = await stack.enter_async_context(followed(request, "openai", every))
         generation: Generation = asyncio.ensure_future(runtime.scorer.generate(items, prompts=1, job=job))
