@@ -115,16 +115,7 @@ class JobParams:
         }
 
     def item(self, prompt: str, negative_prompt: str, seed: int, info: ModelInfo) -> GenerationItem:
-        ask = Ask(
-            prompts=(Prompt(prompt, negative_prompt, seed),),
-            steps=self.num_inference_steps,
-            guidance=self.guidance_scale,
-            height=self.height,
-            width=self.width,
-            scheduler=self.scheduler,
-            adapters=self.adapters,
-        )
-        return ask.items(info)[0]
+        return Ask.of(self, (Prompt(prompt, negative_prompt, seed),), scheduler=self.scheduler).items(info)[0]
 
 
 def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:

@@ -30,20 +30,10 @@ class FieldError(ContractError):
 def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
     """/score's rows and parameters; a row's own seed and negative prompt win over the parameters'."""
     params = input_data.parameters
-    return Ask(
-        prompts=tuple(
-            Prompt(row.prompt, row.negative_prompt or params.negative_prompt or "", row.seed)
-            for row in input_data.rows
-        ),
-        steps=params.num_inference_steps,
-        guidance=params.guidance_scale,
-        per_prompt=params.num_images_per_prompt,
-        seed=params.seed,
-        height=params.height,
-        width=params.width,
-        scheduler=_check_scheduler(params.scheduler, info, "input_data.parameters.scheduler"),
-        adapters=params.adapters,
-    )
+    negative = params.negative_prompt or ""
+    prompts = tuple(Prompt(row.prompt, row.negative_prompt or negative, row.seed) for row in input_data.rows)
+    scheduler = _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
+    return Ask.of(params, prompts, per_prompt=params.num_images_per_prompt, scheduler=scheduler)
 
 
 def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
@@ -60,17 +50,9 @@ def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
                 f"give at most {MAX_ADAPTERS} in all",
                 param="adapters",
             )
-    return Ask(
-        prompts=(Prompt(request.prompt, request.negative_prompt or ""),),
-        steps=request.num_inference_steps,
-        guidance=request.guidance_scale,
-        per_prompt=request.n,
-        seed=request.seed,
-        height=request.height,
-        width=request.width,
-        scheduler=_check_scheduler(request.scheduler, info, "scheduler"),
-        adapters=adapters,
-    )
+    prompts = (Prompt(request.prompt, request.negative_prompt or ""),)
+    scheduler = _check_scheduler(request.scheduler, info, "scheduler")
+    return Ask.of(request, prompts, per_prompt=request.n, scheduler=scheduler, adapters=adapters)
 
 
 def a1111_ask(request: Txt2ImgRequest, info: ModelInfo) -> Ask:

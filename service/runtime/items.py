@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from model.types import DEFAULT_SCHEDULER, MAX_SEED, GenerationItem, ModelInfo, adapter_set
 
@@ -58,6 +59,21 @@ class Ask:
     adapters: Mapping[str, float] | None = None  # LoRA adapter names and scales
     eta: float = 0.0
     clip_skip: int = 0
+
+    @classmethod
+    def of(cls, fields: Any, prompts: tuple[Prompt, ...], **given: Any) -> Ask:
+        """From a request or parameters object that names its fields as schemas/fields.py does
+        (num_inference_steps, guidance_scale, height, width, and seed and adapters where it has
+        them); ``given`` sets the rest (scheduler, images per prompt) or overrides."""
+        common = {
+            "steps": fields.num_inference_steps,
+            "guidance": fields.guidance_scale,
+            "height": fields.height,
+            "width": fields.width,
+            "seed": getattr(fields, "seed", None),
+            "adapters": getattr(fields, "adapters", None),
+        }
+        return cls(prompts=prompts, **{**common, **given})
 
     def items(self, info: ModelInfo) -> list[GenerationItem]:
         """One item per image, in response order: each prompt's images in a run, prompts in order.
