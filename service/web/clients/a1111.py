@@ -1,6 +1,7 @@
 """AUTOMATIC1111's web UI API, so that Open WebUI, SillyTavern, the Krita and GIMP plugins and
 ``webuiapi`` scripts work by pointing them at this server: ``POST /sdapi/v1/txt2img``, the GETs
-their handshakes read (options, sd-models, samplers, schedulers, upscalers, sd-vae, loras), and
+their handshakes read (options, sd-models, samplers, schedulers, upscalers, loras; the lists of what
+this server has none of are in a1111_lists.py), and
 following and stopping generations (progress, interrupt, skip).
 
 Generation goes through ``answer_generation``, /score's path (limits, keys, request ids, metrics,
@@ -208,16 +209,6 @@ def schedulers(request: Request) -> list[dict[str, Any]]:
 def upscalers(request: Request) -> list[dict[str, Any]]:
     lifecycle_of(request).require_ready()
     return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
-
-
-@router.get("/latent-upscale-modes", summary="Latent upscale modes: none")
-def latent_upscale_modes() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/sd-vae", summary="Separate VAEs: none (the model's own is used)")
-def sd_vae() -> list[dict[str, Any]]:
-    return []
 
 
 @router.get("/loras", summary="The LoRA adapters of SD_ADAPTERS, for <lora:NAME:SCALE> in a prompt")

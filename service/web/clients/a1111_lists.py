@@ -45,39 +45,30 @@ def scripts() -> dict[str, list[str]]:
     return {"txt2img": [], "img2img": []}
 
 
-@router.get("/script-info", summary="Scripts' arguments: none")
-def script_info() -> list[dict[str, Any]]:
-    return []
-
-
 @router.get("/embeddings", summary="Textual-inversion embeddings: none")
 def embeddings() -> dict[str, dict[str, Any]]:
     return {"loaded": {}, "skipped": {}}
 
 
-@router.get("/face-restorers", summary="Face restorers: none (restore_faces must be false)")
-def face_restorers() -> list[dict[str, Any]]:
+# What A1111 lists and this server has none of: each answers an empty list.
+NOTHING = {
+    "/script-info": "Scripts' arguments: none",
+    "/face-restorers": "Face restorers: none (restore_faces must be false)",
+    "/prompt-styles": "Saved styles: none (styles must be empty)",
+    "/hypernetworks": "Hypernetworks: none",
+    "/realesrgan-models": "Real-ESRGAN models: none",
+    "/extensions": "A1111 extensions: none",
+    "/latent-upscale-modes": "Latent upscale modes: none",
+    "/sd-vae": "Separate VAEs: none (the model's own is used)",
+}
+
+
+def _nothing() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/prompt-styles", summary="Saved styles: none (styles must be empty)")
-def prompt_styles() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/hypernetworks", summary="Hypernetworks: none")
-def hypernetworks() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/realesrgan-models", summary="Real-ESRGAN models: none")
-def realesrgan_models() -> list[dict[str, Any]]:
-    return []
-
-
-@router.get("/extensions", summary="A1111 extensions: none")
-def extensions() -> list[dict[str, Any]]:
-    return []
+for _path, _summary in NOTHING.items():
+    router.add_api_route(_path, _nothing, methods=["GET"], summary=_summary)
 
 
 def _ram() -> dict[str, Any]:
