@@ -253,3 +253,31 @@ def test_key_weights_and_the_per_key_default_come_from_the_settings() -> None:
     for wrong, problem in (("2", "1 weights for 2 keys"), ("x,1", "positive numbers"), ("0,1", "positive")):
         with pytest.raises(ValueError, match=problem):
             Settings(api_keys="first,second", key_weights=wrong)
+
+
+def test_a_preview_is_charged_to_its_callers_share() -> None:
+    scheduler = Scheduler(1, max_batch_size=4)
+    engine = Engine(scheduler)
+    (polled,) = images("a", 1, steps=10)
+    (other,) = images("b", 1, steps=10)
+    scheduler.add([polled, other])
+    engine.iterate()
+    before = scheduler._queue.passes()
+    scheduler.update_from_output(0, Output(previews=[(polled, 5.0)]))
+    after = scheduler._queue.passes()
+    assert after["a"] == pytest.approx(before["a"] + 5.0) and after["b"] == before["b"]
+
+
+def test_polls_ask_one_preview_a_second_per_request() -> None:
+    scheduler = Scheduler(1, max_batch_size=4)
+    engine = Engine(scheduler)
+    request = images("a", 2, steps=10)
+    scheduler.add(request)
+    engine.iterate()
+    scheduler.ask_preview(request, now=100.0)
+    assert scheduler.wants_plan(0)
+    assert set(scheduler.schedule(0).preview) == set(request)
+    scheduler.ask_preview(request, now=100.5)  # polled again within the second: nothing more
+    assert not scheduler.wants_plan(0) and not scheduler.schedule(0).preview
+    scheduler.ask_preview(request, now=101.0)
+    assert set(scheduler.schedule(0).preview) == set(request)
