@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from model.errors import EngineFailure, EngineOutOfMemoryError, InvalidRequestError
+from model.types import GenerationItem
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.errors import QueueFullError, ShuttingDownError
 from service.runtime.metrics import Metrics
@@ -28,6 +29,21 @@ def loop_for(engine: FakeStepEngine, **options: Any) -> tuple[StepLoop, Metrics]
     return StepLoop(engine, metrics=metrics, **{**defaults, **options}), metrics
 
 
+def started(engine: FakeStepEngine, *, gated: bool = False, **options: Any) -> tuple[StepLoop, Metrics]:
+    """A running loop over ``engine``. ``gated`` holds every step until the test sets the gate, so
+    that the test can act while the loop is inside a step."""
+    if gated:
+        engine.gate = threading.Event()
+    steps, metrics = loop_for(engine, **options)
+    steps.start()
+    return steps, metrics
+
+
+async def outcomes_of(steps: StepLoop, items: list[GenerationItem]) -> list[Any]:
+    """Each image's result or error, in order: the failure tests check one image fails alone."""
+    return await asyncio.gather(*steps.submit(items), return_exceptions=True)
+
+
 async def step_boundary(engine: FakeStepEngine) -> None:
     """Until the loop is inside its next step (holding the gate)."""
     await asyncio.to_thread(engine.step_started.acquire, True, 10)
@@ -36,8 +52,7 @@ async def step_boundary(engine: FakeStepEngine) -> None:
 def test_an_image_at_an_idle_engine_starts_at_once_and_images_of_any_steps_share_steps() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
-        steps, _ = loop_for(engine)
-        steps.start()
+        steps, _ = started(engine)
         long, short = steps.submit([item(seed=1, steps=5), item(seed=2, steps=2)])
         assert (await short).seed == 2 and (await long).seed == 1
         await steps.close()
@@ -50,9 +65,7 @@ def test_an_image_at_an_idle_engine_starts_at_once_and_images_of_any_steps_share
 def test_waiting_images_join_at_the_next_step_boundary_oldest_first_within_the_room() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
-        engine.gate = threading.Event()
-        steps, metrics = loop_for(engine, max_batch_size=2)
-        steps.start()
+        steps, metrics = started(engine, gated=True, max_batch_size=2)
         first = steps.submit([item(seed=1, steps=3)])
         await step_boundary(engine)  # seed 1 is in its first step
         later = steps.submit([item(seed=2, steps=1), item(seed=3, steps=1), item(seed=4, steps=1)])
@@ -69,9 +82,7 @@ def test_waiting_images_join_at_the_next_step_boundary_oldest_first_within_the_r
 def test_a_cancelled_image_leaves_the_engine_at_the_next_step_and_frees_its_room() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
-        engine.gate = threading.Event()
-        steps, metrics = loop_for(engine, max_batch_size=1)
-        steps.start()
+        steps, metrics = started(engine, gated=True, max_batch_size=1)
         (abandoned,) = steps.submit([item(seed=1, steps=1000)])
         await step_boundary(engine)
         (waiting,) = steps.submit([item(seed=2, steps=1)])
@@ -90,11 +101,8 @@ def test_a_refused_admission_fails_only_that_image() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
         engine.refuse_prompts.add("no")
-        steps, _ = loop_for(engine)
-        steps.start()
-        outcomes = await asyncio.gather(
-            *steps.submit([item("no"), item("yes", seed=5)]), return_exceptions=True
-        )
+        steps, _ = started(engine)
+        outcomes = await outcomes_of(steps, [item("no"), item("yes", seed=5)])
         await steps.close()
         assert isinstance(outcomes[0], InvalidRequestError) and outcomes[1].seed == 5  # type: ignore[union-attr]
 
@@ -104,8 +112,7 @@ def test_a_refused_admission_fails_only_that_image() -> None:
 def test_out_of_memory_shrinks_the_set_and_only_an_image_too_big_alone_fails() -> None:
     async def test() -> None:
         engine = FakeStepEngine(max_rows=2)
-        steps, _ = loop_for(engine, max_batch_size=4)
-        steps.start()
+        steps, _ = started(engine, max_batch_size=4)
         results = await asyncio.gather(*steps.submit([item(seed=i, steps=2) for i in range(4)]))
         assert [r.seed for r in results] == [0, 1, 2, 3]
         assert max(len(s) for s in engine.steps) == 2  # ran in sets that fit
@@ -126,10 +133,8 @@ def test_a_failing_step_is_retried_image_by_image_so_only_the_culprit_fails() ->
     async def test() -> None:
         engine = FakeStepEngine()
         engine.fail_prompts.add("bad")
-        steps, _ = loop_for(engine)
-        steps.start()
-        futures = steps.submit([item("good", seed=1), item("bad", seed=2), item("good", seed=3)])
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        steps, _ = started(engine)
+        outcomes = await outcomes_of(steps, [item("good", seed=1), item("bad", seed=2), item("good", seed=3)])
         after = await asyncio.gather(*steps.submit([item("good", seed=4)]))
         await steps.close()
         assert isinstance(outcomes[1], EngineFailure)
@@ -141,9 +146,7 @@ def test_a_failing_step_is_retried_image_by_image_so_only_the_culprit_fails() ->
 def test_a_full_queue_refuses_whole_requests_and_close_fails_what_is_left() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
-        engine.gate = threading.Event()
-        steps, _ = loop_for(engine, max_batch_size=1, max_queue_items=2)
-        steps.start()
+        steps, _ = started(engine, gated=True, max_batch_size=1, max_queue_items=2)
         (running,) = steps.submit([item(seed=1, steps=5)])
         await step_boundary(engine)
         queued = steps.submit([item(seed=2), item(seed=3)])
@@ -164,11 +167,8 @@ def test_an_image_whose_decode_fails_fails_alone_and_leaves_the_engine() -> None
     async def test() -> None:
         engine = FakeStepEngine()
         engine.undecodable.add("nan")
-        steps, _ = loop_for(engine)
-        steps.start()
-        outcomes = await asyncio.gather(
-            *steps.submit([item("nan", seed=1), item("fine", seed=2)]), return_exceptions=True
-        )
+        steps, _ = started(engine)
+        outcomes = await outcomes_of(steps, [item("nan", seed=1), item("fine", seed=2)])
         after = await asyncio.gather(*steps.submit([item("fine", seed=3)]))
         await steps.close()
         assert isinstance(outcomes[0], EngineFailure) and outcomes[1].seed == 2  # type: ignore[union-attr]
