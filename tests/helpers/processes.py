@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -76,3 +77,15 @@ def serving(
         yield running
     finally:
         stop_server(running)
+
+
+def server_fixture(name: str, **env: str) -> Any:
+    """A module-scoped ``server`` fixture serving with ``env`` (its log in a fresh folder ``name``), for
+    the modules whose server differs only by its settings: one place starts and stops them all."""
+
+    @pytest.fixture(scope="module", name="server")
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+        with serving(tmp_path_factory.mktemp(name) / "server.log", **env) as running:
+            yield running
+
+    return server
