@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import stop_process
 from tests.helpers.ports import free_port
 
 SERVE = [sys.executable, "-m", "service.cli.main", "serve"]
@@ -60,11 +61,7 @@ def start_server(log_path: Path, *, command: Sequence[str] = SERVE, cwd: Path = 
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    stop_process(server.process, grace_s=60)
 
 
 @contextmanager
