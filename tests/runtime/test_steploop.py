@@ -44,6 +44,15 @@ async def outcomes_of(steps: StepLoop, items: list[GenerationItem]) -> list[Any]
     return await asyncio.gather(*steps.submit(items), return_exceptions=True)
 
 
+async def served(engine: FakeStepEngine, *requests: list[GenerationItem]) -> list[list[Any]]:
+    """Each request's outcomes, one request after the other, on a loop over ``engine`` that is closed
+    afterwards: the failure tests check what a failure leaves working."""
+    steps, _ = started(engine)
+    outcomes = [await outcomes_of(steps, items) for items in requests]
+    await steps.close()
+    return outcomes
+
+
 async def step_boundary(engine: FakeStepEngine) -> None:
     """Until the loop is inside its next step (holding the gate)."""
     await asyncio.to_thread(engine.step_started.acquire, True, 10)
@@ -101,9 +110,7 @@ def test_a_refused_admission_fails_only_that_image() -> None:
     async def test() -> None:
         engine = FakeStepEngine()
         engine.refuse_prompts.add("no")
-        steps, _ = started(engine)
-        outcomes = await outcomes_of(steps, [item("no"), item("yes", seed=5)])
-        await steps.close()
+        [outcomes] = await served(engine, [item("no"), item("yes", seed=5)])
         assert isinstance(outcomes[0], InvalidRequestError) and outcomes[1].seed == 5  # type: ignore[union-attr]
 
     run(test)
@@ -133,10 +140,9 @@ def test_a_failing_step_is_retried_image_by_image_so_only_the_culprit_fails() ->
     async def test() -> None:
         engine = FakeStepEngine()
         engine.fail_prompts.add("bad")
-        steps, _ = started(engine)
-        outcomes = await outcomes_of(steps, [item("good", seed=1), item("bad", seed=2), item("good", seed=3)])
-        after = await asyncio.gather(*steps.submit([item("good", seed=4)]))
-        await steps.close()
+        outcomes, after = await served(
+            engine, [item("good", seed=1), item("bad", seed=2), item("good", seed=3)], [item("good", seed=4)]
+        )
         assert isinstance(outcomes[1], EngineFailure)
         assert [outcomes[0].seed, outcomes[2].seed, after[0].seed] == [1, 3, 4]  # type: ignore[union-attr]
 
@@ -167,10 +173,9 @@ def test_an_image_whose_decode_fails_fails_alone_and_leaves_the_engine() -> None
     async def test() -> None:
         engine = FakeStepEngine()
         engine.undecodable.add("nan")
-        steps, _ = started(engine)
-        outcomes = await outcomes_of(steps, [item("nan", seed=1), item("fine", seed=2)])
-        after = await asyncio.gather(*steps.submit([item("fine", seed=3)]))
-        await steps.close()
+        outcomes, after = await served(
+            engine, [item("nan", seed=1), item("fine", seed=2)], [item("fine", seed=3)]
+        )
         assert isinstance(outcomes[0], EngineFailure) and outcomes[1].seed == 2  # type: ignore[union-attr]
         assert after[0].seed == 3 and not engine.running  # the failed one was cancelled
         assert engine.cancelled == [1]
