@@ -31,6 +31,8 @@ RESULTS = HERE / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 
+from tests.helpers import stop_process  # noqa: E402
+
 PROMPT = "a photograph of an astronaut riding a horse"
 PEAK_TFLOPS = 790.0  # the H200's measured dense bf16/fp16 matmul rate
 MAX_MEAN_ABS_DIFF = 0.01  # images of this engine and of stock diffusers, same seeds, in [0,1] units
@@ -227,9 +229,4 @@ def serving(
             time.sleep(0.2)
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=60)

@@ -32,6 +32,7 @@ import common
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from service.runtime.batching.steploop import StepLoop
 from service.runtime.metrics import Metrics
+from tests.runtime.fakes import FakeEngine
 
 INFO = ModelInfo(
     name="gil-bench", architecture="fake", native_height=8, native_width=8, schedulers=("default",),
@@ -40,10 +41,12 @@ INFO = ModelInfo(
 IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)
 
 
-class GilStepEngine:
-    """A step costs ``step_s``: ``gil_fraction`` of it spinning in Python, the rest asleep."""
+class GilStepEngine(FakeEngine):
+    """A step costs ``step_s``: ``gil_fraction`` of it spinning in Python, the rest asleep. The test
+    fake supplies what the loop never times (validate, warmup, close)."""
 
     def __init__(self, step_s: float, gil_fraction: float) -> None:
+        super().__init__()
         self._busy_s = step_s * gil_fraction
         self._sleep_s = step_s - self._busy_s
         self._running: dict[int, list[int]] = {}  # handle -> [done, steps]
@@ -54,17 +57,8 @@ class GilStepEngine:
     def info(self) -> ModelInfo:
         return INFO
 
-    def validate(self, items: Sequence[GenerationItem]) -> None:
-        pass
-
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
         raise NotImplementedError
-
-    def warmup(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def admit(self, item: GenerationItem) -> int:
         self._next += 1

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -85,33 +85,31 @@ def write_success(
         with_retries(lambda: output.write(path, png), retry, f"writing {path}")
     except StorageError as error:
         return write_failure(output, row, str(error), attempts, retry)
-    record = Record(
-        input_file=row.file,
-        row=row.row,
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
-        seed=result.seed,
-        status="ok",
-        generated_image=path,
-        nsfw_content_detected=result.nsfw_content_detected,
-        attempts=attempts,
+    record = _record_of(row, attempts, "ok", seed=result.seed)
+    record = dataclasses.replace(
+        record, generated_image=path, nsfw_content_detected=result.nsfw_content_detected
     )
     return _write_record(output, record, retry)
 
 
 def write_failure(output: Storage, row: InputRow, error: str, attempts: int, retry: RetryPolicy) -> Record:
     """Record that ``row`` failed; returned even when the record itself cannot be written."""
-    record = Record(
+    record = dataclasses.replace(_record_of(row, attempts, "failed", seed=row.seed), error=error)
+    return _write_record(output, record, retry)
+
+
+def _record_of(row: InputRow, attempts: int, status: Literal["ok", "failed"], *, seed: int | None) -> Record:
+    """The record of ``row`` without its outcome's details: what the row asked for is copied in one
+    place for successes and failures alike, so that both always describe the row the same way."""
+    return Record(
         input_file=row.file,
         row=row.row,
         prompt=row.prompt,
         negative_prompt=row.negative_prompt,
-        seed=row.seed,
-        status="failed",
-        error=error,
+        seed=seed,
+        status=status,
         attempts=attempts,
     )
-    return _write_record(output, record, retry)
 
 
 def _write_record(output: Storage, record: Record, retry: RetryPolicy) -> Record:

@@ -15,6 +15,7 @@ Every response carries ``x-serve-replica``, the id of the replica that answered.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -151,6 +151,7 @@ def replica_app(overrides: Mapping[str, Any]) -> FastAPI:
     from service.logs import configure_logging
     from service.settings import load_settings
     from service.web.app import create_app
+    from service.web.guards import ResponseHeadersMiddleware
 
     # Serve's proxy, not SD_HOST, is what listens; the Host it forwards is the clients': any, unless
     # SD_ALLOWED_HOSTS (or args.settings) lists the names.
@@ -160,7 +161,8 @@ def replica_app(overrides: Mapping[str, Any]) -> FastAPI:
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     app.router.lifespan_context = _until_ready(app.router.lifespan_context)
-    app.add_middleware(ReplicaHeaderMiddleware, replica=serve.get_replica_context().replica_tag)
+    replica = serve.get_replica_context().replica_tag
+    app.add_middleware(ResponseHeadersMiddleware, edit=functools.partial(_mark_replica, replica=replica))
     return app
 
 
@@ -189,31 +191,15 @@ def _until_ready(
     return lifespan_until_ready
 
 
-class ReplicaHeaderMiddleware:
-    """Adds ``x-serve-replica: <replica id>`` to every HTTP response (which replica answered).
+def _mark_replica(headers: MutableHeaders, replica: str) -> None:
+    """Adds ``x-serve-replica: <replica id>`` to a response (which replica answered).
 
     It also takes out the app's ``x-request-id``: Serve's proxy passes the request's id to the
     replica (making one when the client sent none) and adds that same id to the response itself,
     so the app's echo would send the header twice.
     """
-
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self.replica = replica
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_replica(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                del headers[REQUEST_ID_HEADER]
-                headers.append(REPLICA_HEADER, self.replica)
-            await send(message)
-
-        await self.app(scope, receive, send_with_replica)
+    del headers[REQUEST_ID_HEADER]
+    headers.append(REPLICA_HEADER, replica)
 
 
 def _gpus_per_replica(options: ServeArgs) -> float:

@@ -20,6 +20,7 @@ this server's address by its DNS) from using the server through its visitor's br
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -41,27 +42,59 @@ PROBE_METHODS = frozenset({"GET", "HEAD"})
 _SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
 
 
-class SecurityHeadersMiddleware:
-    """nosniff, no framing, and a closed Content-Security-Policy on every answer that sets none."""
+class ResponseHeadersMiddleware:
+    """Edits the headers of every HTTP answer in place as it starts (``edit``): one way for the web
+    app and its hosts (Ray Serve's replica header) to add or take out response headers, errors and
+    streams included."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, edit: Callable[[MutableHeaders], None]) -> None:
         self.app = app
+        self.edit = edit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        async def send_edited(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in _SECURITY_HEADERS.items():
-                    headers[name] = value
-                if "content-security-policy" not in headers:
-                    headers["content-security-policy"] = DEFAULT_CSP
+                self.edit(MutableHeaders(scope=message))
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_edited)
+
+
+class SecurityHeadersMiddleware(ResponseHeadersMiddleware):
+    """nosniff, no framing, and a closed Content-Security-Policy on every answer that sets none."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app, _add_security_headers)
+
+
+def _add_security_headers(headers: MutableHeaders) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        headers[name] = value
+    if "content-security-policy" not in headers:
+        headers["content-security-policy"] = DEFAULT_CSP
+
+
+class RefusingMiddleware:
+    """Answers a request with the error of ``refusal`` before the app sees it, or passes it on (when
+    ``refusal`` gives None, and always for what is not HTTP): the shape of every guard here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def refusal(self, scope: Scope) -> Exception | None:
+        """Why the HTTP request of ``scope`` is refused, or None to serve it."""
+        raise NotImplementedError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.refusal(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        await scope_error_response(error, scope)(scope, receive, send)
 
 
 def host_of(header: str) -> str:
@@ -82,48 +115,40 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
-class HostCheckMiddleware:
+class HostCheckMiddleware(RefusingMiddleware):
     """400 ``host_not_allowed`` for a Host header outside the allowed names (the probes' GET and HEAD
     exempt: the exemption is for orchestrators, and ``POST /`` on a probe's path generates)."""
 
     def __init__(self, app: ASGIApp, allowed: tuple[str, ...], exempt_paths: frozenset[str]) -> None:
-        self.app = app
+        super().__init__(app)
         self.allowed = allowed
         self.exempt_paths = exempt_paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def refusal(self, scope: Scope) -> Exception | None:
         probe = scope.get("method") in PROBE_METHODS and scope.get("path") in self.exempt_paths
-        if scope["type"] != "http" or "*" in self.allowed or probe:
-            await self.app(scope, receive, send)
-            return
+        if "*" in self.allowed or probe:
+            return None
         if host_allowed(host_of(Headers(scope=scope).get("host", "")), self.allowed):
-            await self.app(scope, receive, send)
-            return
-        error = HostNotAllowedError(
+            return None
+        return HostNotAllowedError(
             "the Host header names a host this server does not answer to; use one of its names, or add "
             "this one to SD_ALLOWED_HOSTS"
         )
-        await scope_error_response(error, scope)(scope, receive, send)
 
 
-class CrossOriginMiddleware:
+class CrossOriginMiddleware(RefusingMiddleware):
     """403 ``cross_origin_request`` for a state-changing request a browser sent from another origin,
     on every route, the body-less ones (interrupt, skip, cancel) included. The check of Go's
     ``net/http.CrossOriginProtection``: ``Sec-Fetch-Site`` when the browser sends it, else an
     ``Origin`` that must name the request's own Host; a request with neither is not a browser's."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or _same_origin(Headers(scope=scope)):
-            await self.app(scope, receive, send)
-            return
-        error = CrossOriginError(
+    def refusal(self, scope: Scope) -> Exception | None:
+        if scope["method"] in SAFE_METHODS or _same_origin(Headers(scope=scope)):
+            return None
+        return CrossOriginError(
             "a web page of another origin cannot send this request through its visitor's browser; "
             "call the API from a program, or from a page this server serves"
         )
-        await scope_error_response(error, scope)(scope, receive, send)
 
 
 def _same_origin(headers: Headers) -> bool:
@@ -140,24 +165,21 @@ def _same_origin(headers: Headers) -> bool:
     return bool(netloc) and netloc.lower() == headers.get("host", "").strip().lower()  # "null" has none
 
 
-class JsonOnlyMiddleware:
+class JsonOnlyMiddleware(RefusingMiddleware):
     """415 ``unsupported_media_type`` for a POST to a JSON route whose Content-Type is not
     ``application/json`` (parameters such as ``charset`` allowed), before the body is read."""
 
     def __init__(self, app: ASGIApp, json_paths: frozenset[str]) -> None:
-        self.app = app
+        super().__init__(app)
         self.json_paths = json_paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.json_paths:
-            await self.app(scope, receive, send)
-            return
+    def refusal(self, scope: Scope) -> Exception | None:
+        if scope["method"] != "POST" or scope["path"] not in self.json_paths:
+            return None
         given = Headers(scope=scope).get("content-type", "")
         if given.partition(";")[0].strip().lower() == JSON_MEDIA_TYPE:
-            await self.app(scope, receive, send)
-            return
+            return None
         shown = f"Content-Type {given[:60]!r}" if given else "no Content-Type"
-        error = UnsupportedMediaTypeError(
+        return UnsupportedMediaTypeError(
             f"this route takes a JSON body, and the request has {shown}; send Content-Type: {JSON_MEDIA_TYPE}"
         )
-        await scope_error_response(error, scope)(scope, receive, send)

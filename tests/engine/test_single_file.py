@@ -116,6 +116,18 @@ def test_an_unrecognised_file_without_sd_model_config_says_to_set_it(folder: Pat
     assert str(single) in str(error.value) and "\n" not in str(error.value)
 
 
+def write_configs_offline(arch: str, configs: Path, hf_home: Path) -> None:
+    """``write_configs`` in a fresh process with the hub offline and ``hf_home`` as its cache: what
+    an air-gapped machine does, without this process's already imported or cached state."""
+    code = (
+        "import pathlib\nfrom model.loading.single_file import write_configs\n"
+        f"write_configs({arch!r}, pathlib.Path({str(configs)!r}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # What the hub's CLIP tokenizer gives for diffusers' own example prompt (openai/clip-vit-large-patch14).
 HUB_IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]
 
@@ -125,13 +137,7 @@ def test_a_recognised_architecture_without_its_tokenizer_cached_builds_it_offlin
     tmp_path: Path, arch: str, pad: str
 ) -> None:
     # An air-gapped machine with an empty Hugging Face cache: the tokenizer comes from CLIP's merges.
-    code = (
-        "import pathlib\nfrom model.loading.single_file import write_configs\n"
-        f"write_configs({arch!r}, pathlib.Path({str(tmp_path / 'c')!r}))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    write_configs_offline(arch, tmp_path / "c", hf_home=tmp_path / "hf")
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "c" / "tokenizer", local_files_only=True)
     assert len(tokenizer) == CONFIGS[arch].text_encoder["vocab_size"] and tokenizer.model_max_length == 77
     assert tokenizer.pad_token == pad
@@ -249,13 +255,7 @@ def test_a_recognised_architecture_gets_the_published_configs_offline(tmp_path: 
 
     repo, subfolder = TOKENIZERS[arch]
     cache_tokenizer(tmp_path / "hf", repo, subfolder)
-    code = (
-        "import pathlib\nfrom model.loading.single_file import write_configs\n"
-        f"write_configs({arch!r}, pathlib.Path({str(tmp_path / 'c')!r}))"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    write_configs_offline(arch, tmp_path / "c", hf_home=tmp_path / "hf")
     configs = tmp_path / "c"
     unet = UNet2DConditionModel.load_config(configs / "unet")
     for key, value in CONFIGS[arch].unet.items():

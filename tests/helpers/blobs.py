@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 AZURITE_BIN = ROOT / ".ci" / "node_modules" / ".bin" / "azurite"
 # Azurite's fixed development account (public, documented by Microsoft).
@@ -144,12 +146,7 @@ def azurite_server() -> Iterator[Azurite]:
         try:
             yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, grace_s=10)
 
 
 def moto_s3_server() -> Iterator[MotoS3]:

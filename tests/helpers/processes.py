@@ -10,10 +10,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.helpers import stop_process
 from tests.helpers.ports import free_port
 
 SERVE = [sys.executable, "-m", "service.cli.main", "serve"]
@@ -59,11 +61,7 @@ def start_server(log_path: Path, *, command: Sequence[str] = SERVE, cwd: Path = 
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    stop_process(server.process, grace_s=60)
 
 
 @contextmanager
@@ -76,3 +74,15 @@ def serving(
         yield running
     finally:
         stop_server(running)
+
+
+def server_fixture(name: str, **env: str) -> Any:
+    """A module-scoped ``server`` fixture serving with ``env`` (its log in a fresh folder ``name``), for
+    the modules whose server differs only by its settings: one place starts and stops them all."""
+
+    @pytest.fixture(scope="module", name="server")
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+        with serving(tmp_path_factory.mktemp(name) / "server.log", **env) as running:
+            yield running
+
+    return server

@@ -53,6 +53,12 @@ def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str] | None = N
     return key
 
 
+def _mid_resnets(diffusers: str, ldm: tuple[str, str]) -> dict[str, str]:
+    """The renames of a mid block's two resnets (``diffusers`` + index to the LDM name at that index):
+    the UNet's and the VAE's both have exactly two, numbered differently in the LDM layout."""
+    return {f"{diffusers}{j}.": name for j, name in enumerate(ldm)}
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A diffusers UNet's tensors under the LDM names (model.diffusion_model.*)."""
     layers = int(config["layers_per_block"])
@@ -62,8 +68,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
         "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
         "mid_block.attentions.0.": "middle_block.1.",
     }  # fmt: skip
-    for j in range(2):
-        prefixes[f"mid_block.resnets.{j}."] = f"middle_block.{2 * j}."
+    prefixes |= _mid_resnets("mid_block.resnets.", ("middle_block.0.", "middle_block.2."))
     for i in range(levels):
         for j in range(layers):
             prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(layers + 1) * i + j + 1}.0."
@@ -86,8 +91,9 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     for part in ("encoder", "decoder"):
         prefixes[f"{part}.mid_block.attentions.0."] = f"{part}.mid.attn_1."
         prefixes[f"{part}.conv_norm_out."] = f"{part}.norm_out."
-        for j in range(2):
-            prefixes[f"{part}.mid_block.resnets.{j}."] = f"{part}.mid.block_{j + 1}."
+        prefixes |= _mid_resnets(
+            f"{part}.mid_block.resnets.", (f"{part}.mid.block_1.", f"{part}.mid.block_2.")
+        )
     for i in range(levels):
         for j in range(layers):
             prefixes[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."

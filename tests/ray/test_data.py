@@ -29,6 +29,7 @@ from PIL import Image
 from service.batch import command
 from service.batch.files.records import PREDICTION_COLUMNS
 from service.cli.main import main
+from tests.batch.test_resume import records
 from tests.helpers.blobs import Azurite
 from tests.helpers.ports import free_port
 
@@ -109,11 +110,24 @@ def prompts(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture()
+def out(tmp_path: Path) -> Path:
+    """A job's output folder, not there yet: the job makes it, as it would on a fresh store."""
+    return tmp_path / "out"
+
+
 def batch_on_ray(*argv: str) -> int:
     """`sd-endpoint batch --ray ARGV...`, in this process (the driver)."""
     parser = argparse.ArgumentParser(prog="sd-endpoint batch")
     command.add_arguments(parser)
     return command.run(parser.parse_args(["--ray", *argv]))
+
+
+def prompts_on_one_actor(ray_address: str, prompts: Path, out: Path, *options: str) -> int:
+    """The prompts to ``out`` on one actor with ``options``: the jobs that are stopped early differ
+    only by the option that stops them."""
+    job = ["--ray-address", ray_address, "--input", str(prompts), "--output", str(out), *FAST]
+    return batch_on_ray(*job, "--ray-actors", "1", *options)
 
 
 def files_under(folder: Path) -> list[str]:
@@ -218,11 +232,9 @@ def test_a_ray_job_over_azurite_writes_every_row_once_and_resumes_only_the_missi
 
 @pytest.mark.slow
 def test_parameters_the_model_refuses_stop_the_job_before_any_image(
-    ray_address: str, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_address: str, prompts: Path, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "out"
-    job = ["--ray-address", ray_address, "--input", str(prompts), "--output", str(out), *FAST]
-    assert batch_on_ray(*job, "--ray-actors", "1", "--scheduler", "no-such-scheduler") == 2
+    assert prompts_on_one_actor(ray_address, prompts, out, "--scheduler", "no-such-scheduler") == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("sd-endpoint batch: error: the parameters do not suit random:tiny: ")
     assert "no-such-scheduler" in error
@@ -231,26 +243,15 @@ def test_parameters_the_model_refuses_stop_the_job_before_any_image(
 
 @pytest.mark.slow
 def test_the_error_threshold_stops_a_ray_job(
-    ray_address: str, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_address: str, prompts: Path, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "out"
-    job = ["--ray-address", ray_address, "--input", str(prompts), "--output", str(out), *FAST]
-    assert batch_on_ray(*job, "--ray-actors", "1", "--error-threshold", "0") == 1
+    assert prompts_on_one_actor(ray_address, prompts, out, "--error-threshold", "0") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert "more than --error-threshold 0" in summary["stopped"]
     assert "run the same command again to resume" in capsys.readouterr().err
 
 
 KILL_ROWS = 24
-
-
-def record_times(output: Path) -> dict[str, int]:
-    folder = output / "records"
-    return (
-        {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.json")}
-        if folder.exists()
-        else {}
-    )
 
 
 @pytest.mark.slow
@@ -268,22 +269,22 @@ def test_sigkill_of_the_driver_mid_job_then_the_same_command_gives_every_row_exa
         driver = subprocess.Popen(job, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + START_LIMIT_S
-            while not record_times(out) and driver.poll() is None and time.monotonic() < deadline:
+            while not records(out) and driver.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()
             os.kill(driver.pid, signal.SIGKILL)
         finally:
             driver.kill()
             driver.wait()
-    assert 0 < len(record_times(out)) < KILL_ROWS, "the job was not killed mid-job"
+    assert 0 < len(records(out)) < KILL_ROWS, "the job was not killed mid-job"
     # 2. The same command again, to the end.
-    finished = record_times(out)
+    finished = records(out)
     rerun = subprocess.run(job, capture_output=True, text=True, timeout=START_LIMIT_S + 120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout)
     print(f"killed at {len(finished)} of {KILL_ROWS} records; the rerun generated {summary['generated']}")
     # 3. Every row exactly once, nothing finished before generated again, no partial file.
-    after = record_times(out)
+    after = records(out)
     assert sorted(after) == sorted(f"p/{i}.json" for i in range(KILL_ROWS))
     assert {name: after[name] for name in finished} == finished
     assert all(json.loads((out / "records" / name).read_text())["status"] == "ok" for name in after)

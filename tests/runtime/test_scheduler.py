@@ -51,6 +51,15 @@ def step(
     return scheduler.update_from_output(engine, output)
 
 
+def queued(*seeds: int, max_batch_size: int, **options: Any) -> tuple[Scheduler, list[Image]]:
+    """One engine's scheduler holding an image per seed, added as one request: where most tests
+    start, before the first plan."""
+    scheduler = Scheduler(1, max_batch_size=max_batch_size, **options)
+    added = images(*seeds)
+    scheduler.add(added)
+    return scheduler, added
+
+
 def running(scheduler: Scheduler, engine: int = 0) -> list[int]:
     return seeds(list(scheduler.engines[engine].running.values()))
 
@@ -97,9 +106,7 @@ def test_empty_engines_share_new_images_and_a_busy_one_leaves_them_to_them() -> 
 
 
 def test_a_cancelled_waiting_image_leaves_the_queue_at_once() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    gone, kept = images(1, 2)
-    scheduler.add([gone, kept])
+    scheduler, (gone, _kept) = queued(1, 2, max_batch_size=4)
     scheduler.cancel(gone)
     assert gone.state is State.CANCELLED and scheduler.waiting == 1
     assert seeds(scheduler.schedule(0).admit) == [2]
@@ -108,9 +115,7 @@ def test_a_cancelled_waiting_image_leaves_the_queue_at_once() -> None:
 
 
 def test_a_cancelled_running_image_leaves_its_engine_at_the_next_plan_and_frees_its_room() -> None:
-    scheduler = Scheduler(1, max_batch_size=1)
-    gone, waiting = images(1, 2)
-    scheduler.add([gone, waiting])
+    scheduler, (gone, _waiting) = queued(1, 2, max_batch_size=1)
     plan = scheduler.schedule(0)
     output = admit(plan)
     scheduler.update_from_output(0, output)
@@ -121,9 +126,7 @@ def test_a_cancelled_running_image_leaves_its_engine_at_the_next_plan_and_frees_
 
 
 def test_an_image_cancelled_while_its_engine_admits_it_leaves_once_its_handle_is_known() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    (gone,) = images(1)
-    scheduler.add([gone])
+    scheduler, (gone,) = queued(1, max_batch_size=4)
     plan = scheduler.schedule(0)
     scheduler.cancel(gone)
     assert scheduler.wants_plan(0)
@@ -134,9 +137,7 @@ def test_an_image_cancelled_while_its_engine_admits_it_leaves_once_its_handle_is
 
 
 def test_a_refused_admission_fails_only_that_image() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    refused, taken = images(1, 2)
-    scheduler.add([refused, taken])
+    scheduler, (refused, taken) = queued(1, 2, max_batch_size=4)
     plan = scheduler.schedule(0)
     error = InvalidRequestError("no")
     update = scheduler.update_from_output(0, Output(admitted=[(taken, 7)], refused=[(refused, error)]))
@@ -161,9 +162,7 @@ def test_out_of_memory_requeues_the_newest_half_first_in_line_and_the_room_grows
 
 
 def test_an_image_that_does_not_fit_alone_fails_with_out_of_memory() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    (alone,) = images(1)
-    scheduler.add([alone])
+    scheduler, (alone,) = queued(1, max_batch_size=4)
     error = EngineOutOfMemoryError("too big")
     update = step(scheduler, 0, error=error)
     assert update.failed == [(alone, error)] and alone.state is State.FAILED
@@ -171,9 +170,7 @@ def test_an_image_that_does_not_fit_alone_fails_with_out_of_memory() -> None:
 
 
 def test_after_another_failure_each_image_runs_alone_so_only_the_culprit_fails() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    good, bad, other = images(1, 2, 3)
-    scheduler.add([good, bad, other])
+    scheduler, (good, bad, other) = queued(1, 2, 3, max_batch_size=4)
     update = step(scheduler, 0, error=EngineFailure("boom"))
     assert update.isolated == 3 and seeds(update.requeued) == [1, 2, 3] and update.counted_failure
     plan = scheduler.schedule(0)
@@ -202,18 +199,14 @@ def test_failures_in_a_row_take_the_engine_out_and_its_suspects_run_in_company_e
 
 
 def test_when_no_engine_is_left_the_waiting_images_fail_not_ready() -> None:
-    scheduler = Scheduler(1, max_batch_size=1, max_failures=1)
-    first, waiting = images(1, 2)
-    scheduler.add([first, waiting])
+    scheduler, _ = queued(1, 2, max_batch_size=1, max_failures=1)
     update = step(scheduler, 0, error=EngineFailure("dead"))
     assert update.taken_out and seeds(update.failed) == [1, 2]
     assert isinstance(update.failed[1][1], NotReadyError) and scheduler.serving == []
 
 
 def test_an_image_whose_decode_fails_fails_alone_and_leaves_the_engine() -> None:
-    scheduler = Scheduler(1, max_batch_size=4)
-    broken, fine = images(1, 2)
-    scheduler.add([broken, fine])
+    scheduler, (broken, fine) = queued(1, 2, max_batch_size=4)
     plan = scheduler.schedule(0)
     output = admit(plan)
     (_, h1), (_, h2) = output.admitted
@@ -259,9 +252,7 @@ def test_a_waiting_image_that_could_join_ends_the_engines_run_of_steps() -> None
 
 
 def test_abandon_fails_every_waiting_and_held_image() -> None:
-    scheduler = Scheduler(1, max_batch_size=1)
-    held, waiting = images(1, 2)
-    scheduler.add([held, waiting])
+    scheduler, (held, waiting) = queued(1, 2, max_batch_size=1)
     output = admit(scheduler.schedule(0))
     scheduler.update_from_output(0, output)
     assert seeds(scheduler.abandon()) == [2, 1]

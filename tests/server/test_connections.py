@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.helpers.processes import Server, serving
+from tests.helpers.processes import Server, server_fixture
 from tests.helpers.servers import request_body
 from tests.helpers.sockets import connect
 
@@ -20,15 +18,12 @@ IDLE = 200
 HEADER_TIMEOUT_S = 2
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        tmp_path_factory.mktemp("connections") / "server.log",
-        SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-        SD_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
-        SD_BODY_TIMEOUT_S="1",
-    ) as running:
-        yield running
+server = server_fixture(
+    "connections",
+    SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+    SD_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+    SD_BODY_TIMEOUT_S="1",
+)
 
 
 def open_idle(url: str, count: int) -> list[socket.socket]:

@@ -11,12 +11,11 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.helpers.processes import Server, serving
+from tests.helpers.processes import Server, server_fixture
 from tests.helpers.servers import metric_value, request_body
 from tests.helpers.sockets import connect, exchange
 
@@ -26,16 +25,13 @@ MAX_HEADER_COUNT = 50
 MAX_HEADER_BYTES = 8192
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        tmp_path_factory.mktemp("front-door") / "server.log",
-        SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-        SD_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
-        SD_MAX_HEADER_COUNT=str(MAX_HEADER_COUNT),
-        SD_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
-    ) as running:
-        yield running
+server = server_fixture(
+    "front-door",
+    SD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+    SD_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
+    SD_MAX_HEADER_COUNT=str(MAX_HEADER_COUNT),
+    SD_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
+)
 
 
 def metrics(server: Server) -> str:

@@ -8,6 +8,7 @@ import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -47,6 +48,18 @@ def send(pool: ThreadPoolExecutor, url: str, body: dict[str, Any]) -> Future[htt
     return pool.submit(post, url, body)
 
 
+@contextmanager
+def one_running(
+    engine: GatedEngine, pool: ThreadPoolExecutor, url: str, prompt: str
+) -> Iterator[Future[httpx.Response]]:
+    """The engine held inside the step of one request's image (``prompt``): what is sent meanwhile
+    piles up behind it. The request's response comes when the gate reopens."""
+    with held(engine):
+        running = send(pool, url, request_body([prompt]))
+        engine.wait_until_held()
+        yield running
+
+
 def prompts_run(engine: GatedEngine) -> list[set[str]]:
     return [{item.prompt for item in batch} for batch in engine.batches]
 
@@ -54,9 +67,7 @@ def prompts_run(engine: GatedEngine) -> list[set[str]]:
 def test_a_full_queue_answers_429_and_disturbs_nothing(
     server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
 ) -> None:
-    with held(engine):
-        running = send(pool, server.url, request_body(["running"]))
-        engine.wait_until_held()
+    with one_running(engine, pool, server.url, "running") as running:
         queued = send(
             pool, server.url, request_body(["queued", "queued"], num_images_per_prompt=MAX_QUEUE // 2)
         )
@@ -74,9 +85,7 @@ def test_a_full_queue_answers_429_and_disturbs_nothing(
 def test_a_client_that_disconnects_frees_its_queued_images(
     server: ThreadServer, engine: GatedEngine, pool: ThreadPoolExecutor
 ) -> None:
-    with held(engine):
-        running = send(pool, server.url, request_body(["still wanted"]))
-        engine.wait_until_held()
+    with one_running(engine, pool, server.url, "still wanted") as running:
         body = json.dumps(request_body(["abandoned"], num_images_per_prompt=3)).encode()
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as connection:
@@ -94,9 +103,7 @@ def test_out_of_memory_retries_smaller_and_fails_only_the_affected_request(
 ) -> None:
     engine.oom_prompts = {"too big"}
     try:
-        with held(engine):
-            warm = send(pool, server.url, request_body(["occupies the engine"]))
-            engine.wait_until_held()
+        with one_running(engine, pool, server.url, "occupies the engine") as warm:
             fine = send(pool, server.url, request_body(["fits"]))
             failing = send(pool, server.url, request_body(["too big"]))
             wait_for_metric(server.url, "sd_queue_depth", 2)
@@ -130,9 +137,7 @@ def test_the_deadline_answers_504_and_drops_queued_images(
     engine: GatedEngine, pool: ThreadPoolExecutor
 ) -> None:
     with ThreadServer(Settings(request_timeout_s=2), engine) as server:
-        with held(engine):
-            running = send(pool, server.url, request_body(["held in the engine"]))
-            engine.wait_until_held()
+        with one_running(engine, pool, server.url, "held in the engine") as running:
             queued = post(server.url, request_body(["waits in the queue"], num_images_per_prompt=2))
             assert queued.status_code == 504
             assert queued.json()["error"]["code"] == "timeout"
