@@ -113,13 +113,8 @@ class Lane:
             self._apply(output)
 
     async def _wait_for_work(self) -> None:
-        self.asleep = True
-        try:
-            while not self._scheduler.has_work(self.index):
-                self.arrival.clear()
-                await self.arrival.wait()
-        finally:
-            self.asleep = False
+        while not self._scheduler.has_work(self.index):
+            await self._wait_for_arrival()
 
     async def _wait_for_arrival(self) -> None:
         """Sleep until the step loop pokes (images, a read done, images put back): what looked like

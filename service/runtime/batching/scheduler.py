@@ -159,9 +159,9 @@ class Scheduler:
         slot = self.engines[engine]
         leave, slot.leaving = slot.leaving, []
         pinned = {name for image in slot.running.values() for name, _ in image.item.adapters}
-        waiting = [image.item for image in self._queue.fair_order(slot.cost)]  # type: ignore[attr-defined]
-        changes = slot.placement.plan(waiting, pinned, self._elsewhere(slot))
-        admit = self._take(slot)
+        order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
+        changes = slot.placement.plan([image.item for image in order], pinned, self._elsewhere(slot))
+        admit = self._take(slot, order)
         for image in admit:
             image.state, image.engine = State.ADMITTING, engine
         slot.admitting = admit
@@ -215,13 +215,12 @@ class Scheduler:
         chosen = self._queue.step_set(held, slot.cost, max_images=slot.room, max_groups=self._max_groups)
         return chosen  # type: ignore[return-value]
 
-    def _take(self, slot: EngineSlot) -> list[Image]:
+    def _take(self, slot: EngineSlot, order: list[Image]) -> list[Image]:
         """Waiting images for ``slot``, oldest ready first, within its room and its share; a
         suspect runs alone."""
         if not slot.serving or any(image.suspect_on is not None for image in slot.running.values()):
             return []
-        # Fair order; one that is not ready stays first in line for when it is, and holds nobody up.
-        order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
+        # In fair ``order``; one that is not ready stays first in line for when it is, and holds nobody up.
         ready = [image for image in order if self._fits(slot, image)]
         # The empty engines that could run them take new images (not those lacking their adapters).
         idle = [o for o in self.engines if o is not slot and o.serving and not o.held]
