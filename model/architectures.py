@@ -2,7 +2,9 @@
 
 `sd-v1-4` and `sd-2-base` match the configs of CompVis/stable-diffusion-v1-4 and
 stabilityai/stable-diffusion-2-base exactly (so GPU timings taken on them hold for the real
-weights); `tiny` is a small model of the same shape family for tests on CPU.
+weights); `tiny` is a small model of the same shape family for tests on CPU, and `tiny-inpaint`
+the same with an inpainting UNet (9 input channels: latents, mask, masked-image latents, as
+runwayml's stable-diffusion-inpainting has).
 """
 
 from __future__ import annotations
@@ -169,6 +171,14 @@ CONFIGS: dict[str, ArchitectureConfig] = {
         safety_checker=None,
     ),
 }
+
+
+CONFIGS["tiny-inpaint"] = ArchitectureConfig(
+    unet={**CONFIGS["tiny"].unet, "in_channels": 9},
+    vae=CONFIGS["tiny"].vae,
+    text_encoder=CONFIGS["tiny"].text_encoder,
+    safety_checker=CONFIGS["tiny"].safety_checker,
+)
 
 
 def _check_arch(arch: str) -> ArchitectureConfig:

@@ -11,7 +11,7 @@ DEFAULT_SCHEDULER = "default"
 MAX_SEED = 2**63 - 1
 # The random-weight architectures (model/architectures.py builds them); named here so that light
 # callers (the make-model command line) can list them without importing torch.
-ARCHITECTURES = ("tiny", "sd-v1-4", "sd-2-base")
+ARCHITECTURES = ("tiny", "tiny-inpaint", "sd-v1-4", "sd-2-base")
 # LoRA adapters of one image: (name, scale) pairs sorted by name; the wire schemas repeat the bounds.
 AdapterSet = tuple[tuple[str, float], ...]
 MAX_ADAPTER_SCALE = 2.0
@@ -53,6 +53,14 @@ class GenerationItem:
     # Text-encoder layers skipped, as diffusers' ``clip_skip`` (0: the last layer's output, 1: the
     # one before it, ...; AUTOMATIC1111's CLIP_stop_at_last_layers is this plus one).
     clip_skip: int = 0
+    # Image to image and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
+    # StableDiffusionInpaintPipeline): ``init_image`` HxWx3 uint8 RGB and ``mask`` HxW uint8 (255:
+    # repaint, 0: keep; binarised at 128), both at the item's size. ``strength`` is the share of the
+    # schedule that runs: the item starts that far from the end, from its image noised to there.
+    # Arrays are neither hashable nor comparable with ==: items compare and hash without them.
+    init_image: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
+    strength: float = 1.0
 
     @property
     def batch_key(self) -> BatchKey:
@@ -93,3 +101,5 @@ class ModelInfo:
     random_weights: bool
     accelerator: str = "none"
     adapters: tuple[str, ...] = ()
+    # A UNet with 9 input channels (latents, mask, masked-image latents): an inpainting model
+    inpainting: bool = False
