@@ -23,6 +23,7 @@ from model.options import EngineOptions
 from model.schedulers import check_scheduler_name, offered_schedulers, scheduler_name, takes_eta
 from model.stepping.admission import PromptEncoder, admit_items
 from model.stepping.decode import decode, safety, to_results
+from model.stepping.images import check_images, is_inpainting_unet
 from model.stepping.item import ItemState
 from model.stepping.preview import linear_preview, load_tiny_decoder, tiny_preview
 from model.stepping.rows import unet_forward
@@ -97,6 +98,7 @@ class Engine:
             random_weights=c.random_weights,
             accelerator=self.accelerator,
             adapters=self.adapters.names,
+            inpainting=is_inpainting_unet(c.unet),
         )
 
     # ------------------------------------------------------------------ validation
@@ -117,7 +119,8 @@ class Engine:
         """Reject an item this model cannot run, before any device work. Requests arrive checked
         against the field definitions of every way in (schemas/fields.py: types, bounds, text);
         what is checked here is what a caller of the engine can still get wrong: a step count, a
-        latent grid, a seed, a guidance, a scheduler or adapters that this model cannot take."""
+        latent grid, a seed, a guidance, a scheduler, adapters or image inputs (an image, a mask, a
+        strength) that this model cannot take."""
         if item.num_inference_steps < 1:
             raise InvalidRequestError(
                 f"num_inference_steps must be an integer >= 1, got {item.num_inference_steps}"
@@ -143,6 +146,7 @@ class Engine:
                 f"{layers}): this model's text encoder has {layers} layers"
             )
         self.adapters.check(item.adapters)
+        check_images(item)
 
     # ------------------------------------------------------------------ step by step
     def admit(self, item: GenerationItem) -> int:

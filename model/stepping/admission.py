@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from model.schedulers import make_scheduler
+from model.stepping.images import Inpainting, img2img_latents, inpaint_latents, is_inpainting_unet, start_at
 from model.stepping.item import ItemState, step_kwargs
 from model.types import AdapterSet, GenerationItem
 
@@ -105,7 +106,7 @@ def admit_items(
     activate: Activate | None = None,
 ) -> list[ItemState]:
     """New running states for validated items: their prompts encoded (``encode_items``;
-    diffusers concatenates [negative, prompt]), then each one's scheduler and noise."""
+    diffusers concatenates [negative, prompt]), then each one's scheduler and starting latents."""
     device, dtype = prompts.device, prompts.dtype
     all_embeds = encode_items(components, prompts, items, activate)
     states = []
@@ -113,23 +114,45 @@ def admit_items(
         scheduler = make_scheduler(components.scheduler, item.scheduler, item.seed)
         scheduler.set_timesteps(item.num_inference_steps, device=device)
         generator = torch.Generator(device=device).manual_seed(item.seed)
-        shape = (
-            1,
-            components.unet.config.in_channels,
-            item.height // vae_scale_factor,
-            item.width // vae_scale_factor,
-        )
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        start, latents, inpainting = _initial(components, item, scheduler, generator, vae_scale_factor, dtype)
         states.append(
             ItemState(
                 handle=handle,
                 item=item,
                 scheduler=scheduler,
                 generator=generator,
-                latents=noise * scheduler.init_noise_sigma,
+                latents=latents,
                 embeds=embeds,
-                unet_timesteps=scheduler.timesteps.to("cpu", torch.float32).tolist(),
+                unet_timesteps=scheduler.timesteps[start:].to("cpu", torch.float32).tolist(),
                 step_kwargs=step_kwargs(scheduler, generator, item.eta),
+                start=start,
+                inpainting=inpainting,
             )
         )
     return states
+
+
+def _initial(
+    components: Any,
+    item: GenerationItem,
+    scheduler: Any,
+    generator: torch.Generator,
+    vae_scale_factor: int,
+    dtype: torch.dtype,
+) -> tuple[int, torch.Tensor, Inpainting | None]:
+    """Where the item starts in its schedule, its latents there and what inpainting needs, as the
+    pipeline that takes its inputs prepares them: text to image (noise), image to image, inpainting
+    (with a mask, or whenever the UNet is an inpainting one: model/stepping/images.py)."""
+    channels = components.vae.config.latent_channels
+    shape = (1, channels, item.height // vae_scale_factor, item.width // vae_scale_factor)
+    if item.mask is not None or is_inpainting_unet(components.unet):
+        start = start_at(
+            scheduler, item.num_inference_steps, item.strength if item.init_image is not None else 1.0
+        )
+        latents, inpainting = inpaint_latents(components, item, scheduler, generator, start, shape, dtype)
+        return start, latents, inpainting
+    if item.init_image is not None:
+        start = start_at(scheduler, item.num_inference_steps, item.strength)
+        return start, img2img_latents(components, item, scheduler, generator, start, dtype), None
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return 0, noise * scheduler.init_noise_sigma, None

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from model.stepping.images import Inpainting
 from model.types import GenerationItem, rows_of
 
 _STEP_PARAMETERS: dict[type, frozenset[str]] = {}
@@ -51,6 +52,10 @@ class ItemState:
     unet_timesteps: list[float]  # each step's timestep on the host, for the per-row tensor
     step_kwargs: dict[str, Any]
     position: int = 0
+    # where in ``scheduler.timesteps`` the item's first step is: an image in with a strength below
+    # 1 skips the start of its schedule (``unet_timesteps`` holds only the steps it runs)
+    start: int = 0
+    inpainting: Inpainting | None = None
 
     @property
     def guided(self) -> bool:
@@ -75,11 +80,14 @@ class ItemState:
 
     @property
     def timestep(self) -> Any:
-        return self.scheduler.timesteps[self.position]
+        return self.scheduler.timesteps[self.start + self.position]
 
     def model_input(self) -> torch.Tensor:
-        """This step's UNet input rows, scaled by the item's scheduler."""
+        """This step's UNet input rows, scaled by the item's scheduler (an inpainting UNet's mask
+        and masked-image channels after them)."""
         scaled: torch.Tensor = self.scheduler.scale_model_input(self.latents, self.timestep)
+        if self.inpainting is not None:
+            scaled = self.inpainting.unet_input(scaled)
         return torch.cat([scaled, scaled]) if self.guided else scaled
 
     def noise(self, predicted: torch.Tensor) -> torch.Tensor:
@@ -90,10 +98,16 @@ class ItemState:
         return uncond + self.item.guidance_scale * (cond - uncond)
 
     def next_latents(self, noise: torch.Tensor) -> torch.Tensor:
-        """The scheduler's step from the current latents; the caller commits the result."""
+        """The scheduler's step from the current latents (an inpainted item's kept region put
+        back after it); the caller commits the result."""
         out = self.scheduler.step(noise, self.timestep, self.latents, **self.step_kwargs, return_dict=False)
         latents: torch.Tensor = out[0]
-        return latents
+        if self.inpainting is None:
+            return latents
+        following = self.start + self.position + 1
+        timesteps = self.scheduler.timesteps
+        upcoming = timesteps[following : following + 1] if following < len(timesteps) else None
+        return self.inpainting.blend(latents, self.scheduler, upcoming)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self)
