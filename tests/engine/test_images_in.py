@@ -22,8 +22,20 @@ from tests.helpers.stock import stock_image
 
 SIZE = 64
 TOLERANCE = 2 / 255
-# PNDM (the default), a sampler that counts its steps (begin index), one that draws noise each step
-SCHEDULERS = ["default", "euler", "euler_ancestral"]
+# PNDM (the default), samplers that count their steps (begin index), ones that draw noise each
+# step, second-order ones (two timesteps a step: the start is twice as far in their timesteps)
+SCHEDULERS = [
+    "default",
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpm2_ancestral",
+    "dpmsolver++",
+    "dpmsolver_sde",
+    "unipc",
+    "lcm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +162,14 @@ def mixed(scheduler: str) -> list[GenerationItem]:
     ]
 
 
-@pytest.mark.parametrize("scheduler", ["default", "euler_ancestral"])
+@pytest.mark.parametrize("scheduler", ["default", "euler_ancestral", "heun"])
 def test_images_in_beside_text_items_match_diffusers(tiny_engine: model.Engine, scheduler: str) -> None:
     """One running set: the items join at different steps, run different step counts and leave
     as they finish; each equals its pipeline alone."""
     running_set(tiny_engine, mixed(scheduler))
 
 
-@pytest.mark.parametrize("scheduler", ["default", "euler_ancestral"])
+@pytest.mark.parametrize("scheduler", ["default", "euler_ancestral", "heun"])
 def test_an_inpainting_model_runs_every_kind_of_item(inpaint_engine: model.Engine, scheduler: str) -> None:
     running_set(inpaint_engine, mixed(scheduler))
 
