@@ -16,8 +16,9 @@ from PIL import Image
 
 import model
 from model.errors import InvalidRequestError
-from model.schedulers import make_scheduler
+from model.schedulers import SCHEDULER_CLASSES, make_scheduler
 from model.types import GenerationItem
+from tests.helpers.stepping import retire_float
 from tests.helpers.stock import stock_image
 
 SIZE = 64
@@ -252,3 +253,39 @@ def test_a_diffusers_folder_with_a_9_channel_unet_is_an_inpainting_model(tmp_pat
         )
     finally:
         engine.close()
+
+
+def test_a_failed_step_puts_images_in_back(
+    tiny_engine: model.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ancestral inpainting item's scheduler fails after stepping (its generator moved on) beside
+    an image-to-image item: both are restored, and both images are still diffusers'."""
+    items = [
+        item(
+            11, steps=5, scheduler="euler_ancestral", init_image=picture(7), mask=square_mask(), strength=0.8
+        ),
+        item(12, steps=4, strength=0.75, init_image=picture(8)),
+    ]
+    expected = [reference(tiny_engine, it) for it in items]
+    cls = SCHEDULER_CLASSES["euler_ancestral"]
+    original = cls.step
+    failures = [2]  # at the ancestral item's second step, once
+
+    def failing_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        failures[0] -= 1
+        if failures[0] == 0:
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+        return out
+
+    monkeypatch.setattr(cls, "step", failing_step)
+    handles = tiny_engine.admit_all(items)
+    tiny_engine.step(only=handles)
+    with pytest.raises(model.EngineFailure, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        tiny_engine.step(only=handles)
+    done: list[int] = []
+    while len(done) < len(handles):
+        done += tiny_engine.step(only=handles)
+    images, _ = retire_float(tiny_engine, handles)
+    for image, want in zip(images, expected, strict=True):
+        assert np.abs(image.permute(1, 2, 0).numpy() - want).max() <= TOLERANCE
