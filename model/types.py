@@ -63,6 +63,14 @@ class GenerationItem:
     strength: float = 1.0
 
     @property
+    def steps_run(self) -> int:
+        """The denoising steps this item runs: all, or an image in's share of them (diffusers'
+        get_timesteps: ``int(steps * strength)``)."""
+        if self.init_image is None:
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    @property
     def batch_key(self) -> BatchKey:
         return BatchKey(self.num_inference_steps, self.height, self.width, self.scheduler)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -120,6 +120,9 @@ class Txt2ImgRequest(StepsWithinLimit):
 
     model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"examples": [SAMPLE_TXT2IMG]})
     steps_field = "steps"
+    # The fields accepted and not used, and the ones accepted at neutral values (img2img adds some).
+    ignored: ClassVar[tuple[str, ...]] = IGNORED
+    neutral: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = NEUTRAL
 
     prompt: Prompt = Field(default="", description="What to draw.")
     negative_prompt: Prompt = Field(default="", description="What to draw away from.")
@@ -200,7 +203,7 @@ class Txt2ImgRequest(StepsWithinLimit):
     def _the_rest(self) -> Txt2ImgRequest:
         # 1. Every other field: ignored, neutral at its value, or refused by name.
         for name, value in (self.model_extra or {}).items():
-            if name in IGNORED:
+            if name in self.ignored:
                 continue
             if name == "alwayson_scripts":
                 _scripts_off(value)
@@ -211,7 +214,7 @@ class Txt2ImgRequest(StepsWithinLimit):
                 if value != 1 and self.sampler_entry is not None and self.sampler_entry.eta == "noise":
                     raise _error("s_noise must be 1 with samplers that add noise: it is not scaled here")
                 continue
-            neutral = NEUTRAL.get(name)
+            neutral = self.neutral.get(name)
             if neutral is None:
                 raise _error(f"{_shown(name)} is not a field this server knows; leave it out")
             if not _is(value, neutral[0]):

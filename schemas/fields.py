@@ -49,6 +49,12 @@ MAX_NAME_CHARS = 64  # a scheduler's or sampler's name
 # LoRA adapters per image (model.types states the same bounds for the engine; a test keeps them equal).
 MAX_ADAPTERS = 4
 MAX_ADAPTER_SCALE = 2.0
+# Images in (image to image, inpainting): a field holds the image file's base64 (line breaks and a
+# data: prefix allowed) or a URL; service/images_in decodes and checks it. 28 M characters is the
+# base64 of a 20 MiB file, the largest any route takes (SD_MAX_BODY_BYTES bounds the body first).
+MAX_IMAGE_CHARS = 28_000_000
+# diffusers' defaults: image to image keeps a fifth of the schedule (0.8), inpainting runs it whole.
+DEFAULT_IMAGE_STRENGTH, DEFAULT_INPAINT_STRENGTH = 0.8, 1.0
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RULE = "rule"  # the error type of the rules below: their messages follow the field's place
 
@@ -151,6 +157,9 @@ BatchSide = Annotated[int, Strict(), Field(ge=BATCH_MIN_SIZE, le=BATCH_MAX_SIZE,
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
 ImageCount = Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES_PER_PROMPT)]
 Scale = Annotated[float, Strict()]
+ImageIn = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=MAX_IMAGE_CHARS)]
+# The share of the schedule an image in runs (1: all of it, from pure noise where a mask repaints).
+Strength = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 Adapters = Annotated[Annotated[dict[str, Scale], Strict()] | None, AfterValidator(check_adapters)]
 
 

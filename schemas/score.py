@@ -20,12 +20,14 @@ from schemas.fields import (
     Adapters,
     Guidance,
     ImageCount,
+    ImageIn,
     Name,
     Prompt,
     Seed,
     Side,
     Steps,
     StepsWithinLimit,
+    Strength,
     contract_error,
     limits_of,
     seeds_fit,
@@ -43,7 +45,11 @@ from schemas.fields import ScoreLimits as ScoreLimits
 PROMPT_COLUMN = "prompt"
 NEGATIVE_PROMPT_COLUMN = "negative_prompt"
 SEED_COLUMN = "seed"
-COLUMNS = (PROMPT_COLUMN, NEGATIVE_PROMPT_COLUMN, SEED_COLUMN)
+# Images in (Azure's inpainting and image-to-image contracts): base64 of the file, or a URL.
+IMAGE_COLUMN, MASK_COLUMN = "image", "mask_image"
+# Azure's catalog cards list a column "mask" while their rows say "mask_image": the same column.
+MASK_ALIAS = "mask"
+COLUMNS = (PROMPT_COLUMN, NEGATIVE_PROMPT_COLUMN, SEED_COLUMN, IMAGE_COLUMN, MASK_COLUMN)
 
 SAMPLE_REQUEST: dict[str, Any] = {
     "input_data": {
@@ -69,6 +75,16 @@ class PromptRow(BaseModel):
     prompt: Prompt
     negative_prompt: Prompt | None = None
     seed: Seed | None = None
+    image: ImageIn | None = None  # image to image, or inpainting with a mask
+    mask_image: ImageIn | None = None  # white: repaint, black: keep
+
+    @model_validator(mode="after")
+    def _mask_has_image(self) -> PromptRow:
+        if self.mask_image is not None and self.image is None:
+            raise contract_error(
+                "mask_image marks what to repaint of an image: add the image column (base64 or URL)"
+            )
+        return self
 
 
 class ScoreParameters(StepsWithinLimit):
@@ -93,6 +109,11 @@ class ScoreParameters(StepsWithinLimit):
     )
     num_images_per_prompt: ImageCount = 1
     scheduler: Name | None = Field(default=None, description="One of GET /info's schedulers.")
+    strength: Strength | None = Field(
+        default=None,
+        description="Rows with an image: the share of the schedule to run (1: repaint from noise). "
+        "Default: 0.8, or 1 with a mask_image (diffusers' defaults).",
+    )
     adapters: Adapters = Field(
         default=None,
         description=f'LoRA adapters and their scales, {{"NAME": scale}}: at most {MAX_ADAPTERS}, names from '
@@ -115,7 +136,9 @@ class InputData(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     columns: list[str] = Field(
-        min_length=1, description='Must contain "prompt"; may add "negative_prompt", "seed".'
+        min_length=1,
+        description='Must contain "prompt"; may add "negative_prompt", "seed", and "image" and '
+        '"mask_image" (base64 PNG/JPEG, or a URL of a host SD_FETCH_IMAGE_URLS names).',
     )
     data: Annotated[list[PromptRow], WithJsonSchema(_ROWS_SCHEMA)] = Field(min_length=1)
     index: list[Any] | None = Field(default=None, description="Optional; when present, as long as data.")
@@ -128,14 +151,16 @@ class InputData(BaseModel):
         the row count first, so that no more rows than the server takes are read."""
         if not isinstance(value, dict) or not isinstance(value.get("columns"), list):
             return value  # the fields' own types say what is wrong
-        columns, data = value["columns"], value.get("data")
+        columns, data = _mask_named_once(value["columns"]), value.get("data")
+        value = {**value, "columns": columns}
         if columns and (
             not all(isinstance(name, str) and name in COLUMNS for name in columns)
             or len(set(columns)) != len(columns)
             or PROMPT_COLUMN not in columns
         ):
             raise contract_error(
-                'columns must contain "prompt" and may add "negative_prompt" and "seed", each once'
+                'columns must contain "prompt" and may add "negative_prompt", "seed", "image" and '
+                '"mask_image", each once'
             )
         if not columns or not isinstance(data, list):
             return value
@@ -168,6 +193,11 @@ class InputData(BaseModel):
         return self.data
 
 
+def _mask_named_once(columns: list[Any]) -> list[Any]:
+    """The columns with Azure's "mask" spelled "mask_image", as its rows spell it."""
+    return [MASK_COLUMN if name == MASK_ALIAS else name for name in columns]
+
+
 def _row_object(position: int, raw: Any, columns: list[str]) -> Any:
     """One row of ``data`` (a string with one column, a list in column order, or an object keyed
     by column) as the object of its columns."""
@@ -175,6 +205,8 @@ def _row_object(position: int, raw: Any, columns: list[str]) -> Any:
         return {PROMPT_COLUMN: raw}
     if isinstance(raw, list) and len(raw) == len(columns):
         return dict(zip(columns, raw, strict=True))
+    if isinstance(raw, dict) and MASK_ALIAS in raw and MASK_COLUMN not in raw:
+        raw = {(MASK_COLUMN if key == MASK_ALIAS else key): cell for key, cell in raw.items()}
     if isinstance(raw, dict) and set(raw) <= set(columns):
         return raw
     raise contract_error(

@@ -89,13 +89,13 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(
         default=None, description="Comma-separated bearer keys; two allow rotation."
     )
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)  # images in come in the body
+    fetch_image_urls: str | None = Field(default=None, description="Hosts whose image URLs may be fetched.")
     served_model_names: str | None = Field(
         default=None,
         description="Comma-separated ids the OpenAI API answers to (e.g. dall-e-3); unset: the model's name.",
     )
-    # OpenAI's url answers (service/web/clients/links.py): how long a link lasts (OpenAI: 60 minutes),
-    # how many bytes of PNGs the store keeps (least recently used out), and where (unset: memory).
+    # OpenAI's url answers (web/clients/links.py): a link's life, the store's bytes, its folder.
     image_link_ttl_s: float = Field(default=3600, gt=0, le=7 * 86400)
     image_link_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     image_link_dir: Path | None = Field(default=None, description="A folder for them; unset: memory.")

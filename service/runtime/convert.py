@@ -5,18 +5,21 @@ checked here is the scheduler, whose names only the model knows."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.types import GenerationItem, GenerationResult, ModelInfo
 from schemas.a1111 import Txt2ImgRequest
+from schemas.a1111_img2img import Img2ImgRequest
 from schemas.fields import DEFAULT_GUIDANCE, MAX_ADAPTERS
-from schemas.huggingface import TextToImageRequest
+from schemas.huggingface import ImageToImageRequest, TextToImageRequest
 from schemas.openai import ImageGenerationRequest
+from schemas.openai_edits import ImageEditRequest
 from schemas.samplers import engine_scheduler
-from schemas.score import InputData
+from schemas.score import InputData, PromptRow
 from service.runtime.errors import ContractError
-from service.runtime.items import Ask, Prompt
+from service.runtime.items import Ask, Picture, Prompt
 
 
 class FieldError(ContractError):
@@ -31,9 +34,26 @@ def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
     """/score's rows and parameters; a row's own seed and negative prompt win over the parameters'."""
     params = input_data.parameters
     negative = params.negative_prompt or ""
-    prompts = tuple(Prompt(row.prompt, row.negative_prompt or negative, row.seed) for row in input_data.rows)
+    prompts = tuple(
+        Prompt(row.prompt, row.negative_prompt or negative, row.seed, _row_picture(row, position))
+        for position, row in enumerate(input_data.rows)
+    )
     scheduler = _check_scheduler(params.scheduler, info, "input_data.parameters.scheduler")
-    return Ask.of(params, prompts, per_prompt=params.num_images_per_prompt, scheduler=scheduler)
+    return Ask.of(
+        params,
+        prompts,
+        per_prompt=params.num_images_per_prompt,
+        scheduler=scheduler,
+        strength=params.strength,
+    )
+
+
+def _row_picture(row: PromptRow, position: int) -> Picture | None:
+    """A /score row's image and mask (Azure's inpainting and image-to-image contracts)."""
+    if row.image is None:
+        return None
+    where = f"input_data.data[{position}]"
+    return Picture(row.image, f"{where}.image", row.mask_image, f"{where}.mask_image")
 
 
 def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
@@ -53,6 +73,15 @@ def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
     prompts = (Prompt(request.prompt, request.negative_prompt or ""),)
     scheduler = _check_scheduler(request.scheduler, info, "scheduler")
     return Ask.of(request, prompts, per_prompt=request.n, scheduler=scheduler, adapters=adapters)
+
+
+def openai_edit_ask(request: ImageEditRequest, info: ModelInfo, image: bytes, mask: bytes | None) -> Ask:
+    """``POST /v1/images/edits``: the generation's Ask, from the form's image (and OpenAI's mask:
+    transparent repaints)."""
+    picture = Picture(image, "image", mask, "mask", mask_alpha=True)
+    ask = openai_ask(request, info)
+    prompts = tuple(dataclasses.replace(prompt, picture=picture) for prompt in ask.prompts)
+    return dataclasses.replace(ask, prompts=prompts, strength=request.strength)
 
 
 def a1111_ask(request: Txt2ImgRequest, info: ModelInfo) -> Ask:
@@ -92,21 +121,52 @@ def huggingface_ask(request: TextToImageRequest, info: ModelInfo) -> Ask:
     )
 
 
+def huggingface_image_ask(request: ImageToImageRequest, info: ModelInfo, image: bytes | None = None) -> Ask:
+    """Hugging Face's image-to-image task (``POST /`` with an image): one image; ``image`` is the
+    body's bytes when the client sent the image alone."""
+    params = request.parameters
+    size = params.target_size
+    return Ask(
+        prompts=(
+            Prompt(
+                params.prompt or "",
+                params.negative_prompt or "",
+                params.seed,
+                Picture(image if image is not None else request.inputs, "inputs"),
+            ),
+        ),
+        steps=params.num_inference_steps or 1,  # set by validation
+        guidance=DEFAULT_GUIDANCE if params.guidance_scale is None else params.guidance_scale,
+        height=size.height if size is not None else params.height,
+        width=size.width if size is not None else params.width,
+        scheduler=_check_scheduler(params.scheduler_name, info, "parameters.scheduler"),
+        strength=params.strength,
+    )
+
+
 # The one table of the protocols' requests: each maps its schema to an Ask (what it asks of the
 # engine), and the items come from the Ask alone.
 ASKS: dict[type[Any], Callable[[Any, ModelInfo], Ask]] = {
     InputData: score_ask,
     ImageGenerationRequest: openai_ask,
     Txt2ImgRequest: a1111_ask,
+    Img2ImgRequest: a1111_ask,  # its picture is prepared as A1111 does (service/web/clients/a1111_images.py)
     TextToImageRequest: huggingface_ask,
+    ImageToImageRequest: huggingface_image_ask,
 }
 
 
-def items_of(
-    request: InputData | ImageGenerationRequest | Txt2ImgRequest | TextToImageRequest, info: ModelInfo
-) -> list[GenerationItem]:
-    """One item per image of any protocol's parsed request, in response order (items.Ask)."""
-    return ASKS[type(request)](request, info).items(info)
+Request = InputData | ImageGenerationRequest | Txt2ImgRequest | TextToImageRequest | ImageToImageRequest
+
+
+def ask_of(request: Request, info: ModelInfo) -> Ask:
+    """What any protocol's parsed request asks of the engine (its images come from ``Ask.items``)."""
+    return ASKS[type(request)](request, info)
+
+
+def items_of(request: Request, info: ModelInfo) -> list[GenerationItem]:
+    """One item per image of a parsed request without images in, in response order (items.Ask)."""
+    return ask_of(request, info).items(info)
 
 
 def _check_scheduler(scheduler: str | None, info: ModelInfo, where: str) -> str | None:

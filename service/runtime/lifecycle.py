@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from schemas.score import ScoreLimits
+from service.images_in import UrlPolicy
 from service.runtime.batching.steploop import NO_ENGINE_LEFT, StepLoop
 from service.runtime.engines import (
     ServingEngine,
@@ -33,7 +34,7 @@ from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.jobs import caller_weights, images_per_caller
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Lifecycle:
             max_groups=settings.max_groups_per_step,
         )
         step_loop.start()
-        scorer = Scorer(engines[0], step_loop, limits, encode_pool)
+        scorer = Scorer(engines[0], step_loop, limits, encode_pool, _image_urls(settings))
         return Runtime(engines[0], step_loop, scorer, encode_pool, engines)
 
     @staticmethod
@@ -299,6 +300,14 @@ class Lifecycle:
             return
         for engine in runtime.engines:
             engine.close()
+
+
+def _image_urls(settings: Settings) -> UrlPolicy:
+    """The hosts whose image URLs requests may name (none unless SD_FETCH_IMAGE_URLS says)."""
+    try:
+        return UrlPolicy.parse(settings.fetch_image_urls)
+    except ValueError as error:
+        raise SettingsError(f"SD_FETCH_IMAGE_URLS: {error}") from None
 
 
 def _release(threads: Sequence[ThreadPoolExecutor]) -> None:

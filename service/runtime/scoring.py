@@ -21,11 +21,13 @@ from pydantic import BaseModel, ValidationError
 from model.types import GenerationItem, GenerationResult
 from schemas.fields import describe_location, describe_problem
 from schemas.score import ScoreLimits, ScoreRequest
+from service.images_in import UrlPolicy
 from service.runtime.batching.steploop import StepLoop
-from service.runtime.convert import FieldError, items_of, to_records
+from service.runtime.convert import FieldError, Request, ask_of, to_records
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, MalformedJsonError, QueueFullError, RequestCancelledError
 from service.runtime.images import encode_png_base64
+from service.runtime.items import Ask
 from service.runtime.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,11 @@ def parse_body(
 ) -> M:
     """Bytes -> ``model``: every route's body (/score's, OpenAI's) under the same rules, limits and
     messages. Off the contract: FieldError, a ContractError that also names the first field at fault."""
-    document = parse_document(body, limits, expected)
+    return validate_document(parse_document(body, limits, expected), model, limits)
+
+
+def validate_document(document: Any, model: type[M], limits: ScoreLimits) -> M:
+    """A parsed document -> ``model``, under the operator's limits; off the contract: FieldError."""
     # 3. The contract, with the operator's limits.
     try:
         return model.model_validate(document, context={"limits": limits})
@@ -208,12 +214,18 @@ class Throughput:
 
 class Scorer:
     def __init__(
-        self, engine: ServingEngine, step_loop: StepLoop, limits: ScoreLimits, encode_pool: Executor
+        self,
+        engine: ServingEngine,
+        step_loop: StepLoop,
+        limits: ScoreLimits,
+        encode_pool: Executor,
+        image_urls: UrlPolicy | None = None,
     ) -> None:
         self._engine = engine
         self._step_loop = step_loop
         self._limits = limits
         self._encode_pool = encode_pool
+        self._image_urls = image_urls or UrlPolicy(hosts=())
         self._throughput = Throughput()
 
     @property
@@ -224,9 +236,25 @@ class Scorer:
     async def score(self, body: bytes, job: Job | None = None) -> list[dict[str, Any]]:
         """The response records for ``body``; raises the errors of service/web/errors.py's table."""
         request = await parse_body_off_loop(body, ScoreRequest, self._limits)
-        items = items_of(request.input_data, self._engine.info)
+        items = await self.items(request.input_data)
         results, images = await self.generate(items, prompts=len(request.input_data.rows), job=job)
         return to_records(items, results, images)
+
+    @property
+    def image_urls(self) -> UrlPolicy:
+        """The hosts whose image URLs requests may name (SD_FETCH_IMAGE_URLS)."""
+        return self._image_urls
+
+    async def items(self, request: Request) -> list[GenerationItem]:
+        """The engine items of any protocol's parsed request; its input images (decoded, checked,
+        resized, maybe fetched: tens of milliseconds each) in a worker thread, off the event loop."""
+        return await self.items_for(ask_of(request, self._engine.info))
+
+    async def items_for(self, ask: Ask) -> list[GenerationItem]:
+        """``Ask.items`` for this model, off the event loop when it has images to decode."""
+        if not ask.pictures:
+            return ask.items(self._engine.info)
+        return await asyncio.to_thread(ask.items, self._engine.info, urls=self._image_urls)
 
     async def generate(
         self, items: Sequence[GenerationItem], *, prompts: int, job: Job | None = None
@@ -241,7 +269,7 @@ class Scorer:
             raise RequestCancelledError(_cancelled(job))
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.
         if job is not None:
-            job.begin([item.num_inference_steps for item in items])
+            job.begin([item.steps_run for item in items])
         try:
             futures = self._step_loop.submit(items, job)  # its lanes report each image's steps to the job
         except QueueFullError as error:

@@ -62,6 +62,15 @@ BODYLESS_POSTS = frozenset(
 )
 
 
+# Routes that take other bodies beside JSON: OpenAI's edits (multipart, as its SDK sends files), and
+# Hugging Face's POST / (an image's bytes, as InferenceClient.image_to_image sends one without
+# parameters: no Content-Type at all).
+OTHER_BODIES = {
+    "/v1/images/edits": ("multipart/form-data",),
+    "/": ("image/", "application/octet-stream", ""),
+}
+
+
 def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -104,7 +113,7 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     )
     posts = {route.path_format for route in api_routes if "POST" in (route.methods or ())}
     json_paths = frozenset(posts - BODYLESS_POSTS)
-    app.add_middleware(JsonOnlyMiddleware, json_paths=json_paths)
+    app.add_middleware(JsonOnlyMiddleware, json_paths=json_paths, also=OTHER_BODIES)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
     route_paths = frozenset([app.openapi_url or ""] + [route.path_format for route in api_routes])
     # Starlette's own trailing-slash redirect builds an absolute URL from the Host header; ours is

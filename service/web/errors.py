@@ -26,6 +26,7 @@ from model.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
+from service.images_in import ImageInputError, ImageUrlRefusedError
 from service.runtime.errors import (
     ContractError,
     MalformedJsonError,
@@ -134,6 +135,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
     UnsupportedEncodingError: ErrorKind(415, "unsupported_content_encoding"),
     UnsupportedMediaTypeError: ErrorKind(415, "unsupported_media_type"),
+    ImageUrlRefusedError: ErrorKind(400, "image_url_refused"),
+    ImageInputError: ErrorKind(422, "invalid_image"),
     ContractError: ErrorKind(422, "invalid_request"),
     InvalidRequestError: ErrorKind(422, "invalid_request"),
     QueueFullError: ErrorKind(429, "too_many_requests", RETRY_AFTER_S),
@@ -247,7 +250,8 @@ def error_response(error: BaseException, *, path: str = "", method: str = "GET")
     elif isinstance(error, EngineError):
         log.warning("%s: %s", kind.code, message)
     if is_openai_path(path):
-        param = getattr(error, "param", None)  # FieldError's: the request field at fault
+        # FieldError's param, an image's field: the request field at fault
+        param = getattr(error, "param", None) or getattr(error, "field", None)
         response = openai_error_json(kind, message, param if isinstance(param, str) else None)
     elif path.startswith(A1111_PREFIX):
         response = a1111_error_json(kind, message)

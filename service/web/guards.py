@@ -169,17 +169,34 @@ class JsonOnlyMiddleware(RefusingMiddleware):
     """415 ``unsupported_media_type`` for a POST to a JSON route whose Content-Type is not
     ``application/json`` (parameters such as ``charset`` allowed), before the body is read."""
 
-    def __init__(self, app: ASGIApp, json_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, json_paths: frozenset[str], also: dict[str, tuple[str, ...]] | None = None
+    ) -> None:
         super().__init__(app)
         self.json_paths = json_paths
+        # Routes that take other bodies too: media types, or prefixes ending in "/" ("image/"); ""
+        # is a body with no Content-Type (huggingface_hub posts an image's bytes so). A cross-site
+        # page can send those without asking, so the origin check (CrossOriginMiddleware) comes first.
+        self.also = also or {}
 
     def refusal(self, scope: Scope) -> Exception | None:
         if scope["method"] != "POST" or scope["path"] not in self.json_paths:
             return None
         given = Headers(scope=scope).get("content-type", "")
-        if given.partition(";")[0].strip().lower() == JSON_MEDIA_TYPE:
+        media = given.partition(";")[0].strip().lower()
+        others = self.also.get(scope["path"], ())
+        if media == JSON_MEDIA_TYPE or any(
+            media == other or (other.endswith("/") and media.startswith(other)) for other in others
+        ):
             return None
         shown = f"Content-Type {given[:60]!r}" if given else "no Content-Type"
+        if not others:
+            return UnsupportedMediaTypeError(
+                f"this route takes a JSON body, and the request has {shown}; "
+                f"send Content-Type: {JSON_MEDIA_TYPE}"
+            )
+        accepted = [JSON_MEDIA_TYPE, *(f"{other}*" if other.endswith("/") else other for other in others)]
         return UnsupportedMediaTypeError(
-            f"this route takes a JSON body, and the request has {shown}; send Content-Type: {JSON_MEDIA_TYPE}"
+            f"this route takes a body of {', '.join(name for name in accepted if name)}, and the request "
+            f"has {shown}"
         )

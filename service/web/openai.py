@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,11 +28,14 @@ from schemas.openai import (
     OpenAIModel,
     OpenAIModelList,
 )
-from service.runtime.convert import items_of, to_image_data
+from schemas.openai_edits import ImageEditRequest
+from service.runtime.convert import openai_edit_ask, to_image_data
+from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.common import lifecycle_of, served_names
+from service.web.clients.edits import EDIT_FORM, read_edit_form
 from service.web.clients.links import link_url, links_of
 from service.web.clients.streaming import stream_images
 from service.web.errors import ModelNotFoundError, error_responses, json_body
@@ -80,10 +85,16 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
 
 
 async def _generate(
-    runtime: Runtime, parsed: ImageGenerationRequest, job: Job, request: Request
+    runtime: Runtime,
+    parsed: ImageGenerationRequest,
+    job: Job,
+    request: Request,
+    ask: Callable[[ModelInfo], Ask] | None = None,
 ) -> dict[str, Any]:
-    """A parsed images request -> OpenAI's images answer, through /score's generation path."""
-    items = items_of(parsed, runtime.engine.info)
+    """A parsed images request -> OpenAI's images answer, through /score's generation path (``ask``:
+    what an edit asks, with its files)."""
+    scorer = runtime.scorer
+    items = await (scorer.items(parsed) if ask is None else scorer.items_for(ask(runtime.engine.info)))
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)
     # 3. Links, when the client reads them (service/web/clients/links.py).
     urls = None
@@ -129,6 +140,40 @@ async def create_images(request: Request) -> Any:
     return await answer_generation(
         request, lambda runtime, _, job: _generate(runtime, parsed, job, request), client="openai"
     )
+
+
+@router.post(
+    "/images/edits",
+    summary="Edit an image: image to image, or inpainting with a mask (OpenAI's Images API)",
+    response_model=None,
+    responses={
+        200: {
+            "model": ImagesResponse,
+            "description": "One entry per image; with stream: true, Server-Sent Events "
+            "(image_edit.partial_image, image_edit.completed, error).",
+            "content": {"text/event-stream": {}},
+        },
+        **_ERRORS,
+    },
+    openapi_extra=EDIT_FORM,
+)
+async def edit_images(request: Request) -> Any:
+    lifecycle = lifecycle_of(request)
+    await request.body()  # kept: the form is read from it, and the generation's path reads it again
+    runtime = lifecycle.require_ready()
+    # The form's fields checked as a generation's are, its files kept as sent (decoded off the loop).
+    parsed, image, mask = await read_edit_form(request, runtime.scorer.limits)
+    _require_served(parsed.model, _model_ids(lifecycle, runtime.engine.info))
+    ask = functools.partial(_edit_ask, parsed, image=image, mask=mask)
+    if parsed.stream:
+        return await stream_images(request, parsed, ask)
+    return await answer_generation(
+        request, lambda runtime, _, job: _generate(runtime, parsed, job, request, ask), client="openai"
+    )
+
+
+def _edit_ask(parsed: ImageEditRequest, info: ModelInfo, *, image: bytes, mask: bytes | None) -> Ask:
+    return openai_edit_ask(parsed, info, image, mask)
 
 
 @router.get(

@@ -140,7 +140,7 @@ class FairQueue:
             position[name] += 1
             if position[name] < len(caller.waiting):
                 item: GenerationItem = image.item  # type: ignore[attr-defined]
-                spent = cost.of_item(item) * item.num_inference_steps / caller.weight
+                spent = cost.of_item(item) * item.steps_run / caller.weight
                 heapq.heappush(heap, (pass_ + spent, size, arrival, name))
         return order
 

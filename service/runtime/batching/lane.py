@@ -228,7 +228,7 @@ class Lane:
             job = image.job
             if order is None or job is None or handle in finished:
                 continue
-            if not order.due(stepped, image.item.num_inference_steps):
+            if not order.due(stepped, image.item.steps_run):
                 continue
             started = time.perf_counter()
             try:

@@ -12,6 +12,7 @@ caller, as on A1111 itself). Errors on /sdapi/* carry A1111's ``detail`` (servic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -21,12 +22,14 @@ from fastapi.responses import Response
 
 from model.types import ModelInfo
 from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest
+from schemas.a1111_img2img import SAMPLE_IMG2IMG, Img2ImgRequest
 from schemas.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
-from service.runtime.convert import FieldError, items_of
+from service.runtime.convert import FieldError, ask_of
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.scoring import parse_body_off_loop, parse_document_off_loop
+from service.web.clients.a1111_images import finished, prepared_ask
 from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
 from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
@@ -81,7 +84,7 @@ def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool
         "sd_model_name": model,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": getattr(parsed, "denoising_strength", None),
         "clip_skip": parsed.clip_layers,
         "eta": parsed.eta,
         "index_of_first_image": 0,
@@ -97,19 +100,26 @@ def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool
     }
 
 
-async def _txt2img(runtime: Runtime, body: bytes, job: Job, names: tuple[str, ...]) -> dict[str, Any]:
+async def _generate(
+    runtime: Runtime, body: bytes, job: Job, names: tuple[str, ...], model: type[Txt2ImgRequest]
+) -> dict[str, Any]:
+    """txt2img and img2img: A1111's body -> its answer, through /score's generation path."""
     # 1. Parse with /score's rules and limits; the checkpoint must be the served one.
-    parsed = await parse_body_off_loop(
-        body, Txt2ImgRequest, runtime.scorer.limits, expected="a txt2img object"
-    )
+    what = "an img2img object" if model is Img2ImgRequest else "a txt2img object"
+    parsed = await parse_body_off_loop(body, model, runtime.scorer.limits, expected=what)
     _require_served(parsed.checkpoint, names, "override_settings")
     info = runtime.engine.info
-    items = items_of(parsed, info)
+    ask, prepared = ask_of(parsed, info), None
+    if isinstance(parsed, Img2ImgRequest):  # the image fitted, the mask made, as A1111 does
+        ask, prepared = await prepared_ask(ask, parsed, runtime.scorer.image_urls)
+    items = ask.items(info) if not ask.pictures else await asyncio.to_thread(ask.items, info)
     parsed.width, parsed.height = items[0].width, items[0].height  # as drawn, in the answer
     # 2. The shared path; an interrupted request answers with the images it has.
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)
+    if prepared is not None:  # pasted back into the whole image, the kept pixels laid over
+        images = await finished(results, images, prepared)
     seeds = [result.seed for result in results]
-    echoed = parsed.model_dump(include=set(Txt2ImgRequest.model_fields))
+    echoed = parsed.model_dump(include=set(model.model_fields) - {"init_images", "mask"})
     echoed["seed"] = seeds[0] if seeds else items[0].seed
     details = _info(parsed, seeds, names[0], [result.nsfw_content_detected for result in results])
     return {"images": images, "parameters": echoed, "info": json.dumps(details)}
@@ -125,7 +135,22 @@ async def txt2img(request: Request) -> Response:
     names = _names(request)
 
     async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-        return await _txt2img(runtime, body, job, names)
+        return await _generate(runtime, body, job, names, Txt2ImgRequest)
+
+    return await answer_generation(request, work, client=CLIENT)
+
+
+@router.post(
+    "/img2img",
+    summary="Image to image and inpainting (AUTOMATIC1111's img2img)",
+    responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
+    openapi_extra=json_body(Img2ImgRequest, SAMPLE_IMG2IMG),
+)
+async def img2img(request: Request) -> Response:
+    names = _names(request)
+
+    async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
+        return await _generate(runtime, body, job, names, Img2ImgRequest)
 
     return await answer_generation(request, work, client=CLIENT)
 

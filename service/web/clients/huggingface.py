@@ -1,12 +1,15 @@
-"""Hugging Face's text-to-image task: ``POST /`` with ``{"inputs": prompt, "parameters": {...}}``
-answers the PNG's bytes, as ``huggingface_hub.InferenceClient(base_url=...).text_to_image`` and
-Inference Endpoints' clients expect. ``GET /`` stays Azure's readiness probe (routes.py).
+"""Hugging Face's text-to-image and image-to-image tasks: ``POST /`` with ``{"inputs": prompt,
+"parameters": {...}}`` (or an image's base64 as ``inputs``, the prompt in the parameters, or the
+image's bytes as the whole body) answers the PNG's bytes, as ``huggingface_hub.InferenceClient(
+base_url=...).text_to_image`` and ``.image_to_image`` and Inference Endpoints' clients expect.
+``GET /`` stays Azure's readiness probe (routes.py).
 
 Errors are Hugging Face's ``{"error": message, "error_type": code}`` (its clients show ``error``),
 with the status and Retry-After of the one table (service/web/errors.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -14,16 +17,24 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.errors import EngineError
-from schemas.huggingface import SAMPLE_TEXT_TO_IMAGE, TextToImageRequest
-from service.runtime.convert import items_of
+from schemas.huggingface import (
+    SAMPLE_TEXT_TO_IMAGE,
+    ImageToImageRequest,
+    TextToImageRequest,
+    looks_like_image,
+)
+from service.runtime.convert import ask_of, huggingface_image_ask
 from service.runtime.errors import ServiceError
+from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
-from service.runtime.scoring import parse_body_off_loop
+from service.runtime.scoring import parse_document_off_loop, validate_document
 from service.web.errors import classify, error_responses, huggingface_error_json, json_body
+from service.web.guards import JSON_MEDIA_TYPE
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
+EXPECTED = '{"inputs": prompt or base64 image, "parameters": {...}}'
 
 
 def huggingface_error(error: BaseException) -> JSONResponse:
@@ -47,14 +58,10 @@ def _png(image_base64: str) -> Response:
     openapi_extra=json_body(TextToImageRequest, SAMPLE_TEXT_TO_IMAGE),
 )
 async def text_to_image(request: Request) -> Response:
+    raw = request.headers.get("content-type", "").partition(";")[0].strip().lower() != JSON_MEDIA_TYPE
+
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:
-        parsed = await parse_body_off_loop(
-            body,
-            TextToImageRequest,
-            runtime.scorer.limits,
-            expected='{"inputs": prompt, "parameters": {...}}',
-        )
-        items = items_of(parsed, runtime.engine.info)
+        items = await runtime.scorer.items_for(await _ask(runtime, body, raw))
         _, images = await runtime.scorer.generate(items, prompts=1, job=job)
         return images[0]
 
@@ -62,3 +69,19 @@ async def text_to_image(request: Request) -> Response:
         return await answer_generation(request, work, client="huggingface", answer=_png)
     except (ServiceError, EngineError) as error:
         return huggingface_error(error)
+
+
+async def _ask(runtime: Runtime, body: bytes, raw: bool) -> Ask:
+    """What the body asks: text to image, or image to image when ``inputs`` is an image's base64
+    (or the body is the image's bytes): an image is never read as a prompt."""
+    info, limits = runtime.engine.info, runtime.scorer.limits
+    if raw:  # InferenceClient.image_to_image without parameters: the image alone
+        bare = ImageToImageRequest.model_validate({"inputs": "-"}, context={"limits": limits})
+        return huggingface_image_ask(bare, info, body)
+    document = await parse_document_off_loop(body, limits, EXPECTED)
+    image = isinstance(document, dict) and looks_like_image(document.get("inputs"))
+    model: type[TextToImageRequest | ImageToImageRequest] = (
+        ImageToImageRequest if image else TextToImageRequest
+    )
+    parsed = await asyncio.to_thread(validate_document, document, model, limits)
+    return ask_of(parsed, info)

@@ -29,10 +29,11 @@ from PIL import Image
 from starlette.types import Receive, Scope, Send
 
 from model.errors import EngineError
-from model.types import GenerationItem, GenerationResult
+from model.types import GenerationItem, GenerationResult, ModelInfo
 from schemas.openai import ImageGenerationRequest
-from service.runtime.convert import items_of
+from schemas.openai_edits import ImageEditRequest
 from service.runtime.errors import RequestTimeoutError, ServiceError
+from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
 from service.web.clients.common import followed
@@ -58,15 +59,19 @@ def _partial_png(pixels: np.ndarray, item: GenerationItem) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def stream_images(request: Request, parsed: ImageGenerationRequest) -> Response:
-    """The streamed answer to ``parsed`` (which asks for ``stream: true``; parsed, its model checked)."""
+async def stream_images(
+    request: Request, parsed: ImageGenerationRequest, ask: Callable[[ModelInfo], Ask] | None = None
+) -> Response:
+    """The streamed answer to ``parsed`` (which asks for ``stream: true``; parsed, its model checked);
+    ``ask`` builds what it asks of the engine where the body alone does not say (an edit's files)."""
     lifecycle: Lifecycle = request.app.state.lifecycle
     deadline = time.monotonic() + lifecycle.settings.request_timeout_s
     async with AsyncExitStack() as stack:
         # 1. Before the stream: ready and queued (errors keep their status).
         runtime = await stack.enter_async_context(lifecycle.serving())
-        items = items_of(parsed, runtime.engine.info)
-        every = preview_every(items[0].num_inference_steps, parsed.partial_images or 0)
+        scorer = runtime.scorer
+        items = await (scorer.items(parsed) if ask is None else scorer.items_for(ask(runtime.engine.info)))
+        every = preview_every(items[0].steps_run, parsed.partial_images or 0)
         job = await stack.enter_async_context(followed(request, "openai", every))
         generation: Generation = asyncio.ensure_future(runtime.scorer.generate(items, prompts=1, job=job))
         await asyncio.sleep(0)  # it validates and queues before its first wait: a full queue raises now
@@ -120,6 +125,7 @@ async def _events(
         "quality": parsed.quality or "auto",
     }
     common["size"] = f"{items[0].width}x{items[0].height}"
+    events = "image_edit" if isinstance(parsed, ImageEditRequest) else "image_generation"  # OpenAI's names
     partials = [0] * len(items)
     lifecycle, deadline = limit
     try:
@@ -145,7 +151,7 @@ async def _events(
             data: dict[str, Any] = {"b64_json": await asyncio.to_thread(_partial_png, pixels, items[image])}
             data |= {"created_at": int(time.time()), **common, "partial_image_index": partials[image]}
             partials[image] += 1
-            yield _event("image_generation.partial_image", data | {"image_index": image})
+            yield _event(f"{events}.partial_image", data | {"image_index": image})
         # 2. Every image, in order.
         results, images = generation.result()
         usage: dict[str, Any] = {
@@ -165,7 +171,7 @@ async def _events(
                 "seed": result.seed,
                 "nsfw_content_detected": result.nsfw_content_detected,
             }
-            yield _event("image_generation.completed", done)
+            yield _event(f"{events}.completed", done)
     except (ServiceError, EngineError) as error:
         kind, message = classify(error)
         status = 400 if kind.status == 422 else kind.status
