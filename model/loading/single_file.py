@@ -23,6 +23,9 @@ SUFFIXES = (".safetensors", ".ckpt")
 # The original (LDM) layout's cross-attention key projection of the first attention block: its
 # width is the text encoder's (768: CLIP ViT-L, SD 1.x; 1024: OpenCLIP ViT-H, SD 2.x).
 _CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+# The UNet's first convolution: 4 input channels, or 9 for an inpainting model (latents, mask,
+# masked-image latents: runwayml's stable-diffusion-inpainting, stabilityai's 2-inpainting).
+_UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 _SD1_TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."
 # Where a recognised architecture's tokenizer lives in a Hugging Face cache (a checkpoint has none),
@@ -88,6 +91,12 @@ def recognise(tensors: dict[str, Any]) -> str | None:
     return None
 
 
+def unet_channels(tensors: dict[str, Any]) -> int:
+    """The UNet's input channels as the checkpoint's first convolution has them (4 when unknown)."""
+    weight = tensors.get(_UNET_INPUT)
+    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else 4
+
+
 def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> tuple[dict[str, Any], str]:
     """The pipeline's components from one checkpoint file, and the architecture's name.
 
@@ -105,7 +114,7 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> tupl
                     f"{path}: its architecture is not one of the published SD 1.x or 2.x ones; set "
                     "SD_MODEL_CONFIG to a diffusers folder (or a cached hub id) of the model it was made from"
                 )
-            config = str(write_configs(architecture, Path(scratch)))
+            config = str(write_configs(architecture, Path(scratch), unet_channels(tensors)))
         # 3) diffusers' conversion, offline
         from diffusers import StableDiffusionPipeline
 
@@ -132,10 +141,10 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> tupl
     return parts, architecture or "custom"
 
 
-def write_configs(architecture: str, out: Path) -> Path:
+def write_configs(architecture: str, out: Path, in_channels: int = 4) -> Path:
     """A diffusers folder of configs (no weights) for a published architecture, plus its tokenizer
     (from the Hugging Face cache, else built from CLIP's merges): what ``from_single_file`` needs to
-    convert the file offline."""
+    convert the file offline. ``in_channels`` 9: the architecture's inpainting model."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -152,7 +161,7 @@ def write_configs(architecture: str, out: Path) -> Path:
     if tokenizer is None or len(tokenizer) != arch.text_encoder["vocab_size"]:
         tokenizer = clip_tokenizer(PAD_TOKENS[architecture])
     with torch.device("meta"):
-        UNet2DConditionModel(**arch.unet).save_config(out / "unet")
+        UNet2DConditionModel(**{**arch.unet, "in_channels": in_channels}).save_config(out / "unet")
         AutoencoderKL(**arch.vae).save_config(out / "vae")
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}  # fmt: skip

@@ -9,7 +9,16 @@ from typing import Any
 import torch
 
 from model.schedulers import make_scheduler
-from model.stepping.images import Inpainting, img2img_latents, inpaint_latents, is_inpainting_unet, start_at
+from model.stepping.images import (
+    Inpainting,
+    Moments,
+    encoder_moments,
+    encodes_of,
+    img2img_latents,
+    inpaint_latents,
+    is_inpainting_unet,
+    start_at,
+)
 from model.stepping.item import ItemState, step_kwargs
 from model.types import AdapterSet, GenerationItem
 
@@ -109,12 +118,15 @@ def admit_items(
     diffusers concatenates [negative, prompt]), then each one's scheduler and starting latents."""
     device, dtype = prompts.device, prompts.dtype
     all_embeds = encode_items(components, prompts, items, activate)
+    all_encoded = _encode_images(components, items, device, dtype)
     states = []
-    for item, handle, embeds in zip(items, handles, all_embeds, strict=True):
+    for item, handle, embeds, encoded in zip(items, handles, all_embeds, all_encoded, strict=True):
         scheduler = make_scheduler(components.scheduler, item.scheduler, item.seed)
         scheduler.set_timesteps(item.num_inference_steps, device=device)
         generator = torch.Generator(device=device).manual_seed(item.seed)
-        start, latents, inpainting = _initial(components, item, scheduler, generator, vae_scale_factor, dtype)
+        start, latents, inpainting = _initial(
+            components, item, scheduler, generator, (vae_scale_factor, dtype), encoded
+        )
         states.append(
             ItemState(
                 handle=handle,
@@ -132,27 +144,45 @@ def admit_items(
     return states
 
 
+def _encode_images(
+    components: Any, items: Sequence[GenerationItem], device: torch.device, dtype: torch.dtype
+) -> list[dict[str, Moments]]:
+    """Every item's image encodes (images in), one VAE encoder pass per size for all of them."""
+    wanted = [encodes_of(components, item) for item in items]
+    flat = [(index, kind, image) for index, each in enumerate(wanted) for kind, image in each.items()]
+    if not flat:
+        return [{} for _ in items]
+    moments = encoder_moments(components.vae, [image for _, _, image in flat], device, dtype)
+    encoded: list[dict[str, Moments]] = [{} for _ in items]
+    for (index, kind, _), found in zip(flat, moments, strict=True):
+        encoded[index][kind] = found
+    return encoded
+
+
 def _initial(
     components: Any,
     item: GenerationItem,
     scheduler: Any,
     generator: torch.Generator,
-    vae_scale_factor: int,
-    dtype: torch.dtype,
+    scale_and_dtype: tuple[int, torch.dtype],
+    encoded: dict[str, Moments],
 ) -> tuple[int, torch.Tensor, Inpainting | None]:
     """Where the item starts in its schedule, its latents there and what inpainting needs, as the
     pipeline that takes its inputs prepares them: text to image (noise), image to image, inpainting
     (with a mask, or whenever the UNet is an inpainting one: model/stepping/images.py)."""
+    vae_scale_factor, dtype = scale_and_dtype
     channels = components.vae.config.latent_channels
     shape = (1, channels, item.height // vae_scale_factor, item.width // vae_scale_factor)
     if item.mask is not None or is_inpainting_unet(components.unet):
         start = start_at(
             scheduler, item.num_inference_steps, item.strength if item.init_image is not None else 1.0
         )
-        latents, inpainting = inpaint_latents(components, item, scheduler, generator, start, shape, dtype)
+        latents, inpainting = inpaint_latents(
+            components, item, scheduler, generator, start, shape, dtype, encoded
+        )
         return start, latents, inpainting
     if item.init_image is not None:
         start = start_at(scheduler, item.num_inference_steps, item.strength)
-        return start, img2img_latents(components, item, scheduler, generator, start, dtype), None
+        return start, img2img_latents(components, scheduler, generator, start, dtype, encoded), None
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
     return 0, noise * scheduler.init_noise_sigma, None

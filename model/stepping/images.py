@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from model.errors import InvalidRequestError
 from model.types import GenerationItem
 
 INPAINTING_CHANNELS = 9  # latents, mask, masked-image latents
+_HOST = torch.device("cpu")
 
 
 @dataclass(eq=False)
@@ -131,27 +133,82 @@ def repainted(mask: np.ndarray | None, height: int, width: int) -> torch.Tensor:
     return (tensor >= 0.5).to(torch.float32)
 
 
-def encode(vae: Any, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A sample of the VAE's latent distribution of ``image``, scaled (diffusers' retrieve_latents)."""
-    latents: torch.Tensor = vae.encode(image).latent_dist.sample(generator)
-    scaled: torch.Tensor = vae.config.scaling_factor * latents
+# The VAE encoder's latent distribution of one image: its mean and standard deviation.
+Moments = tuple[torch.Tensor, torch.Tensor]
+
+
+def encodes_of(components: Any, item: GenerationItem) -> dict[str, torch.Tensor]:
+    """The images an item's preparation encodes, 1x3xHxW on the host in fp32: "image" (image to
+    image; inpainting, unless a 9-channel UNet repaints all of it from noise) and "masked" (the kept
+    pixels, a 9-channel UNet's input). Asked for before any item is prepared, so that the encodes of
+    the items admitted together run as one encoder pass per size (``encoder_moments``)."""
+    nine = is_inpainting_unet(components.unet)
+    if item.mask is None and not nine:
+        return {} if item.init_image is None else {"image": pixels(item.init_image, _HOST, torch.float32)}
+    full = item.init_image is None or item.strength == 1.0
+    source = (
+        item.init_image if item.init_image is not None else np.zeros((item.height, item.width, 3), np.uint8)
+    )
+    image = pixels(source, _HOST, torch.float32)
+    wanted = {} if nine and full else {"image": image}
+    if nine:
+        wanted["masked"] = image * (repainted(item.mask, item.height, item.width) < 0.5)
+    return wanted
+
+
+def encoder_moments(
+    vae: Any, images: list[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> list[Moments]:
+    """Each image's latent distribution, from one encoder pass per size and memory layout: a batch
+    keeps its images' layout, which decides the encoder's rounding (see ``pixels``). Each item then
+    draws its own sample with its own generator, in the pipeline's order (``sample_latents``)."""
+    found: dict[int, Moments] = {}
+    by_size: dict[tuple[Any, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        # An image of one colour per channel (a masked image with everything repainted) goes alone:
+        # the encoder's group norms divide its rounding by a variance of about zero, so a batch's
+        # other summation order would give other latents than the pipeline's own pass.
+        alone = index if bool((image.amax(dim=(2, 3)) == image.amin(dim=(2, 3))).all()) else None
+        by_size.setdefault((tuple(image.shape), _channels_last(image), alone), []).append(index)
+    for (_, last, _), indices in by_size.items():
+        batch = images[indices[0]]
+        if len(indices) > 1:
+            layout = torch.channels_last if last else torch.contiguous_format
+            batch = torch.cat([images[index] for index in indices]).contiguous(memory_format=layout)
+        distribution = vae.encode(batch.to(device=device, dtype=dtype)).latent_dist
+        for row, index in enumerate(indices):
+            found[index] = (distribution.mean[row : row + 1], distribution.std[row : row + 1])
+    return [found[index] for index in range(len(images))]
+
+
+def _channels_last(image: torch.Tensor) -> bool:
+    """Whether an image lies channels last in memory (``pixels``' view) rather than planar (a
+    masked image, a product with the planar mask)."""
+    return image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+
+
+def sample_latents(vae: Any, moments: Moments, generator: torch.Generator) -> torch.Tensor:
+    """A sample of an image's latent distribution, scaled: diffusers' retrieve_latents, one draw of
+    the item's generator."""
+    mean, std = moments
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    scaled: torch.Tensor = vae.config.scaling_factor * (mean + std * noise)
     return scaled
 
 
 def img2img_latents(
     components: Any,
-    item: GenerationItem,
     scheduler: Any,
     generator: torch.Generator,
     start: int,
     dtype: torch.dtype,
+    encoded: dict[str, Moments],
 ) -> torch.Tensor:
     """StableDiffusionImg2ImgPipeline.prepare_latents: 1) the image's latent sample, 2) the noise,
     3) the image's latents noised to the first timestep the item runs."""
-    assert item.init_image is not None
     device = generator.device
-    # 1) the image through the VAE's encoder, its sample drawn first
-    image_latents = encode(components.vae, pixels(item.init_image, device, dtype), generator)
+    # 1) the image's sample from the VAE encoder's distribution, drawn first
+    image_latents = sample_latents(components.vae, encoded["image"], generator)
     # 2) the noise
     noise = torch.randn(image_latents.shape, generator=generator, device=device, dtype=dtype)
     # 3) forward diffusion to where the item starts
@@ -167,6 +224,7 @@ def inpaint_latents(
     start: int,
     shape: tuple[int, ...],
     dtype: torch.dtype,
+    encoded: dict[str, Moments],
 ) -> tuple[torch.Tensor, Inpainting]:
     """StableDiffusionInpaintPipeline's preparation: the initial latents and what each step needs.
 
@@ -180,12 +238,9 @@ def inpaint_latents(
     height, width = item.height, item.width
     strength = item.strength if item.init_image is not None else 1.0
     full = strength == 1.0
-    # an inpainting model's text-to-image item: a black image, all of it repainted, as diffusers
-    # is given one
-    source = item.init_image if item.init_image is not None else np.zeros((height, width, 3), np.uint8)
-    image = pixels(source, torch.device("cpu"), torch.float32)
-    # 1) the image's latents, drawn first where the pipeline encodes it
-    image_latents = encode(vae, image.to(device, dtype), generator) if not nine or not full else None
+    # 1) the image's latents, drawn first where the pipeline encodes it (an inpainting model's
+    #    text-to-image item: a black image, all of it repainted, as diffusers is given one)
+    image_latents = sample_latents(vae, encoded["image"], generator) if "image" in encoded else None
     # 2) the noise; at strength 1 the start is pure noise, else the image noised to the start
     noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     if full:
@@ -193,14 +248,13 @@ def inpaint_latents(
     else:
         assert image_latents is not None
         latents = scheduler.add_noise(image_latents, noise, scheduler.timesteps[start : start + 1])
-    # 3) the mask and the kept pixels (on the host, as the pipeline's processors make them)
+    # 3) the mask (on the host, as the pipeline's processors make it; the kept pixels were encoded)
     condition = repainted(item.mask, height, width)
-    masked = image * (condition < 0.5)
     # 4) the masked image's sample; a 4-channel UNet never uses it, but the pipeline draws it from the
     #    generator all the same: the same draw (no encoder pass) keeps later draws (ancestral steps) equal
     latent_shape = (1, vae.config.latent_channels, *shape[2:])
     if nine:
-        masked_latents: torch.Tensor | None = encode(vae, masked.to(device, dtype), generator)
+        masked_latents: torch.Tensor | None = sample_latents(vae, encoded["masked"], generator)
     else:
         torch.randn(latent_shape, generator=generator, device=device, dtype=vae.dtype)
         masked_latents = None

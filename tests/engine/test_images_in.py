@@ -289,3 +289,32 @@ def test_a_failed_step_puts_images_in_back(
     images, _ = retire_float(tiny_engine, handles)
     for image, want in zip(images, expected, strict=True):
         assert np.abs(image.permute(1, 2, 0).numpy() - want).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(("engine_name", "batches"), [("tiny_engine", [3]), ("inpaint_engine", [4, 1, 1, 1])])
+def test_images_admitted_together_are_encoded_in_one_pass_per_size(
+    request: pytest.FixtureRequest, engine_name: str, batches: list[int]
+) -> None:
+    """All five items admitted at once: their images in go through the VAE encoder together (a
+    9-channel model's masked images too), but for images of one colour (everything masked), which
+    go alone; each image still equals its pipeline's."""
+    engine: model.Engine = request.getfixturevalue(engine_name)
+    vae = engine.components.vae
+    encode = vae.encode
+    seen: list[int] = []
+
+    def counted(images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(images.shape[0])
+        return encode(images, *args, **kwargs)
+
+    items = mixed("default")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "encode", counted)
+        handles = engine.admit_all(items)
+    assert sorted(seen, reverse=True) == batches
+    running = dict(zip(handles, items, strict=True))
+    while running:
+        for done in engine.step(only=list(running)):
+            it, image = running.pop(done), engine.retire([done])[0].image
+            difference = np.abs(image.astype(float) - (reference(engine, it) * 255).round()).max()
+            assert difference <= 2, f"item seed {it.seed} differs by {difference}/255"

@@ -20,7 +20,7 @@ from transformers import CLIPTokenizer
 
 import model
 from model.architectures import CONFIGS
-from model.loading.single_file import recognise, write_configs
+from model.loading.single_file import recognise, unet_channels, write_configs
 from model.types import GenerationItem
 from tests.helpers.weights import save_single_file, save_with_diffusers, unet_to_ldm
 
@@ -107,6 +107,18 @@ def test_full_size_sd1_and_sd2_are_recognised_by_names_and_shapes_alone() -> Non
     assert (recognise(sd1), recognise(sd2)) == ("sd-v1-4", "sd-2-base")
     assert recognise(ldm_keys("tiny", "cond_stage_model.transformer.text_model.x")) is None
     assert recognise(ldm_keys("sd-v1-4", "cond_stage_model.model.token_embedding.weight")) is None  # mixed
+
+
+def test_an_inpainting_checkpoint_is_converted_with_a_9_channel_unet(tmp_path: Path) -> None:
+    """runwayml's and stabilityai's inpainting files: their first convolution takes 9 channels, and
+    the configs written for the conversion say so (an inpainting model, offline)."""
+    keys = ldm_keys("sd-v1-4", "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight")
+    assert unet_channels(keys) == 4
+    keys["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(320, 9, 3, 3, device="meta")
+    assert (recognise(keys), unet_channels(keys)) == ("sd-v1-4", 9)
+    write_configs("sd-v1-4", tmp_path / "configs", unet_channels(keys))
+    config = json.loads((tmp_path / "configs" / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 9 and config["out_channels"] == 4
 
 
 def test_an_unrecognised_file_without_sd_model_config_says_to_set_it(folder: Path, tmp_path: Path) -> None:
