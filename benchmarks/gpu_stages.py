@@ -517,6 +517,57 @@ def stage_tests(plan: Plan, record: Record) -> None:
     )
 
 
+def stage_images_in(plan: Plan, record: Record) -> None:
+    """benchmarks/images_in.py on the plan's model with the eager engine: what image-to-image (strength
+    0.5 and 1.0) and inpainting cost per image against text-to-image of the same steps, at the plan's
+    batch sizes capped at 8, and a mix of requests (a third each text-to-image, image-to-image 0.6,
+    inpainting) stepped together against stock diffusers' three pipelines one request at a time.
+    Batch 1 first, then the mix, then the larger batch: what fits first matters most. The 9-channel
+    inpainting rows need a random ARCH-inpaint sibling (random:tiny has one, sd-v1-4 none). Its rows
+    are under ``cost`` and ``mix`` (not ``cases``: the suite's case table is text-to-image's)."""
+    import images_in
+    import torch
+
+    import model
+    from model.options import resolve_dtype
+
+    device = torch.device(plan.device)
+    batches = sorted({min(b, images_in.GPU_MAX_BATCH) for b in plan.batch_sizes})
+    requests, warm = (3 if plan.dry_run else 6), max(plan.warm_steps, 2)  # 2: strength 0.5 keeps a step
+    sibling = images_in.inpainting_sibling(plan.model)
+    options = model.EngineOptions(**VARIANTS["engine"], batch_buckets=tuple(batches))
+    record.data |= {"cost": [], "mix": []}
+    record.config(variant="engine", model=plan.model, inpaint_model=sibling, batch_sizes=batches,
+                  steps=plan.steps, size=plan.size, requests=requests, mix_kinds=list(images_in.MIX_KINDS),
+                  warm_steps=warm, options=asdict(options))  # fmt: skip
+    if sibling is None:
+        record.add("notes", f"{plan.model} has no 9-channel sibling: no 9-channel inpainting rows")
+    start = time.perf_counter()
+    with on_device(plan):
+        engines = {False: model.load(plan.model, device=plan.device, dtype=plan.dtype, options=options)}
+        if sibling is not None:
+            engines[True] = model.load(sibling, device=plan.device, dtype=plan.dtype, options=options)
+        stock = images_in.Stock(plan.model, device, resolve_dtype(plan.dtype, device))
+    record.config(load_s=round(time.perf_counter() - start, 2))
+    runner = images_in.Runner(
+        device, plan.repeats, plan.left, record.save, lambda line: record.add("skipped_for_time", line)
+    )
+    cost, mix = record.data["cost"], record.data["mix"]
+    images_in.cost_cases(runner, engines, batches[0], plan.steps, plan.size, warm, cost)
+    images_in.mix_cases(runner, engines[False], stock, requests, plan.steps, plan.size, warm, mix)
+    for batch in batches[1:]:
+        images_in.cost_cases(runner, engines, batch, plan.steps, plan.size, warm, cost)
+    runner.more()
+    diff = mix[0].get("max_diff_8bit") if mix else None
+    record.finish("ok", max_diff_8bit_vs_diffusers=diff)
+    for row in cost:
+        say(plan, f"{row['kind']}, batch {row['batch_size']}: {row['seconds_per_image']:.4f} s/image, "
+                  f"x{row.get('vs_text_to_image', float('nan')):.2f} text-to-image")  # fmt: skip
+    for row in mix:
+        say(plan, f"mix of {row['requests']}, {row['runner']}: {row['images_per_s']:.2f} images/s, "
+                  f"x{row.get('vs_diffusers', float('nan')):.2f} diffusers, max diff {diff}")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage: its cap (the most seconds it may take), the variant it times (or the candidates
@@ -541,6 +592,8 @@ STAGES: tuple[Stage, ...] = (
           run=stage_profile),
     Stage("deepspeed", "DeepSpeed-Inference kernels (SD_ACCELERATOR=deepspeed)", 150, ("deepspeed",)),
     Stage("sd2", "random:sd-2-base with the fastest variant", 150, ENGINE_VARIANTS, "sd2_model"),
+    Stage("images_in", "images in: image-to-image and inpainting against text-to-image and diffusers", 90,
+          run=stage_images_in),
     Stage("tests", "tests/engine/test_gpu.py", 240, run=stage_tests),
 )  # fmt: skip
 

@@ -25,7 +25,8 @@ STAGE_FILES = [
     "05-profile.json",
     "06-deepspeed.json",
     "07-sd2.json",
-    "08-tests.json",
+    "08-images_in.json",
+    "09-tests.json",
 ]
 
 
@@ -83,7 +84,7 @@ def test_dry_run_goes_through_every_stage_and_records_each(tmp_path: Path) -> No
     assert profile["config"]["variant"] in ("engine", "compiled") and profile["config"]["variant_reason"]
     assert [c["batch_size"] for c in profile["cases"]] == [1, 2]
     assert all(0 < len(c["top_kernels"]) <= 10 for c in profile["cases"])
-    tests = found["08-tests.json"]
+    tests = found["09-tests.json"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["skipped"] >= 1  # needs CUDA: skipped here
     assert "| 4 | compiled | random:tiny | 2 |" in done.stdout  # the report closes the run
 
