@@ -118,7 +118,7 @@ def test_hostile_bodies_are_one_line_errors_naming_the_field(
         ({}, b'{"inputs": "x"}', 401, "unauthorized"),
         ({"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}, b'{"inputs": "x"}', 415,
          "unsupported_media_type"),
-        ({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, b"x" * (2 << 20), 413,
+        ({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, b"x" * (21 << 20), 413,
          "body_too_large"),
         ({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
           "Sec-Fetch-Site": "cross-site"}, b'{"inputs": "x"}', 403, "cross_origin_request"),

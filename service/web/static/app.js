@@ -6,7 +6,18 @@
   const KEY_STORAGE = "sd-endpoint-api-key";
   const SEED_PLACEHOLDER = "__seed__";
   const $ = (id) => document.getElementById(id);
-  const state = { busy: false, retryGenerate: false };
+  const DEFAULT_STRENGTH = 0.8; // the server's default: without a mask, and with one
+  const MASK_STRENGTH = 1;
+  const MASK_COLOUR = "#ff2d6f"; // what the user sees; the mask sent is where the strokes are
+  const state = {
+    busy: false,
+    retryGenerate: false,
+    image: null, // base64 of the chosen file, as it is
+    imageReady: Promise.resolve(), // settles once the chosen file has been read
+    masked: false, // a stroke has been painted since the mask was last cleared
+    strengthSet: false, // the user moved the strength slider for this image
+    stroke: null, // the last point of the stroke being painted, in the image's pixels
+  };
 
   class ApiError extends Error {
     constructor(message, status, requestId) {
@@ -168,6 +179,193 @@
     if (retry) generate();
   }
 
+  // ---- an image to start from, and the mask painted over it ----
+
+  function readFile(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result));
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  // A data: URL's payload: base64 of the file's own bytes, with no prefix.
+  function base64Of(dataUrl) {
+    const comma = dataUrl.indexOf(",");
+    return comma < 0 ? "" : dataUrl.slice(comma + 1);
+  }
+
+  function setStrength(value) {
+    $("strength").value = String(value);
+    showStrength();
+  }
+
+  function showStrength() {
+    $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  }
+
+  function showBrush() {
+    $("brush-size-value").textContent = `${$("brush-size").value} px`;
+  }
+
+  function resetImage() {
+    state.image = null;
+    state.imageReady = Promise.resolve();
+    state.strengthSet = false;
+    clearMask();
+    setStrength(DEFAULT_STRENGTH);
+    const canvas = $("mask-canvas");
+    canvas.width = canvas.height = 0;
+    $("image-preview").removeAttribute("src");
+    $("image-editor").hidden = true;
+  }
+
+  function clearImage() {
+    $("image-file").value = "";
+    resetImage();
+    $("image-file").focus();
+  }
+
+  function chooseImage() {
+    resetImage();
+    const file = $("image-file").files[0];
+    if (!file) return;
+    state.imageReady = readFile(file).then(
+      (dataUrl) => {
+        if ($("image-file").files[0] !== file) return; // another file was chosen meanwhile
+        state.image = base64Of(dataUrl);
+        $("image-unreadable").hidden = true;
+        $("image-preview").hidden = false;
+        $("image-editor").hidden = false;
+        $("image-preview").src = dataUrl;
+      },
+      (error) => showError(`Cannot read ${file.name}: ${error && error.message ? error.message : error}`),
+    );
+  }
+
+  // The mask canvas takes the image's own pixel size (the displayed size is only CSS), and Width
+  // and Height the size the server would draw the image at by itself: aspect kept, within the
+  // limits, in multiples of 8 (service/images_in/sizes.py), where the user can still change them.
+  function imageShown() {
+    const preview = $("image-preview");
+    if (!state.image || !preview.naturalWidth) return;
+    const canvas = $("mask-canvas");
+    canvas.width = preview.naturalWidth;
+    canvas.height = preview.naturalHeight;
+    canvas.hidden = false;
+    const [width, height] = drawnSize(preview.naturalWidth, preview.naturalHeight);
+    $("width").value = String(width);
+    $("height").value = String(height);
+  }
+
+  function drawnSize(width, height) {
+    const low = Math.ceil((Number($("width").min) || 128) / 8) * 8;
+    const high = Math.floor((Number($("width").max) || 1024) / 8) * 8;
+    let sides = [width, height];
+    const longest = Math.max(...sides);
+    if (longest > high) sides = sides.map((side) => Math.floor((side * high) / longest));
+    const shortest = Math.min(...sides);
+    if (shortest < low) sides = sides.map((side) => Math.floor((side * low) / shortest));
+    return sides.map((side) => Math.min(high, Math.max(low, Math.floor(side / 8) * 8)));
+  }
+
+  // Not an image this browser can show: nothing to paint on; the server gives the verdict.
+  function imageUnreadable() {
+    if (!state.image) return;
+    $("image-preview").hidden = $("mask-canvas").hidden = true;
+    $("image-unreadable").hidden = false;
+  }
+
+  function canvasPoint(event) {
+    const canvas = $("mask-canvas");
+    const box = canvas.getBoundingClientRect();
+    return [
+      ((event.clientX - box.left) * canvas.width) / box.width,
+      ((event.clientY - box.top) * canvas.height) / box.height,
+    ];
+  }
+
+  // Strokes in image pixels; the brush size is in screen pixels, as the user sees it.
+  function paint(event) {
+    const canvas = $("mask-canvas");
+    const context = canvas.getContext("2d");
+    const [x, y] = canvasPoint(event);
+    const box = canvas.getBoundingClientRect();
+    context.lineWidth = (Number($("brush-size").value) * canvas.width) / box.width;
+    context.lineCap = context.lineJoin = "round";
+    context.strokeStyle = context.fillStyle = MASK_COLOUR;
+    context.beginPath();
+    if (event.type === "pointerdown") {
+      context.arc(x, y, context.lineWidth / 2, 0, 2 * Math.PI);
+      context.fill();
+    } else {
+      context.moveTo(...state.stroke);
+      context.lineTo(x, y);
+      context.stroke();
+    }
+    state.stroke = [x, y];
+    if (!state.masked) {
+      state.masked = true;
+      if (!state.strengthSet) setStrength(MASK_STRENGTH);
+    }
+  }
+
+  function startStroke(event) {
+    if (event.button !== 0 || !state.image) return;
+    event.preventDefault();
+    $("mask-canvas").setPointerCapture(event.pointerId);
+    paint(event);
+  }
+
+  function continueStroke(event) {
+    if (!state.stroke) return;
+    event.preventDefault();
+    paint(event);
+  }
+
+  function endStroke() {
+    state.stroke = null;
+  }
+
+  function clearMask() {
+    const canvas = $("mask-canvas");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    state.masked = false;
+    state.stroke = null;
+    if (!state.strengthSet) setStrength(DEFAULT_STRENGTH);
+  }
+
+  // The mask as the server takes it: a PNG of the image's own size, white where painted (repaint),
+  // black elsewhere (keep), nothing in between; null when nothing is painted.
+  function maskPng() {
+    const canvas = $("mask-canvas");
+    if (!state.masked || canvas.hidden || !canvas.width) return null;
+    const strokes = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    const mask = document.createElement("canvas");
+    mask.width = canvas.width;
+    mask.height = canvas.height;
+    const context = mask.getContext("2d");
+    const pixels = context.createImageData(mask.width, mask.height);
+    let painted = false;
+    for (let i = 0; i < strokes.length; i += 4) {
+      const level = strokes[i + 3] >= 128 ? 255 : 0;
+      painted = painted || level === 255;
+      pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = level;
+      pixels.data[i + 3] = 255;
+    }
+    if (!painted) return null;
+    context.putImageData(pixels, 0, 0);
+    return base64Of(mask.toDataURL("image/png"));
+  }
+
+  // The image columns of the request: none without an image; "mask_image" only when painted.
+  function pictureColumns() {
+    if (!state.image) return {};
+    const mask = maskPng();
+    return mask ? { image: state.image, mask_image: mask } : { image: state.image };
+  }
+
   // ---- generation ----
 
   function setBusy(busy) {
@@ -206,14 +404,15 @@
       if (scale.validity.badInput) throw new ApiError("Adapter scale must be a number.", 0, "");
       parameters.adapters = { [$("adapter").value]: scale.value === "" ? 1 : Number(scale.value) };
     }
+    if (state.image) parameters.strength = Number($("strength").value);
     return parameters;
   }
 
-  function requestBody(prompt, negativePrompt, parameters, seedText) {
+  function requestBody(prompt, negativePrompt, parameters, seedText, pictures = {}) {
     if (seedText) parameters.seed = SEED_PLACEHOLDER;
-    const body = JSON.stringify({
-      input_data: { columns: ["prompt", "negative_prompt"], data: [[prompt, negativePrompt]], parameters },
-    });
+    const columns = ["prompt", "negative_prompt", ...Object.keys(pictures)];
+    const row = [prompt, negativePrompt, ...Object.values(pictures)];
+    const body = JSON.stringify({ input_data: { columns, data: [row], parameters } });
     // The seed goes in as written, digit for digit, never through a lossy JS number.
     return seedText ? body.replace(`"${SEED_PLACEHOLDER}"`, seedText) : body;
   }
@@ -285,9 +484,11 @@
       $("seed").focus();
       return;
     }
+    await state.imageReady; // a file chosen a moment ago is still being read
     let body;
     try {
-      body = requestBody(prompt, $("negative-prompt").value.trim(), readParameters(), seedText);
+      const parameters = readParameters();
+      body = requestBody(prompt, $("negative-prompt").value.trim(), parameters, seedText, pictureColumns());
     } catch (error) {
       showError(describe(error));
       return;
@@ -340,6 +541,20 @@
     });
     $("key-form").addEventListener("submit", useKey);
     $("images").addEventListener("click", reuseSeed);
+    $("image-file").addEventListener("change", chooseImage);
+    $("image-preview").addEventListener("load", imageShown);
+    $("image-preview").addEventListener("error", imageUnreadable);
+    $("mask-canvas").addEventListener("pointerdown", startStroke);
+    $("mask-canvas").addEventListener("pointermove", continueStroke);
+    $("mask-canvas").addEventListener("pointerup", endStroke);
+    $("mask-canvas").addEventListener("pointercancel", endStroke);
+    $("clear-mask").addEventListener("click", clearMask);
+    $("clear-image").addEventListener("click", clearImage);
+    $("brush-size").addEventListener("input", showBrush);
+    $("strength").addEventListener("input", () => {
+      state.strengthSet = true;
+      showStrength();
+    });
     loadInfo();
   });
 })();
