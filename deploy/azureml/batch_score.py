@@ -91,10 +91,18 @@ def run(mini_batch: list[str]) -> list[str]:
     keys = {row.key for row in rows}
     finished = find_finished(output, keys=keys)
     pending = [row for row in rows if (row.key, row.row) not in finished]
-    # 2) generate what is left
-    result = run_rows(engine, pending, output, params, config)
+    # 2) generate what is left, each file's rows with its own folder as where path cells (images
+    #    in: image, mask_image) are read
+    from service.storage import open_storage
+
+    folder_of = {Path(path).name: str(Path(path).parent) for path in mini_batch}
+    generated = failed = 0
+    for folder in sorted(set(folder_of.values())):
+        here = [row for row in pending if folder_of.get(row.file) == folder]
+        result = run_rows(engine, here, output, params, config, images=open_storage(folder))
+        generated, failed = generated + result.generated, failed + result.failed
     log.info("mini-batch of %d file(s): %d generated, %d failed, %d already done",
-             len(mini_batch), result.generated, result.failed, len(rows) - len(pending))  # fmt: skip
+             len(mini_batch), generated, failed, len(rows) - len(pending))  # fmt: skip
     # 3) every row must have its record now; if storage lost some, Azure retries the mini-batch
     records = collect_records(output, keys=keys)
     missing = [row for row in rows if (row.key, row.row) not in records]

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--params",
         metavar="FILE.json",
-        help="JSON object with num_inference_steps, guidance_scale, height, width, scheduler, seed",
+        help="JSON object with num_inference_steps, guidance_scale, height, width, scheduler, seed, strength",
     )
     gen.add_argument("--steps", type=int, help="denoising steps (default 50)")
     gen.add_argument("--guidance", type=float, help="guidance scale (default 7.5)")
@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--height", type=int, help="image height, a multiple of 8 (default: the model's native size)"
     )
     gen.add_argument("--scheduler", help="scheduler name (default: the model's own)")
+    gen.add_argument(
+        "--strength",
+        type=float,
+        help="rows with an image: the share of the schedule that runs, in (0, 1] "
+        "(default 0.8; 1 with a mask)",
+    )
     gen.add_argument(
         "--seed",
         type=int,
@@ -240,6 +246,7 @@ def params_from_args(args: argparse.Namespace) -> JobParams:
         width=args.width,
         scheduler=args.scheduler,
         seed=args.seed,
+        strength=args.strength,
     )
 
 

@@ -1,7 +1,8 @@
 """The generation parameters of a job, and each row's seed.
 
 Parameters use the Azure ML model-catalog names (num_inference_steps, guidance_scale, height,
-width, scheduler, seed) in ``--params FILE.json``; command-line flags override the file.
+width, scheduler, seed, strength) in ``--params FILE.json``; command-line flags override the file.
+``strength`` applies to rows with an image (None: 0.8 for image to image, 1.0 with a mask).
 
 Seeds: a row's own ``seed`` wins. Otherwise the seed is derived from (job seed, input file, row)
 by a hash, so it depends on nothing else (not on other files, their order or row counts): a
@@ -32,11 +33,12 @@ from schemas.fields import (
     ScoreLimits,
     Seed,
     Steps,
+    Strength,
     describe_problem,
 )
 from service.batch.errors import BatchConfigError
 from service.runtime.items import MAX_SEED as MAX_SEED
-from service.runtime.items import SEED_DRAW_RANGE, Ask, Prompt
+from service.runtime.items import SEED_DRAW_RANGE, Ask, Picture, Prompt
 
 if TYPE_CHECKING:
     from model.types import GenerationItem, ModelInfo
@@ -61,6 +63,7 @@ class JobParams:
     scheduler: Name | None = None
     seed: Seed | None = None
     adapters: Adapters = None  # LoRA adapters of SD_ADAPTERS and their scales
+    strength: Strength | None = None  # rows with an image; None: diffusers' default (0.8; 1 with a mask)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> JobParams:
@@ -114,8 +117,12 @@ class JobParams:
             "scheduler": self.scheduler or info.default_scheduler,
         }
 
-    def item(self, prompt: str, negative_prompt: str, seed: int, info: ModelInfo) -> GenerationItem:
-        return Ask.of(self, (Prompt(prompt, negative_prompt, seed),), scheduler=self.scheduler).items(info)[0]
+    def item(
+        self, prompt: str, negative_prompt: str, seed: int, info: ModelInfo, picture: Picture | None = None
+    ) -> GenerationItem:
+        """A row's item; with a ``picture`` it is decoded here (ImageInputError when it is bad)."""
+        prompts = (Prompt(prompt, negative_prompt, seed, picture),)
+        return Ask.of(self, prompts, scheduler=self.scheduler, strength=self.strength).items(info)[0]
 
 
 def derive_seed(input_file: str, row: int, job_seed: int | None) -> int:

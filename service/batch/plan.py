@@ -35,6 +35,8 @@ from service.storage import Storage, StorageError, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 256  # records read at once (concurrently on blob stores) when they are read back
+# Parameters that job.json files written before them lack; there they are None (the default)
+ADDED_PARAMETERS = ("strength",)
 
 
 @dataclass
@@ -156,6 +158,8 @@ def resolve_job(output: Storage, params: JobParams, new_seed: int | None = None)
     if theirs is None:
         seed = params.seed if params.seed is not None else (random_seed() if new_seed is None else new_seed)
         return dataclasses.replace(params, seed=seed)
+    # a parameter added since the job started (strength) is its default there
+    theirs = {**{name: None for name in ADDED_PARAMETERS}, **theirs}
     mine = params.as_dict()
     if params.seed is None:
         mine["seed"] = theirs.get("seed")  # None for jobs started before job seeds were kept

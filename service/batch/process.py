@@ -14,10 +14,12 @@ from typing import Literal, TypeVar
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from model.errors import InvalidRequestError
-from model.types import GenerationItem, GenerationResult
+from model.types import BatchKey, GenerationItem, GenerationResult
+from service.batch.files.images import picture as row_picture
 from service.batch.files.inputs import InputRow
 from service.batch.files.records import Record, UnwrittenRecord, image_path, record_path
 from service.batch.params import JobParams
+from service.images_in import ImageInputError
 from service.runtime.batching.oom import generate_isolating_failures
 from service.runtime.engines import ServingEngine
 from service.runtime.images import encode_png
@@ -45,25 +47,43 @@ class Outcome:
     retryable: bool = False
 
 
-def generate_batch(engine: ServingEngine, rows: Sequence[InputRow], params: JobParams) -> list[Outcome]:
-    """Generate one engine batch (one batch key). Never raises for the engine's errors, and one
-    row's failure never fails its neighbours: each row is validated alone first (what the engine
-    refuses fails that row, for good), and a batch that fails anyway is retried row by row."""
-    # 1. Validation, row by row: an invalid row fails alone and is never retried.
+def generate_batch(
+    engine: ServingEngine, rows: Sequence[InputRow], params: JobParams, images: Storage | None = None
+) -> list[Outcome]:
+    """Generate one engine batch. Never raises for the engine's errors, and one row's failure
+    never fails its neighbours: each row is validated alone first (what the engine refuses, and a
+    bad image, fails that row, for good), and a batch that fails anyway is retried row by row.
+
+    A row's image and mask are read here, from their cells (base64, or a path in ``images``, the
+    input folder): the images of one batch are in memory, never those of every row. Rows with
+    images may differ in size, so the valid rows run as one engine batch per size."""
+    # 1. Items and validation, row by row: an invalid row fails alone and is never retried.
     outcomes: dict[int, Outcome] = {}
     valid: list[tuple[int, GenerationItem]] = []
     for index, row in enumerate(rows):
-        item = params.item(row.prompt, row.negative_prompt, _seed(row), engine.info)
         try:
+            picture = row_picture(row.image, row.mask_image, images)
+            item = params.item(row.prompt, row.negative_prompt, _seed(row), engine.info, picture)
             engine.validate([item])
+        except ImageInputError as error:
+            outcomes[index] = Outcome(row, error=str(error))  # "image: ..." or "mask_image: ..."
+            continue
         except InvalidRequestError as error:
             outcomes[index] = Outcome(row, error=f"invalid request: {error}")
             continue
+        except StorageError as error:  # the store failed, not the row: a later attempt may read it
+            log.warning("cannot read the image of row %d of %s: %s", row.row, row.file, error)
+            outcomes[index] = Outcome(row, error=f"cannot read the image: {error}", retryable=True)
+            continue
         valid.append((index, item))
-    # 2. The valid rows together; out of memory halves, any other failure isolates the culprit.
-    if valid:
-        results = generate_isolating_failures(engine, [item for _, item in valid])
-        for (index, _), result in zip(valid, results, strict=True):
+    # 2. The valid rows together, one batch per batch key (size, steps, scheduler); out of memory
+    #    halves, any other failure isolates the culprit.
+    groups: dict[BatchKey, list[tuple[int, GenerationItem]]] = {}
+    for index, item in valid:
+        groups.setdefault(item.batch_key, []).append((index, item))
+    for group in groups.values():
+        results = generate_isolating_failures(engine, [item for _, item in group])
+        for (index, _), result in zip(group, results, strict=True):
             row = rows[index]
             if isinstance(result, GenerationResult):
                 outcomes[index] = Outcome(row, result=result)

@@ -184,6 +184,7 @@ class RayJob:
                     "output": output,
                     "options": self.options,
                     "plan_params": plan.params,
+                    "images": source,
                     "config": actor_config,
                 },
                 batch_size=rows_per_task,
@@ -211,7 +212,13 @@ class EngineActor:
     """A Ray Data actor: one engine; each call generates a batch of rows and writes them."""
 
     def __init__(
-        self, settings: Settings, output: str, options: StorageOptions, plan_params: Any, config: RunConfig
+        self,
+        settings: Settings,
+        output: str,
+        options: StorageOptions,
+        plan_params: Any,
+        config: RunConfig,
+        images: str | None = None,
     ) -> None:
         from service.batch.engine import load_job_engine
         from service.logs import configure_logging
@@ -222,6 +229,7 @@ class EngineActor:
         self.config = config
         self.engine = load_job_engine(settings, plan_params)
         self.output = open_storage(output, options)
+        self.images = None if images is None else open_storage(images, options)  # the input folder
         info = self.engine.info
         self.model = json.dumps({"model": info.name, "parameters": plan_params.resolved(info)})
 
@@ -233,7 +241,7 @@ class EngineActor:
         from service.batch.runner import process_rows
 
         rows = [InputRow(**row) for row in batch.to_pylist()]
-        records = process_rows(self.engine, rows, self.output, self.params, self.config)
+        records = process_rows(self.engine, rows, self.output, self.params, self.config, self.images)
         return pyarrow.table(
             {
                 "record": [r.to_json().decode("utf-8") for r in records],

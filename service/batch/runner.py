@@ -58,18 +58,24 @@ def run_job(
     on_record: Callable[[Record], None] = lambda record: None,
 ) -> RunResult:
     """Process every pending row of ``plan``; ``on_record`` sees each record as it is written."""
-    return run_rows(engine, plan.pending(), plan.output, plan.params, config, on_record)
+    return run_rows(engine, plan.pending(), plan.output, plan.params, config, on_record, images=plan.input)
 
 
 def process_rows(
-    engine: ServingEngine, rows: Sequence[InputRow], output: Storage, params: JobParams, config: RunConfig
+    engine: ServingEngine,
+    rows: Sequence[InputRow],
+    output: Storage,
+    params: JobParams,
+    config: RunConfig,
+    images: Storage | None = None,
 ) -> list[Record]:
     """Generate and write ``rows``; their records in the same order (for schedulers such as Ray Data).
+    ``images``: the input folder, where image cells that are paths are read.
 
     Raises ErrorThresholdExceeded when ``config.error_threshold`` stops the work early.
     """
     records: list[Record] = []
-    result = run_rows(engine, rows, output, params, config, on_record=records.append)
+    result = run_rows(engine, rows, output, params, config, on_record=records.append, images=images)
     if result.stopped:
         raise ErrorThresholdExceeded(result.stopped)
     by_row = {(r.input_file, r.row): r for r in records}
@@ -83,8 +89,11 @@ def run_rows(
     params: JobParams,
     config: RunConfig,
     on_record: Callable[[Record], None] = lambda record: None,
+    images: Storage | None = None,
 ) -> RunResult:
     """Generate ``rows`` in engine batches while a pool writes finished ones (the pipelined loop).
+    ``images`` is the input folder, where image cells that are paths are read (None: such a cell
+    fails its row).
 
     ``rows`` is consumed as it goes, one engine batch ahead at most: a job's rows are never all
     in memory (``JobPlan.pending()`` reads them from the input files as they are needed)."""
@@ -107,7 +116,7 @@ def run_rows(
                     break
                 # 2) generate it; each row is written, retried or failed
                 batch = [queue.popleft() for _ in range(min(config.batch_size, len(queue)))]
-                outcomes = generate_batch(engine, [row for row, _ in batch], params)
+                outcomes = generate_batch(engine, [row for row, _ in batch], params, images)
                 again: list[tuple[InputRow, int]] = []
                 for (row, attempts), outcome in zip(batch, outcomes, strict=True):
                     if outcome.result is not None:

@@ -1,5 +1,8 @@
 """`sd-endpoint generate`: send one prompt to a running endpoint and save the images as PNG files.
 
+With ``--image`` (and ``--mask``) it asks for image to image (inpainting): the files go base64 in
+/score's ``image`` and ``mask_image`` columns, as Azure's inpainting samples send them.
+
 Speaks the same Azure ML scoring contract as any other client, so it also works against an Azure ML
 online endpoint (pass its scoring URL and key). Imports only httpx and tenacity (its 429 retries):
 starting it costs no torch.
@@ -27,6 +30,7 @@ DEFAULT_URL = "http://127.0.0.1:5001"
 KEY_ENV = "SD_API_KEY"
 # A server asking for a longer pause than this is better retried by the user, later.
 MAX_RETRY_AFTER_S = 60.0
+MAX_IMAGE_BYTES = 20 * 2**20  # the server's own bound on an input image (service/images_in)
 
 
 class ClientError(Exception):
@@ -56,8 +60,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a LoRA adapter listed by GET /info, at SCALE (default 1); repeat for several",
     )
     parser.add_argument(
+        "--image",
+        type=Path,
+        metavar="FILE",
+        help="image to start from (PNG, JPEG, WEBP...; at most 20 MiB): image to image",
+    )
+    parser.add_argument(
+        "--mask",
+        type=Path,
+        metavar="FILE",
+        help="with --image: inpainting; white repaints, black keeps (the image's size)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=_fraction,
+        help="with --image: share of the schedule that runs, in (0, 1] (server default 0.8; 1 with a mask)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for the PNG files (default ./out)"
     )
+    parser.set_defaults(_parser=parser)
     parser.add_argument(
         "--timeout", type=_positive, default=300.0, help="seconds to wait for an answer (default 300)"
     )
@@ -88,6 +110,16 @@ def _adapter(text: str) -> tuple[str, float]:
     return name, scale
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -99,6 +131,10 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser | None = getattr(args, "_parser", None)
+    for flag, given in (("--mask", args.mask), ("--strength", args.strength)):
+        if given is not None and args.image is None and parser is not None:
+            parser.error(f"argument {flag}: needs --image (the image to start from)")  # exits 2
     try:
         generate(args)
     except ClientError as error:
@@ -124,13 +160,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
             parameters[name] = value
     if args.adapters:
         parameters["adapters"] = dict(args.adapters)
-    body = {
-        "input_data": {
-            "columns": ["prompt", "negative_prompt"],
-            "data": [[args.prompt, args.negative_prompt]],
-            "parameters": parameters,
-        }
-    }
+    columns, row = ["prompt", "negative_prompt"], [args.prompt, args.negative_prompt]
+    for column, flag, path in (("image", "--image", args.image), ("mask_image", "--mask", args.mask)):
+        if path is not None:
+            columns.append(column)
+            row.append(base64.b64encode(read_image_file(path, flag)).decode("ascii"))
+    if args.strength is not None:
+        parameters["strength"] = args.strength
+    body = {"input_data": {"columns": columns, "data": [row], "parameters": parameters}}
     request_id = uuid.uuid4().hex
     headers = {"x-request-id": request_id}
     key = args.key or os.environ.get(KEY_ENV)
@@ -166,6 +203,29 @@ def generate(args: argparse.Namespace) -> list[Path]:
         print(f"{path}\tnsfw={nsfw_label(item.get('nsfw_content_detected'))}")
     print(f"{len(paths)} image(s) in {elapsed_s:.1f} s, request id {request_id}", file=sys.stderr)
     return paths
+
+
+def read_image_file(path: Path, flag: str) -> bytes:
+    """The bytes of an image file to send; ClientError, before anything is sent, for a file that
+    is missing, unreadable, empty or larger than the server takes."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ClientError(
+                f"{flag} {path} is {size:,} bytes, more than the {MAX_IMAGE_BYTES // 2**20} MiB the server "
+                "takes; send a smaller or more compressed image (a JPEG or WEBP)"
+            )
+        with path.open("rb") as file:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+    except OSError as error:
+        raise ClientError(f"cannot read {flag} {path} ({error.strerror or error}); check the path") from None
+    if len(data) > MAX_IMAGE_BYTES:  # it grew since
+        raise ClientError(
+            f"{flag} {path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; send a smaller image"
+        )
+    if not data:
+        raise ClientError(f"{flag} {path} is empty; give an image file (PNG, JPEG, WEBP)")
+    return data
 
 
 def scoring_url(url: str) -> str:

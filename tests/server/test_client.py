@@ -130,6 +130,73 @@ def test_bad_options_and_an_unwritable_folder_are_one_line_before_anything_is_se
     )
 
 
+def image_file(path: Path, image: Image.Image) -> Path:
+    image.save(path, format="PNG")
+    return path
+
+
+def test_image_and_mask_are_sent_and_the_pngs_have_the_images_size(server: Server, tmp_path: Path) -> None:
+    """--image (image to image) and --image with --mask (inpainting): the images come back at the
+    input's own size, 192x128 here, as no --width or --height asks for another."""
+    photo = image_file(tmp_path / "photo.png", Image.new("RGB", (192, 128), (30, 120, 200)))
+    mask = Image.new("L", (192, 128), 0)
+    mask.paste(255, (48, 32, 144, 96))
+    mask_path = image_file(tmp_path / "mask.png", mask)
+    for name, extra in [
+        ("img2img", ["--strength", "0.5"]),
+        ("inpaint", ["--mask", str(mask_path)]),
+    ]:  # fmt: skip
+        out = tmp_path / name
+        result = generate(
+            "a boat", "--url", server.url, "--key", KEYS[0], "--image", str(photo), "--steps", "2",
+            "--seed", "3", "--num-images", "2", "--out", str(out), *extra,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        images = printed_images(result.stdout)
+        assert [path for path, _ in images] == [out / "a-boat-3.png", out / "a-boat-4.png"], name
+        for path, _ in images:
+            assert_png(path, (192, 128))
+    # the server's refusal of a bad image is one line, as any other refusal
+    (tmp_path / "not-an-image.png").write_text("hello")
+    result = generate(
+        "a boat", "--url", server.url, "--key", KEYS[0], "--image", str(tmp_path / "not-an-image.png"),
+        "--out", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the server answered 422" in result.stderr and "not an image" in result.stderr, result.stderr
+
+
+def test_image_files_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the errors must come first
+    photo = image_file(tmp_path / "photo.png", Image.new("RGB", (128, 128)))
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:  # sparse: 21 MiB on paper
+        file.truncate(21 * 2**20)
+    (tmp_path / "empty.png").write_bytes(b"")
+    for options, message in [
+        (["--image", str(tmp_path / "missing.png")], "cannot read --image"),
+        (["--image", str(photo), "--mask", str(tmp_path / "missing.png")], "cannot read --mask"),
+        (["--image", str(tmp_path)], "cannot read --image"),  # a folder
+        (["--image", str(huge)], "more than the 20 MiB"),
+        (["--image", str(photo), "--mask", str(tmp_path / "empty.png")], "--mask"),
+    ]:
+        result = generate("a cat", "--url", url, *options, "--out", str(tmp_path / "out"))
+        assert result.returncode == 1, (options, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+        assert "cannot connect" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    for options, flag in [
+        (["--mask", str(photo)], "--mask"),
+        (["--strength", "0.5"], "--strength"),
+        (["--image", str(photo), "--strength", "1.5"], "--strength"),
+        (["--image", str(photo), "--strength", "nan"], "--strength"),
+    ]:
+        result = generate("a cat", "--url", url, *options, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, options  # argparse's usage error
+        assert f"argument {flag}:" in result.stderr and "Traceback" not in result.stderr
+
+
 # ---- 429: a stub server, because a real one cannot be kept busy on cue ----
 
 

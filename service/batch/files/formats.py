@@ -1,10 +1,12 @@
 """The formats of prompt files, and what each row of them holds.
 
 Every parser turns one file's bytes into one mapping per row, with the keys ``prompt`` and, when
-the file has them, ``negative_prompt`` and ``seed`` (inputs.py checks the values row by row):
+the file has them, ``negative_prompt``, ``seed``, ``image`` and ``mask_image`` (inputs.py checks
+the values row by row; an image cell holds base64 or a path in the input folder: images.py):
 
-- ``.csv``: a header with a ``prompt`` column, in any position; ``negative_prompt`` and ``seed``
-  are optional; other columns (such as the unnamed index column pandas writes) are ignored.
+- ``.csv``: a header with a ``prompt`` column, in any position; ``negative_prompt``, ``seed``,
+  ``image`` and ``mask_image`` are optional; other columns (such as the unnamed index column
+  pandas writes) are ignored.
 - ``.jsonl``: one JSON object per line with the same keys; blank lines are not rows.
 - ``.parquet`` / ``.pqt``: a table with a ``prompt`` column (and the same optional ones).
 - ``.txt``: one prompt a line; blank lines are not rows.
@@ -26,7 +28,7 @@ from typing import Any
 from service.batch.errors import BatchConfigError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pqt": "parquet", ".txt": "txt"}
-ROW_KEYS = ("prompt", "negative_prompt", "seed")
+ROW_KEYS = ("prompt", "negative_prompt", "seed", "image", "mask_image")
 # The rows of one job, all input files together: a job's rows are planned in memory (about 1 kB
 # each), so this bounds what planning can take whatever the files claim.
 MAX_JOB_ROWS = 1_000_000

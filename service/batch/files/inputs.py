@@ -22,7 +22,9 @@ from typing import Any
 from model.types import MAX_SEED
 from schemas.fields import is_text
 from service.batch.errors import BatchConfigError
+from service.batch.files import images
 from service.batch.files.formats import MAX_JOB_ROWS, SUFFIX_LIST, file_format, parse_records
+from service.batch.files.images import IMAGE_COLUMNS
 from service.batch.files.records import file_key
 from service.batch.params import derive_seed
 from service.storage import Storage, StorageError, StorageOptions, open_storage
@@ -30,6 +32,10 @@ from service.storage.names import printable, unsafe_name_reason
 
 log = logging.getLogger(__name__)
 LOGGED_SKIPS = 20  # skipped files named one by one in the log; summary.json has them all
+# Files that rows may name as their images: skipped as prompt files, but named in the log only at
+# debug level (a folder of a thousand images is what an image-to-image job looks like)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_FILE = "an image, not a prompt file"
 MAX_PROMPT_CHARS = 2000  # SD_MAX_PROMPT_CHARS' default; plan_job passes the setting
 # One input file is held in memory while its rows are read (twice: planning counts them, running
 # reads them again); larger files are refused, so that memory never depends on what a store holds.
@@ -71,6 +77,10 @@ class InputRow:
     negative_prompt: str
     seed: int | None
     error: str = ""
+    # The cells of ``image`` and ``mask_image`` as written: base64, or a path in the input folder
+    # (files/images.py reads them when the row's item is built); '' for none.
+    image: str = ""
+    mask_image: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ def skip_reason(path: str) -> str:
         return "hidden file or marker (its name starts with '.' or '_')"
     if file_format(name) is None:
         suffix = posixpath.splitext(name)[1] or "no suffix"
+        if suffix.lower() in IMAGE_SUFFIXES:
+            return f"{IMAGE_FILE} ({suffix}): rows may name it in their image or mask_image cells"
         return f"not a prompt file ({suffix}); prompt files end in {SUFFIX_LIST}"
     return ""
 
@@ -131,10 +143,14 @@ def open_inputs(uri: str, options: StorageOptions | None = None) -> Inputs:
             skipped.append(SkippedFile(name, reason))
         else:
             files.append(InputFile(name))
-    for skip in skipped[:LOGGED_SKIPS]:
+    images = [skip for skip in skipped if skip.reason.startswith(IMAGE_FILE)]
+    if images:
+        log.info("%d image file(s) in the input folder (not prompt files; rows may name them)", len(images))
+    others = [skip for skip in skipped if not skip.reason.startswith(IMAGE_FILE)]
+    for skip in others[:LOGGED_SKIPS]:
         log.warning("skipping %s: %s", printable(storage.describe(skip.path)), skip.reason)
-    if len(skipped) > LOGGED_SKIPS:
-        log.warning("skipping %d more files that are not prompt files", len(skipped) - LOGGED_SKIPS)
+    if len(others) > LOGGED_SKIPS:
+        log.warning("skipping %d more files that are not prompt files", len(others) - LOGGED_SKIPS)
     if not files:
         shown = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:5])
         more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -279,6 +295,7 @@ def _row(
 ) -> InputRow:
     prompt, prompt_ok = _valid_unicode(record.get("prompt"))
     negative, negative_ok = _valid_unicode(record.get("negative_prompt"))
+    (image, image_error), (mask, mask_error) = (images.cell(name, record.get(name)) for name in IMAGE_COLUMNS)
 
     def row(seed: int | None, error: str = "") -> InputRow:
         return InputRow(
@@ -289,6 +306,8 @@ def _row(
             negative_prompt=negative if isinstance(negative, str) else "",
             seed=seed,
             error=error,
+            image=image if not error else "",  # a failed row never reads its images
+            mask_image=mask if not error else "",
         )
 
     # The first problem found is the row's error; the engine never sees the row.
@@ -313,6 +332,10 @@ def _row(
                 f"{name} has {len(text)} characters, more than the {max_chars} a prompt may have "
                 "(SD_MAX_PROMPT_CHARS); shorten it",
             )
+    if image_error or mask_error:
+        return row(None, image_error or mask_error)
+    if mask and not image:
+        return row(None, "mask_image without an image: give the image to repaint in the image column")
     seed, seed_error = _seed(record.get("seed"))
     if seed_error:
         return row(None, seed_error)
