@@ -27,12 +27,17 @@ fi
 if [ "$dev" = 1 ]; then
   # 4) Azurite for the Azure Blob tests
   [ -x .ci/node_modules/.bin/azurite ] || npm install --prefix .ci --no-audit --no-fund --silent azurite
-  # 5) Chromium for the browser test (Playwright drives it; it never downloads a browser)
-  if ! command -v chromium >/dev/null 2>&1; then
+  # 5) Chromium for the browser test (Playwright drives it; it never downloads a browser), and a
+  #    Redis server for the tests of jobs shared by several replicas (started on 127.0.0.1 by them)
+  missing=""
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+  command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+  if [ -n "$missing" ]; then
     sudo_cmd=""
     [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
 fi
 echo "environment ready: .venv ($(.venv/bin/python --version), torch ${installed})"

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import EnvSettingsSource, SettingsConfigDict
+
+from service.settings_jobs import JobSettings
 
 DEFAULT_MODEL = "random:tiny"
 MAX_MODEL_NAME_CHARS = 200
@@ -37,7 +39,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _NO_EFFECT = "No effect: kept so that older deployments that set it still start."
 
 
-class Settings(BaseSettings):
+class Settings(JobSettings):
     model_config = SettingsConfigDict(env_prefix="SD_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     # Model and device.
@@ -86,9 +88,7 @@ class Settings(BaseSettings):
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(default=5001, ge=0, le=65535)
-    api_keys: SecretStr | None = Field(
-        default=None, description="Comma-separated bearer keys; two allow rotation."
-    )
+    api_keys: SecretStr | None = Field(default=None, description="Comma-separated bearer keys (rotation).")
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)  # images in come in the body
     fetch_image_urls: str | None = Field(default=None, description="Hosts whose image URLs may be fetched.")
     served_model_names: str | None = Field(

@@ -234,6 +234,15 @@ class Lifecycle:
             raise NotReadyError(NO_ENGINE_LEFT)
         return self.runtime
 
+    @property
+    def is_ready(self) -> bool:
+        """Whether requests are served now (what ``require_ready`` checks, without the error)."""
+        try:
+            self.require_ready()
+        except (NotReadyError, ShuttingDownError):
+            return False
+        return True
+
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[Runtime]:
         """Hold one request open: the drain waits for every such request to finish."""

@@ -167,6 +167,19 @@ class Metrics:
             f"{PREFIX}model_load_seconds", "Seconds the model took to load and warm up.", registry=r
         )
 
+        # Jobs that outlive their request (service/web/jobs): the store's, as this replica last read them.
+        self.jobs = Gauge(f"{PREFIX}jobs", "Jobs in the store, by state.", ["state"], registry=r)
+        self.jobs_finished = Counter(
+            f"{PREFIX}jobs_finished", "Jobs this replica finished, by state.", ["state"], registry=r
+        )
+        self.job_store_bytes = Gauge(
+            f"{PREFIX}job_store_bytes", "Bytes of bodies and results in the job store.", registry=r
+        )
+        self.webhook_deliveries = Counter(
+            f"{PREFIX}webhook_deliveries", "Webhook attempts, by event and outcome (delivered, retry, "
+            "failed, refused).", ["event", "outcome"], registry=r,
+        )  # fmt: skip
+
         self._engines: dict[int, EngineMetrics] = {}
 
     def for_engine(self, index: int, adapters: Collection[str] = ()) -> EngineMetrics:

@@ -32,6 +32,9 @@ from service.web.guards import (
     JsonOnlyMiddleware,
     SecurityHeadersMiddleware,
 )
+from service.web.jobs import routes as jobs_routes
+from service.web.jobs.routes import RespondAsync
+from service.web.jobs.setup import DurableJobs
 from service.web.middleware import (
     PROBE_PATHS,
     ApiKeyMiddleware,
@@ -58,7 +61,13 @@ CLIENT_ROUTERS = (huggingface.router, a1111.router, a1111_lists.router, control.
 # POSTs that carry no body (they stop requests): no media type for the JSON-only rule to check (the
 # cross-origin rule of service/web/guards.py keeps other sites' pages from sending them).
 BODYLESS_POSTS = frozenset(
-    {"/sdapi/v1/interrupt", "/sdapi/v1/skip", "/requests/{request_id}/cancel", *a1111_lists.BODYLESS}
+    {
+        "/sdapi/v1/interrupt",
+        "/sdapi/v1/skip",
+        "/requests/{request_id}/cancel",
+        "/v1/jobs/{job_id}/cancel",
+        *a1111_lists.BODYLESS,
+    }
 )
 
 
@@ -76,10 +85,14 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
     metrics = Metrics()
     lifecycle = Lifecycle(settings, metrics, engine)
 
+    durable = DurableJobs()  # jobs that outlive their request (service/web/jobs)
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle.begin()
+        await durable.open(app, settings, lifecycle, metrics)
         yield
+        await durable.close()
         await lifecycle.stop()
 
     app = FastAPI(
@@ -106,8 +119,9 @@ def create_app(settings: Settings | None = None, *, engine: ServingEngine | None
 
     # Middleware: the last added runs first. Ids and metrics, security headers, Host, the origin of a
     # state-changing request, HEAD, slashes, then keys, then the media type and the body.
-    routers = (routes.router, ui.router, openai.router, docs.router, *CLIENT_ROUTERS)
+    routers = (routes.router, ui.router, openai.router, jobs_routes.router, docs.router, *CLIENT_ROUTERS)
     api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+    app.add_middleware(RespondAsync)  # Prefer: respond-async, once the request passed every check
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )

@@ -111,6 +111,14 @@ class RequestNotFoundError(ServiceError):
     """No running request of the caller has the id it asked to cancel."""
 
 
+class JobNotFoundError(ServiceError):
+    """No job of the caller has that id (unknown, expired, deleted, or another caller's)."""
+
+
+class JobsUnavailableError(ServiceError):
+    """The server keeps no jobs (SD_JOB_STORE=off), or its store could not be opened."""
+
+
 class LinkNotFoundError(ServiceError):
     """An image link (OpenAI's url answers) is unknown, expired, or left the store for newer ones."""
 
@@ -130,6 +138,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     CrossOriginError: ErrorKind(403, "cross_origin_request"),
     ModelNotFoundError: ErrorKind(404, "model_not_found"),
     RequestNotFoundError: ErrorKind(404, "request_not_found"),
+    JobNotFoundError: ErrorKind(404, "job_not_found"),
     LinkNotFoundError: ErrorKind(404, "link_not_found"),
     BodyTimeoutError: ErrorKind(408, "body_timeout"),
     BodyTooLargeError: ErrorKind(413, "body_too_large"),
@@ -146,6 +155,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     EngineOutOfMemoryError: ErrorKind(503, "out_of_memory", RETRY_AFTER_OVERLOADED_S),
     ModelLoadError: ErrorKind(503, "model_not_loaded", RETRY_AFTER_OVERLOADED_S),
     NotReadyError: ErrorKind(503, "not_ready", RETRY_AFTER_OVERLOADED_S),
+    JobsUnavailableError: ErrorKind(503, "jobs_unavailable"),
     ShuttingDownError: ErrorKind(503, "shutting_down", RETRY_AFTER_S),
     TooManyConnectionsError: ErrorKind(503, "too_many_connections", RETRY_AFTER_S),
     HttpVersionError: ErrorKind(505, "http_version_not_supported"),

@@ -27,7 +27,7 @@ from service.runtime.errors import RequestTimeoutError
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.metrics import CONTENT_TYPE, Metrics
-from service.web.clients.common import followed
+from service.web.clients.common import JOB_SCOPE, followed
 from service.web.errors import error_json, error_response, error_responses, json_body
 from service.web.middleware import CLIENT_CLOSED_STATUS
 
@@ -105,7 +105,9 @@ async def answer_generation(
     the caller follow and stop it by its request id (service/web/clients/control.py)."""
     started = time.monotonic()
     lifecycle = _lifecycle(request)
-    timeout_s = lifecycle.settings.request_timeout_s
+    # A job's request (run in process, service/web/jobs/) has the jobs' deadline, not a client's.
+    settings = lifecycle.settings
+    timeout_s = settings.job_timeout_s if JOB_SCOPE in request.scope else settings.request_timeout_s
     async with lifecycle.serving() as runtime, followed(request, client) as job:
         body = await request.body()
         try:

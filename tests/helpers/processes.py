@@ -41,7 +41,9 @@ def start_server(log_path: Path, *, command: Sequence[str] = SERVE, cwd: Path = 
     """`sd-endpoint serve` (``command``, run in ``cwd``) on random:tiny (unless ``env`` names SD_MODEL)
     and a free port, returned once GET / answers "Healthy"."""
     port = free_port()
-    defaults = {"SD_MODEL": "random:tiny", "SD_HOST": "127.0.0.1", "SD_PORT": str(port)}
+    # Each server its own jobs folder (unless the test shares one): no server runs another's jobs.
+    data = str(log_path.parent / f"data-{port}")
+    defaults = {"SD_MODEL": "random:tiny", "SD_HOST": "127.0.0.1", "SD_PORT": str(port), "SD_DATA_DIR": data}
     environment = clean_env(**{**defaults, **env})
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.types import Scope
 
 from service.logs import request_id_var
 from service.runtime.jobs import Job, Jobs, caller_of
@@ -32,12 +33,25 @@ def jobs_of(request: Request) -> Jobs:
     return jobs
 
 
+# The scope key of a job's request, run in process (service/web/jobs/inprocess.py): {"caller": the
+# submitter's digest, "id": the job's id}. Only the server sets it: no client's request carries it.
+JOB_SCOPE = "sd.job"
+
+
 def caller(request: Request) -> str:
     """Whose request this is: a digest of its API key (checked by the middleware already), or ""
-    on a server without keys, where every caller is the same one."""
-    if not request.app.state.settings.api_key_list:
+    on a server without keys, where every caller is the same one; a job's, its submitter's."""
+    return caller_of_scope(request.scope)
+
+
+def caller_of_scope(scope: Scope) -> str:
+    """``caller`` from an ASGI scope (the middleware's view of a request)."""
+    job = scope.get(JOB_SCOPE)
+    if isinstance(job, dict):
+        return str(job["caller"])
+    if not scope["app"].state.settings.api_key_list:
         return ""
-    return caller_of(presented_key(Headers(scope=request.scope)))
+    return caller_of(presented_key(Headers(scope=scope)))
 
 
 @asynccontextmanager
