@@ -149,6 +149,7 @@ OPTION_PAGES = {
     "batch": ("batch.md", "deploy.md"),
     "generate": ("api.md",),
     "make-model": ("models.md",),
+    "jobs": ("jobs.md",),
 }
 
 

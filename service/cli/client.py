@@ -1,7 +1,8 @@
 """`sd-endpoint generate`: send one prompt to a running endpoint and save the images as PNG files.
 
 With ``--image`` (and ``--mask``) it asks for image to image (inpainting): the files go base64 in
-/score's ``image`` and ``mask_image`` columns, as Azure's inpainting samples send them.
+/score's ``image`` and ``mask_image`` columns, as Azure's inpainting samples send them. With
+``--async`` it is a job (``Prefer: respond-async``): its id is printed, for `sd-endpoint jobs` (jobs.py).
 
 Speaks the same Azure ML scoring contract as any other client, so it also works against an Azure ML
 online endpoint (pass its scoring URL and key). Imports only httpx and tenacity (its 429 retries):
@@ -86,6 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retries", type=_count, default=3, help="times to retry when the server is busy (default 3)"
     )
+    parser.add_argument(
+        "--async", dest="async_", action="store_true", help="submit as a job: print its id and exit"
+    )
+    parser.add_argument(
+        "--webhook", type=_ascii, metavar="URL", help="with --async: where the job's events go"
+    )
+
+
+def _ascii(text: str) -> str:  # a header's value
+    if not text or not all(" " <= char <= "~" for char in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not printable ASCII")
+    return text
 
 
 def _positive(text: str) -> float:
@@ -135,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, given in (("--mask", args.mask), ("--strength", args.strength)):
         if given is not None and args.image is None and parser is not None:
             parser.error(f"argument {flag}: needs --image (the image to start from)")  # exits 2
+    if args.webhook is not None and not args.async_ and parser is not None:
+        parser.error("argument --webhook: needs --async (a webhook is a job's)")
     try:
         generate(args)
     except ClientError as error:
@@ -169,10 +184,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
         parameters["strength"] = args.strength
     body = {"input_data": {"columns": columns, "data": [row], "parameters": parameters}}
     request_id = uuid.uuid4().hex
-    headers = {"x-request-id": request_id}
-    key = args.key or os.environ.get(KEY_ENV)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    headers = {"x-request-id": request_id, **auth_headers(args.key)}
+    if args.async_:
+        submit_job(url, body, headers, args)
+        return []
 
     # 2. The output folder, before the server does any work for it.
     try:
@@ -186,23 +201,49 @@ def generate(args: argparse.Namespace) -> list[Path]:
     elapsed_s = time.perf_counter() - started
     request_id = response.headers.get("x-request-id", request_id)
 
-    # 4. Write one PNG per image, named by prompt and seed so that any image can be made again
-    #    (only an integer seed names a file: nothing the server sends becomes a path of its own).
-    items = parse_images(response)
+    # 4. Write one PNG per image, named by prompt and seed so that any image can be made again.
+    paths = write_images(parse_images(response), args.out, args.prompt)
+    print(f"{len(paths)} image(s) in {elapsed_s:.1f} s, request id {request_id}", file=sys.stderr)
+    return paths
+
+
+def write_images(items: list[dict[str, Any]], out: Path, default_stem: str) -> list[Path]:
+    """A file per image ("png": its bytes) and a line on stdout; only slug() and an int name a file."""
     paths: list[Path] = []
     for index, item in enumerate(items):
         seed = item.get("seed")
-        stem = slug(str(item.get("prompt") or args.prompt))
+        prompt = item.get("prompt")
+        stem = slug(str(prompt)) if prompt else default_stem
         number = seed if isinstance(seed, int) and not isinstance(seed, bool) else index
-        path = args.out / f"{stem}-{number}.png"
+        path = out / f"{stem}-{number}.{item.get('extension', 'png')}"
         try:
             path.write_bytes(item["png"])
         except OSError as error:
             raise ClientError(f"cannot write {path} ({error.strerror}); pass another --out") from None
         paths.append(path)
-        print(f"{path}\tnsfw={nsfw_label(item.get('nsfw_content_detected'))}")
-    print(f"{len(paths)} image(s) in {elapsed_s:.1f} s, request id {request_id}", file=sys.stderr)
+        print(f"{path}\tnsfw={item.get('nsfw', nsfw_label(item.get('nsfw_content_detected')))}")
     return paths
+
+
+def submit_job(url: str, body: dict[str, Any], headers: dict[str, str], args: argparse.Namespace) -> str:
+    """``--async``: the request sent with ``Prefer: respond-async``; the job's id alone on stdout."""
+    headers = {**headers, "Prefer": "respond-async", **({"Webhook": args.webhook} if args.webhook else {})}
+    response = post_with_retries(url, body, headers, timeout_s=args.timeout, retries=args.retries)
+    job_id = response.json().get("id") if response.status_code == 202 else None
+    if not isinstance(job_id, str) or not re.fullmatch(r"job_[\w-]+", job_id, re.ASCII):
+        raise ClientError(
+            f"the server answered {response.status_code} without a job: it does not take "
+            "Prefer: respond-async (an Azure ML endpoint does not); send the request without --async"
+        )
+    print(job_id)
+    print(f"job {job_id} queued: `sd-endpoint jobs wait {job_id}` follows it", file=sys.stderr)
+    return job_id
+
+
+def auth_headers(key: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` --key, else $SD_API_KEY."""
+    key = key or os.environ.get(KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def read_image_file(path: Path, flag: str) -> bytes:
@@ -254,12 +295,18 @@ def post_with_retries(
         before_sleep=announce,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
-    response: httpx.Response = retrying(_post, url, body, headers, timeout_s)
+    response: httpx.Response = retrying(send, "POST", url, headers, timeout_s, body=body)
     if response.status_code == 429:
         raise ClientError(
             f"the server is still busy after {retries + 1} attempts (429: {error_message(response)}); "
             "try again later or raise --retries."
         )
+    refuse_errors(response, headers)
+    return response
+
+
+def refuse_errors(response: httpx.Response, headers: dict[str, str]) -> None:
+    """A ClientError for a 401 (saying which key to pass) or any other error answer."""
     if response.status_code == 401:
         problem = "refused the API key" if "Authorization" in headers else "needs an API key"
         raise ClientError(
@@ -268,15 +315,20 @@ def post_with_retries(
         )
     if response.is_error:
         raise ClientError(f"the server answered {response.status_code}: {error_message(response)}")
-    return response
 
 
-def _post(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float) -> httpx.Response:
-    """One POST; a failure to get any answer is a ClientError saying what to check."""
+class ServerUnreachable(ClientError):
+    """No connection could be made (the server is down, or the URL is wrong)."""
+
+
+def send(
+    method: str, url: str, headers: dict[str, str], timeout_s: float, *, body: Any = None, params: Any = None
+) -> httpx.Response:
+    """One request; a failure to get any answer is a ClientError saying what to check."""
     try:
-        return httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+        return httpx.request(method, url, json=body, params=params, headers=headers, timeout=timeout_s)
     except httpx.ConnectError as error:
-        raise ClientError(
+        raise ServerUnreachable(
             f"cannot connect to {url} ({error}): is the server running? "
             "Start it with `sd-endpoint serve`, or pass --url."
         ) from error
@@ -318,11 +370,15 @@ def error_message(response: httpx.Response) -> str:
 
 
 def parse_images(response: httpx.Response) -> list[dict[str, Any]]:
-    """The response's list of images, each with its PNG bytes decoded under "png"."""
     try:
         body = response.json()
     except ValueError as error:
         raise ClientError(f"the server's answer is not JSON: {response.text[:200]!r}") from error
+    return score_images(body)
+
+
+def score_images(body: Any) -> list[dict[str, Any]]:
+    """/score's answer (a list of records) as images, each with its PNG bytes under "png"."""
     if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
         raise ClientError(f"expected a list of images from the server, got: {str(body)[:200]}")
     items: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.hosts.server", "run the HTTP scoring server"),
     "batch": ("service.batch.command", "score folders of prompt files (local, az://, s3://)"),
     "generate": ("service.cli.client", "send a prompt to a running endpoint and save the images"),
+    "jobs": ("service.cli.jobs", "list, wait for, fetch, cancel and delete the jobs of a running endpoint"),
     "make-model": ("service.cli.make_model", "write a random-weight model as a diffusers folder"),
 }
 
