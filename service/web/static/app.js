@@ -1,4 +1,5 @@
-// The playground: read /info, post the Azure ML scoring contract to /score, show what comes back.
+// The playground: read /info, post the Azure ML scoring contract to /score, show what comes back;
+// or post it as a job (Prefer: respond-async) and follow it in the Jobs panel through /v1/jobs.
 // Plain browser JavaScript, no build step and nothing fetched from outside the server.
 "use strict";
 
@@ -9,6 +10,11 @@
   const DEFAULT_STRENGTH = 0.8; // the server's default: without a mask, and with one
   const MASK_STRENGTH = 1;
   const MASK_COLOUR = "#ff2d6f"; // what the user sees; the mask sent is where the strokes are
+  const JOB_PROMPTS = "sd-endpoint-job-prompts"; // job id -> prompt, for this tab (the list has no bodies)
+  const JOBS_LISTED = 10;
+  const POLL_MS = 1000;
+  const RETRY_MS = 3000; // after a poll that could not reach the server
+  const FINISHED = ["succeeded", "failed", "cancelled"];
   const state = {
     busy: false,
     retryGenerate: false,
@@ -17,6 +23,7 @@
     masked: false, // a stroke has been painted since the mask was last cleared
     strengthSet: false, // the user moved the strength slider for this image
     stroke: null, // the last point of the stroke being painted, in the image's pixels
+    jobs: new Map(), // id -> { view, timer, show (open its images once it succeeds), row }
   };
 
   class ApiError extends Error {
@@ -77,7 +84,7 @@
     const text = await response.text();
     const answeredId = response.headers.get("x-request-id") || requestId;
     if (!response.ok) throw new ApiError(serverMessage(response, text), response.status, answeredId);
-    return { text, requestId: answeredId };
+    return { text, requestId: answeredId, status: response.status };
   }
 
   function describe(error) {
@@ -176,6 +183,7 @@
     const retry = state.retryGenerate;
     state.retryGenerate = false;
     loadInfo();
+    loadJobs();
     if (retry) generate();
   }
 
@@ -460,9 +468,11 @@
     return figure;
   }
 
-  function showResults(items, prompt, elapsedMs, requestId) {
+  // idLabel: what the id is, "request id" for a direct generation, "job" for a job's images.
+  function showResults(items, prompt, elapsedMs, requestId, idLabel = "request id") {
     const count = `${items.length} image${items.length === 1 ? "" : "s"}`;
     $("latency").textContent = `${count} in ${(elapsedMs / 1000).toFixed(2)} s`;
+    $("id-label").textContent = idLabel;
     $("request-id").textContent = requestId;
     $("meta").hidden = false;
     $("images").replaceChildren(...items.map((item) => imageCard(item, prompt)));
@@ -493,16 +503,22 @@
       showError(describe(error));
       return;
     }
-    // 2. Post, timing the whole round trip as the user sees it.
+    // 2. Post, timing the whole round trip as the user sees it; as a job, the server answers 202
+    //    with the job at once, and the Jobs panel follows it from there.
+    const asJob = $("as-job").checked;
+    const headers = { "Content-Type": "application/json" };
+    if (asJob) headers.Prefer = "respond-async";
     setBusy(true);
     const started = performance.now();
     try {
-      const { text, requestId } = await call("score", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body,
-      });
+      const { text, requestId, status } = await call("score", { method: "POST", headers, body });
       const elapsed = performance.now() - started;
+      if (asJob && status === 202) {
+        const job = parseWithStringSeeds(text);
+        rememberPrompt(job.id, prompt);
+        followJob(job, true);
+        return;
+      }
       // 3. Show the images, each with its seed, badge and download link.
       const items = parseWithStringSeeds(text);
       if (!Array.isArray(items)) {
@@ -518,6 +534,341 @@
       }
     } finally {
       setBusy(false);
+    }
+  }
+
+  // ---- jobs: requests that outlive the page (GET/POST/DELETE /v1/jobs...) ----
+
+  function jobPath(id, action = "") {
+    return `v1/jobs/${encodeURIComponent(id)}${action}`;
+  }
+
+  function prompts() {
+    try {
+      const kept = JSON.parse(sessionStorage.getItem(JOB_PROMPTS) || "{}");
+      return kept && typeof kept === "object" ? kept : {};
+    } catch (_) {
+      return {};
+    }
+  }
+
+  // The newest 50 are kept: enough for any list the panel shows.
+  function rememberPrompt(id, prompt) {
+    const kept = prompts();
+    delete kept[id];
+    kept[id] = prompt;
+    const ids = Object.keys(kept);
+    for (const old of ids.slice(0, Math.max(0, ids.length - 50))) delete kept[old];
+    sessionStorage.setItem(JOB_PROMPTS, JSON.stringify(kept));
+  }
+
+  function announce(message) {
+    $("jobs-status").textContent = message;
+  }
+
+  function showJobsMessage() {
+    const message = $("jobs-message");
+    if (state.jobs.size === 0 && !message.dataset.problem) {
+      message.textContent = "No jobs yet.";
+    }
+    message.hidden = state.jobs.size > 0 && !message.dataset.problem;
+  }
+
+  function jobsProblem(text) {
+    const message = $("jobs-message");
+    message.dataset.problem = text ? "1" : "";
+    message.textContent = text;
+    message.hidden = !text;
+    if (!text) showJobsMessage();
+  }
+
+  function jobButton(className, text, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `secondary ${className}`;
+    button.textContent = text;
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function jobRow(id) {
+    const row = document.createElement("li");
+    row.className = "job";
+    row.dataset.id = id;
+    const head = document.createElement("div");
+    head.className = "job-head";
+    const code = document.createElement("code");
+    code.className = "job-id";
+    code.textContent = id;
+    const jobState = document.createElement("span");
+    jobState.className = "job-state";
+    const time = document.createElement("time");
+    time.className = "job-time";
+    head.append(code, jobState, time);
+
+    const prompt = document.createElement("p");
+    prompt.className = "job-prompt";
+
+    const progress = document.createElement("div");
+    progress.className = "job-progress";
+    const bar = document.createElement("progress");
+    bar.setAttribute("aria-label", `Progress of job ${id}`);
+    const steps = document.createElement("span");
+    steps.className = "job-steps";
+    progress.append(bar, steps);
+
+    const error = document.createElement("p");
+    error.className = "job-error";
+    error.hidden = true;
+
+    const actions = document.createElement("div");
+    actions.className = "job-actions";
+    actions.append(
+      jobButton("job-show", "Show images", `Show images of job ${id}`, () => openJob(id)),
+      jobButton("job-cancel", "Cancel", `Cancel job ${id}`, () => cancelJob(id)),
+      jobButton("job-delete", "Delete", `Delete job ${id}`, () => deleteJob(id)),
+    );
+    row.append(head, prompt, progress, error, actions);
+    return row;
+  }
+
+  function renderJob(entry) {
+    const { view, row } = entry;
+    const finished = FINISHED.includes(view.state);
+    row.dataset.state = view.state;
+    const jobState = row.querySelector(".job-state");
+    jobState.textContent = view.cancel_requested && !finished ? "cancelling" : view.state;
+    jobState.className = `job-state state-${view.state}`;
+    if (typeof view.created_at === "number") {
+      const created = new Date(view.created_at * 1000);
+      row.querySelector(".job-time").dateTime = created.toISOString();
+      row.querySelector(".job-time").textContent = created.toLocaleString();
+    }
+    const prompt = prompts()[view.id];
+    const promptLine = row.querySelector(".job-prompt");
+    promptLine.textContent = prompt || (view.route && view.route !== "/score" ? view.route : "");
+    promptLine.hidden = !promptLine.textContent;
+
+    // Steps over all of the request's images; 0 of 0 until the first step has been recorded.
+    const progress = view.progress || {};
+    const step = Number(progress.step) || 0;
+    const steps = Number(progress.steps) || 0;
+    const bar = row.querySelector("progress");
+    const stepsText = row.querySelector(".job-steps");
+    if (steps > 0) {
+      bar.max = steps;
+      bar.value = view.state === "succeeded" ? steps : Math.min(step, steps);
+      stepsText.textContent = `${view.state === "succeeded" ? steps : step} / ${steps} steps`;
+    } else if (view.state === "succeeded") {
+      bar.max = 1;
+      bar.value = 1;
+      stepsText.textContent = "done";
+    } else {
+      bar.removeAttribute("value"); // indeterminate: running, its steps not known yet
+      stepsText.textContent = view.state === "queued" ? "waiting in the queue" : finished ? "" : "starting";
+    }
+    bar.hidden = view.state === "queued" || (!steps && finished && view.state !== "succeeded");
+
+    const error = row.querySelector(".job-error");
+    const message = view.error && typeof view.error.message === "string" ? view.error.message : "";
+    error.textContent = view.state === "failed" ? message || "The job failed." : "";
+    error.hidden = !error.textContent;
+
+    row.querySelector(".job-show").hidden = view.state !== "succeeded";
+    row.querySelector(".job-cancel").hidden = finished;
+    row.querySelector(".job-cancel").disabled = Boolean(view.cancel_requested);
+  }
+
+  // Rows newest first, as GET /v1/jobs lists them.
+  function placeRow(entry) {
+    const list = $("jobs-list");
+    const created = entry.view.created_at || 0;
+    const newer = (row) => (state.jobs.get(row.dataset.id)?.view.created_at || 0) >= created;
+    const after = [...list.children].find((row) => !newer(row));
+    if (after) list.insertBefore(entry.row, after);
+    else list.append(entry.row);
+  }
+
+  // A job as the server shows it, from a submit, a poll, a cancel or the list: shown, and followed
+  // (polled about once a second) until it is finished. show: open its images once it succeeds.
+  function followJob(view, show = false) {
+    if (!view || typeof view.id !== "string") return;
+    let entry = state.jobs.get(view.id);
+    const fresh = !entry;
+    if (fresh) {
+      entry = { view, timer: null, show, row: jobRow(view.id) };
+      state.jobs.set(view.id, entry);
+    }
+    const was = entry.view.state;
+    // The list leaves results out: keep one a poll brought.
+    entry.view = { ...view, result: view.result ?? (view.state === entry.view.state ? entry.view.result : null) };
+    entry.show = entry.show || show;
+    renderJob(entry);
+    if (fresh) placeRow(entry);
+    showJobsMessage();
+    if (!FINISHED.includes(view.state)) {
+      if (entry.timer === null) entry.timer = setTimeout(() => pollJob(view.id), POLL_MS);
+      return;
+    }
+    clearTimeout(entry.timer);
+    entry.timer = null;
+    if (!fresh && was !== view.state) announce(`Job ${view.id} ${view.state}.`);
+    if (entry.show) {
+      entry.show = false;
+      if (view.state === "succeeded") openJob(view.id);
+      else if (view.state === "failed") {
+        showError(view.error && view.error.message ? view.error.message : "The job failed.", `job ${view.id}`);
+      }
+    }
+  }
+
+  function forgetJob(id) {
+    const entry = state.jobs.get(id);
+    if (!entry) return;
+    clearTimeout(entry.timer);
+    state.jobs.delete(id);
+    entry.row.remove();
+    showJobsMessage();
+  }
+
+  function jobCallFailed(error, id) {
+    if (error.status === 401) {
+      askForKey(error.message, false);
+    } else {
+      showError(describe(error), error.requestId ? `request id ${error.requestId}` : `job ${id}`);
+    }
+  }
+
+  async function pollJob(id) {
+    const entry = state.jobs.get(id);
+    if (!entry) return;
+    entry.timer = null;
+    try {
+      const { text } = await call(jobPath(id));
+      if (state.jobs.get(id) === entry) followJob(parseWithStringSeeds(text));
+    } catch (error) {
+      if (state.jobs.get(id) !== entry) return; // deleted meanwhile
+      if (error.status === 404) {
+        forgetJob(id); // expired, or deleted elsewhere
+        announce(`Job ${id} is gone: ${error.message}`);
+      } else if (error.status === 401) {
+        askForKey(error.message, false); // listed again, and followed, once a key is given
+      } else {
+        // Unreachable for now (a restart, say): the job lives on in the server; try again shortly.
+        noteOnRow(entry, describe(error));
+        if (entry.timer === null) entry.timer = setTimeout(() => pollJob(id), RETRY_MS);
+      }
+    }
+  }
+
+  function noteOnRow(entry, message) {
+    const error = entry.row.querySelector(".job-error");
+    error.textContent = message;
+    error.hidden = false;
+  }
+
+  // Its images, shown as a direct generation shows them (a listed job's result is fetched first).
+  async function openJob(id) {
+    const entry = state.jobs.get(id);
+    if (!entry) return;
+    let view = entry.view;
+    try {
+      if (view.result === null || view.result === undefined) {
+        const { text } = await call(jobPath(id));
+        view = parseWithStringSeeds(text);
+        if (state.jobs.get(id) === entry) followJob(view);
+      }
+      const items = imagesOf(view.result);
+      if (!items) {
+        throw new ApiError(`Job ${id} has no images to show (route ${view.route}, ${view.state}).`, 200, "");
+      }
+      const prompt = prompts()[id] || "";
+      const elapsed = view.finished_at && view.created_at ? (view.finished_at - view.created_at) * 1000 : 0;
+      $("error").hidden = true;
+      showResults(items, prompt, elapsed, id, "job");
+    } catch (error) {
+      jobCallFailed(error, id);
+    }
+  }
+
+  // A finished job's result, as the records imageCard takes: /score's own list, or the images of
+  // the other generation routes a caller may have submitted jobs to with the same key.
+  function imagesOf(result) {
+    if (Array.isArray(result)) return result.filter((item) => item && typeof item.generated_image === "string");
+    if (!result || typeof result !== "object") return null;
+    if (Array.isArray(result.data)) {
+      const items = result.data.filter((item) => item && typeof item.b64_json === "string");
+      return items.map((item) => ({ generated_image: item.b64_json, prompt: item.revised_prompt }));
+    }
+    if (Array.isArray(result.images)) {
+      const images = result.images.filter((image) => typeof image === "string");
+      return images.map((image) => ({ generated_image: image }));
+    }
+    if (result.content_type === "image/png" && typeof result.base64 === "string") {
+      return [{ generated_image: result.base64 }];
+    }
+    return null;
+  }
+
+  async function cancelJob(id) {
+    const entry = state.jobs.get(id);
+    if (!entry) return;
+    entry.row.querySelector(".job-cancel").disabled = true;
+    try {
+      const { text } = await call(jobPath(id, "/cancel"), { method: "POST" });
+      announce(`Cancelling job ${id}.`);
+      if (state.jobs.get(id) === entry) followJob(parseWithStringSeeds(text));
+    } catch (error) {
+      if (state.jobs.get(id) !== entry) return;
+      entry.row.querySelector(".job-cancel").disabled = false;
+      if (error.status === 404) forgetJob(id);
+      jobCallFailed(error, id);
+    }
+  }
+
+  async function deleteJob(id) {
+    const entry = state.jobs.get(id);
+    if (!entry) return;
+    entry.row.querySelector(".job-delete").disabled = true;
+    try {
+      await call(jobPath(id), { method: "DELETE" });
+      forgetJob(id);
+      announce(`Job ${id} deleted.`);
+    } catch (error) {
+      if (error.status === 404) {
+        forgetJob(id); // already gone: what the user asked for
+        return;
+      }
+      entry.row.querySelector(".job-delete").disabled = false;
+      jobCallFailed(error, id);
+    }
+  }
+
+  // The caller's recent jobs (with the page's key, when the server has keys); unfinished ones are
+  // followed again, so that closing or reloading the page loses nothing.
+  async function loadJobs() {
+    try {
+      const { text } = await call(`v1/jobs?limit=${JOBS_LISTED}`);
+      const listed = parseWithStringSeeds(text);
+      jobsProblem("");
+      $("as-job").disabled = false;
+      for (const view of Array.isArray(listed.data) ? listed.data : []) followJob(view);
+      // And those of this page that left the list, or whose polls stopped for a key: followed again.
+      for (const [id, entry] of state.jobs) {
+        if (FINISHED.includes(entry.view.state) || entry.timer !== null) continue;
+        entry.timer = setTimeout(() => pollJob(id), 0);
+      }
+    } catch (error) {
+      if (error.status === 401) {
+        jobsProblem("Your jobs are listed once the page has an API key.");
+      } else if (error.status === 501) {
+        jobsProblem(`This server keeps no jobs: ${error.message}`);
+        $("as-job").checked = false;
+        $("as-job").disabled = true;
+      } else {
+        jobsProblem(`Your jobs could not be listed: ${describe(error)}`);
+      }
     }
   }
 
@@ -550,11 +901,13 @@
     $("mask-canvas").addEventListener("pointercancel", endStroke);
     $("clear-mask").addEventListener("click", clearMask);
     $("clear-image").addEventListener("click", clearImage);
+    $("jobs-refresh").addEventListener("click", loadJobs);
     $("brush-size").addEventListener("input", showBrush);
     $("strength").addEventListener("input", () => {
       state.strengthSet = true;
       showStrength();
     });
     loadInfo();
+    loadJobs();
   });
 })();
