@@ -84,7 +84,8 @@ IGNORED = (
 NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_hr": (
         (False, None),
-        "hires fix needs image-to-image, which this server does not run yet; send false",
+        "the hires fix is not run as one request here; send false, then send the image to "
+        "/sdapi/v1/img2img at the larger size with denoising_strength (what the fix does)",
     ),
     "restore_faces": ((False, None), "this server runs no face restoration; send false"),
     "tiling": ((False, None), "this server draws no tileable images; send false"),

@@ -11,8 +11,9 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "schemas", "service")
-# Needed at run time without an import of ours: what diffusers loads on its own.
+# Needed at run time without an import of ours: what diffusers (and Starlette) load on their own.
 THROUGH_DIFFUSERS = {
+    "python-multipart": "Starlette's request.form(): OpenAI's edits form (service/web/clients/edits.py)",
     "peft": "diffusers' LoRA loaders (model/adapters.py)",
     "accelerate": "diffusers' low-memory loading",
     "huggingface-hub": "diffusers' and transformers' model downloads",

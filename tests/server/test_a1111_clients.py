@@ -188,7 +188,7 @@ def test_stable_diffusion_api_on_its_defaults(server: Server) -> None:
             "ControlNet",
         ),
         ({"use_deprecated_controlnet": True}, "use_deprecated_controlnet"),
-        ({"enable_hr": True}, "image-to-image"),
+        ({"enable_hr": True}, "img2img"),
         ({"eta": 0.5}, "eta"),
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "sampler_name"),
         ({"scheduler": "Beta"}, "scheduler"),
