@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.jobstore import JobRecord
+from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
 from service.runtime.metrics import Metrics
 from service.web.jobs.inprocess import Answer, call_route
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5  # how often an idle replica looks for jobs (another replica's, or one whose owner died)
 RENEW_EVERY_S = 1.0
 EXPIRE_EVERY_S = 60.0
+# A finished job's answer is offered to a store that cannot be reached (Redis restarting) this long.
+FINISH_RETRY_S = 60.0
 MAX_ATTEMPTS = 5  # a job that took its replica down this often is failed rather than run again
 
 
@@ -44,6 +47,7 @@ class Runner:
         self.active: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._store_down = False  # one warning per outage, not one a poll
 
     def start(self) -> None:
         self._loops = [asyncio.create_task(self._claim_loop()), asyncio.create_task(self._expire_loop())]
@@ -54,8 +58,11 @@ class Runner:
         for task in [*self._loops, *self.active]:
             task.cancel()
         await asyncio.gather(*self._loops, *self.active, return_exceptions=True)
-        if self.background:  # webhooks on their way get a moment
+        if self.background:  # webhooks on their way get a moment, then stop (their retries with them)
             await asyncio.wait(self.background, timeout=2)
+            for task in self.background:
+                task.cancel()
+            await asyncio.gather(*self.background, return_exceptions=True)
 
     # ------------------------------------------------------------------ claiming
     async def _claim_loop(self) -> None:
@@ -66,10 +73,17 @@ class Runner:
                 continue
             try:
                 record = await asyncio.to_thread(store.claim, self.replica, settings.job_lease_s, time.time())
-            except Exception:  # the store is down (Redis restarting): try again, never crash the server
-                log.exception("could not claim a job from the store; retrying")
+            except Exception as error:  # the store is down (Redis restarting): try again, never crash
+                if not self._store_down:
+                    log.warning(
+                        "could not claim a job from the store (%s); retrying every 2 s", type(error).__name__
+                    )
+                self._store_down = True
                 await asyncio.sleep(IDLE_POLL_S * 4)
                 continue
+            if self._store_down:
+                log.info("the job store answers again")
+                self._store_down = False
             if record is None:
                 await self._idle()
                 continue
@@ -126,7 +140,8 @@ class Runner:
                 job_id=record.id,
             )
         )
-        stopped = await self._follow(record, work)
+        followed = await self._runtime_job(record, work)
+        stopped = await self._follow(record, work, followed)
         if stopped == "lost":
             return  # another replica owns it now (or it was deleted): nothing of ours is kept
         try:
@@ -142,24 +157,78 @@ class Runner:
                 record, "cancelled", answer, {"code": "cancelled", "message": "cancelled by its caller"}
             )
         elif 200 <= answer.status < 300:
+            await self._record_progress(record, followed)  # the last steps, done after the last renewal
             await self._finish(record, "succeeded", answer, None)
         else:
             await self._finish(record, "failed", answer, _error_of(answer))
 
-    async def _follow(self, record: JobRecord, work: asyncio.Task[Answer]) -> str:
+    async def _runtime_job(self, record: JobRecord, work: asyncio.Task[Answer]) -> list[Job]:
+        """The request's runtime job (its images' steps), as soon as the route opens it: kept, so that
+        its progress is known even after it closed (a job done within its first renewal)."""
+        for _ in range(40):
+            found = self.app.state.jobs.find(record.id, record.caller)
+            if found or work.done():
+                return list(found)
+            await asyncio.sleep(0.025)
+        return []
+
+    async def _record_progress(self, record: JobRecord, followed: list[Job]) -> None:
+        step, steps = _steps_of(followed)
+        if steps:
+            with contextlib.suppress(Exception):  # progress only: a store that does not answer loses nothing
+                await asyncio.to_thread(
+                    self.service.store.renew,
+                    record.id,
+                    self.replica,
+                    self.service.settings.job_lease_s,
+                    time.time(),
+                    step,
+                    steps,
+                )
+
+    async def _follow(self, record: JobRecord, work: asyncio.Task[Answer], followed: list[Job]) -> str:
         """Renew the lease and record progress until the work is done: "done", "cancelled" (its
-        caller asked) or "lost" (the store says another replica owns it, or it was deleted)."""
+        caller asked) or "lost" (the store says another replica owns it, or it was deleted).
+
+        A store that cannot be reached (Redis restarting) decides nothing: the work goes on and the
+        next renewal that reaches the store says whether the job is still ours. Had the lease passed
+        and another replica claimed the job meanwhile, that renewal says "lost" (and ``finish`` is
+        the owner's only, so an answer is never kept twice)."""
         store, settings = self.service.store, self.service.settings
         last_progress = 0.0
         outcome = "done"
+        unreachable_since: float | None = None
         while not work.done():
             await asyncio.wait({work}, timeout=RENEW_EVERY_S)
-            step, steps = self._progress(record)
-            owned = await asyncio.to_thread(
-                store.renew, record.id, self.replica, settings.job_lease_s, time.time(), step, steps
-            )
+            followed = followed or self.app.state.jobs.find(record.id, record.caller)
+            step, steps = _steps_of(followed)
+            try:
+                owned = await asyncio.to_thread(
+                    store.renew, record.id, self.replica, settings.job_lease_s, time.time(), step, steps
+                )
+                current = (
+                    await asyncio.to_thread(store.get, record.caller, record.id)
+                    if not owned and outcome == "done"
+                    else None
+                )
+            except Exception as error:
+                if unreachable_since is None:
+                    unreachable_since = time.monotonic()
+                    log.warning(
+                        "job %s: could not renew its lease (%s); it goes on, renewing again every %g s",
+                        record.id,
+                        _describe(error),
+                        RENEW_EVERY_S,
+                    )
+                continue
+            if unreachable_since is not None:
+                log.info(
+                    "job %s: the store answers again after %.1f s",
+                    record.id,
+                    time.monotonic() - unreachable_since,
+                )
+                unreachable_since = None
             if not owned and outcome == "done":
-                current = await asyncio.to_thread(store.get, record.caller, record.id)
                 outcome = "cancelled" if current is not None and current.cancel_requested else "lost"
                 for job in self.app.state.jobs.find(record.id, record.caller):  # out at its next step
                     job.cancel()
@@ -174,35 +243,68 @@ class Runner:
                 self._webhook(record, "progress", {"step": step, "steps": steps})
         return outcome
 
-    def _progress(self, record: JobRecord) -> tuple[int, int]:
-        """Steps done and to do over the request's images (its runtime job, while it runs)."""
-        running = self.app.state.jobs.find(record.id, record.caller)
-        if not running or not running[0].totals:
-            return 0, 0
-        job = running[0]
-        return sum(job.steps), sum(job.totals)
-
     async def _finish(
         self, record: JobRecord, state: str, answer: Answer | None, error: dict[str, Any] | None
     ) -> None:
         store = self.service.store
-        kept = await asyncio.to_thread(
-            store.finish,
-            record.id,
-            self.replica,
-            state=state,
-            now=time.time(),
-            status=answer.status if answer is not None else None,
-            result=answer.body if answer is not None else None,
-            result_type=answer.media_type if answer is not None else None,
-            error=error,
-        )
+        kept = await self._keep(record, state, answer, error)
+        if kept is None:
+            return  # the store stayed away: the job runs again once its lease has passed
         self.metrics.jobs_finished.labels(state=state).inc()
         log.info("job %s %s%s", record.id, state, "" if kept else " (not kept: another replica owns it now)")
         if kept:
-            finished = await asyncio.to_thread(store.get, record.caller, record.id)
+            try:
+                finished = await asyncio.to_thread(store.get, record.caller, record.id)
+            except Exception as failure:
+                log.warning(
+                    "job %s: no completed webhook, the store did not answer (%s)",
+                    record.id,
+                    _describe(failure),
+                )
+                return
             if finished is not None:
                 self._webhook(finished, "completed")
+
+    async def _keep(
+        self, record: JobRecord, state: str, answer: Answer | None, error: dict[str, Any] | None
+    ) -> bool | None:
+        """``store.finish``, tried again while the store cannot be reached (Redis restarting), for
+        FINISH_RETRY_S at most: whether the answer was kept, or None when the store never answered."""
+        deadline = time.monotonic() + FINISH_RETRY_S
+        pause = RENEW_EVERY_S / 2
+        while True:
+            try:
+                kept: bool = await asyncio.to_thread(
+                    self.service.store.finish,
+                    record.id,
+                    self.replica,
+                    state=state,
+                    now=time.time(),
+                    status=answer.status if answer is not None else None,
+                    result=answer.body if answer is not None else None,
+                    result_type=answer.media_type if answer is not None else None,
+                    error=error,
+                )
+                return kept
+            except Exception as failure:
+                if time.monotonic() + pause > deadline:
+                    log.error(
+                        "job %s %s, but the store did not take its answer within %g s (%s); it runs "
+                        "again once its lease has passed",
+                        record.id,
+                        state,
+                        FINISH_RETRY_S,
+                        _describe(failure),
+                    )
+                    return None
+                log.warning(
+                    "job %s %s; the store did not take its answer (%s), trying again",
+                    record.id,
+                    state,
+                    _describe(failure),
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def _webhook(self, record: JobRecord, event: str, progress: dict[str, int] | None = None) -> None:
         """Send an event the job asked for, in the background (retries never hold the job)."""
@@ -217,6 +319,22 @@ class Runner:
         task = asyncio.create_task(self.service.deliveries.send(record.webhook, f"job.{event}", payload))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+
+def _describe(error: BaseException) -> str:
+    """An exception in a log line: its type and first line (a store's URL may hold a password, and
+    redis' errors name only the host and port)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def _steps_of(followed: list[Job]) -> tuple[int, int]:
+    """Steps done and to do over a request's images, from its runtime job (0, 0 before it began)."""
+    if not followed or not followed[0].totals:
+        return 0, 0
+    # an image's step count is its UNet calls, one more than its steps for PNDM's warm-up: capped
+    job = followed[0]
+    return sum(min(done, total) for done, total in zip(job.steps, job.totals, strict=False)), sum(job.totals)
 
 
 def _error_of(answer: Answer) -> dict[str, Any]:

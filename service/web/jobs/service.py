@@ -9,15 +9,15 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.jobstore.records import EVENTS, FINISHED, JobRecord, JobStore, new_job_id
 from service.jobstore.webhooks import Deliveries, WebhookError, WebhookPolicy, check_url
-from service.runtime.errors import ContractError, QueueFullError
+from service.runtime.errors import ContractError, QueueFullError, ServiceError
 from service.settings import Settings
-from service.web.errors import JobNotFoundError
+from service.web.errors import JobNotFoundError, JobsUnavailableError
 from service.web.jobs.bodies import JobBody
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class JobService:
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters"
             )
         # 2. The bounds: the caller's queued jobs, everyone's, the store's bytes.
-        await asyncio.to_thread(self._check_room, submission.caller, len(submission.body.body))
+        await self._store(self._check_room, submission.caller, len(submission.body.body))
         # 3. Stored (or the one this Idempotency-Key made before), and the runner told.
         record = JobRecord(
             id=new_job_id(),
@@ -94,7 +94,7 @@ class JobService:
             events=tuple(dict.fromkeys(submission.events)),
             idempotency_key=key,
         )
-        stored, created = await asyncio.to_thread(self.store.create, record)
+        stored, created = await self._store(self.store.create, record)
         if created:
             self.submitted.set()
         return stored, created
@@ -114,23 +114,37 @@ class JobService:
             )
 
     async def get(self, caller: str, job_id: str) -> JobRecord:
-        record = await asyncio.to_thread(self.store.get, caller, job_id)
+        record: JobRecord | None = await self._store(self.store.get, caller, job_id)
         if record is None:
             raise _not_found()
         return record
 
     async def list(self, caller: str, limit: int, before: str | None) -> list[JobRecord]:
-        return await asyncio.to_thread(self.store.list, caller, limit=limit, before=before)
+        records: list[JobRecord] = await self._store(self.store.list, caller, limit=limit, before=before)
+        return records
 
     async def cancel(self, caller: str, job_id: str) -> JobRecord:
-        record = await asyncio.to_thread(self.store.cancel, caller, job_id, time.time())
+        record: JobRecord | None = await self._store(self.store.cancel, caller, job_id, time.time())
         if record is None:
             raise _not_found()
         return record
 
     async def delete(self, caller: str, job_id: str) -> None:
-        if not await asyncio.to_thread(self.store.delete, caller, job_id):
+        if not await self._store(self.store.delete, caller, job_id):
             raise _not_found()
+
+    async def _store(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store call in a worker thread; a store that does not answer (Redis down, a locked disk)
+        is a 503 that says so, never a 500."""
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        except ServiceError:
+            raise
+        except Exception as error:
+            log.warning("the job store failed: %s", type(error).__name__)
+            raise JobsUnavailableError(
+                f"the job store does not answer ({type(error).__name__}); retry in a few seconds"
+            ) from None
 
     async def close(self) -> None:
         await self.deliveries.aclose()
