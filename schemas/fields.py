@@ -157,7 +157,7 @@ BatchSide = Annotated[int, Strict(), Field(ge=BATCH_MIN_SIZE, le=BATCH_MAX_SIZE,
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
 ImageCount = Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES_PER_PROMPT)]
 Scale = Annotated[float, Strict()]
-ImageIn = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=MAX_IMAGE_CHARS)]
+ImageIn = Annotated[str, Strict(), StringConstraints(max_length=MAX_IMAGE_CHARS)]
 # The share of the schedule an image in runs (1: all of it, from pure noise where a mask repaints).
 Strength = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 Adapters = Annotated[Annotated[dict[str, Scale], Strict()] | None, AfterValidator(check_adapters)]

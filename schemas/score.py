@@ -75,12 +75,14 @@ class PromptRow(BaseModel):
     prompt: Prompt
     negative_prompt: Prompt | None = None
     seed: Seed | None = None
-    image: ImageIn | None = None  # image to image, or inpainting with a mask
-    mask_image: ImageIn | None = None  # white: repaint, black: keep
+    # image to image, or inpainting with a mask (white: repaint, black: keep); null or "" (a
+    # table's empty cell): none, so that text rows and image rows can share a table
+    image: ImageIn | None = None
+    mask_image: ImageIn | None = None
 
     @model_validator(mode="after")
     def _mask_has_image(self) -> PromptRow:
-        if self.mask_image is not None and self.image is None:
+        if self.mask_image and not self.image:
             raise contract_error(
                 "mask_image marks what to repaint of an image: add the image column (base64 or URL)"
             )

@@ -50,10 +50,10 @@ def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
 
 def _row_picture(row: PromptRow, position: int) -> Picture | None:
     """A /score row's image and mask (Azure's inpainting and image-to-image contracts)."""
-    if row.image is None:
+    if not row.image:
         return None
     where = f"input_data.data[{position}]"
-    return Picture(row.image, f"{where}.image", row.mask_image, f"{where}.mask_image")
+    return Picture(row.image, f"{where}.image", row.mask_image or None, f"{where}.mask_image")
 
 
 def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:

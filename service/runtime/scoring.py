@@ -263,8 +263,10 @@ class Scorer:
 
         With a ``job`` (jobs.py) the request can be followed and stopped: cancelled, it raises
         RequestCancelledError; interrupted, it answers with the images it has (maybe none)."""
-        # 1. Let the engine check what only it knows (schedulers).
-        self._engine.validate(items)
+        # 1. Let the engine check what only it knows (schedulers, adapters, images), item by item:
+        #    the step loop runs items of several sizes side by side (images in keep their own).
+        for item in items:
+            self._engine.validate([item])
         if job is not None and job.cancelled:  # cancelled while its body arrived
             raise RequestCancelledError(_cancelled(job))
         # 2. Queue every image; cancelling this coroutine cancels the futures, which frees the queue.

@@ -320,3 +320,21 @@ def test_image_info_is_reported_in_a1111_parameters_without_the_images(server: S
     assert answer.status_code == 200, answer.text
     data = answer.json()
     assert "init_images" not in data["parameters"] and json.loads(data["info"])["all_seeds"] == [3]
+
+
+def test_score_rows_of_several_sizes_and_empty_cells_in_one_request(server: Server) -> None:
+    """A table mixing rows: an image of another aspect ratio (drawn at its own size), a text-only row
+    whose image cell is empty (a DataFrame's empty cell), each as if sent alone."""
+    wide = picture(12, size=(192, 128))
+    body = {
+        "input_data": {
+            "columns": ["prompt", "image"],
+            "data": [["a dune", b64(wide)], ["a dune", ""], ["a dune", None]],
+            "parameters": {"num_inference_steps": 4, "seed": 30},
+        }
+    }
+    answer = httpx.post(f"{server.url}/score", json=body, headers=HEADERS, timeout=300)
+    assert answer.status_code == 200, answer.text
+    first, second, third = (decode_png(record["generated_image"]) for record in answer.json())
+    assert first.shape == (128, 192, 3) and second.shape == third.shape == (SIZE, SIZE, 3)
+    assert_close(first, diffusers_image("a dune", 30, wide, strength=0.8))
