@@ -156,6 +156,25 @@ class Lane:
     def _iteration_over(self, _: object) -> None:
         self.in_engine = False
 
+    def _admit(self, images: list[Image], output: Output) -> None:
+        """In the engine thread: the plan's newcomers admitted together (one text-encoder call, one
+        VAE encoder pass per size for images in), or, when that fails (the engine admits all or
+        none), each alone, so that only the one it cannot take is refused."""
+        admit_all = getattr(self.engine, "admit_all", None)
+        if admit_all is not None and len(images) > 1:
+            try:
+                handles = admit_all([image.item for image in images])
+            except Exception:
+                pass
+            else:
+                output.admitted.extend(zip(images, handles, strict=True))
+                return
+        for image in images:
+            try:
+                output.admitted.append((image, self.engine.admit(image.item)))
+            except Exception as error:  # this item only: the engine cannot take it
+                output.refused.append((image, error))
+
     def _iterate(self, plan: Plan) -> Output:
         """In the engine thread: cancel, admit, then step until there is something to hand back.
 
@@ -171,12 +190,7 @@ class Lane:
             output.adapter_failures = engine.place_adapters(  # type: ignore[attr-defined]
                 plan.adapters.evict, plan.adapters.install
             )
-        for image in plan.admit:
-            try:
-                output.admitted.append((image, engine.admit(image.item)))
-            except Exception as error:  # this item only: the engine cannot take it
-                output.refused.append((image, error))
-                continue
+        self._admit(plan.admit, output)
         if plan.finish and self._followable:  # interrupted: they end with what they have, first
             for handle in plan.finish:
                 engine.finish(handle)  # type: ignore[attr-defined]
