@@ -158,6 +158,11 @@ class Engine:
         """``admit`` for several items with one text-encoder call; all or none are admitted."""
         return self._admit(self._running, items)
 
+    def admit_checked(self, items: Sequence[GenerationItem]) -> list[int]:
+        """``admit_all`` for items the caller has checked with ``validate`` already (the step loop's:
+        each request's items are checked once, before they queue), so no value is checked twice."""
+        return self._admit(self._running, items, checked=True)
+
     def step(self, only: Collection[int] | None = None) -> list[int]:
         """Advance every running item one denoising step (one UNet call per size and adapter set,
         with a timestep per row), or only the handles in ``only`` (the others pause, their latents
@@ -248,8 +253,10 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ internals
-    def _admit(self, running: RunningSet, items: Sequence[GenerationItem]) -> list[int]:
-        for item in items:
+    def _admit(
+        self, running: RunningSet, items: Sequence[GenerationItem], checked: bool = False
+    ) -> list[int]:
+        for item in items if not checked else ():
             self.validate_item(item)
         handles = [next(self._handles) for _ in items]
         if not items:

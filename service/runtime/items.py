@@ -1,6 +1,6 @@
 """The one way to build a ``GenerationItem`` from request or job parameters, and the seed rules.
 
-Online (service/runtime/convert.py, one mapping per protocol) and batch (service/batch/params.py)
+Online (service/runtime/protocols/, one module per protocol) and batch (service/batch/params.py)
 both describe a request as an ``Ask`` and build its items here, so that a default (native size,
 the model's own scheduler) and the seed numbering mean the same on every path.
 
@@ -75,7 +75,7 @@ class Prompt:
 @dataclass(frozen=True)
 class Ask:
     """What one request asks of the engine, whatever protocol it came in. Each protocol maps its
-    own schema to this once (service/runtime/convert.py), and ``items`` is the one place where a
+    own schema to this once (service/runtime/protocols/), and ``items`` is the one place where a
     ``GenerationItem``'s fields are spelled. None for height, width or scheduler: the model's own."""
 
     prompts: tuple[Prompt, ...]

@@ -23,12 +23,13 @@ from schemas.fields import describe_location, describe_problem
 from schemas.score import ScoreLimits, ScoreRequest
 from service.images_in import UrlPolicy
 from service.runtime.batching.steploop import StepLoop
-from service.runtime.convert import FieldError, Request, ask_of, to_records
 from service.runtime.engines import ServingEngine
 from service.runtime.errors import ContractError, MalformedJsonError, QueueFullError, RequestCancelledError
 from service.runtime.images import encode_png_base64
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
+from service.runtime.protocols import FieldError, Request, ask_of
+from service.runtime.protocols.score import to_records
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,8 @@ from service.runtime.errors import (
     ServiceError,
     ShuttingDownError,
 )
+from service.runtime.protocols import protocol_for
+from service.runtime.protocols.score import score_error
 
 log = logging.getLogger(__name__)
 
@@ -251,24 +253,21 @@ def reason_phrase(status: int, message: str) -> str:
 
 def error_response(error: BaseException, *, path: str = "", method: str = "GET") -> JSONResponse:
     """The JSON answer for ``error`` in the shape of the client whose route ``method`` and ``path``
-    name (OpenAI's under /v1/, A1111's under /sdapi/, Hugging Face's on POST /), whichever layer
-    refuses it (keys, body size, media type: the middleware's answers too); logs the traceback of
-    anything unexpected."""
+    name (the protocols' table: OpenAI's under /v1/, A1111's under /sdapi/, Hugging Face's on
+    POST /, ours elsewhere), whichever layer refuses it (keys, body size, media type: the
+    middleware's answers too); logs the traceback of anything unexpected."""
     kind, message = classify(error)
     if kind is _INTERNAL:
         log.error("unexpected error", exc_info=error)
     elif isinstance(error, EngineError):
         log.warning("%s: %s", kind.code, message)
-    if is_openai_path(path):
-        # FieldError's param, an image's field: the request field at fault
-        param = getattr(error, "param", None) or getattr(error, "field", None)
-        response = openai_error_json(kind, message, param if isinstance(param, str) else None)
-    elif path.startswith(A1111_PREFIX):
-        response = a1111_error_json(kind, message)
-    elif path == HUGGING_FACE_PATH and method == "POST":
-        response = huggingface_error_json(kind, message)
-    else:
-        response = error_json(kind.status, kind.code, message, kind.retry_after_s)
+    # FieldError's param, an image's field: the request field at fault (OpenAI's shape names it)
+    param = getattr(error, "param", None) or getattr(error, "field", None)
+    status, body = protocol_for(path, method).error(
+        kind.status, kind.code, message, param if isinstance(param, str) else None
+    )
+    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
+    response = JSONResponse(body, status_code=status, headers=headers)
     if isinstance(error, HTTPException) and error.headers:
         response.headers.update(error.headers)  # routing's own, e.g. Allow on a 405
     response.headers[REASON_HEADER] = reason_phrase(response.status_code, message)
@@ -280,53 +279,6 @@ def scope_error_response(error: BaseException, scope: MutableMapping[str, Any]) 
     return error_response(error, path=scope["path"], method=scope["method"])
 
 
-def error_json(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    body = {"error": {"code": code, "message": message, "status": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# OpenAI's shape on /v1/*, from the same table: OpenAI answers every invalid request with 400 (its SDKs
-# raise BadRequestError for it, UnprocessableEntityError for a 422), so the table's 422 is sent as 400.
-OPENAI_PREFIX = "/v1/"
-_OPENAI_STATUS = {422: 400}
-
-
-def is_openai_path(path: str) -> bool:
-    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
-
-
-def openai_error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-def openai_error_json(kind: ErrorKind, message: str, param: str | None = None) -> JSONResponse:
-    """``{"error": {"message", "type", "param", "code"}}`` with the table's Retry-After."""
-    status = _OPENAI_STATUS.get(kind.status, kind.status)
-    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
-    error = {"message": message, "type": openai_error_type(status), "param": param, "code": kind.code}
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
-
-
-# AUTOMATIC1111's shape on /sdapi/*: its clients show ``detail`` (FastAPI's field); the table's code
-# is ``error``, with the table's status and Retry-After.
-A1111_PREFIX = "/sdapi/"
-
-
-# Hugging Face's shape on POST / (its clients show ``error``); GET / is the readiness probe, in ours.
-HUGGING_FACE_PATH = "/"
-
-
-def huggingface_error_json(kind: ErrorKind, message: str) -> JSONResponse:
-    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
-    return JSONResponse({"error": message, "error_type": kind.code}, status_code=kind.status, headers=headers)
-
-
-def a1111_error_json(kind: ErrorKind, message: str) -> JSONResponse:
-    headers = {"Retry-After": str(kind.retry_after_s)} if kind.retry_after_s is not None else None
-    body = {"error": kind.code, "detail": message, "errors": message}
-    return JSONResponse(body, status_code=kind.status, headers=headers)
+def error_json(status: int, code: str, message: str) -> JSONResponse:
+    """Our own error body (service/runtime/protocols/score.py), for answers outside the table."""
+    return JSONResponse(score_error(status, code, message, None)[1], status_code=status)

@@ -2,9 +2,10 @@
 and ``GET /v1/models/{id}``, so that OpenAI's SDKs and the tools built on them work by changing a base URL.
 
 Nothing here generates: a request is parsed with the same rules and limits as ``/score``
-(``parse_body``), turned into engine items in service/runtime/convert.py, and answered through
-``answer_generation`` and ``Scorer.generate``, the very path of ``/score`` (deadline, disconnects,
-step loop, safety checker, PNG encoding, metrics, request ids, API keys). Errors on /v1/* are rendered
+(``parse_body``), turned into engine items by its protocol module
+(service/runtime/protocols/openai.py), and answered through ``answer_generation`` and
+``Scorer.generate``, the very path of ``/score`` (deadline, disconnects, step loop, safety checker,
+PNG encoding, metrics, request ids, API keys). Errors on /v1/* are rendered
 in OpenAI's shape by service/web/errors.py, from the same table.
 """
 
@@ -29,10 +30,10 @@ from schemas.openai import (
     OpenAIModelList,
 )
 from schemas.openai_edits import ImageEditRequest
-from service.runtime.convert import openai_edit_ask, to_image_data
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
+from service.runtime.protocols.openai import openai_edit_ask, to_image_data
 from service.runtime.scoring import parse_body_off_loop
 from service.web.clients.common import lifecycle_of, served_names
 from service.web.clients.edits import EDIT_FORM, read_edit_form

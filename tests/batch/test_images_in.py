@@ -24,7 +24,7 @@ from service.batch.files.images import cell
 from service.batch.files.inputs import InputFile, parse_file
 from service.batch.files.records import PREDICTION_COLUMNS
 from service.cli.main import main
-from service.runtime.convert import score_ask
+from service.runtime.protocols.score import score_ask
 from service.storage import open_storage
 
 STEPS = 4

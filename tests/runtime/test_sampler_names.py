@@ -13,7 +13,7 @@ from schemas.a1111 import Txt2ImgRequest
 from schemas.huggingface import TextToImageRequest
 from schemas.openai import ImageGenerationRequest
 from schemas.score import ScoreRequest
-from service.runtime.convert import FieldError, items_of
+from service.runtime.protocols import FieldError, items_of
 from tests.runtime.fakes import INFO
 
 SERVED = replace(INFO, schedulers=offered_schedulers())

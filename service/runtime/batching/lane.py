@@ -160,7 +160,8 @@ class Lane:
         """In the engine thread: the plan's newcomers admitted together (one text-encoder call, one
         VAE encoder pass per size for images in), or, when that fails (the engine admits all or
         none), each alone, so that only the one it cannot take is refused."""
-        admit_all = getattr(self.engine, "admit_all", None)
+        # Checked once already, before they queued (Scorer.generate): the engine need not again.
+        admit_all = getattr(self.engine, "admit_checked", None) or getattr(self.engine, "admit_all", None)
         if admit_all is not None and len(images) > 1:
             try:
                 handles = admit_all([image.item for image in images])
@@ -171,9 +172,13 @@ class Lane:
                 return
         for image in images:
             try:
-                output.admitted.append((image, self.engine.admit(image.item)))
+                handle = (
+                    admit_all([image.item])[0] if admit_all is not None else self.engine.admit(image.item)
+                )
             except Exception as error:  # this item only: the engine cannot take it
                 output.refused.append((image, error))
+            else:
+                output.admitted.append((image, handle))
 
     def _iterate(self, plan: Plan) -> Output:
         """In the engine thread: cancel, admit, then step until there is something to hand back.

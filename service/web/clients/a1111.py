@@ -13,7 +13,6 @@ caller, as on A1111 itself). Errors on /sdapi/* carry A1111's ``detail`` (servic
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -23,11 +22,12 @@ from fastapi.responses import Response
 from model.types import ModelInfo
 from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest
 from schemas.a1111_img2img import SAMPLE_IMG2IMG, Img2ImgRequest
-from schemas.samplers import AUTOMATIC, SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
-from service.runtime.convert import FieldError, ask_of
+from schemas.samplers import SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
+from service.runtime.protocols import FieldError, ask_of
+from service.runtime.protocols.a1111 import a1111_info, answer
 from service.runtime.scoring import parse_body_off_loop, parse_document_off_loop
 from service.web.clients.a1111_images import finished, prepared_ask
 from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
@@ -59,45 +59,6 @@ def _require_served(checkpoint: str | None, names: tuple[str, ...], where: str) 
 
 
 # ----------------------------------------------------------------------------- generation
-def _info(parsed: Txt2ImgRequest, seeds: list[int], model: str, flags: list[bool | None]) -> dict[str, Any]:
-    """A1111's ``info`` (sent as a JSON string): what was drawn, with every image's seed."""
-    sampler = parsed.sampler_label or "Default"
-    return {
-        "prompt": parsed.prompt,
-        "all_prompts": [parsed.prompt] * len(seeds),
-        "negative_prompt": parsed.negative_prompt,
-        "all_negative_prompts": [parsed.negative_prompt] * len(seeds),
-        "seed": seeds[0] if seeds else parsed.seed,
-        "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * len(seeds),
-        "subseed_strength": 0,
-        "width": parsed.width,
-        "height": parsed.height,
-        "sampler_name": sampler,
-        "scheduler": parsed.scheduler or AUTOMATIC,
-        "cfg_scale": parsed.cfg_scale,
-        "steps": parsed.steps,
-        "batch_size": parsed.batch_size,
-        "n_iter": parsed.n_iter,
-        "restore_faces": False,
-        "sd_model_name": model,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
-        "denoising_strength": getattr(parsed, "denoising_strength", None),
-        "clip_skip": parsed.clip_layers,
-        "eta": parsed.eta,
-        "index_of_first_image": 0,
-        "infotexts": [
-            f"{parsed.prompt}\nNegative prompt: {parsed.negative_prompt}\nSteps: {parsed.steps}, "
-            f"Sampler: {sampler}, CFG scale: {parsed.cfg_scale:g}, Seed: {seed}, "
-            f"Size: {parsed.width}x{parsed.height}, Model: {model}"
-            for seed in seeds
-        ],
-        "nsfw_content_detected": flags,
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "is_using_inpainting_conditioning": False,
-    }
 
 
 async def _generate(
@@ -121,8 +82,8 @@ async def _generate(
     seeds = [result.seed for result in results]
     echoed = parsed.model_dump(include=set(model.model_fields) - {"init_images", "mask"})
     echoed["seed"] = seeds[0] if seeds else items[0].seed
-    details = _info(parsed, seeds, names[0], [result.nsfw_content_detected for result in results])
-    return {"images": images, "parameters": echoed, "info": json.dumps(details)}
+    details = a1111_info(parsed, seeds, names[0], [result.nsfw_content_detected for result in results])
+    return answer(images, echoed, details)
 
 
 @router.post(

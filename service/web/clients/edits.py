@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from schemas.fields import ScoreLimits
 from schemas.openai_edits import IMAGE_FIELDS, MASK_FIELD, MAX_FORM_FIELDS, ImageEditRequest, form_fields
-from service.runtime.convert import FieldError
+from service.runtime.protocols import FieldError
 from service.runtime.scoring import validate_document
 from service.web.errors import UnsupportedMediaTypeError
 

@@ -14,7 +14,7 @@ import base64
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from model.errors import EngineError
 from schemas.huggingface import (
@@ -23,22 +23,19 @@ from schemas.huggingface import (
     TextToImageRequest,
     looks_like_image,
 )
-from service.runtime.convert import ask_of, huggingface_image_ask
 from service.runtime.errors import ServiceError
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
+from service.runtime.protocols import ask_of
+from service.runtime.protocols.huggingface import huggingface_image_ask
 from service.runtime.scoring import parse_document_off_loop, validate_document
-from service.web.errors import classify, error_responses, huggingface_error_json, json_body
+from service.web.errors import error_response, error_responses, json_body
 from service.web.guards import JSON_MEDIA_TYPE
 from service.web.routes import answer_generation
 
 router = APIRouter(tags=["huggingface"])
 EXPECTED = '{"inputs": prompt or base64 image, "parameters": {...}}'
-
-
-def huggingface_error(error: BaseException) -> JSONResponse:
-    return huggingface_error_json(*classify(error))
 
 
 def _png(image_base64: str) -> Response:
@@ -67,8 +64,8 @@ async def text_to_image(request: Request) -> Response:
 
     try:
         return await answer_generation(request, work, client="huggingface", answer=_png)
-    except (ServiceError, EngineError) as error:
-        return huggingface_error(error)
+    except (ServiceError, EngineError) as error:  # in Hugging Face's shape (the protocols' table)
+        return error_response(error, path="/", method="POST")
 
 
 async def _ask(runtime: Runtime, body: bytes, raw: bool) -> Ask:

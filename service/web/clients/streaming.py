@@ -36,8 +36,9 @@ from service.runtime.errors import RequestTimeoutError, ServiceError
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle
+from service.runtime.protocols.openai import openai_error
 from service.web.clients.common import followed
-from service.web.errors import classify, openai_error_type
+from service.web.errors import classify
 
 Generation = asyncio.Future[tuple[list[GenerationResult], list[str]]]
 
@@ -174,8 +175,7 @@ async def _events(
             yield _event(f"{events}.completed", done)
     except (ServiceError, EngineError) as error:
         kind, message = classify(error)
-        status = 400 if kind.status == 422 else kind.status
-        error_body = {"message": message, "type": openai_error_type(status), "param": None, "code": kind.code}
-        yield _event("error", {"error": error_body})
+        _, error_body = openai_error(kind.status, kind.code, message, None)
+        yield _event("error", error_body)
     finally:
         await release()  # the client left, or time ran out: its images leave at the next step
