@@ -64,6 +64,17 @@ class Timing:
     def seconds(self) -> float:
         return float(statistics.median(self.runs))
 
+    def figures(self, images: int) -> dict[str, Any]:
+        """What the benchmarks report of these runs, each of ``images`` images, in one spelling."""
+        seconds = self.seconds
+        return {
+            "seconds_per_image": seconds / images,
+            "images_per_s": images / seconds,
+            "timed_runs": len(self.runs),
+            "run_seconds": [round(r, 4) for r in self.runs],
+            "peak_gib": self.peak_gib,
+        }
+
     def add(self, other: Timing) -> None:
         """Another run's time and output; the peak is the larger."""
         self.runs += other.runs

@@ -226,11 +226,7 @@ def figures(timing: Timing, batch: int, tflop: float) -> dict[str, Any]:
     host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
     return {
         "seconds_per_batch": seconds,
-        "seconds_per_image": seconds / batch,
-        "images_per_s": batch / seconds,
-        "timed_runs": len(timing.runs),
-        "run_seconds": [round(r, 4) for r in timing.runs],
-        "peak_gib": timing.peak_gib,
+        **timing.figures(batch),
         "peak_host_rss_gib": None if timing.peak_gib is not None else round(host_gib, 2),
         "tflop_per_image": tflop,
         "mfu": tflop / (seconds / batch) / PEAK_TFLOPS,

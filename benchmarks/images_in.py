@@ -250,15 +250,7 @@ class Runner:
 
 
 def figures(timing: common.Timing, images: int) -> dict[str, Any]:
-    seconds = timing.seconds
-    return {
-        "seconds": seconds,
-        "seconds_per_image": seconds / images,
-        "images_per_s": images / seconds,
-        "timed_runs": len(timing.runs),
-        "run_seconds": [round(r, 4) for r in timing.runs],
-        "peak_gib": timing.peak_gib,
-    }
+    return {"seconds": timing.seconds, **timing.figures(images)}
 
 
 def cost_cases(

@@ -180,12 +180,19 @@ class Settings(JobSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _some_key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        keys = "" if value is None else value.get_secret_value()
         # Set but empty (a secret mounted without content, say) must not mean "no authentication".
-        if value is not None and not value.get_secret_value().replace(",", "").strip():
+        if value is not None and not keys.replace(",", "").strip():
             raise ValueError(
                 "SD_API_KEYS: set, but holds no key; set a key (comma-separated for several), or unset "
                 "the variable to serve without keys"
+            )
+        # A header carries ASCII only: any other key could never be sent, so never match.
+        if not all(" " <= char <= "~" for char in keys):
+            raise ValueError(
+                "SD_API_KEYS: a key holds a character other than printable ASCII, which no client can "
+                "send in a header; use letters, digits and punctuation only"
             )
         return value
 
@@ -201,17 +208,6 @@ class Settings(JobSettings):
     def _check_dtype(cls, value: str) -> str:
         if value not in _DTYPES:
             raise ValueError(f"SD_DTYPE: {value[:40]!r} is not a dtype; use one of {', '.join(_DTYPES)}")
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _printable_keys(cls, value: SecretStr | None) -> SecretStr | None:
-        # A header carries ASCII only: any other key could never be sent, so never match.
-        if value is not None and not all(" " <= char <= "~" for char in value.get_secret_value()):
-            raise ValueError(
-                "SD_API_KEYS: a key holds a character other than printable ASCII, which no client can "
-                "send in a header; use letters, digits and punctuation only"
-            )
         return value
 
     @field_validator("host")

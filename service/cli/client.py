@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +102,19 @@ def _ascii(text: str) -> str:  # a header's value
     return text
 
 
-def _positive(text: str) -> float:
+def _float_in(text: str, fits: Callable[[float], bool], what: str) -> float:
+    """``text`` as a number that ``fits``, else argparse's error saying it is not ``what``."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        value = math.nan  # fits no range, as NaN itself does not
+    if not fits(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _positive(text: str) -> float:
+    return _float_in(text, lambda value: 0 < value < math.inf, "a positive number of seconds")
 
 
 def _adapter(text: str) -> tuple[str, float]:
@@ -124,13 +130,7 @@ def _adapter(text: str) -> tuple[str, float]:
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
-    return value
+    return _float_in(text, lambda value: 0 < value <= 1, "a number in (0, 1]")
 
 
 def _count(text: str) -> int:

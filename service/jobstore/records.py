@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package still runs on 3.10
+    from typing_extensions import Unpack
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
@@ -77,9 +80,22 @@ def check_new(record: JobRecord) -> None:
         raise ValueError(f"unknown webhook events {unknown}; use some of {list(EVENTS)}")
 
 
-def check_finish(state: str) -> None:
+class Outcome(TypedDict, total=False):
+    """What ``finish`` stores beside the state, each left out (or None) when there is none. Spelled
+    once here so that the contract and every store take the same keywords."""
+
+    status: int | None
+    result: bytes | None
+    result_type: str | None
+    error: dict[str, Any] | None
+
+
+def may_finish(job_id: str, state: str) -> bool:
+    """What every store's ``finish`` checks first: a state that is not a finished one is a
+    programming error (ValueError); an id not of our shape is simply not found (False)."""
     if state not in FINISHED:
         raise ValueError(f"a job finishes as one of {sorted(FINISHED)}, not {state!r}")
+    return is_job_id(job_id)
 
 
 class JobStore(Protocol):
@@ -124,16 +140,7 @@ class JobStore(Protocol):
         ...
 
     def finish(
-        self,
-        job_id: str,
-        replica: str,
-        *,
-        state: str,
-        now: float,
-        status: int | None = None,
-        result: bytes | None = None,
-        result_type: str | None = None,
-        error: dict[str, Any] | None = None,
+        self, job_id: str, replica: str, *, state: str, now: float, **outcome: Unpack[Outcome]
     ) -> bool:
         """Only by its owner: False (nothing stored) when another replica took it over or it was
         deleted."""

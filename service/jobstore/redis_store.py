@@ -13,18 +13,16 @@ primary with replicas) is supported, not Redis Cluster.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from service.jobstore.records import (
-    CANCELLED_ERROR,
-    STATES,
-    JobRecord,
-    check_finish,
-    check_new,
-    is_job_id,
-)
+from service.jobstore.records import CANCELLED_ERROR, STATES, JobRecord, check_new, is_job_id, may_finish
+
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package still runs on 3.10
+    from typing_extensions import Unpack
+
+    from service.jobstore.records import Outcome
 
 PREFIX = "sdjobs"
 _EXPIRE_BATCH = 500
@@ -334,20 +332,12 @@ class RedisStore:
         return bool(self._run("renew", job_id, replica, repr(now + lease_s), int(step), int(steps)))
 
     def finish(
-        self,
-        job_id: str,
-        replica: str,
-        *,
-        state: str,
-        now: float,
-        status: int | None = None,
-        result: bytes | None = None,
-        result_type: str | None = None,
-        error: dict[str, Any] | None = None,
+        self, job_id: str, replica: str, *, state: str, now: float, **outcome: Unpack[Outcome]
     ) -> bool:
-        check_finish(state)
-        if not is_job_id(job_id):
+        if not may_finish(job_id, state):
             return False
+        status, result = outcome.get("status"), outcome.get("result")
+        result_type, error = outcome.get("result_type"), outcome.get("error")
         fields: list[bytes | str | int] = []
         if status is not None:
             fields += ["status", int(status)]

@@ -12,16 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.jobstore.records import (
-    CANCELLED_ERROR,
-    STATES,
-    JobRecord,
-    check_finish,
-    check_new,
-    is_job_id,
-)
+from service.jobstore.records import CANCELLED_ERROR, STATES, JobRecord, check_new, is_job_id, may_finish
+
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package still runs on 3.10
+    from typing_extensions import Unpack
+
+    from service.jobstore.records import Outcome
 
 SCHEMA_VERSION = 1
 # Results above this go to a file: a row stays small, so that listing and claiming never page
@@ -249,21 +247,13 @@ class SqliteStore:
         return changed == 1 and row is not None and not row["cancel_requested"]
 
     def finish(
-        self,
-        job_id: str,
-        replica: str,
-        *,
-        state: str,
-        now: float,
-        status: int | None = None,
-        result: bytes | None = None,
-        result_type: str | None = None,
-        error: dict[str, Any] | None = None,
+        self, job_id: str, replica: str, *, state: str, now: float, **outcome: Unpack[Outcome]
     ) -> bool:
-        check_finish(state)
-        if not is_job_id(job_id):
+        if not may_finish(job_id, state):
             return False
+        result = outcome.get("result")
         as_file = result is not None and len(result) > INLINE_RESULT_BYTES
+        error = outcome.get("error")
         with self._transaction() as db:
             owned = db.execute(
                 "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND state = 'running'", (job_id, replica)
@@ -278,8 +268,8 @@ class SqliteStore:
             db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, result_file = ?,"
                 " result_bytes = ?, result_type = ?, error = ?, lease_until = NULL WHERE id = ?",
-                (state, now, status, None if as_file else result, job_id if as_file else None,
-                 0 if result is None else len(result), result_type,
+                (state, now, outcome.get("status"), None if as_file else result, job_id if as_file else None,
+                 0 if result is None else len(result), outcome.get("result_type"),
                  None if error is None else json.dumps(error), job_id),
             )  # fmt: skip
         return True

@@ -26,28 +26,12 @@ from service.batch.files.records import PREDICTION_COLUMNS
 from service.cli.main import main
 from service.runtime.protocols.score import score_ask
 from service.storage import open_storage
+from tests.helpers.pictures import picture, png_bytes, square_mask
 
 STEPS = 4
 FAST = ["--model", "random:tiny", "--steps", str(STEPS), "--batch-size", "4", "--seed", "5"]
 SIZE = 128  # random:tiny's native size
 TOLERANCE = 2  # of 255: batched and single matrix products round differently on the CPU
-
-
-def picture(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    coarse = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
-
-
-def square_mask(size: int = SIZE) -> Image.Image:
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    return mask
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:

@@ -16,9 +16,9 @@ from PIL import Image
 
 import model
 from model.errors import InvalidRequestError
-from model.schedulers import SCHEDULER_CLASSES, make_scheduler
+from model.schedulers import make_scheduler
 from model.types import GenerationItem
-from tests.helpers.stepping import retire_float
+from tests.helpers.stepping import fail_step_once, retire_float
 from tests.helpers.stock import stock_image
 
 SIZE = 64
@@ -267,18 +267,7 @@ def test_a_failed_step_puts_images_in_back(
         item(12, steps=4, strength=0.75, init_image=picture(8)),
     ]
     expected = [reference(tiny_engine, it) for it in items]
-    cls = SCHEDULER_CLASSES["euler_ancestral"]
-    original = cls.step
-    failures = [2]  # at the ancestral item's second step, once
-
-    def failing_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        failures[0] -= 1
-        if failures[0] == 0:
-            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
-        return out
-
-    monkeypatch.setattr(cls, "step", failing_step)
+    fail_step_once(monkeypatch, "euler_ancestral", at=2)  # at the ancestral item's second step, once
     handles = tiny_engine.admit_all(items)
     tiny_engine.step(only=handles)
     with pytest.raises(model.EngineFailure, match="CUBLAS_STATUS_EXECUTION_FAILED"):

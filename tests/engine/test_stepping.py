@@ -22,7 +22,7 @@ import model
 from model.schedulers import SCHEDULE_SEPARATOR, SCHEDULER_CLASSES, make_scheduler, offered_schedulers
 from model.types import GenerationItem
 from tests.engine.test_reference import reference_image
-from tests.helpers.stepping import retire_float, rows_of, running_rows
+from tests.helpers.stepping import fail_step_once, retire_float, rows_of, running_rows
 from tests.helpers.stepping import running as held_items
 
 # Every sampler with its own spacing; their schedules (Karras...) are tests/engine/test_samplers.py's.
@@ -259,18 +259,7 @@ def test_a_failure_after_some_schedulers_stepped_puts_them_all_back(
     items = [item(61, "unipc", steps=4), item(62, "pndm", steps=3), item(63, "euler_ancestral", steps=4)]
     for one in items:
         reference(one)
-    cls = SCHEDULER_CLASSES["euler_ancestral"]
-    original = cls.step
-    failures = [2]  # fail at the 2nd step of the ancestral item, once
-
-    def failing_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        failures[0] -= 1
-        if failures[0] == 0:
-            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
-        return out
-
-    monkeypatch.setattr(cls, "step", failing_step)
+    fail_step_once(monkeypatch, "euler_ancestral", at=2)  # fail at the 2nd step of the ancestral item, once
     handles = engine.admit_all(items)
     engine.step()
     with pytest.raises(model.EngineFailure, match="CUBLAS_STATUS_EXECUTION_FAILED"):

@@ -78,11 +78,12 @@ def serving(
         stop_server(running)
 
 
-def server_fixture(name: str, **env: str) -> Any:
-    """A module-scoped ``server`` fixture serving with ``env`` (its log in a fresh folder ``name``), for
-    the modules whose server differs only by its settings: one place starts and stops them all."""
+def server_fixture(name: str, *, fixture: str = "server", **env: str) -> Any:
+    """A module-scoped fixture (``server`` unless ``fixture`` names another) serving with ``env`` (its log
+    in a fresh folder ``name``), for the modules whose servers differ only by their settings: one place
+    starts and stops them all."""
 
-    @pytest.fixture(scope="module", name="server")
+    @pytest.fixture(scope="module", name=fixture)
     def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with serving(tmp_path_factory.mktemp(name) / "server.log", **env) as running:
             yield running

@@ -1,5 +1,6 @@
 """Helpers for the server tests: a real uvicorn server in a thread, and an engine wrapper the tests
-can hold at a gate, fail on demand, and ask which batches it ran."""
+can hold at a gate, fail on demand, and ask which batches it ran (also in a server process of its
+own: ``gated_server``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import functools
 import io
 import itertools
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +27,8 @@ from model.types import GenerationItem, GenerationResult, ModelInfo
 from service.hosts.connections import guarded_protocol
 from service.settings import Settings
 from service.web.app import create_app
+from tests.helpers.ports import free_port
+from tests.helpers.processes import REPO, clean_env
 
 STARTUP_LIMIT_S = 120
 METRIC_WAIT_S = 30  # far longer than the server needs; only a broken server waits this long
@@ -236,6 +240,37 @@ class FileGatedEngine(GatedEngine):
     def step(self) -> list[int]:
         self._hold()
         return super().step()
+
+
+@contextmanager
+def gated_server(folder: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``serve_gated`` in a process of its own (settings: ``env``), its log ``folder/server.log``; its
+    engine holds every batch until ``folder/release`` exists. Yields (its URL, the process) once it
+    answers; kills it afterwards if it still runs."""
+    port = free_port()
+    environment = clean_env(SD_PORT=str(port), SD_MAX_BATCH_WAIT_MS="0", **env)
+    log_path = folder / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.servers", str(folder)],
+            env=environment, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_held(folder: Path, process: subprocess.Popen[bytes], request: Any) -> None:
+    """Until ``gated_server``'s engine holds a batch (``request``'s, a Future); the process must not
+    exit nor the request be answered meanwhile."""
+    while not (folder / "started").exists():
+        assert process.poll() is None and not request.done(), (folder / "server.log").read_text()
+        time.sleep(0.02)
 
 
 def serve_gated(folder: str) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from service.runtime.jobs import POLLED_PREVIEW_INTERVAL_S
+from tests.helpers import until
 from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, metric_value, request_body
 
@@ -220,13 +221,7 @@ def test_not_json_and_metrics_route_label(server: Server) -> None:
 
 
 def _wait(condition: Any, what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} never happened")
+    return until(condition, WAIT_S, f"{what}: it never happened")
 
 
 def test_progress_shows_steps_and_a_png_preview_then_interrupt_answers_with_the_image_so_far(

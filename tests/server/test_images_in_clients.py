@@ -9,7 +9,6 @@ StableDiffusionInpaintPipeline draw from the same weights, inputs and seed.
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from diffusers import (
 from huggingface_hub import InferenceClient
 from PIL import Image
 
+from tests.helpers.pictures import picture, png_bytes, square_mask
 from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, tiny_engine
 
@@ -42,25 +42,6 @@ TOLERANCE = 2 / 255 + 1 / 255  # diffusers' float image against the server's PNG
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serving(tmp_path_factory.mktemp("images-in") / "server.log", SD_API_KEYS=KEY) as running:
         yield running
-
-
-def picture(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    """A smooth image with some detail."""
-    coarse = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
-
-
-def square_mask(size: int = SIZE) -> Image.Image:
-    """White (repaint) in a square, black (keep) around it."""
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    return mask
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def b64(image: Image.Image) -> str:

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-from standardwebhooks import Webhook
 
 from tests.helpers.processes import Server, serving
+from tests.helpers.webhooks import Receiver, receiver_fixture
 
 pytestmark = pytest.mark.slow
 KEY_A, KEY_B = "jobs-key-a", "jobs-key-b"
@@ -29,43 +26,7 @@ SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes!!!!").decode
 OLD_SECRET = "whsec_" + base64.b64encode(b"an older secret, still signing..").decode()
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that keeps what it got, and whether each signature verified."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                headers = {key.lower(): value for key, value in self.headers.items()}
-                try:
-                    Webhook(SECRET).verify(body, headers)
-                    verified = True
-                except Exception:
-                    verified = False
-                received.append({"headers": headers, "body": json.loads(body), "verified": verified})
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events_of(self, job_id: str) -> list[str]:
-        return [each["body"]["type"] for each in self.received if each["body"]["data"]["id"] == job_id]
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    running = Receiver()
-    yield running
-    running.server.shutdown()
+receiver = receiver_fixture(SECRET)
 
 
 @pytest.fixture(scope="module")

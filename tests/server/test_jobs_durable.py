@@ -14,7 +14,7 @@ import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 import redis
 from PIL import Image
 
+from tests.helpers import until
 from tests.helpers.ports import free_port
 from tests.helpers.processes import Server, start_server, stop_server
 
@@ -75,16 +76,6 @@ def wait_all(server: Server, ids: list[str], limit_s: float = 90) -> dict[str, d
         time.sleep(0.25)
     states = {job_id: get_job(server, job_id)["state"] for job_id in ids if job_id not in done}
     pytest.fail(f"jobs did not finish within {limit_s} s: {states}\n{server.log_path.read_text()[-3000:]}")
-
-
-def until(condition: Callable[[], Any], limit_s: float, what: str) -> Any:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    pytest.fail(f"{what} within {limit_s} s")
 
 
 def check_images(server: Server, job: dict[str, Any], prompts: list[str], steps: int) -> None:

@@ -8,8 +8,6 @@ import base64
 import io
 import itertools
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,9 +21,15 @@ from PIL import Image
 
 from schemas.openai import ImageGenerationRequest
 from schemas.score import ScoreLimits, ScoreRequest
-from tests.helpers.ports import free_port
-from tests.helpers.processes import REPO, Server, clean_env, start_server, stop_server
-from tests.helpers.servers import decode_png, metric_value, request_body, wait_for_metric, wait_ready
+from tests.helpers.processes import Server, start_server, stop_server
+from tests.helpers.servers import (
+    decode_png,
+    gated_server,
+    metric_value,
+    request_body,
+    wait_for_metric,
+    wait_held,
+)
 
 pytestmark = pytest.mark.slow
 KEY = "openai-test-key"
@@ -303,34 +307,21 @@ def full_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     the queue (SD_MAX_QUEUE_ITEMS=1) is full until the gate opens. Yields the base URL; afterwards
     opens the gate and checks that the two held requests were answered."""
     folder = tmp_path_factory.mktemp("gate")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = clean_env(SD_MODEL=SERVED, SD_PORT=str(port), SD_MAX_QUEUE_ITEMS="1", SD_MAX_BATCH_WAIT_MS="0")
-    with (folder / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.servers", str(folder)],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-        )
-    held = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    try:
-        wait_ready(url)
-        with ThreadPoolExecutor(2) as pool:
-            running: Future[Any] = pool.submit(held.images.generate, prompt="runs", extra_body=FAST)
-            while not (folder / "started").exists():
-                assert process.poll() is None and not running.done(), (folder / "server.log").read_text()
-                time.sleep(0.02)
-            queued: Future[Any] = pool.submit(held.images.generate, prompt="waits", extra_body=FAST)
-            wait_for_metric(url, "sd_queue_depth", 1)
-            yield url
+    with gated_server(folder, SD_MODEL=SERVED, SD_MAX_QUEUE_ITEMS="1") as (url, process):
+        held = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                running: Future[Any] = pool.submit(held.images.generate, prompt="runs", extra_body=FAST)
+                wait_held(folder, process, running)
+                queued: Future[Any] = pool.submit(held.images.generate, prompt="waits", extra_body=FAST)
+                wait_for_metric(url, "sd_queue_depth", 1)
+                yield url
+                (folder / "release").touch()
+                assert len(running.result(timeout=120).data) == 1
+                assert len(queued.result(timeout=120).data) == 1
+        finally:
             (folder / "release").touch()
-            assert len(running.result(timeout=120).data) == 1
-            assert len(queued.result(timeout=120).data) == 1
-    finally:
-        (folder / "release").touch()
-        stop_server(Server(url, process, folder / "server.log"))
+            stop_server(Server(url, process, folder / "server.log"))
 
 
 def test_a_full_queue_raises_rate_limit_error_with_retry_after(full_queue: str) -> None:

@@ -24,7 +24,15 @@ from service.hosts import azureml_online as azureml_score
 from service.settings import Settings
 from tests.helpers.ports import free_port
 from tests.helpers.processes import SERVE
-from tests.helpers.servers import ThreadServer, decode_png, request_body, wait_for_metric, wait_ready
+from tests.helpers.servers import (
+    ThreadServer,
+    decode_png,
+    gated_server,
+    request_body,
+    wait_for_metric,
+    wait_held,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "PLUM-TREE-4411"  # in prompts; must never reach the log
@@ -115,25 +123,11 @@ def test_a_model_that_cannot_load_ends_the_process_with_status_1(tmp_path: Path)
 
 
 def test_sigterm_drains_in_flight_and_queued_requests_then_exits_0(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = clean_env(SD_PORT=str(port), SD_MAX_BATCH_WAIT_MS="0", SD_DRAIN_TIMEOUT_S="300")
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.servers", str(tmp_path)],
-            env=env,
-            cwd=ROOT,
-            stderr=log,
-            stdout=log,
-        )
-    try:
-        wait_ready(url)
+    with gated_server(tmp_path, SD_DRAIN_TIMEOUT_S="300") as (url, process):
         with ThreadPoolExecutor(2) as pool:
             in_flight = pool.submit(httpx.post, f"{url}/score", json=request_body(["in flight"]), timeout=300)
-            while not (tmp_path / "started").exists():
-                assert process.poll() is None and not in_flight.done(), log_path.read_text()
-                time.sleep(0.02)
+            wait_held(tmp_path, process, in_flight)
             queued = pool.submit(httpx.post, f"{url}/score", json=request_body(["queued"]), timeout=300)
             wait_for_metric(url, "sd_queue_depth", 1)
             process.send_signal(signal.SIGTERM)
@@ -149,10 +143,6 @@ def test_sigterm_drains_in_flight_and_queued_requests_then_exits_0(tmp_path: Pat
             assert in_flight.result().status_code == 200
             assert queued.result().status_code == 200
         assert process.wait(timeout=120) == 0, log_path.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_flagged_images_are_black_pngs_marked_true(flag_everything_checker: Path) -> None:

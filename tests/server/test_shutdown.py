@@ -6,48 +6,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.helpers.ports import free_port
-from tests.helpers.processes import REPO, clean_env
-from tests.helpers.servers import request_body, wait_ready
-
-
-@contextmanager
-def gated_server(folder: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The gated server process; its engine holds every batch until ``folder/release`` exists."""
-    port = free_port()
-    environment = clean_env(SD_PORT=str(port), SD_MAX_BATCH_WAIT_MS="0", **env)
-    log_path = folder / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.servers", str(folder)],
-            env=environment, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+from tests.helpers.servers import gated_server, request_body, wait_held
 
 
 def hold_one_request(
     url: str, folder: Path, pool: ThreadPoolExecutor, process: subprocess.Popen[bytes]
 ) -> Future[httpx.Response]:
     future = pool.submit(httpx.post, f"{url}/score", json=request_body(["held"]), timeout=120)
-    while not (folder / "started").exists():
-        assert process.poll() is None and not future.done(), (folder / "server.log").read_text()
-        time.sleep(0.02)
+    wait_held(folder, process, future)
     return future
 
 

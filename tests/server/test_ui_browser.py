@@ -19,7 +19,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.helpers import loras
-from tests.helpers.processes import REPO, Server, serving
+from tests.helpers.processes import REPO, Server, server_fixture, serving
 from tests.helpers.servers import decode_png
 
 pytestmark = pytest.mark.slow
@@ -33,27 +33,8 @@ DOCS_SCREENSHOT = REPO / "docs" / "screenshot.png"
 KEY_STORAGE = "sd-endpoint-api-key"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("server") / "server.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("keyed") / "server.log", SD_API_KEYS=",".join(KEYS)) as running:
-        yield running
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-    opened = context.new_page()
-    script_errors: list[str] = []
-    opened.on("pageerror", lambda error: script_errors.append(str(error)))
-    yield opened
-    context.close()
-    assert script_errors == [], f"the page raised script errors: {script_errors}"
+server = server_fixture("server")
+keyed_server = server_fixture("keyed", fixture="keyed_server", SD_API_KEYS=",".join(KEYS))
 
 
 def fill_form(page: Page, *, prompt: str, seed: str = "", steps: str = "2", images: str = "1") -> None:

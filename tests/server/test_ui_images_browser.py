@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from service.images_in import output_size
-from tests.helpers.processes import Server, serving
+from tests.helpers.processes import Server, server_fixture
 from tests.server.test_ui_browser import generate, open_playground
 
 pytestmark = pytest.mark.slow
@@ -25,21 +24,7 @@ IMAGE_SIZE = (160, 96)  # width, height: not square, and below the 128 minimum o
 TEXT_COLUMNS = ["prompt", "negative_prompt"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("images-ui") / "server.log") as running:
-        yield running
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    opened = context.new_page()
-    script_errors: list[str] = []
-    opened.on("pageerror", lambda error: script_errors.append(str(error)))
-    yield opened
-    context.close()
-    assert script_errors == [], f"the page raised script errors: {script_errors}"
+server = server_fixture("images-ui")
 
 
 @pytest.fixture
@@ -53,6 +38,14 @@ def picture(tmp_path: Path) -> Path:
     path = tmp_path / "start.png"
     Image.fromarray(pixels).save(path)
     return path
+
+
+def open_with_image(page: Page, server: Server, path: Path, prompt: str = "a lighthouse at dawn") -> None:
+    """The playground, a prompt, 2 steps and ``path`` chosen as the image to start from."""
+    open_playground(page, server)
+    page.fill("#prompt", prompt)
+    page.fill("#steps", "2")
+    choose(page, path)
 
 
 def choose(page: Page, path: Path) -> None:
@@ -107,10 +100,7 @@ def set_strength(page: Page, steps_above_minimum: int) -> None:
 def test_a_painted_mask_is_sent_white_on_black_at_the_images_size(
     server: Server, page: Page, picture: Path
 ) -> None:
-    open_playground(page, server)
-    page.fill("#prompt", "a lighthouse at dawn")
-    page.fill("#steps", "2")
-    choose(page, picture)
+    open_with_image(page, server, picture)
     # Width and height become the size the server draws the image at by itself.
     with Image.open(picture) as image:
         height, width = output_size(image, None, None)
@@ -150,10 +140,7 @@ def test_a_painted_mask_is_sent_white_on_black_at_the_images_size(
 def test_without_a_mask_the_image_goes_alone_at_strength_0_8(
     server: Server, page: Page, picture: Path
 ) -> None:
-    open_playground(page, server)
-    page.fill("#prompt", "a lighthouse at dawn")
-    page.fill("#steps", "2")
-    choose(page, picture)
+    open_with_image(page, server, picture)
 
     # 1. Nothing painted: the image, no mask, the default strength.
     request = sent(generate(page))
@@ -184,10 +171,7 @@ def test_a_file_that_is_not_an_image_gets_the_servers_message(
 ) -> None:
     notes = tmp_path / "notes.png"
     notes.write_text("shopping list: bread, milk\n")
-    open_playground(page, server)
-    page.fill("#prompt", "a lighthouse")
-    page.fill("#steps", "2")
-    choose(page, notes)
+    open_with_image(page, server, notes, "a lighthouse")
     expect(page.locator("#image-unreadable")).to_be_visible()
     expect(page.locator("#mask-canvas")).to_be_hidden()
 

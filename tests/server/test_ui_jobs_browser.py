@@ -5,42 +5,20 @@ images, and lists, opens, cancels and deletes the caller's jobs after a reload."
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect
+from playwright.sync_api import Locator, Page, expect
 
-from tests.helpers.processes import Server, serving
+from tests.helpers.processes import Server, server_fixture
 from tests.server.test_ui_browser import KEYS, WAIT_MS, fill_form, generate, open_playground
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("jobs-ui") / "server.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        tmp_path_factory.mktemp("jobs-ui-keyed") / "server.log", SD_API_KEYS=",".join(KEYS)
-    ) as running:
-        yield running
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    opened = context.new_page()
-    script_errors: list[str] = []
-    opened.on("pageerror", lambda error: script_errors.append(str(error)))
-    yield opened
-    context.close()
-    assert script_errors == [], f"the page raised script errors: {script_errors}"
+server = server_fixture("jobs-ui")
+keyed_server = server_fixture("jobs-ui-keyed", fixture="keyed_server", SD_API_KEYS=",".join(KEYS))
 
 
 def submit_as_job(page: Page) -> dict[str, Any]:

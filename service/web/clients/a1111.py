@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -86,34 +87,35 @@ async def _generate(
     return answer(images, echoed, details)
 
 
-@router.post(
-    "/txt2img",
-    summary="Generate images (AUTOMATIC1111's txt2img)",
-    responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
-    openapi_extra=json_body(Txt2ImgRequest, SAMPLE_TXT2IMG),
-)
-async def txt2img(request: Request) -> Response:
-    names = _names(request)
+def _generation_route(model: type[Txt2ImgRequest]) -> Callable[[Request], Awaitable[Response]]:
+    """txt2img's or img2img's route: the same path, the body read as ``model``. (The route itself has
+    no docstring: FastAPI would show it as the operation's description.)"""
 
-    async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-        return await _generate(runtime, body, job, names, Txt2ImgRequest)
+    async def route(request: Request) -> Response:
+        names = _names(request)
 
-    return await answer_generation(request, work, client=CLIENT)
+        async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
+            return await _generate(runtime, body, job, names, model)
+
+        return await answer_generation(request, work, client=CLIENT)
+
+    return route
 
 
-@router.post(
-    "/img2img",
-    summary="Image to image and inpainting (AUTOMATIC1111's img2img)",
-    responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
-    openapi_extra=json_body(Img2ImgRequest, SAMPLE_IMG2IMG),
-)
-async def img2img(request: Request) -> Response:
-    names = _names(request)
-
-    async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-        return await _generate(runtime, body, job, names, Img2ImgRequest)
-
-    return await answer_generation(request, work, client=CLIENT)
+# Both registered as @router.post would (``name`` keeps their operation ids), each with its schema.
+for _name, _summary, _model, _sample in (
+    ("txt2img", "Generate images (AUTOMATIC1111's txt2img)", Txt2ImgRequest, SAMPLE_TXT2IMG),
+    ("img2img", "Image to image and inpainting (AUTOMATIC1111's img2img)", Img2ImgRequest, SAMPLE_IMG2IMG),
+):
+    router.add_api_route(
+        f"/{_name}",
+        _generation_route(_model),
+        methods=["POST"],
+        name=_name,
+        summary=_summary,
+        responses={200: {"description": "{images: [base64 PNG], parameters, info: JSON string}"}, **_ERRORS},
+        openapi_extra=json_body(_model, _sample),
+    )
 
 
 # ----------------------------------------------------------------------------- the handshake
