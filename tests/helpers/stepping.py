@@ -4,6 +4,7 @@ a GPU does."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,9 @@ def fail_step_once(monkeypatch: pytest.MonkeyPatch, scheduler: str, at: int) -> 
     original = cls.step
     failures = [at]
 
+    # wraps: the step's signature stays readable (the engine reads which keywords step() takes; a
+    # bare (*args, **kwargs) would hide the generator from an ancestral sampler not seen before)
+    @functools.wraps(original)
     def failing_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         failures[0] -= 1
