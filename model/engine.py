@@ -160,7 +160,9 @@ class Engine:
 
     def admit_checked(self, items: Sequence[GenerationItem]) -> list[int]:
         """``admit_all`` for items the caller has checked with ``validate`` already (the step loop's:
-        each request's items are checked once, before they queue), so no value is checked twice."""
+        each request's items are checked once, before they queue), so no value is checked twice; only
+        their adapters are looked at again, as what may change while an image waits is whether an
+        adapter's file still reads (one replaced or broken since is refused here, not at its use)."""
         return self._admit(self._running, items, checked=True)
 
     def step(self, only: Collection[int] | None = None) -> list[int]:
@@ -256,8 +258,11 @@ class Engine:
     def _admit(
         self, running: RunningSet, items: Sequence[GenerationItem], checked: bool = False
     ) -> list[int]:
-        for item in items if not checked else ():
-            self.validate_item(item)
+        for item in items:
+            if checked:  # its values were checked; its adapters' files may have broken since
+                self.adapters.check(item.adapters)
+            else:
+                self.validate_item(item)
         handles = [next(self._handles) for _ in items]
         if not items:
             return handles
