@@ -12,7 +12,6 @@ caller, as on A1111 itself). Errors on /sdapi/* carry A1111's ``detail`` (servic
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -74,7 +73,7 @@ async def _generate(
     ask, prepared = ask_of(parsed, info), None
     if isinstance(parsed, Img2ImgRequest):  # the image fitted, the mask made, as A1111 does
         ask, prepared = await prepared_ask(ask, parsed, runtime.scorer.image_urls)
-    items = ask.items(info) if not ask.pictures else await asyncio.to_thread(ask.items, info)
+    items = await runtime.scorer.items_for(ask)
     parsed.width, parsed.height = items[0].width, items[0].height  # as drawn, in the answer
     # 2. The shared path; an interrupted request answers with the images it has.
     results, images = await runtime.scorer.generate(items, prompts=1, job=job)

@@ -14,9 +14,10 @@ from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.fields import ScoreLimits
 from service.runtime.errors import ContractError
 from service.runtime.items import random_seed
-from service.runtime.scoring import parse_json
+from service.runtime.scoring import parse_document
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -39,13 +40,13 @@ class JobBody:
     content_type: str
 
 
-def job_body(route: str, body: bytes, content_type: str) -> JobBody:
+def job_body(route: str, body: bytes, content_type: str, limits: ScoreLimits) -> JobBody:
     """The body a job keeps: its seed fixed (one drawn now when it has none). Refuses, with a 4xx
-    naming the field, a body that is not an object or that asks for a stream (a job's answer is
-    kept whole)."""
+    naming the field, a body that is not an object, larger than any valid request (the routes'
+    own budget of JSON values), or that asks for a stream (a job's answer is kept whole). Parses
+    the body: call it off the event loop."""
     media = content_type.partition(";")[0].strip().lower()
-    if route not in SEED_PLACES:
-        raise ContractError(f"route must be one of: {', '.join(SEED_PLACES)} (the generation routes)")
+    _check_route(route)
     if route == "/v1/images/edits":
         if media != MULTIPART:
             raise ContractError(f"/v1/images/edits takes a {MULTIPART} form (its image and mask as files)")
@@ -53,7 +54,18 @@ def job_body(route: str, body: bytes, content_type: str) -> JobBody:
     if route == "/" and media != JSON:  # Hugging Face's image_to_image without parameters: the image alone
         document: Any = {"inputs": b64encode(body).decode("ascii"), "parameters": {}}
     else:
-        document = parse_json(body, "the route's JSON body")
+        document = parse_document(body, limits, "the route's JSON body")
+    return job_document(route, document)
+
+
+def _check_route(route: str) -> None:
+    if route not in SEED_PLACES:
+        raise ContractError(f"route must be one of: {', '.join(SEED_PLACES)} (the generation routes)")
+
+
+def job_document(route: str, document: Any) -> JobBody:
+    """``job_body`` for a JSON body parsed already (``POST /v1/jobs``' ``body``)."""
+    _check_route(route)
     if not isinstance(document, dict):
         raise ContractError("the body must be a JSON object, the route's own request")
     if document.get("stream") is True:

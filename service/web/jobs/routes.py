@@ -8,7 +8,7 @@ makes a retried submit return the job the first one made."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,9 +21,10 @@ from schemas.fields import ScoreLimits
 from service.jobstore import is_job_id
 from service.runtime.errors import ContractError
 from service.runtime.scoring import parse_body_off_loop
+from service.settings import Settings
 from service.web.clients.common import caller, caller_of_scope
 from service.web.errors import JobsUnavailableError, error_responses, json_body, scope_error_response
-from service.web.jobs.bodies import SEED_PLACES, job_body
+from service.web.jobs.bodies import SEED_PLACES, job_body, job_document
 from service.web.jobs.service import JobService, Submission, events_of, view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -57,6 +58,11 @@ class JobRequest(BaseModel):
     )
 
 
+def _limits(settings: Settings) -> ScoreLimits:
+    """The operator's request limits, which a job's body is held to as the route's own would be."""
+    return ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
+
+
 def service_of(request: Request) -> JobService:
     service: JobService | None = request.app.state.job_service
     if service is None:
@@ -78,12 +84,11 @@ def _accepted(record_view: dict[str, Any], created: bool) -> JSONResponse:
 )
 async def submit(request: Request) -> JSONResponse:
     service = service_of(request)
-    settings = request.app.state.settings
-    limits = ScoreLimits(settings.max_prompts, settings.max_prompt_chars, settings.max_steps)
+    limits = _limits(request.app.state.settings)
     parsed = await parse_body_off_loop(await request.body(), JobRequest, limits, expected="a job object")
     if parsed.route == "/v1/images/edits":
         raise_edits()
-    prepared = job_body(parsed.route, json.dumps(parsed.body).encode(), "application/json")
+    prepared = await asyncio.to_thread(job_document, parsed.route, parsed.body)  # serialises it
     submission = Submission(
         prepared,
         caller(request),
@@ -182,7 +187,11 @@ class RespondAsync:
         if service is None:
             raise JobsUnavailableError(app.state.job_service_problem)
         body = await _read(receive)
-        prepared = job_body(scope["path"], body, headers.get("content-type", ""))
+        limits = _limits(app.state.settings)
+        # parsed (up to SD_MAX_BODY_BYTES of JSON) in a worker thread: the event loop keeps serving
+        prepared = await asyncio.to_thread(
+            job_body, scope["path"], body, headers.get("content-type", ""), limits
+        )
         webhook_events = headers.get("webhook-events")
         events = tuple(e.strip() for e in webhook_events.split(",")) if webhook_events else ("completed",)
         submission = Submission(
