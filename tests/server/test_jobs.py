@@ -255,3 +255,12 @@ def test_webhooks_to_inner_addresses_are_refused_at_submit(server: Server, url: 
     )
     assert answer.status_code == 400, answer.text
     assert url not in answer.text
+
+
+def test_a_job_body_larger_than_any_valid_request_is_refused_at_submit(server: Server) -> None:
+    """The routes' own budget of JSON values holds for a body submitted as a job (it would be
+    kept, and failed only when run, otherwise)."""
+    flood = b'{"prompt": "x", "user": [' + b"0," * 200_000 + b"0]}"
+    prefer = {**A, "Prefer": "respond-async", "Content-Type": "application/json"}
+    answer = httpx.post(f"{server.url}/v1/images/generations", content=flood, headers=prefer, timeout=60)
+    assert answer.status_code == 400 and "JSON values" in answer.json()["error"]["message"], answer.text
