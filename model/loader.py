@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from model.adapters import DEFAULT_MAX_RESIDENT
 from model.engine import Engine
 from model.errors import ModelLoadError
-from model.loading import load_components, load_safety_checker
+from model.loading import Components, load_components, load_safety_checker
 from model.optimizations import torch_compile
 from model.options import EngineOptions, resolve_device, resolve_dtype
 
@@ -31,11 +32,14 @@ def load_engine(
     config: str | None = None,
     adapters: str | os.PathLike[str] | None = None,
     max_adapters: int | None = None,
+    share: Callable[[Components], None] | None = None,
 ) -> Engine:
     """Load ``spec`` onto ``device`` and return a ready engine (``variant``: the weight files to
     read, ``fp16`` for ``*.fp16.safetensors``, where a folder holds several; ``config``: a diffusers
     folder or cached hub id whose configs describe a single checkpoint file; ``adapters``: a
-    folder of LoRA adapters, model/adapters, at most ``max_adapters`` (default 8) on the device at once).
+    folder of LoRA adapters, model/adapters, at most ``max_adapters`` (default 8) on the device at once;
+    ``share``: called with the components on the CPU, before the device, to swap in components other
+    models of the device hold already, model/library/shared.py).
 
     Steps: 1) device and precision, 2) components, 3) a separately configured checker,
     4) move to the device, 5) accelerator or our own optimisations, 6) adapters.
@@ -58,6 +62,8 @@ def load_engine(
         components.safety_checker, components.feature_extractor = load_safety_checker(
             safety_checker, torch_dtype
         )
+    if share is not None:
+        share(components)
     # 4) device
     components.to(torch_device)
     # 5) DeepSpeed kernels, verified against our own path, else our optimisations

@@ -61,6 +61,8 @@ class GenerationItem:
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
     mask: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
     strength: float = 1.0
+    # The model of a server's library (model/library) that draws it; None: the server's default.
+    model: str | None = None
 
     @property
     def steps_run(self) -> int:

@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import EnvSettingsSource, SettingsConfigDict
 
 from service.settings_jobs import JobSettings
+from service.settings_models import ModelSettings
 
 DEFAULT_MODEL = "random:tiny"
 MAX_MODEL_NAME_CHARS = 200
@@ -39,7 +40,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _NO_EFFECT = "No effect: kept so that older deployments that set it still start."
 
 
-class Settings(JobSettings):
+class Settings(JobSettings, ModelSettings):
     model_config = SettingsConfigDict(env_prefix="SD_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     # Model and device.

@@ -164,13 +164,59 @@ def settings_device(settings: Settings) -> str | None:
 
 def load_serving_engine(settings: Settings, device: str | None) -> ServingEngine:
     """Load the model the settings name (SD_MODEL and its options) on ``device`` (None: the
-    model's default device; ``settings_device`` gives SD_DEVICE's).
+    model's default device; ``settings_device`` gives SD_DEVICE's); with a library (SD_MODELS), the
+    engine serves its models too, each loaded on first use (model/library/models.py).
 
     Raises ModelLoadError, with the reason, when the spec names nothing loadable.
     """
+    from service.runtime.library import library_of
+
+    # 1. The default model, with the server's LoRA adapters.
+    log.info("loading model %s on %s", settings.model_spec, device or "the default device")
+    engine: ServingEngine = _loader(settings, device, settings.model_spec, adapters=True)(None)
+    # 2. The library's models: loaders only; nothing more is read until a request names one.
+    library = library_of(settings, engine.info.name)
+    if not library.several:
+        return engine
+    from model.library.models import ModelSet
+
+    loaders = {library.default: _loader(settings, device, settings.model_spec, adapters=True)}
+    for name, entry in library.entries.items():
+        loaders[name] = _loader(settings, device, entry.spec, config=entry.config, variant=entry.variant)
+    return ModelSet(
+        library.default,
+        loaders,
+        engine,  # type: ignore[arg-type]
+        cap=settings.max_resident_models,
+        host_cache_bytes=settings.model_host_cache_bytes,
+        share_parts=_shareable(settings, engine),
+    )
+
+
+def _shareable(settings: Settings, engine: Any) -> tuple[str, ...]:
+    """Components two models may share: never one an optimisation rewrites in place (the VAE is
+    fused and compiled on a GPU), nor a text encoder that carries LoRA layers."""
+    on_cpu = str(engine.info.device).startswith("cpu")
+    untouched = on_cpu and not (settings.compile or settings.cuda_graphs) and settings.accelerator == "none"
+    parts = ["vae"] if untouched else []
+    if settings.accelerator == "none" and not engine.adapters.names:
+        parts.append("text_encoder")
+    return (*parts, "safety_checker")
+
+
+def _loader(
+    settings: Settings,
+    device: str | None,
+    spec: str,
+    *,
+    adapters: bool = False,
+    config: str | None = None,
+    variant: str | None = None,
+) -> Any:
+    """A function that loads ``spec`` on ``device`` with the settings' options (given the hook that
+    shares components with the device's other models, or None)."""
     from model import EngineOptions, load
 
-    # 1. The options the settings ask for.
     options = EngineOptions(
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
@@ -181,17 +227,20 @@ def load_serving_engine(settings: Settings, device: str | None) -> ServingEngine
     )
     dtype = None if settings.dtype == "auto" else settings.dtype
     checker = str(settings.safety_checker) if settings.safety_checker else None
-    # 2. The model.
-    log.info("loading model %s on %s", settings.model_spec, device or "the default device")
-    engine: ServingEngine = load(
-        settings.model_spec,
-        device,
-        dtype,
-        safety_checker=checker,
-        options=options,
-        variant=settings.model_variant,
-        config=settings.model_config_dir,
-        adapters=settings.adapters,
-        max_adapters=settings.max_adapters,
-    )
-    return engine
+    given_config = str(settings.model_config_dir) if settings.model_config_dir else None
+
+    def load_it(share: Any) -> Any:
+        return load(
+            spec,
+            device,
+            dtype,
+            safety_checker=checker,
+            options=options,
+            variant=variant if not adapters else settings.model_variant,
+            config=config if not adapters else given_config,
+            adapters=settings.adapters if adapters else None,
+            max_adapters=settings.max_adapters,
+            share=share,
+        )
+
+    return load_it

@@ -50,3 +50,13 @@ class ShuttingDownError(ServiceError):
 
 class RequestCancelledError(ServiceError):
     """The request was cancelled by its id (POST /requests/{id}/cancel) before it was done."""
+
+
+class ModelNotFoundError(ServiceError):
+    """A request names a model this server does not serve (service/runtime/library.py)."""
+
+    param = "model"  # the request field at fault, in OpenAI's error shape
+
+    def __init__(self, message: str, param: str = "model") -> None:
+        super().__init__(message)
+        self.param = param

@@ -90,6 +90,10 @@ class Ask:
     eta: float = 0.0
     clip_skip: int = 0
     strength: float | None = None  # images in: None is diffusers' default (0.8; 1 with a mask)
+    # The model the request names, as it names it (None: the default), and the request's field that
+    # names it (for errors); Scorer.items_for resolves it against the library (library.py).
+    model: str | None = None
+    model_field: str = "model"
 
     @classmethod
     def of(cls, fields: Any, prompts: tuple[Prompt, ...], **given: Any) -> Ask:
@@ -137,6 +141,7 @@ class Ask:
                         adapters=adapter_set(self.adapters),
                         eta=self.eta,
                         clip_skip=self.clip_skip,
+                        model=self.model,
                         **self._image_fields(pixels, info),
                     )
                 )

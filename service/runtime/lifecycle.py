@@ -32,6 +32,7 @@ from service.runtime.engines import (
 )
 from service.runtime.errors import NotReadyError, ShuttingDownError
 from service.runtime.jobs import caller_weights, images_per_caller
+from service.runtime.library import Library, library_of
 from service.runtime.metrics import Metrics
 from service.runtime.scoring import Scorer
 from service.settings import Settings, SettingsError
@@ -58,6 +59,7 @@ class Runtime:
     scorer: Scorer
     encode_pool: ThreadPoolExecutor
     engines: Sequence[ServingEngine] = ()  # one per device (SD_DEVICES), engine label order
+    library: Library | None = None  # the models served by name (None: the one model only)
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -196,8 +198,9 @@ class Lifecycle:
             max_groups=settings.max_groups_per_step,
         )
         step_loop.start()
-        scorer = Scorer(engines[0], step_loop, limits, encode_pool, _image_urls(settings))
-        return Runtime(engines[0], step_loop, scorer, encode_pool, engines)
+        library = library_of(settings, engines[0].info.name)
+        scorer = Scorer(engines[0], step_loop, limits, encode_pool, _image_urls(settings), library)
+        return Runtime(engines[0], step_loop, scorer, encode_pool, engines, library)
 
     @staticmethod
     def _warn_if_random(engine: ServingEngine) -> None:

@@ -180,7 +180,38 @@ class Metrics:
             "failed, refused).", ["event", "outcome"], registry=r,
         )  # fmt: skip
 
+        # Several models behind one endpoint (SD_MODELS): per model of each engine's device.
+        m = [ENGINE_LABEL, "model"]
+        self.model_images = Counter(f"{PREFIX}model_images", "Images generated, by model.", m, registry=r)
+        self.model_loads = Counter(
+            f"{PREFIX}model_loads", "Models put on a device, by where they came from (disk, host memory).",
+            [*m, "source"], registry=r,
+        )  # fmt: skip
+        self.model_switch_seconds = Histogram(
+            f"{PREFIX}model_switch_seconds", "Seconds a model took to get on a device, by source.",
+            ["source"], buckets=ENGINE_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.model_evictions = Counter(
+            f"{PREFIX}model_evictions", "Models taken off a device.", m, registry=r
+        )
+        self.model_resident_bytes = Gauge(
+            f"{PREFIX}model_resident_bytes", "Bytes of each model on a device (shared parts in each).", m,
+            registry=r,
+        )  # fmt: skip
         self._engines: dict[int, EngineMetrics] = {}
+
+    def model_event(self, engine: int, kind: str, model: str, value: float, resident: dict[str, int]) -> None:
+        """A model was loaded ("load_disk", "load_host": ``value`` seconds) or evicted ("evict") on
+        ``engine``'s device; ``resident``: the bytes of each model on it now. Any thread."""
+        label = str(engine)
+        if kind == "evict":
+            self.model_evictions.labels(label, model).inc()
+        else:
+            source = kind.removeprefix("load_")
+            self.model_loads.labels(label, model, source).inc()
+            self.model_switch_seconds.labels(source).observe(value)
+        for name in {model, *resident}:
+            self.model_resident_bytes.labels(label, name).set(resident.get(name, 0))
 
     def for_engine(self, index: int, adapters: Collection[str] = ()) -> EngineMetrics:
         """Engine ``index``'s series of the engine-level families, made at the first call and the

@@ -5,6 +5,7 @@ entry script, so both speak exactly the same contract; ``Scorer.generate`` (queu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from service.runtime.errors import ContractError, MalformedJsonError, QueueFullE
 from service.runtime.images import encode_png_base64
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
+from service.runtime.library import Library
 from service.runtime.protocols import FieldError, Request, ask_of
 from service.runtime.protocols.score import to_records
 
@@ -221,8 +223,10 @@ class Scorer:
         limits: ScoreLimits,
         encode_pool: Executor,
         image_urls: UrlPolicy | None = None,
+        library: Library | None = None,
     ) -> None:
         self._engine = engine
+        self.library = library or Library(engine.info.name)
         self._step_loop = step_loop
         self._limits = limits
         self._encode_pool = encode_pool
@@ -252,10 +256,14 @@ class Scorer:
         return await self.items_for(ask_of(request, self._engine.info))
 
     async def items_for(self, ask: Ask) -> list[GenerationItem]:
-        """``Ask.items`` for this model, off the event loop when it has images to decode."""
+        """``Ask.items`` for the model it names (resolved against the library: ModelNotFoundError
+        for one not served), off the event loop when it has images to decode."""
+        model = self.library.resolve(ask.model, ask.model_field)
+        ask = dataclasses.replace(ask, model=model)
+        info = self.library.info(model, self._engine.info)
         if not ask.pictures:
-            return ask.items(self._engine.info)
-        return await asyncio.to_thread(ask.items, self._engine.info, urls=self._image_urls)
+            return ask.items(info)
+        return await asyncio.to_thread(ask.items, info, urls=self._image_urls)
 
     async def generate(
         self, items: Sequence[GenerationItem], *, prompts: int, job: Job | None = None

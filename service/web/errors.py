@@ -30,6 +30,7 @@ from service.images_in import ImageInputError, ImageUrlRefusedError
 from service.runtime.errors import (
     ContractError,
     MalformedJsonError,
+    ModelNotFoundError,
     NotReadyError,
     QueueFullError,
     RequestCancelledError,
@@ -101,12 +102,6 @@ class HttpVersionError(ServiceError):
 
 class BodyTimeoutError(ServiceError):
     """The body did not arrive within SD_BODY_TIMEOUT_S."""
-
-
-class ModelNotFoundError(ServiceError):
-    """An OpenAI request names a model other than the one served."""
-
-    param = "model"  # the request field at fault, in OpenAI's error shape
 
 
 class RequestNotFoundError(ServiceError):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from model.types import GenerationResult
+from service.runtime.batching.residency import Placement, model_needs
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Plan, Scheduler, State
 from service.runtime.engines import FollowableEngine, ServingEngine, engine_thread
 from service.runtime.metrics import Metrics
@@ -33,6 +34,19 @@ def adapter_cap(engine: ServingEngine) -> int | None:
     """How many LoRA adapters the engine's device holds at once; None when it serves none."""
     manager = adapter_manager(engine)
     return manager.max_resident if manager is not None and manager.names else None
+
+
+def model_placement(engine: ServingEngine) -> Placement:
+    """Where the scheduler keeps the engine's models: a library's (model/library/models.py: at
+    most its cap on the device, the default one there first), else none to place."""
+    loaders, default = getattr(engine, "loaders", None), getattr(engine, "default", None)
+    if not isinstance(loaders, dict) or not isinstance(default, str):
+        return Placement(None)
+    resident = getattr(engine, "resident", ())
+    placement = Placement(getattr(engine, "cap", 1), model_needs(default), "model", resident)
+    if adapter_cap(engine) is not None:  # the adapters' manager lives in the default model: it stays
+        placement.keep = frozenset({default})
+    return placement
 
 
 def fail(images: Sequence[Image], error: BaseException) -> None:
@@ -72,6 +86,10 @@ class Lane:
         self._worker: asyncio.Task[None] | None = None
         self.in_engine = False
         self._followable = isinstance(engine, FollowableEngine)
+        self._default_model = getattr(engine, "default", None) or engine.info.name
+        if hasattr(engine, "loaders"):  # a library's models: their loads and evictions as metrics
+            engine.events = self._model_event  # type: ignore[attr-defined]
+            metrics.model_event(index, "install", self._default_model, 0.0, engine.resident_bytes())  # type: ignore[attr-defined]
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -93,7 +111,8 @@ class Lane:
             self.attention.clear()
             plan = self._scheduler.schedule(self.index)
             self._start_reads(plan.adapters.read)
-            if not plan.admit and not self._slot.running and not plan.leave and not plan.adapters:
+            self._start_loads(plan.models.read)
+            if not (plan.admit or self._slot.running or plan.leave or plan.adapters or plan.models):
                 await self._wait_for_arrival()  # another lane took what had arrived
                 continue
             self._took(plan.admit)
@@ -141,9 +160,30 @@ class Lane:
 
             future.add_done_callback(done)
 
+    def _start_loads(self, names: list[str]) -> None:
+        """On the event loop: the plan's models start loading in the background (a library's,
+        model/library/models.py); each load that ends is a command back to the scheduler."""
+        if not names or self._loop is None:
+            return
+        loop = self._loop
+        for name in names:
+
+            def done(_: object, name: str = name) -> None:
+                loop.call_soon_threadsafe(self._loaded, name)
+
+            self.engine.start_load(name).add_done_callback(done)  # type: ignore[attr-defined]
+
+    def _loaded(self, name: str) -> None:
+        self._scheduler.model_loaded(self.index, name)
+        self._wake()
+
     def _read_done(self, name: str) -> None:
         self._scheduler.adapter_read(self.index, name)
         self._wake()
+
+    def _model_event(self, kind: str, model: str, value: float) -> None:
+        """In the engine's or the loader's thread: a model came on or left the device."""
+        self._server_metrics.model_event(self.index, kind, model, value, self.engine.resident_bytes())  # type: ignore[attr-defined]
 
     def _took(self, images: list[Image]) -> None:
         self._metrics.running_images.set(self._slot.held)
@@ -191,6 +231,10 @@ class Lane:
         engine, output = self.engine, Output()
         for handle in plan.leave:
             engine.cancel(handle)
+        if plan.models.evict or plan.models.install:  # models first: adapters belong to one
+            output.model_failures = engine.place(  # type: ignore[attr-defined]
+                plan.models.evict, plan.models.install
+            )
         if plan.adapters.evict or plan.adapters.install:  # at this step boundary, before admission
             output.adapter_failures = engine.place_adapters(  # type: ignore[attr-defined]
                 plan.adapters.evict, plan.adapters.install
@@ -312,6 +356,8 @@ class Lane:
         # 3. Futures.
         for image, result in update.finished:
             metrics.images_generated.inc()
+            model = image.item.model or self._default_model
+            self._server_metrics.model_images.labels(str(self.index), model).inc()
             metrics.adapter_image(image.item.adapters)
             if result.nsfw_content_detected:
                 self._server_metrics.images_flagged.inc()

@@ -5,6 +5,7 @@ metric) is a view of these or an output."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,7 +73,8 @@ class EngineSlot:
     ending: list[int] = field(default_factory=list)  # handles its engine ends now (interrupted)
     stepping: list[Image] = field(default_factory=list)  # the images the current iteration steps
     cost: StepCost = field(default_factory=StepCost)  # its steps' prices, fitted to their times
-    placement: Placement = field(default_factory=lambda: Placement(None))  # what is on its device
+    placement: Placement = field(default_factory=lambda: Placement(None))  # its adapters on the device
+    models: Placement = field(default_factory=lambda: Placement(None))  # its library's models on the device
 
     @property
     def held(self) -> int:
@@ -93,6 +95,7 @@ class Plan:
     finish: list[int] = field(default_factory=list)
     preview: dict[Image, Preview] = field(default_factory=dict)
     adapters: Changes = field(default_factory=Changes)  # reads to start; out and in, first thing
+    models: Changes = field(default_factory=Changes)  # loads to start; out and in, before the adapters
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class Output:
     steps: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per step done
     previews: list[tuple[Image, float]] = field(default_factory=list)  # (image, seconds) per preview
     adapter_failures: dict[str, str] = field(default_factory=dict)  # adapters that failed to install
+    model_failures: dict[str, str] = field(default_factory=dict)  # models that failed to load
     first_step_done: float | None = None  # monotonic time at the end of its first step
 
 
@@ -142,3 +146,25 @@ class Update:
     isolated: int = 0  # the images of a failed step that each run alone from now on
     counted_failure: bool = False  # a failed step that counts towards taking the engine out
     taken_out: bool = False  # this engine left the rotation
+
+
+def ask_preview(images: Sequence[Image], now: float, interval_s: float) -> None:
+    """Someone polls a request's progress (``images``: the request's, ``now``: the caller's clock):
+    its images on an engine are previewed at their next step boundary, at most once per
+    ``interval_s`` for the request (A1111's live_preview_refresh_period), so a client polling in a
+    tight loop buys no decode at every step of an engine others share."""
+    if any(now - image.previewed_at < interval_s for image in images):
+        return
+    for image in images:
+        image.previewed_at = now
+        image.preview_asked = image.on_engine
+
+
+def previews_of(stepping: list[Image]) -> dict[Image, Preview]:
+    """The previews an iteration that steps ``stepping`` makes, each with when."""
+    orders = {}
+    for image in stepping:
+        if image.preview_asked or image.preview_every:
+            orders[image] = Preview(image.steps, image.preview_every, image.preview_asked)
+            image.preview_asked = False
+    return orders

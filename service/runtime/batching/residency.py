@@ -1,4 +1,4 @@
-"""What is on each engine's device, as scheduler state: LoRA adapters now (models next).
+"""What is on each engine's device, as scheduler state: LoRA adapters, and the models of a library.
 
 The scheduler (scheduler.py) asks ``Placement.plan`` at every plan what the engine should start
 reading (in the background: tensors from disk), what to evict and what to install at this step
@@ -10,6 +10,9 @@ engine's cap at once, never an adapter a held image uses nor one an older waitin
 No polling and no side-effecting predicates: ``ready`` only reads, and a request lives exactly as
 long as a waiting image asks for it at each plan.
 
+Models are placed the same way as adapters, one name per image (``model_needs``): read = loaded in
+the background (model/library/models.py), installed = swapped in at a step boundary.
+
 With several engines, an adapter in demand is read where it is already resident or being read
 (affinity: ``elsewhere``); another engine reads it too only while that one is full.
 """
@@ -20,11 +23,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from model.adapters.policy import Names, Residency, names_of
+from model.errors import InvalidRequestError, ModelLoadError
 from model.types import GenerationItem
+
+Elsewhere = Callable[[Names], bool]  # whether another engine with room holds or reads these names
 
 
 def needs(item: GenerationItem) -> Names:
     return names_of(name for name, _ in item.adapters)
+
+
+def model_needs(default: str) -> Callable[[GenerationItem], Names]:
+    """An image's model as a placement's names (None: the default one)."""
+    return lambda item: (item.model or default,)
 
 
 @dataclass
@@ -43,8 +54,21 @@ class Placement:
     """One engine's device: its resident adapters (None: the engine has no adapters to place) and
     the reads in flight or done."""
 
-    def __init__(self, cap: int | None) -> None:
+    def __init__(
+        self,
+        cap: int | None,
+        needs: Callable[[GenerationItem], Names] = needs,
+        what: str = "adapter",
+        resident: Iterable[str] = (),
+    ) -> None:
+        """``needs``: an image's names to place; ``what``: what they are, for refusals;
+        ``resident``: those on the device already."""
         self.residency = Residency(cap) if cap else None
+        self.needs = needs
+        self.what = what
+        self.keep: frozenset[str] = frozenset()  # never evicted (the default model, with adapters)
+        if self.residency is not None:
+            self.residency.place(resident)
         self.reading: set[str] = set()  # reads in flight
         self.read: set[str] = set()  # read, not yet on the device
         self.news = False  # a read finished since the last plan
@@ -54,6 +78,10 @@ class Placement:
     def resident(self) -> frozenset[str]:
         return frozenset(self.residency.resident) if self.residency is not None else frozenset()
 
+    def in_use(self, running: Iterable[GenerationItem]) -> set[str]:
+        """What must stay on the device: the names of the ``running`` images, and ``keep``."""
+        return {name for item in running for name in self.needs(item)} | self.keep
+
     def holds(self, names: Names) -> bool:
         """Whether ``names`` are on this device or on their way (being read, or read)."""
         return all(name in self.resident or name in self.reading or name in self.read for name in names)
@@ -61,9 +89,10 @@ class Placement:
     def ready(self, item: GenerationItem) -> bool:
         """Whether ``item`` may be admitted here now: its adapters are on the device (an engine
         without adapters, or an unknown name, is the engine's to refuse at admission)."""
-        if self.residency is None or not item.adapters:
+        if self.residency is None:
             return True
-        return self.ready_names(needs(item))
+        names = self.needs(item)
+        return not names or self.ready_names(names)
 
     def work(self, waiting: Iterable[GenerationItem], elsewhere: Callable[[Names], bool]) -> bool:
         """Whether a plan would change something: a read to start, one just done, or one read
@@ -72,8 +101,8 @@ class Placement:
             return False
         if self.news:
             return True
-        for names in dict.fromkeys(needs(item) for item in waiting if item.adapters):
-            if any(name in self.broken for name in names):
+        for names in dict.fromkeys(self.needs(item) for item in waiting):
+            if not names or any(name in self.broken for name in names):
                 continue
             arrived = [name in self.read or name in self.resident for name in names]
             if (all(arrived) and not self.ready_names(names)) or (
@@ -97,8 +126,12 @@ class Placement:
         if self.residency is None:
             return changes
         # 1. Each waiting image's set is a request for this plan; what is missing starts reading.
-        for names in dict.fromkeys(needs(item) for item in waiting if item.adapters):
-            if any(name in self.broken for name in names) or (not self.holds(names) and elsewhere(names)):
+        for names in dict.fromkeys(self.needs(item) for item in waiting):
+            if (
+                not names
+                or any(name in self.broken for name in names)
+                or (not self.holds(names) and elsewhere(names))
+            ):
                 continue
             for name in self.residency.want(names):
                 if name not in self.reading and name not in self.read:
@@ -126,8 +159,39 @@ class Placement:
         self.broken[name] = reason
 
     def refusal(self, item: GenerationItem) -> str | None:
-        """Why ``item`` cannot run here (an adapter of it failed to install), or None."""
-        for name in needs(item):
+        """Why ``item`` cannot run here (an adapter or its model failed to install), or None."""
+        for name in self.needs(item):
             if name in self.broken:
-                return f"adapter {name} could not be loaded: {self.broken[name]}"
+                return f"{self.what} {name} could not be loaded: {self.broken[name]}" + (
+                    "; fix its files or choose another model (GET /v1/models)" if self.what == "model" else ""
+                )
         return None
+
+    def refusal_error(self, item: GenerationItem) -> Exception | None:
+        """``refusal`` as the error its image fails with: a request's adapter that does not load is
+        the caller's to change (422); a model that does not load is the server's (503)."""
+        refusal = self.refusal(item)
+        if refusal is None:
+            return None
+        return InvalidRequestError(refusal) if self.what == "adapter" else ModelLoadError(refusal)
+
+    def settle(self) -> None:
+        """After the waiting images were refused: a model that failed to load is tried again by the
+        next request that names it (its files may be mended meanwhile); a broken adapter stays
+        broken, as the engine's own check refuses it at admission too."""
+        if self.what == "model":
+            self.broken.clear()
+
+
+def drains(
+    models: Placement, running: Iterable[GenerationItem], item: GenerationItem, elsewhere: Elsewhere
+) -> bool:
+    """Whether a waiting ``item`` whose model is not on this device makes the engine drain: every
+    model of the device is full and in use, so its model can only come in once they are idle. Then
+    younger images of those models wait behind it instead of keeping them in use forever (with one
+    model per device and requests alternating, each model would otherwise starve the other). Not
+    when another engine with room holds or loads the model (``elsewhere``)."""
+    if models.residency is None or models.ready(item) or elsewhere(models.needs(item)):
+        return False
+    in_use = models.in_use(running)
+    return len(models.resident) >= models.residency.cap and models.resident <= in_use

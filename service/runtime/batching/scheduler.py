@@ -10,8 +10,8 @@ queue at once, or its engine at that engine's next plan.
 The rules (steploop.py's docstring tells them as a user sees them):
 - a fair share per caller (fairness.py): each caller's images are FIFO, and callers take turns
   by the step time they have used (weighted per key); among the images that are ready
-  (``ready``), one that is not ready (its adapter still loading, say) stays waiting without
-  holding up the images behind it;
+  (``ready``), one that is not ready (its adapter or model still loading, say) stays waiting
+  without holding up the images behind it, unless its model must replace one in use (residency.drains);
 - an engine admits while it has room (``max_batch_size``, less after running out of memory), and
   a caller with nothing on it beyond that, up to ``max_batch_size`` more, so a newcomer never
   waits for a flood's images to finish; while another engine holds nothing, a busy one leaves new
@@ -33,12 +33,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from model.errors import EngineOutOfMemoryError, InvalidRequestError
+from model.errors import EngineOutOfMemoryError
 from model.types import GenerationItem
+from service.runtime.batching import records
 from service.runtime.batching.fairness import FairQueue
 from service.runtime.batching.oom import after_failure
-from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, Preview, State, Update
-from service.runtime.batching.residency import Placement
+from service.runtime.batching.records import DONE, EngineSlot, Image, Output, Plan, State, Update
+from service.runtime.batching.residency import Placement, drains
 from service.runtime.errors import NotReadyError
 from service.runtime.jobs import POLLED_PREVIEW_INTERVAL_S
 
@@ -67,22 +68,25 @@ class Scheduler:
         weights: Mapping[str, float] | None = None,
         max_groups: int = 4,
         adapter_caps: Sequence[int | None] = (),
+        models: Sequence[Placement] = (),
     ) -> None:
         """``weights``: callers' shares (1 for any not named); ``max_groups``: UNet calls per step
         (distinct sizes and adapter sets) at most, beyond the first image's; ``adapter_caps``: the
-        LoRA adapters each engine's device holds at once (None: it places none)."""
+        LoRA adapters each engine's device holds at once (None: it places none); ``models``: each
+        engine's models of a library (none: one model each)."""
         caps = [*adapter_caps, *[None] * (engines - len(adapter_caps))]
         self.engines = [
             EngineSlot(index, max_batch_size, max_batch_size, placement=Placement(caps[index]))
             for index in range(engines)
         ]
+        for slot, placement in zip(self.engines, models, strict=False):
+            slot.models = placement
         self._max_batch_size = max_batch_size
         self._max_failures = max_failures
         self._max_groups = max_groups
         self._ready = ready
         self._queue = FairQueue(weights)
 
-    # ----------------------------------------------------------------- the queue
     @property
     def waiting(self) -> int:
         return len(self._queue)
@@ -108,20 +112,28 @@ class Scheduler:
         waiting = self._waiting()
         if any(self._fits(slot, image) for image in waiting):
             return True
-        return slot.placement.work([image.item for image in waiting], self._elsewhere(slot))
+        items = [image.item for image in waiting]
+        return slot.models.work(items, self._elsewhere(slot, "models")) or slot.placement.work(
+            items, self._elsewhere(slot)
+        )
 
     def _fits(self, slot: EngineSlot, image: Image) -> bool:
-        """Whether ``image`` may be admitted on ``slot`` now: ready, its adapters on the device."""
-        return self._ready(slot.index, image.item) and slot.placement.ready(image.item)
+        """Whether ``image`` may be admitted on ``slot`` now: ready, its model and adapters on the device."""
+        item = image.item
+        return self._ready(slot.index, item) and slot.models.ready(item) and slot.placement.ready(item)
 
-    def _elsewhere(self, slot: EngineSlot) -> Callable[[tuple[str, ...]], bool]:
-        """Adapter affinity: another serving engine with room holds or reads these adapters."""
+    def _elsewhere(self, slot: EngineSlot, kind: str = "placement") -> Callable[[tuple[str, ...]], bool]:
+        """Affinity: another serving engine with room holds or reads these adapters (or model)."""
         others = [o for o in self.engines if o is not slot and o.serving and o.held < o.room]
-        return lambda names: any(other.placement.holds(names) for other in others)
+        return lambda names: any(getattr(other, kind).holds(names) for other in others)
 
     def adapter_read(self, engine: int, name: str) -> None:
         """An adapter's file was read for ``engine`` (the lane's reader reports it)."""
         self.engines[engine].placement.read_done(name)
+
+    def model_loaded(self, engine: int, name: str) -> None:
+        """A model's load for ``engine`` ended, well or not (the lane's loader reports it)."""
+        self.engines[engine].models.read_done(name)
 
     def _waiting(self) -> list[Image]:
         return list(self._queue)  # type: ignore[arg-type]
@@ -160,6 +172,8 @@ class Scheduler:
         leave, slot.leaving = slot.leaving, []
         pinned = {name for image in slot.running.values() for name, _ in image.item.adapters}
         order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
+        in_use = slot.models.in_use(image.item for image in slot.running.values())
+        models = slot.models.plan([image.item for image in order], in_use, self._elsewhere(slot, "models"))
         changes = slot.placement.plan([image.item for image in order], pinned, self._elsewhere(slot))
         admit = self._take(slot, order)
         for image in admit:
@@ -171,7 +185,7 @@ class Scheduler:
         step = self._select(slot, held)
         slot.stepping = held if step is None else step
         running = [(image, handle) for handle, image in slot.running.items() if image not in ended]
-        return Plan(leave, admit, step, running, finish, self._previews(slot.stepping), changes)
+        return Plan(leave, admit, step, running, finish, records.previews_of(slot.stepping), changes, models)
 
     # ----------------------------------------------------------------- commands on running images
     def finish(self, images: Sequence[Image]) -> None:
@@ -186,29 +200,13 @@ class Scheduler:
                 image.ending = True  # its handle joins ``ending`` once it is known
 
     def ask_preview(self, images: Sequence[Image], now: float) -> None:
-        """Someone polls a request's progress (``images``: the request's, ``now``: the caller's
-        clock): its images on an engine are previewed at their next step boundary, at most once per
-        POLLED_PREVIEW_INTERVAL_S for the request (A1111's live_preview_refresh_period), so a
-        client polling in a tight loop buys no decode at every step of an engine others share."""
-        if any(now - image.previewed_at < POLLED_PREVIEW_INTERVAL_S for image in images):
-            return
-        for image in images:
-            image.previewed_at = now
-            image.preview_asked = image.on_engine
+        """Someone polls a request's progress (records.ask_preview says when that previews)."""
+        records.ask_preview(images, now, POLLED_PREVIEW_INTERVAL_S)
 
     def stepped(self, images: Sequence[Image]) -> None:
         """An engine reports a step of ``images`` (as it happens: progress is visible mid-iteration)."""
         for image in images:
-            if image.on_engine:
-                image.steps += 1
-
-    def _previews(self, stepping: list[Image]) -> dict[Image, Preview]:
-        orders = {}
-        for image in stepping:
-            if image.preview_asked or image.preview_every:
-                orders[image] = Preview(image.steps, image.preview_every, image.preview_asked)
-                image.preview_asked = False
-        return orders
+            image.steps += image.on_engine
 
     def _select(self, slot: EngineSlot, held: list[Image]) -> list[Image] | None:
         """Who steps in ``slot``'s iteration (fairness.select; None: everyone)."""
@@ -221,7 +219,12 @@ class Scheduler:
         if not slot.serving or any(image.suspect_on is not None for image in slot.running.values()):
             return []
         # In fair ``order``; one that is not ready stays first in line for when it is, and holds nobody up.
-        ready = [image for image in order if self._fits(slot, image)]
+        running, ready = [image.item for image in slot.running.values()], []
+        elsewhere = self._elsewhere(slot, "models")
+        for image in order:  # behind an image whose model must replace one in use, the engine drains
+            if drains(slot.models, running, image.item, elsewhere):
+                break
+            ready += [image] if self._fits(slot, image) else []
         # The empty engines that could run them take new images (not those lacking their adapters).
         idle = [o for o in self.engines if o is not slot and o.serving and not o.held]
         empty = sum(1 for other in idle if any(self._fits(other, image) for image in ready))
@@ -254,7 +257,7 @@ class Scheduler:
         (one within its room, or a caller's first beyond it). Asked on the event loop after each
         command; the lane passes the answer to its engine thread."""
         slot = self.engines[engine]
-        if slot.leaving or slot.ending or slot.placement.news or not slot.serving:
+        if slot.leaving or slot.ending or slot.placement.news or slot.models.news or not slot.serving:
             return True
         if any(image.preview_asked or image.ending for image in [*slot.running.values(), *slot.admitting]):
             return True
@@ -295,7 +298,9 @@ class Scheduler:
         for image, seconds in output.previews:  # a preview is engine time too: its caller's
             self._queue.charge(image.caller, seconds)
         if output.adapter_failures:
-            self._adapters_failed(slot, output.adapter_failures, update)
+            self._placing_failed(slot.placement, output.adapter_failures, update)
+        if output.model_failures:
+            self._placing_failed(slot.models, output.model_failures, update)
         # 2. A failed step (its images as they were): shrink, isolate or take out.
         if output.step_error is not None:
             self._recover(slot, output.step_error, update)
@@ -318,27 +323,23 @@ class Scheduler:
 
     def _charge(self, slot: EngineSlot, steps: list[tuple[int, float]]) -> None:
         """The steps' times teach the prices; each caller pays its rows' part of each step."""
-        stepped = [
-            image
-            for image in slot.stepping
-            if image.state in (State.RUNNING, State.FINISHED, State.CANCELLED)
-        ]
+        stepped = [i for i in slot.stepping if i.state in (State.RUNNING, State.FINISHED, State.CANCELLED)]
         self._queue.charge_steps(stepped, slot.cost, [seconds for _, seconds in steps])
 
-    def _adapters_failed(self, slot: EngineSlot, failures: dict[str, str], update: Update) -> None:
-        """Adapters that could not be put on the device: the waiting images that need them fail
-        with why (the engine refuses admitted ones the same way)."""
+    def _placing_failed(self, placement: Placement, failures: dict[str, str], update: Update) -> None:
+        """Adapters (or models) that could not be put on the device: the waiting images that need
+        them fail with why (the engine refuses admitted adapters the same way)."""
         for name, reason in failures.items():
-            slot.placement.failed(name, reason)
+            placement.failed(name, reason)
         for image in self._waiting():
-            refusal = slot.placement.refusal(image.item)
-            if refusal is not None:
+            if (error := placement.refusal_error(image.item)) is not None:
                 self._queue.remove(image)
                 image.state = State.FAILED
-                update.failed.append((image, InvalidRequestError(refusal)))
+                update.failed.append((image, error))
+        placement.settle()
 
     def _forget_idle(self) -> None:
-        busy = {image.caller for slot in self.engines for image in [*slot.running.values(), *slot.admitting]}
+        busy = {i.caller for slot in self.engines for i in [*slot.running.values(), *slot.admitting]}
         self._queue.forget_idle(busy.__contains__)
 
     def _recover(self, slot: EngineSlot, error: Exception, update: Update) -> None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from model.types import GenerationItem, GenerationResult
-from service.runtime.batching.lane import Lane, adapter_cap, fail
+from service.runtime.batching.lane import Lane, adapter_cap, fail, model_placement
 from service.runtime.batching.room import caller_bound, check_room, queue_bound
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler, always_ready
 from service.runtime.engines import ServingEngine
@@ -110,6 +110,7 @@ class StepLoop:
             max_failures=max_failures,
             ready=ready or always_ready,
             adapter_caps=[adapter_cap(each) for each in engines],
+            models=[model_placement(each) for each in engines],
             weights=weights,
             max_groups=max_groups,
         )
