@@ -71,6 +71,12 @@ class Residency:
         self._wanted[names] = True
         return [name for name in names if name not in self._resident]
 
+    def to_back(self, names: Names) -> None:
+        """Put the request for ``names`` behind the others (a caller that asks for its requests in
+        the order it serves them, each plan, keeps them in that order)."""
+        if names in self._wanted:
+            self._wanted.move_to_end(names)
+
     def touch(self, names: Iterable[str]) -> None:
         for name in names:
             if name in self._resident:

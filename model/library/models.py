@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # A model's loader: given the hook that shares components (called on the CPU, before the device),
 # returns the model's engine on this device.
+# What a caller whose model did not load can do (the step loop's refusals say the same).
+FIX = "fix its files or choose another model (GET /v1/models)"
 Loader = Callable[[Callable[[Any], None]], Engine]
 
 
@@ -82,6 +84,7 @@ class ModelSet:
         self._lock = threading.Lock()  # the host cache: the loader thread takes from it
         self._handles = itertools.count(1)
         self._owners: dict[int, tuple[str, int]] = {}  # our handle -> (model, its engine's handle)
+        self.failed: dict[str, str] = {}  # models whose last load failed, with why
         self.events = events or (lambda kind, model, value: None)
         self.shared.share(default, first.components, share_parts)
 
@@ -120,6 +123,8 @@ class ModelSet:
         if name not in self.loaders:
             raise InvalidRequestError(f"no model {name!r} here; the models: {', '.join(self.loaders)}")
         engine = self.resident.get(name)
+        if engine is None and name in self.failed:
+            raise ModelLoadError(f"model {name} could not be loaded: {self.failed[name]}; {FIX}")
         if engine is None:
             raise EngineFailure(f"model {name} is not on the device yet")
         self.resident.move_to_end(name)
@@ -202,8 +207,9 @@ class ModelSet:
             with self._lock:
                 self._loads.pop(name, None)
             if loaded.engine is None:
-                failures[name] = loaded.error or "it could not be loaded"
+                failures[name] = self.failed[name] = loaded.error or "it could not be loaded"
                 continue
+            self.failed.pop(name, None)
             self.resident[name] = loaded.engine
             self.events(f"load_{loaded.source}", name, loaded.seconds)
             log.info("model %s on the device (from %s, %.2f s)", name, loaded.source, loaded.seconds)
@@ -246,7 +252,7 @@ class ModelSet:
             room = len(self.resident) + 1 - self.cap
             failures = self.place(self.evictable({name})[: max(room, 0)], [name])
             if failures:
-                raise ModelLoadError(f"model {name} could not be loaded: {failures[name]}")
+                raise ModelLoadError(f"model {name} could not be loaded: {failures[name]}; {FIX}")
 
     def evictable(self, keep: Collection[str]) -> list[str]:
         """Resident models with no running image and not in ``keep``, least recently used first."""

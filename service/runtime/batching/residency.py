@@ -137,6 +137,7 @@ class Placement:
                 if name not in self.reading and name not in self.read:
                     self.reading.add(name)
                     changes.read.append(name)
+            self.residency.to_back(names)  # requests in this plan's order: the oldest first
         # 2. What is read goes on the device, least recently used adapters out (policy.py).
         for order in self.residency.plan(self.read, pinned):
             changes.evict += order.evict
@@ -183,15 +184,13 @@ class Placement:
             self.broken.clear()
 
 
-def drains(
-    models: Placement, running: Iterable[GenerationItem], item: GenerationItem, elsewhere: Elsewhere
-) -> bool:
-    """Whether a waiting ``item`` whose model is not on this device makes the engine drain: every
-    model of the device is full and in use, so its model can only come in once they are idle. Then
-    younger images of those models wait behind it instead of keeping them in use forever (with one
-    model per device and requests alternating, each model would otherwise starve the other). Not
-    when another engine with room holds or loads the model (``elsewhere``)."""
+def drains(models: Placement, item: GenerationItem, elsewhere: Elsewhere) -> bool:
+    """Whether a waiting ``item`` whose model is not on this device makes the engine drain: the
+    device holds all the models it may, so its model comes in only in place of one, once that one
+    is idle. Then the images behind it wait too, instead of keeping the resident models in use
+    forever (with one model per device and requests alternating, each would starve the other):
+    first come, first served across models. Not when another engine with room holds or loads the
+    model (``elsewhere``)."""
     if models.residency is None or models.ready(item) or elsewhere(models.needs(item)):
         return False
-    in_use = models.in_use(running)
-    return len(models.resident) >= models.residency.cap and models.resident <= in_use
+    return len(models.resident) >= models.residency.cap

@@ -219,10 +219,10 @@ class Scheduler:
         if not slot.serving or any(image.suspect_on is not None for image in slot.running.values()):
             return []
         # In fair ``order``; one that is not ready stays first in line for when it is, and holds nobody up.
-        running, ready = [image.item for image in slot.running.values()], []
+        ready: list[Image] = []
         elsewhere = self._elsewhere(slot, "models")
         for image in order:  # behind an image whose model must replace one in use, the engine drains
-            if drains(slot.models, running, image.item, elsewhere):
+            if drains(slot.models, image.item, elsewhere):
                 break
             ready += [image] if self._fits(slot, image) else []
         # The empty engines that could run them take new images (not those lacking their adapters).
