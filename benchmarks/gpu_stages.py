@@ -564,6 +564,58 @@ def stage_images_in(plan: Plan, record: Record) -> None:
                   f"x{row.get('vs_diffusers', float('nan')):.2f} diffusers, max diff {diff}")  # fmt: skip
 
 
+def stage_models(plan: Plan, record: Record) -> None:
+    """benchmarks/models.py on the plan's architecture (random weights; the suite has no real
+    folders: ``--models`` of the script takes them), in the plan's dtype, eager engine: the first
+    image (the plan's steps) after a switch from disk (two models saved under ``--work``), from host
+    memory and with no switch, with the load time alone; then 8 images (4 in the dry run) of at most
+    20 steps round-robin over 1, 2 and 4 resident models, through the step API and the step loop.
+    Switches first: what fits first matters most. Rows under ``switch`` and ``throughput`` (not
+    ``cases``: the suite's case table is text-to-image's)."""
+    import shutil
+
+    import images_in
+    import models
+    import torch
+
+    from model.options import resolve_dtype
+
+    arch = plan.model.split(":")[1] if plan.model.startswith("random:") else "sd-v1-4"
+    dtype = resolve_dtype(plan.dtype, torch.device(plan.device))
+    steps, images = (plan.steps, min(plan.steps, 20)), 4 if plan.dry_run else 8
+    folder = Path(plan.work) / "models"
+    shutil.rmtree(folder, ignore_errors=True)
+    record.data |= {"switch": [], "throughput": []}
+    record.config(variant="engine", model=f"random:{arch}", dtype=str(dtype).replace("torch.", ""),
+                  size=plan.size, steps=steps[0], throughput_steps=steps[1], images=images,
+                  share_parts=list(models.shared_parts(plan.device)))  # fmt: skip
+    if not plan.model.startswith("random:"):
+        record.add("notes", f"{plan.model} is no random model: random:{arch} measured instead")
+    start = time.perf_counter()
+    folders, specs = models.random_models(arch, folder, dtype, plan.device)
+    record.config(
+        save_s=round(time.perf_counter() - start, 2), switch_models=folders, throughput_models=specs
+    )
+    runner = images_in.Runner(
+        torch.device(plan.device), plan.repeats, plan.left, record.save,
+        lambda line: record.add("skipped_for_time", line),
+    )  # fmt: skip
+    rows = (record.data["switch"], record.data["throughput"])
+    try:
+        models.measure(runner, folders, specs, plan.device, dtype, plan.size, steps, images,
+                       plan.cpu_threads or None, rows)  # fmt: skip
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    record.finish("ok")
+    for row in rows[0]:
+        load = f", load {row['load_s']:.3f} s" if row.get("load_s") is not None else ""
+        say(plan, f"switch {row['case']}: {row['seconds']:.3f} s to the first image, "
+                  f"x{row.get('vs_resident', float('nan')):.2f} resident{load}")  # fmt: skip
+    for row in rows[1]:
+        say(plan, f"{row['models']} model(s), {row['runner']}: {row['images_per_s']:.2f} images/s, "
+                  f"x{row.get('vs_one_model', float('nan')):.2f} one model")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage: its cap (the most seconds it may take), the variant it times (or the candidates
@@ -590,6 +642,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("sd2", "random:sd-2-base with the fastest variant", 150, ENGINE_VARIANTS, "sd2_model"),
     Stage("images_in", "images in: image-to-image and inpainting against text-to-image and diffusers", 90,
           run=stage_images_in),
+    Stage("models", "several models: a switch's first image (disk, host, none); 1, 2, 4 models interleaved",
+          75, run=stage_models),
     Stage("tests", "tests/engine/test_gpu.py", 240, run=stage_tests),
 )  # fmt: skip
 

@@ -205,7 +205,7 @@ def run_stage_process(plan: Plan, fork: bool) -> bool:
 
     A fresh interpreter (spawn) wherever CUDA may be used: CUDA does not survive a fork. On the
     CPU (the dry run) a fork of the suite, which has imported torch and diffusers once, so that
-    nine stages do not pay nine imports. DeepSpeed's stage always gets a fresh interpreter,
+    ten stages do not pay ten imports. DeepSpeed's stage always gets a fresh interpreter,
     with ``--deepspeed-site`` first on its path.
     """
     plan_file = Path(plan.work) / "plans" / f"{plan.index:02d}-{plan.stage}.json"

@@ -23,13 +23,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from model.engine import Engine
 from model.errors import EngineFailure, InvalidRequestError, ModelLoadError
+from model.library.parts import Loaded, Shell, by_model
 from model.library.shared import SHAREABLE, SharedComponents, size_of
 from model.types import GenerationItem, GenerationResult, ModelInfo
 
@@ -40,16 +40,6 @@ log = logging.getLogger(__name__)
 # What a caller whose model did not load can do (the step loop's refusals say the same).
 FIX = "fix its files or choose another model (GET /v1/models)"
 Loader = Callable[[Callable[[Any], None]], Engine]
-
-
-@dataclass
-class Loaded:
-    """A finished background load: the engine, or why there is none; and where it came from."""
-
-    engine: Engine | None
-    error: str | None
-    seconds: float
-    source: str  # "disk" or "host"
 
 
 class ModelSet:
@@ -74,6 +64,9 @@ class ModelSet:
         self.default = default
         self.loaders = dict(loaders)
         self.resident: OrderedDict[str, Engine] = OrderedDict({default: first})
+        self._adapters = first.adapters
+        self._info = first.info
+        self._shell = Shell(first)  # checks items while no model is on the device
         self.shared = SharedComponents()
         self.cap = max(1, cap)
         self.host_cache_bytes = host_cache_bytes
@@ -91,12 +84,20 @@ class ModelSet:
     # ------------------------------------------------------------------ description
     @property
     def info(self) -> ModelInfo:
-        return self.resident[self.default].info if self.default in self.resident else self._any().info
+        """The default model's, also while it is off the device (as it was when it last was)."""
+        engine = self.resident.get(self.default)
+        if engine is not None:
+            self._info = engine.info
+        return self._info
 
     @property
     def adapters(self) -> Any:
-        """LoRA adapters belong to the default model (the step loop places them there)."""
-        return self._default_engine().adapters
+        """LoRA adapters belong to the default model (the step loop places them there, and keeps
+        that model on the device while it serves any): its manager, even while it is away."""
+        engine = self.resident.get(self.default)
+        if engine is not None:
+            self._adapters = engine.adapters
+        return self._adapters
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -105,9 +106,6 @@ class ModelSet:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each resident model holds on the device (a shared component counted for each)."""
         return {name: size_of(_networks(engine)) for name, engine in self.resident.items()}
-
-    def _any(self) -> Engine:
-        return next(iter(self.resident.values()))
 
     def _default_engine(self) -> Engine:
         engine = self.resident.get(self.default)
@@ -134,7 +132,7 @@ class ModelSet:
     def validate(self, items: Sequence[GenerationItem]) -> None:
         for item in items:
             self.validate_item(item)
-        for name, group in _by_model(items, self.default):
+        for name, group in by_model(items, self.default):
             self._checker(name).validate(group)
 
     def validate_item(self, item: GenerationItem) -> None:
@@ -152,7 +150,7 @@ class ModelSet:
         catalog; what an engine checks, steps, sizes, seeds and schedulers, is the same for all)."""
         if name not in self.loaders:
             raise InvalidRequestError(f"no model {name!r} here; the models: {', '.join(self.loaders)}")
-        return self.resident.get(name) or self.resident.get(self.default) or self._any()
+        return self.resident.get(name) or self.resident.get(self.default) or self._shell  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ residency
     def start_load(self, name: str) -> Future[Loaded]:
@@ -275,7 +273,7 @@ class ModelSet:
         handles: dict[int, int] = {}
         done: list[tuple[Engine, list[int]]] = []
         try:
-            for name, group in _by_model(items, self.default, indexed=True):
+            for name, group in by_model(items, self.default, indexed=True):
                 engine = self._engine_of(group[0][1])
                 inner = (engine.admit_checked if checked else engine.admit_all)([item for _, item in group])
                 done.append((engine, inner))
@@ -350,7 +348,7 @@ class ModelSet:
     # ------------------------------------------------------------------ whole batches
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
         results: dict[int, GenerationResult] = {}
-        for name, group in _by_model(items, self.default, indexed=True):
+        for name, group in by_model(items, self.default, indexed=True):
             self.ensure([name])
             drawn = self.resident[name].generate([item for _, item in group])
             for (index, _), result in zip(group, drawn, strict=True):
@@ -371,11 +369,3 @@ class ModelSet:
 def _networks(engine: Engine) -> list[Any]:
     c = engine.components
     return [m for m in (c.unet, c.vae, c.text_encoder, c.safety_checker) if m is not None]
-
-
-def _by_model(items: Sequence[GenerationItem], default: str, indexed: bool = False) -> list[tuple[str, Any]]:
-    """``items`` grouped by model, in order of first appearance (with their indexes when asked)."""
-    groups: dict[str, list[Any]] = {}
-    for index, item in enumerate(items):
-        groups.setdefault(item.model or default, []).append((index, item) if indexed else item)
-    return list(groups.items())

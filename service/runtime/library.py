@@ -85,6 +85,16 @@ def _title_stem(name: str) -> str:
     return text
 
 
+def _same_place(spec: str, other: str) -> bool:
+    """Whether two specs name the same files (a folder given by two paths, say)."""
+    if spec == other:
+        return True
+    try:
+        return Path(spec).exists() and Path(spec).resolve() == Path(other).resolve()
+    except OSError:
+        return False
+
+
 def library_of(settings: Settings, default: str) -> Library:
     """The library the settings name (SD_MODELS), for a server whose default model is ``default``
     (its loaded name); each bad entry is named in one log line and left out."""
@@ -92,13 +102,27 @@ def library_of(settings: Settings, default: str) -> Library:
     if not settings.models:
         return Library(default, aliases=aliases)
     entries, problems = _scan(settings.models, settings.model_config_dir, settings.model_variant)
-    for problem in problems:
-        log.error("model library: %s left out: %s", problem.entry, problem.reason)
     served = {entry.name: entry for entry in entries if entry.name not in aliases}
     served.pop(default, None)  # SD_MODELS lists the default model too: it is that one
-    described = ", ".join(f"{e.name} ({e.architecture}{', inpainting' * e.inpainting})" for e in entries)
-    log.info("model library: %d models: %s", len(served), described or "none")
+    for name, entry in list(served.items()):  # ... or the same weights under its own name
+        if _same_place(entry.spec, settings.model_spec):
+            del served[name]
+            aliases = (*aliases, name)
+    described = ", ".join(
+        f"{e.name} ({e.architecture}{', inpainting' * e.inpainting})" for e in served.values()
+    )
+    lines = [(logging.ERROR, f"model library: {p.entry} left out: {p.reason}") for p in problems]
+    _announce(
+        (*lines, (logging.INFO, f"model library: {len(served)} beside the default: {described or 'none'}"))
+    )
     return Library(default, served, aliases, tuple(problems))
+
+
+@lru_cache(maxsize=8)
+def _announce(lines: tuple[tuple[int, str], ...]) -> None:
+    """The library's log lines, once per process (every device's engine reads the library)."""
+    for level, line in lines:
+        log.log(level, line)
 
 
 @lru_cache(maxsize=4)

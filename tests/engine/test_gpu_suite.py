@@ -26,7 +26,8 @@ STAGE_FILES = [
     "06-deepspeed.json",
     "07-sd2.json",
     "08-images_in.json",
-    "09-tests.json",
+    "09-models.json",
+    "10-tests.json",
 ]
 
 
@@ -84,7 +85,16 @@ def test_dry_run_goes_through_every_stage_and_records_each(tmp_path: Path) -> No
     assert profile["config"]["variant"] in ("engine", "compiled") and profile["config"]["variant_reason"]
     assert [c["batch_size"] for c in profile["cases"]] == [1, 2]
     assert all(0 < len(c["top_kernels"]) <= 10 for c in profile["cases"])
-    tests = found["09-tests.json"]
+    models = found["09-models.json"]
+    assert [r["case"] for r in models["switch"]] == ["cold", "warm", "resident"]
+    switch = {r["case"]: r for r in models["switch"]}
+    assert switch["cold"]["load_kind"] == "load_disk" and switch["warm"]["load_kind"] == "load_host"
+    assert all(switch[c]["load_s"] > 0 and switch[c]["moved_mib"] > 0 for c in ("cold", "warm"))
+    assert switch["resident"]["vs_resident"] == 1.0 and switch["cold"]["vs_resident"] > 0
+    runs = [(r["runner"], r["models"]) for r in models["throughput"]]
+    assert runs == [(run, k) for run in ("step API", "step loop") for k in (1, 2, 4)], runs
+    assert all(r["images_per_s"] > 0 and r["vs_one_model"] > 0 for r in models["throughput"])
+    tests = found["10-tests.json"]
     assert tests["counts"]["failed"] == 0 and tests["counts"]["skipped"] >= 1  # needs CUDA: skipped here
     assert "| 4 | compiled | random:tiny | 2 |" in done.stdout  # the report closes the run
 

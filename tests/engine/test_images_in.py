@@ -103,15 +103,15 @@ def reference(engine: model.Engine, it: GenerationItem) -> np.ndarray:
     inpaint.scheduler = scheduler
     inpaint.set_progress_bar_config(disable=True)
     # an inpainting model's text-to-image item is an inpainting with everything repainted
-    image = it.init_image if it.init_image is not None else np.zeros((SIZE, SIZE, 3), np.uint8)
-    mask = it.mask if it.mask is not None else np.full((SIZE, SIZE), 255, np.uint8)
+    image = it.init_image if it.init_image is not None else np.zeros((it.height, it.width, 3), np.uint8)
+    mask = it.mask if it.mask is not None else np.full((it.height, it.width), 255, np.uint8)
     strength = it.strength if it.init_image is not None else 1.0
     out = inpaint(
         it.prompt,
         image=Image.fromarray(image),
         mask_image=Image.fromarray(mask, mode="L"),
-        height=SIZE,
-        width=SIZE,
+        height=it.height,
+        width=it.width,
         strength=strength,
         **common,
     )
