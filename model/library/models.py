@@ -31,6 +31,7 @@ from model.engine import Engine
 from model.errors import EngineFailure, InvalidRequestError, ModelLoadError
 from model.library.parts import Loaded, Shell, by_model
 from model.library.shared import SHAREABLE, SharedComponents, size_of
+from model.loading import READING
 from model.types import GenerationItem, GenerationResult, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -340,7 +341,10 @@ class ModelSet:
         return self.resident[owner[0]].preview(owner[1])
 
     def place_adapters(self, evict: Sequence[str], install: Sequence[str]) -> dict[str, str]:
-        return self._default_engine().place_adapters(evict, install)
+        # peft makes parameters as it injects: never while a background load has nn.Module patched
+        # process-wide (accelerate's empty weights: model/loading's READING says why)
+        with READING:
+            return self._default_engine().place_adapters(evict, install)
 
     def install_adapters(self, wait: float = 0.0) -> None:
         self._default_engine().install_adapters(wait)

@@ -5,6 +5,7 @@ the other models' images, whatever was evicted or reloaded in between."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,40 @@ def test_unknown_models_and_adapters_on_another_model_are_invalid_requests(libra
     with pytest.raises(InvalidRequestError, match="LoRA adapters belong to the default model"):
         models.validate_item(GenerationItem("x", seed=1, model="single", adapters=(("style", 1.0),)))
     models.close()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_step_loop_serves_alternating_models_on_full_devices(
+    library: Path, alone: dict[str, model.Engine], devices: int
+) -> None:
+    """The server's step loop (scheduler, lanes, loads in the background) on one or two devices
+    that each hold one model: images of three models arriving in turn all finish, each equal to
+    what its model draws alone (the devices drain and switch instead of starving a model)."""
+    from service.runtime.batching.steploop import StepLoop
+    from service.runtime.metrics import Metrics
+
+    asks = [
+        GenerationItem("a lighthouse", seed=seed, num_inference_steps=3, height=SIZE, width=SIZE, model=name)
+        for seed in range(3)
+        for name in (None, "single", "paint")
+    ]
+
+    async def serve() -> list[Any]:
+        engines = [model_set(library, cap=1) for _ in range(devices)]
+        loop = StepLoop(engines, max_batch_size=4, max_queue_items=64, metrics=Metrics())
+        loop.start()
+        futures = []
+        try:
+            for ask in asks:
+                futures += loop.submit([ask])
+                await asyncio.sleep(0.01)
+            return list(await asyncio.wait_for(asyncio.gather(*futures), 120))
+        finally:
+            await loop.close()
+            for engine in engines:
+                engine.close()
+
+    results = asyncio.run(serve())
+    for it, result in zip(asks, results, strict=True):
+        expected = alone[it.model or "base"].generate([it])[0].image
+        assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= 2, it
