@@ -3,7 +3,7 @@
 Open WebUI, SillyTavern, the Krita and GIMP plugins and scripts built on ``webuiapi`` send the
 whole txt2img form, most of it at values that change nothing. Each field is accepted at the values
 where this server draws the same image A1111 would, and refused by name at any other (a
-high-resolution pass, face restoration, another checkpoint), so that nothing is silently ignored.
+high-resolution pass, face restoration), so that nothing is silently ignored.
 The generation fields are the definitions every route shares (schemas/fields.py), under the
 operator's limits (``ScoreLimits``).
 
@@ -26,6 +26,7 @@ from schemas.fields import (
     ADAPTER_NAME,
     DEFAULT_STEPS,
     MAX_IMAGES_PER_PROMPT,
+    MAX_MODEL_NAME_CHARS,
     MAX_SEED,
     Adapters,
     Guidance,
@@ -36,6 +37,7 @@ from schemas.fields import (
     Steps,
     StepsWithinLimit,
     check_adapters,
+    printable_name,
     seeds_fit,
 )
 from schemas.fields import contract_error as _error
@@ -103,8 +105,8 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "refiner_checkpoint": (("", None), "refiner models are not supported; leave it out"),
     "infotext": (("", None), "settings from infotext are not supported; send the fields themselves"),
 }
-# override_settings: the options whose values here change nothing (sd_model_checkpoint is checked
-# against the served names by the route, which knows them).
+# override_settings: the options whose values here change nothing (sd_model_checkpoint picks the
+# request's model: the route resolves it against the library, which knows the names).
 NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
     "CLIP_stop_at_last_layers": (1, None),  # any of 1-12 is applied (Txt2ImgRequest.clip_layers)
     "sd_vae": ("Automatic", "None", None, ""),
@@ -195,9 +197,8 @@ class Txt2ImgRequest(StepsWithinLimit):
                 raise _error(f"{_shown(name)} is not an option this server can apply; leave it out")
             if allowed and not _is(setting, allowed):
                 raise _error(f"{_shown(name)} must be left at {allowed[0]!r} on this server")
-            if name == "sd_model_checkpoint" and not isinstance(setting, str | None):
-                # Checked against the served titles by the route, which reads strings only.
-                raise _error("sd_model_checkpoint must be a checkpoint's title (GET /sdapi/v1/sd-models)")
+            if name == "sd_model_checkpoint":  # which titles serve is the library's to say (404)
+                check_checkpoint(setting)
         return value
 
     @model_validator(mode="after")
@@ -284,6 +285,18 @@ class Txt2ImgRequest(StepsWithinLimit):
     def checkpoint(self) -> str | None:
         value = (self.override_settings or {}).get("sd_model_checkpoint")
         return value if isinstance(value, str) else None
+
+
+def check_checkpoint(value: Any) -> None:
+    """A checkpoint's title, with every route's rules of a model's name (schemas/fields.py)."""
+    if not isinstance(value, str | None):
+        raise _error("sd_model_checkpoint must be a checkpoint's title (GET /sdapi/v1/sd-models)")
+    if value is not None and len(value) > MAX_MODEL_NAME_CHARS:
+        raise _error(f"sd_model_checkpoint is longer than {MAX_MODEL_NAME_CHARS} characters")
+    try:
+        printable_name(value or "")
+    except PydanticCustomError as error:
+        raise _error(f"sd_model_checkpoint {error.message()}") from None
 
 
 def _scripts_off(scripts: Any) -> None:

@@ -46,6 +46,9 @@ DEFAULT_STEPS = 50  # diffusers' default; never above the server's own max_steps
 DEFAULT_GUIDANCE, MAX_GUIDANCE = 7.5, 30
 MAX_IMAGES_PER_PROMPT = 4
 MAX_NAME_CHARS = 64  # a scheduler's or sampler's name
+# A model's name as a request gives it (a library entry, an alias, an A1111 title "name [hash]"):
+# service/settings.py bounds SD_MODEL's the same.
+MAX_MODEL_NAME_CHARS = 200
 # LoRA adapters per image (model.types states the same bounds for the engine; a test keeps them equal).
 MAX_ADAPTERS = 4
 MAX_ADAPTER_SCALE = 2.0
@@ -112,6 +115,14 @@ def valid_text(value: str) -> str:
     return value
 
 
+def printable_name(value: str) -> str:
+    """A name without control characters (nor lone surrogates): what a model's name may hold."""
+    valid_text(value)
+    if not value.isprintable():
+        raise rule_error("holds a control character; send the name as GET /v1/models lists it")
+    return value
+
+
 def _within_prompt_limit(value: str, info: ValidationInfo) -> str:
     max_chars = limits_of(info).max_prompt_chars
     if len(value) > max_chars:
@@ -149,6 +160,11 @@ def check_adapters(value: dict[str, float] | None) -> dict[str, float] | None:
 # The fields. Strict: nothing is coerced ("50" is not 50, true is not 1).
 Text = Annotated[str, Strict(), AfterValidator(valid_text)]
 Name = Annotated[str, Strict(), StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(valid_text)]
+# The model a request names (None or "": the default one); which names serve is the library's to say
+# (404 model_not_found naming the models: service/runtime/library.py).
+ModelName = Annotated[
+    str, Strict(), StringConstraints(max_length=MAX_MODEL_NAME_CHARS), AfterValidator(printable_name)
+]
 Prompt = Annotated[str, Strict(), AfterValidator(_within_prompt_limit)]  # SD_MAX_PROMPT_CHARS, valid text
 Steps = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS), AfterValidator(_within_step_limit)]
 Guidance = Annotated[float, Strict(), Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)]

@@ -88,8 +88,9 @@ class ImageGenerationRequest(fields.StepsWithinLimit):
         description='"b64_json": inline; "url": a link to the image on this server, valid for '
         "SD_IMAGE_LINK_TTL_S (OpenAI: 60 minutes); left out: both, for clients that read either.",
     )
-    model: fields.Text | None = Field(
-        default=None, max_length=1000, description="When given, the id GET /v1/models lists."
+    model: fields.ModelName | None = Field(
+        default=None,
+        description="An id GET /v1/models lists: a model (default: the default one), or a LoRA adapter.",
     )
     user: fields.Text | None = Field(
         default=None, description="Accepted for compatibility; ignored and never logged."

@@ -21,6 +21,7 @@ from schemas.fields import (
     Guidance,
     ImageCount,
     ImageIn,
+    ModelName,
     Name,
     Prompt,
     Seed,
@@ -120,6 +121,10 @@ class ScoreParameters(StepsWithinLimit):
         default=None,
         description=f'LoRA adapters and their scales, {{"NAME": scale}}: at most {MAX_ADAPTERS}, names from '
         f"GET /info, scales from {-MAX_ADAPTER_SCALE} to {MAX_ADAPTER_SCALE} (1: as trained).",
+    )
+    model: ModelName | None = Field(
+        default=None,
+        description="The model to draw with: a name GET /info's models lists. Default: the default one.",
     )
 
 
@@ -270,6 +275,17 @@ class InfoEngine(BaseModel):
     failures: int = Field(description="Failed steps in a row (not out of memory).")
 
 
+class InfoModel(BaseModel):
+    """One model requests may name (SD_MODEL's, then SD_MODELS' library), read without loading it."""
+
+    name: str = Field(description="What requests name it by (parameters.model, OpenAI's model, ...).")
+    architecture: str
+    inpainting: bool = Field(description="true: a 9-channel inpainting model.")
+    native_height: int
+    native_width: int
+    default: bool = Field(description="true: the model of requests that name none.")
+
+
 class InfoResponse(BaseModel):
     """``GET /info``: the loaded model, its engines and the request limits."""
 
@@ -287,3 +303,6 @@ class InfoResponse(BaseModel):
     limits: InfoLimits
     engines: list[InfoEngine] = Field(default_factory=list)
     adapters: list[str] = Field(default_factory=list, description="LoRA adapters requests may name.")
+    models: list[InfoModel] = Field(
+        default_factory=list, description="The models requests may name, the default first."
+    )

@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="endpoint of an S3-compatible store (default AWS_ENDPOINT_URL or AWS)",
     )
     gen = parser.add_argument_group("generation (override --params)")
-    gen.add_argument("--model", help="model spec (SD_MODEL); default AZUREML_MODEL_DIR, else random:tiny")
+    gen.add_argument(
+        "--model",
+        help="model spec (SD_MODEL), or the name of a model of SD_MODELS; default AZUREML_MODEL_DIR, "
+        "else random:tiny",
+    )
     gen.add_argument("--device", help="cuda, cuda:1, cpu... (SD_DEVICE, default auto)")
     gen.add_argument("--dtype", help="fp16, bf16, fp32 (SD_DTYPE, default auto)")
     gen.add_argument(

@@ -49,9 +49,9 @@ class Library:
             return None
         if name in self.entries:
             return name
-        stem = _title_stem(name)  # A1111 titles: "name [hash]" or "name.safetensors [hash]"
-        if stem != name:
-            return self.resolve(stem, where)
+        for stem in _title_stems(name):  # A1111 titles: "name [hash]" or "name.safetensors [hash]"
+            if stem != name and (stem == self.default or stem in self.aliases or stem in self.entries):
+                return self.resolve(stem, where)
         shown = ", ".join(repr(each) for each in [*self.aliases, *self.names][:8])
         more = ", ..." if len(self.names) + len(self.aliases) > 8 else ""
         raise ModelNotFoundError(
@@ -76,13 +76,15 @@ class Library:
         )
 
 
-def _title_stem(name: str) -> str:
-    """ "model.safetensors [0123456789]" -> "model": A1111's checkpoint titles, as clients echo them."""
+def _title_stems(name: str) -> tuple[str, str]:
+    """The names an A1111 checkpoint title may stand for, as clients echo them: "model [0123456789]"
+    is "model"; "model.safetensors [0123456789]" is "model.safetensors", then "model"."""
     text = name.split(" [", 1)[0].strip()
+    bare = text
     for suffix in (".safetensors", ".ckpt"):
-        if text.endswith(suffix):
-            text = text[: -len(suffix)]
-    return text
+        if bare.endswith(suffix):
+            bare = bare[: -len(suffix)]
+    return text, bare
 
 
 def _same_place(spec: str, other: str) -> bool:

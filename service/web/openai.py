@@ -30,16 +30,17 @@ from schemas.openai import (
     OpenAIModelList,
 )
 from schemas.openai_edits import ImageEditRequest
+from service.runtime.errors import ModelNotFoundError
 from service.runtime.items import Ask
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Lifecycle, Runtime
 from service.runtime.protocols.openai import openai_edit_ask, to_image_data
 from service.runtime.scoring import parse_body_off_loop
-from service.web.clients.common import lifecycle_of, served_names
+from service.web.clients.common import library_names, lifecycle_of, served_names
 from service.web.clients.edits import EDIT_FORM, read_edit_form
 from service.web.clients.links import link_url, links_of
 from service.web.clients.streaming import stream_images
-from service.web.errors import ModelNotFoundError, error_responses, json_body
+from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -72,9 +73,9 @@ def _openai_ids(lifecycle: Lifecycle) -> tuple[str, ...]:
 
 
 def _model_ids(lifecycle: Lifecycle, info: ModelInfo) -> tuple[str, ...]:
-    """Every id ``model`` may name: the served names, each LoRA adapter (the model with it), then
-    OpenAI's ids where they name the served model."""
-    return served_names(lifecycle) + info.adapters + _openai_ids(lifecycle)
+    """Every id ``model`` may name: the served names, the library's models, each LoRA adapter (the
+    default model with it), then OpenAI's ids where they name the default model."""
+    return served_names(lifecycle) + library_names(lifecycle) + info.adapters + _openai_ids(lifecycle)
 
 
 def _require_served(model: str | None, names: tuple[str, ...]) -> None:
@@ -83,6 +84,14 @@ def _require_served(model: str | None, names: tuple[str, ...]) -> None:
         raise ModelNotFoundError(
             f"this server serves only {shown} (GET /v1/models); send one of those ids or leave model out"
         )
+
+
+def _checked(parsed: ImageGenerationRequest, lifecycle: Lifecycle, info: ModelInfo) -> None:
+    """404 for an id not served; OpenAI's own ids name the default model (unless a library model
+    has that name)."""
+    _require_served(parsed.model, _model_ids(lifecycle, info))
+    if parsed.model in _openai_ids(lifecycle) and parsed.model not in library_names(lifecycle):
+        parsed.model = None
 
 
 async def _generate(
@@ -135,7 +144,7 @@ async def create_images(request: Request) -> Any:
     parsed = await parse_body_off_loop(
         body, ImageGenerationRequest, runtime.scorer.limits, expected="an images request object"
     )
-    _require_served(parsed.model, _model_ids(lifecycle, runtime.engine.info))
+    _checked(parsed, lifecycle, runtime.engine.info)
     if parsed.stream:  # Server-Sent Events (service/web/clients/streaming.py)
         return await stream_images(request, parsed)
     return await answer_generation(
@@ -164,7 +173,7 @@ async def edit_images(request: Request) -> Any:
     runtime = lifecycle.require_ready()
     # The form's fields checked as a generation's are, its files kept as sent (decoded off the loop).
     parsed, image, mask = await read_edit_form(request, runtime.scorer.limits)
-    _require_served(parsed.model, _model_ids(lifecycle, runtime.engine.info))
+    _checked(parsed, lifecycle, runtime.engine.info)
     ask = functools.partial(_edit_ask, parsed, image=image, mask=mask)
     if parsed.stream:
         return await stream_images(request, parsed, ask)
@@ -179,20 +188,20 @@ def _edit_ask(parsed: ImageEditRequest, info: ModelInfo, *, image: bytes, mask: 
 
 @router.get(
     "/models",
-    summary="The served model, in OpenAI's list shape",
+    summary="The served models (the default first), in OpenAI's list shape",
     response_model=OpenAIModelList,
     responses={key: value for key, value in _ERRORS.items() if key in (401, 503)},
 )
 def list_models(request: Request) -> OpenAIModelList:
     lifecycle = lifecycle_of(request)
     info = lifecycle.require_ready().engine.info
-    adapters = [_served(name, ADAPTER_OWNER) for name in info.adapters]
-    return OpenAIModelList(data=[_served(name) for name in served_names(lifecycle)] + adapters)
+    models = [_served(name) for name in served_names(lifecycle) + library_names(lifecycle)]
+    return OpenAIModelList(data=models + [_served(name, ADAPTER_OWNER) for name in info.adapters])
 
 
 @router.get(
     "/models/{model_id:path}",
-    summary="One model: the served one, else 404",
+    summary="One model: a served one, else 404",
     response_model=OpenAIModel,
     responses={key: value for key, value in _ERRORS.items() if key in (401, 404, 503)},
 )

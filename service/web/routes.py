@@ -197,8 +197,26 @@ def info(request: Request) -> InfoResponse:
             },
             "engines": engines_info(runtime),
             "adapters": list(model.adapters),
+            "models": models_info(runtime),
         }
     )
+
+
+def models_info(runtime: Runtime) -> list[dict[str, Any]]:
+    """/info's "models": the default model, then the library's, each as the catalog describes it."""
+    library, default = runtime.scorer.library, runtime.engine.info
+    described = [library.info(name, default) for name in library.names]
+    return [
+        {
+            "name": each.name,
+            "architecture": each.architecture,
+            "inpainting": each.inpainting,
+            "native_height": each.native_height,
+            "native_width": each.native_width,
+            "default": position == 0,
+        }
+        for position, each in enumerate(described)
+    ]
 
 
 def engines_info(runtime: Runtime) -> list[dict[str, Any]]:

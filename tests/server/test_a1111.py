@@ -82,9 +82,10 @@ def score_images(server: Server, seed: int, images: int = 1, **parameters: Any) 
 
 def test_the_handshakes_of_open_webui_and_sillytavern(server: Server) -> None:
     options = get(server, "/sdapi/v1/options", sillytavern_headers()).json()
-    assert options["sd_model_checkpoint"] == SERVED and "forge_preset" not in options
+    # A1111's title, "name [hash]" once the hash is computed (in the background)
+    assert options["sd_model_checkpoint"].split(" [")[0] == SERVED and "forge_preset" not in options
     models = get(server, "/sdapi/v1/sd-models").json()
-    assert [(m["title"], m["model_name"]) for m in models] == [(SERVED, SERVED)]
+    assert [(m["title"].split(" [")[0], m["model_name"]) for m in models] == [(SERVED, SERVED)]
     samplers = [entry["name"] for entry in get(server, "/sdapi/v1/samplers").json()]
     assert {"Euler", "Euler a", "DDIM", "DPM++ 2M", "UniPC"} <= set(samplers)
     schedules = [entry["label"] for entry in get(server, "/sdapi/v1/schedulers").json()]
@@ -95,7 +96,7 @@ def test_the_handshakes_of_open_webui_and_sillytavern(server: Server) -> None:
     # Open WebUI posts the options back with the checkpoint it wants: the served one is a no-op.
     assert post(server, "/sdapi/v1/options", {**options, "sd_model_checkpoint": SERVED}).status_code == 200
     switched = post(server, "/sdapi/v1/options", {**options, "sd_model_checkpoint": "sdxl.safetensors"})
-    assert switched.status_code == 422 and SERVED in switched.json()["detail"]
+    assert switched.status_code == 404 and SERVED in switched.json()["detail"]  # not served: 404
     assert post(server, "/sdapi/v1/options", {"sd_vae": "other.pt"}).status_code == 422
 
 
@@ -166,7 +167,6 @@ def test_sillytaverns_body_equals_score_and_its_auth_is_never_echoed(server: Ser
         ({"enable_hr": True}, "enable_hr"),
         ({"restore_faces": True}, "restore_faces"),
         ({"tiling": 1}, "tiling"),
-        ({"override_settings": {"sd_model_checkpoint": "sdxl.safetensors"}}, "override_settings"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP_stop_at_last_layers"),
         ({"override_settings": {"sd_vae": "kl-f8.pt"}}, "sd_vae"),
         ({"sampler_name": "DPM++ 9M"}, "sampler_name"),
@@ -207,6 +207,17 @@ def test_what_would_change_the_image_is_refused_by_name(
     assert answer.status_code == 422, answer.text
     error = answer.json()
     assert named in error["detail"] and error["error"] == "invalid_request" and "\n" not in error["detail"]
+
+
+def test_a_checkpoint_not_served_is_404_naming_the_served_one(server: Server) -> None:
+    body = sillytavern_body(override_settings={"sd_model_checkpoint": "sdxl.safetensors"})
+    answer = httpx.post(
+        f"{server.url}/sdapi/v1/txt2img", content=json.dumps(body), headers=sillytavern_headers(), timeout=30
+    )
+    assert answer.status_code == 404, answer.text
+    error = answer.json()
+    assert error["error"] == "model_not_found" and SERVED in error["detail"]
+    assert "override_settings.sd_model_checkpoint" in error["detail"]
 
 
 def test_not_json_and_metrics_route_label(server: Server) -> None:

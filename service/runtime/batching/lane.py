@@ -99,6 +99,12 @@ class Lane:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._worker = self._loop.create_task(self._work(), name=f"step-loop-{self.index}")
+        self._worker.add_done_callback(self._ended)
+
+    def _ended(self, worker: asyncio.Task[None]) -> None:
+        """A lane whose loop raised serves no more: say so loudly (its images would only time out)."""
+        if not worker.cancelled() and worker.exception() is not None:
+            log.error("engine %d: its step loop stopped", self.index, exc_info=worker.exception())
 
     # ----------------------------------------------------------------- the loop
     async def _work(self) -> None:

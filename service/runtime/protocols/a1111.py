@@ -15,6 +15,7 @@ from service.runtime.items import Ask, Prompt
 from service.runtime.protocols.common import FieldError
 
 PREFIX = "/sdapi/"
+CHECKPOINT_FIELD = "override_settings.sd_model_checkpoint"
 
 
 def a1111_ask(request: Txt2ImgRequest, info: ModelInfo) -> Ask:
@@ -38,7 +39,15 @@ def a1111_ask(request: Txt2ImgRequest, info: ModelInfo) -> Ask:
         adapters=request.adapters,
         eta=request.engine_eta,
         clip_skip=request.clip_layers - 1,  # A1111's 1 (the last layer) is diffusers' 0
+        model=checkpoint_name(request.checkpoint or "") or None,  # None: the caller's (POST /options)
+        model_field=CHECKPOINT_FIELD,
     )
+
+
+def checkpoint_name(title: str) -> str:
+    """A checkpoint's title as clients send it back, "name [hash]", without its hash: the model's
+    name (or its file's, "name.safetensors", which the library resolves too)."""
+    return title.split(" [", 1)[0].strip()
 
 
 def a1111_info(

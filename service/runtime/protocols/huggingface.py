@@ -1,6 +1,6 @@
-"""Hugging Face's text-to-image and image-to-image tasks (``POST /``): the request to an Ask, and its
-error body ``{"error": message, "error_type": code}`` (its clients show ``error``). The answer is
-the PNG's bytes."""
+"""Hugging Face's text-to-image and image-to-image tasks (``POST /``, and ``POST /models/NAME`` for
+the model NAME): the request to an Ask, and its error body ``{"error": message, "error_type":
+code}`` (its clients show ``error``). The answer is the PNG's bytes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from service.runtime.items import Ask, Picture, Prompt
 from service.runtime.protocols.common import check_scheduler
 
 PATH = "/"
+MODELS_PREFIX = "/models/"  # POST /models/NAME: POST / with the model NAME (the Inference API's path)
 
 
 def huggingface_ask(request: TextToImageRequest, info: ModelInfo) -> Ask:
@@ -52,7 +53,8 @@ def huggingface_image_ask(request: ImageToImageRequest, info: ModelInfo, image: 
 
 
 def owns(path: str, method: str) -> bool:
-    return path == PATH and method == "POST"  # GET / is Azure's readiness probe, in /score's shape
+    # GET / is Azure's readiness probe, in /score's shape; /models/NAME is the Inference API's path
+    return (path == PATH and method == "POST") or path.startswith(MODELS_PREFIX)
 
 
 def huggingface_error(status: int, code: str, message: str, param: str | None) -> tuple[int, dict[str, Any]]:

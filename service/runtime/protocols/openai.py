@@ -19,8 +19,8 @@ _STATUS = {422: 400}
 
 
 def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
-    """``POST /v1/images/generations``: ``n`` images of one prompt; a ``model`` that names an adapter
-    is the served model with that adapter."""
+    """``POST /v1/images/generations``: ``n`` images of one prompt, with the model ``model`` names; a
+    ``model`` that names an adapter is the default model with that adapter."""
     adapters = request.adapters
     if request.model in info.adapters and request.model not in (adapters or {}):
         # An adapter's id: the model with it at scale 1, beside any the request lists (an empty
@@ -34,7 +34,10 @@ def openai_ask(request: ImageGenerationRequest, info: ModelInfo) -> Ask:
             )
     prompts = (Prompt(request.prompt, request.negative_prompt or ""),)
     scheduler = check_scheduler(request.scheduler, info, "scheduler")
-    return Ask.of(request, prompts, per_prompt=request.n, scheduler=scheduler, adapters=adapters)
+    # Any other id names a model (the library's, or an alias of the default one: runtime/library.py);
+    # OpenAI's own ids arrive here as None where they name the default (service/web/openai.py).
+    model = None if request.model in info.adapters else request.model or None
+    return Ask.of(request, prompts, per_prompt=request.n, scheduler=scheduler, adapters=adapters, model=model)
 
 
 def openai_edit_ask(request: ImageEditRequest, info: ModelInfo, image: bytes, mask: bytes | None) -> Ask:

@@ -11,6 +11,8 @@ from schemas.score import InputData, PromptRow
 from service.runtime.items import Ask, Picture, Prompt
 from service.runtime.protocols.common import check_scheduler
 
+MODEL_FIELD = "input_data.parameters.model"
+
 
 def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
     """/score's rows and parameters; a row's own seed and negative prompt win over the parameters'."""
@@ -27,6 +29,8 @@ def score_ask(input_data: InputData, info: ModelInfo) -> Ask:
         per_prompt=params.num_images_per_prompt,
         scheduler=scheduler,
         strength=params.strength,
+        model=params.model or None,
+        model_field=MODEL_FIELD,
     )
 
 

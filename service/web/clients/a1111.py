@@ -1,8 +1,13 @@
 """AUTOMATIC1111's web UI API, so that Open WebUI, SillyTavern, the Krita and GIMP plugins and
 ``webuiapi`` scripts work by pointing them at this server: ``POST /sdapi/v1/txt2img``, the GETs
-their handshakes read (options, sd-models, samplers, schedulers, upscalers, loras; the lists of what
-this server has none of are in a1111_lists.py), and
+their handshakes read (options, samplers, schedulers, upscalers, loras; sd-models and the lists of
+what this server has none of are in a1111_lists.py), and
 following and stopping generations (progress, interrupt, skip).
+
+The checkpoint: ``override_settings.sd_model_checkpoint`` picks one request's model;
+``POST /sdapi/v1/options`` with ``sd_model_checkpoint`` sets the caller's own default for these
+routes (A1111 switches its one model for everyone; here each caller, by its API key, has its own
+choice, which no other caller sees or changes), and ``GET /sdapi/v1/options`` shows it.
 
 Generation goes through ``answer_generation``, /score's path (limits, keys, request ids, metrics,
 deadline, disconnects). On a shared server, progress, interrupt and skip act on the caller's own
@@ -12,25 +17,28 @@ caller, as on A1111 itself). Errors on /sdapi/* carry A1111's ``detail`` (servic
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic_core import PydanticCustomError
 
 from model.types import ModelInfo
-from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest
+from schemas.a1111 import NEUTRAL_OPTIONS, SAMPLE_TXT2IMG, Txt2ImgRequest, check_checkpoint
 from schemas.a1111_img2img import SAMPLE_IMG2IMG, Img2ImgRequest
 from schemas.samplers import SAMPLERS, SCHEDULE_SEPARATOR, SCHEDULES, scheduler_for
 from service.runtime.images import encode_png_base64
 from service.runtime.jobs import Job
 from service.runtime.lifecycle import Runtime
 from service.runtime.protocols import FieldError, ask_of
-from service.runtime.protocols.a1111 import a1111_info, answer
+from service.runtime.protocols.a1111 import a1111_info, answer, checkpoint_name
 from service.runtime.scoring import parse_body_off_loop, parse_document_off_loop
 from service.web.clients.a1111_images import finished, prepared_ask
-from service.web.clients.common import caller, jobs_of, lifecycle_of, served_names
+from service.web.clients.a1111_lists import checkpoints_of
+from service.web.clients.common import CallerChoices, app_state, caller, jobs_of, lifecycle_of
 from service.web.errors import error_responses, json_body
 from service.web.routes import answer_generation
 
@@ -44,33 +52,25 @@ _ERRORS = error_responses(
 )
 
 
-def _names(request: Request) -> tuple[str, ...]:
-    """The checkpoint titles this server answers to."""
-    return served_names(lifecycle_of(request))
-
-
-def _require_served(checkpoint: str | None, names: tuple[str, ...], where: str) -> None:
-    if checkpoint is not None and checkpoint not in names:
-        raise FieldError(
-            f"{where}: this server serves only {names[0]!r} (GET /sdapi/v1/sd-models) and cannot switch "
-            "checkpoints; send that title or leave it out",
-            param=where,
-        )
+def _chosen(request: Request) -> CallerChoices[str]:
+    """Each caller's checkpoint (POST /sdapi/v1/options), by its canonical model name."""
+    return app_state(request, "a1111_chosen", CallerChoices)
 
 
 # ----------------------------------------------------------------------------- generation
 
 
 async def _generate(
-    runtime: Runtime, body: bytes, job: Job, names: tuple[str, ...], model: type[Txt2ImgRequest]
+    runtime: Runtime, body: bytes, job: Job, request: Request, model: type[Txt2ImgRequest]
 ) -> dict[str, Any]:
     """txt2img and img2img: A1111's body -> its answer, through /score's generation path."""
-    # 1. Parse with /score's rules and limits; the checkpoint must be the served one.
+    # 1. Parse with /score's rules and limits; the checkpoint is the request's, else the caller's.
     what = "an img2img object" if model is Img2ImgRequest else "a txt2img object"
     parsed = await parse_body_off_loop(body, model, runtime.scorer.limits, expected=what)
-    _require_served(parsed.checkpoint, names, "override_settings")
     info = runtime.engine.info
     ask, prepared = ask_of(parsed, info), None
+    if ask.model is None:  # none in override_settings: the caller's checkpoint (None: the default)
+        ask = dataclasses.replace(ask, model=_chosen(request).get(caller(request)))
     if isinstance(parsed, Img2ImgRequest):  # the image fitted, the mask made, as A1111 does
         ask, prepared = await prepared_ask(ask, parsed, runtime.scorer.image_urls)
     items = await runtime.scorer.items_for(ask)
@@ -82,7 +82,8 @@ async def _generate(
     seeds = [result.seed for result in results]
     echoed = parsed.model_dump(include=set(model.model_fields) - {"init_images", "mask"})
     echoed["seed"] = seeds[0] if seeds else items[0].seed
-    details = a1111_info(parsed, seeds, names[0], [result.nsfw_content_detected for result in results])
+    shown = checkpoints_of(request).of(lifecycle_of(request), items[0].model).name
+    details = a1111_info(parsed, seeds, shown, [result.nsfw_content_detected for result in results])
     return answer(images, echoed, details)
 
 
@@ -91,10 +92,8 @@ def _generation_route(model: type[Txt2ImgRequest]) -> Callable[[Request], Awaita
     no docstring: FastAPI would show it as the operation's description.)"""
 
     async def route(request: Request) -> Response:
-        names = _names(request)
-
         async def work(runtime: Runtime, body: bytes, job: Job) -> dict[str, Any]:
-            return await _generate(runtime, body, job, names, model)
+            return await _generate(runtime, body, job, request, model)
 
         return await answer_generation(request, work, client=CLIENT)
 
@@ -118,46 +117,52 @@ for _name, _summary, _model, _sample in (
 
 
 # ----------------------------------------------------------------------------- the handshake
-def _options(names: tuple[str, ...]) -> dict[str, Any]:
-    """The options A1111's clients read, at the values this server uses."""
+def _options(request: Request) -> dict[str, Any]:
+    """The options A1111's clients read, at the values this server uses: the caller's checkpoint."""
     fixed = {name: allowed[0] for name, allowed in NEUTRAL_OPTIONS.items() if allowed}
-    return {**fixed, "sd_model_checkpoint": names[0], "sd_checkpoint_hash": None}
+    lifecycle = lifecycle_of(request)
+    checkpoint = checkpoints_of(request).of(lifecycle, _chosen(request).get(caller(request)))
+    return {**fixed, "sd_model_checkpoint": checkpoint.title, "sd_checkpoint_hash": checkpoint.sha256}
 
 
-@router.get("/options", summary="Options: the served checkpoint and the settings in force")
+@router.get("/options", summary="Options: the caller's checkpoint and the settings in force")
 def get_options(request: Request) -> dict[str, Any]:
-    return _options(_names(request))
+    return _options(request)
 
 
 @router.post(
     "/options",
-    summary="Set options: accepted where they are what the server uses (clients post them back)",
-    responses={key: value for key, value in _ERRORS.items() if key in (400, 401, 422, 503)},
+    summary="Set options: sd_model_checkpoint sets the caller's checkpoint; the others are accepted "
+    "where they are what the server uses (clients post them back)",
+    responses={
+        **{key: value for key, value in _ERRORS.items() if key in (400, 401, 422, 503)},
+        **error_responses({404: "sd_model_checkpoint names no served checkpoint (GET /sdapi/v1/sd-models)."}),
+    },
 )
 async def set_options(request: Request) -> None:
-    names = _names(request)
-    limits = lifecycle_of(request).require_ready().scorer.limits
-    document = await parse_document_off_loop(await request.body(), limits, "an options object")
+    runtime = lifecycle_of(request).require_ready()
+    document = await parse_document_off_loop(await request.body(), runtime.scorer.limits, "an options object")
     if not isinstance(document, dict):
         raise FieldError("the body must be an object of options (GET /sdapi/v1/options)", param=None)
-    current = _options(names)
+    current, chosen = _options(request), False
     for name, value in document.items():
         if name == "sd_model_checkpoint":
-            _require_served(value if isinstance(value, str) else "", names, "sd_model_checkpoint")
+            try:
+                check_checkpoint(value)
+            except PydanticCustomError as error:
+                raise FieldError(error.message(), param="sd_model_checkpoint") from None
+            # An unknown one: 404 (A1111 itself fails with a 500); nothing is set.
+            chosen, model = True, runtime.scorer.library.resolve(checkpoint_name(value or ""), name)
+        elif name == "sd_checkpoint_hash":  # what GET answers, posted back: derived from the checkpoint
+            continue
         elif name not in current or value != current[name] or isinstance(value, bool):
             shown = name if name in current else "an option"
             raise FieldError(
                 f"{shown} cannot be changed on this server (GET /sdapi/v1/options shows what it uses)",
                 param=None,
             )
-
-
-@router.get("/sd-models", summary="The served checkpoint (one entry per served name)")
-def sd_models(request: Request) -> list[dict[str, Any]]:
-    return [
-        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-        for name in _names(request)
-    ]
+    if chosen:  # only once every option passed
+        _chosen(request).set(caller(request), model)
 
 
 def _samplers(info: ModelInfo) -> list[dict[str, Any]]:

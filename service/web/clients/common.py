@@ -1,10 +1,13 @@
 """What every client's routes share: the server's lifecycle, the names it answers to, who the
-caller is, and the job that follows its request."""
+caller is, what each caller chose (``CallerChoices``), and the job that follows its request."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -24,8 +27,13 @@ def lifecycle_of(request: Request) -> Lifecycle:
 def served_names(lifecycle: Lifecycle) -> tuple[str, ...]:
     """The model names this server answers to (OpenAI model ids, A1111 checkpoint titles):
     SD_SERVED_MODEL_NAMES, so that clients that always send "dall-e-3" work unchanged, else the
-    model's own name (which needs the model loaded)."""
-    return lifecycle.settings.served_model_name_list or (lifecycle.require_ready().engine.info.name,)
+    default model's own name (which needs the model loaded)."""
+    return lifecycle.settings.served_model_name_list or (lifecycle.require_ready().scorer.library.default,)
+
+
+def library_names(lifecycle: Lifecycle) -> tuple[str, ...]:
+    """The library's models (SD_MODELS) besides the default one, in the library's order."""
+    return tuple(lifecycle.require_ready().scorer.library.entries)
 
 
 def jobs_of(request: Request) -> Jobs:
@@ -63,3 +71,50 @@ async def followed(request: Request, client: str, preview_every: int = 0) -> Asy
         yield job
     finally:
         jobs.close(job)
+
+
+T = TypeVar("T")
+MAX_CALLERS = 10_000  # callers whose choices are kept; the least recently active one goes first
+
+
+class CallerChoices(Generic[T]):
+    """What each caller chose (A1111's checkpoint of POST /sdapi/v1/options), by ``caller``: one
+    caller never reads nor changes another's. In memory, least recently used out past ``limit``
+    (a forgotten caller has the server's default again); safe from any thread."""
+
+    def __init__(self, limit: int = MAX_CALLERS) -> None:
+        self._limit = limit
+        self._choices: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, who: str) -> T | None:
+        with self._lock:
+            if who not in self._choices:
+                return None
+            self._choices.move_to_end(who)
+            return self._choices[who]
+
+    def set(self, who: str, choice: T | None) -> None:
+        """``choice`` None: the caller is back on the server's default."""
+        with self._lock:
+            self._choices.pop(who, None)
+            if choice is not None:
+                self._choices[who] = choice
+                while len(self._choices) > self._limit:
+                    self._choices.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+
+_STATE_LOCK = threading.Lock()
+
+
+def app_state(request: Request, name: str, make: Callable[[], T]) -> T:
+    """``request.app.state.<name>``, made with ``make()`` the first time it is asked for."""
+    state = request.app.state
+    with _STATE_LOCK:
+        if not hasattr(state, name):
+            setattr(state, name, make())
+        value: T = getattr(state, name)
+    return value

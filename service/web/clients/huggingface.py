@@ -2,7 +2,8 @@
 "parameters": {...}}`` (or an image's base64 as ``inputs``, the prompt in the parameters, or the
 image's bytes as the whole body) answers the PNG's bytes, as ``huggingface_hub.InferenceClient(
 base_url=...).text_to_image`` and ``.image_to_image`` and Inference Endpoints' clients expect.
-``GET /`` stays Azure's readiness probe (routes.py).
+``POST /models/NAME`` does the same with the model NAME (``InferenceClient(model="http://HOST/models/
+NAME")``, the Inference API's path). ``GET /`` stays Azure's readiness probe (routes.py).
 
 Errors are Hugging Face's ``{"error": message, "error_type": code}`` (its clients show ``error``),
 with the status and Retry-After of the one table (service/web/errors.py)."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -42,30 +44,50 @@ def _png(image_base64: str) -> Response:
     return Response(base64.b64decode(image_base64), media_type="image/png")
 
 
-@router.post(
-    "/",
-    summary="Generate one image (Hugging Face's text-to-image task; answers the PNG's bytes)",
-    response_class=Response,
-    responses={
+_ROUTE: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {
         200: {"content": {"image/png": {}}, "description": "The PNG."},
         **error_responses(
             {400: "The body is not JSON.", 422: "Off the contract (the error says where and why)."}
         ),
     },
-    openapi_extra=json_body(TextToImageRequest, SAMPLE_TEXT_TO_IMAGE),
+    "openapi_extra": json_body(TextToImageRequest, SAMPLE_TEXT_TO_IMAGE),
+}
+
+
+@router.post(
+    "/", summary="Generate one image (Hugging Face's text-to-image task; answers the PNG's bytes)", **_ROUTE
 )
 async def text_to_image(request: Request) -> Response:
+    return await _answer(request, None)
+
+
+@router.post(
+    "/models/{name:path}",
+    summary="POST / with the model NAME (the Inference API's path: InferenceClient(model=URL))",
+    **{**_ROUTE, "responses": {**_ROUTE["responses"], **error_responses({404: "No model NAME here."})}},
+)
+async def model_text_to_image(name: str, request: Request) -> Response:
+    return await _answer(request, name)
+
+
+async def _answer(request: Request, model: str | None) -> Response:
+    """The PNG ``model`` (None: the default one) draws for the body, or the error in HF's shape."""
     raw = request.headers.get("content-type", "").partition(";")[0].strip().lower() != JSON_MEDIA_TYPE
 
     async def work(runtime: Runtime, body: bytes, job: Job) -> Any:
-        items = await runtime.scorer.items_for(await _ask(runtime, body, raw))
+        ask = await _ask(runtime, body, raw)
+        if model is not None:  # the path's model; an unknown one is a 404 naming the path
+            ask = dataclasses.replace(ask, model=model, model_field="model")
+        items = await runtime.scorer.items_for(ask)
         _, images = await runtime.scorer.generate(items, prompts=1, job=job)
         return images[0]
 
     try:
         return await answer_generation(request, work, client="huggingface", answer=_png)
     except (ServiceError, EngineError) as error:  # in Hugging Face's shape (the protocols' table)
-        return error_response(error, path="/", method="POST")
+        return error_response(error, path=request.scope["path"], method="POST")
 
 
 async def _ask(runtime: Runtime, body: bytes, raw: bool) -> Ask:
