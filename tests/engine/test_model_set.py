@@ -6,7 +6,6 @@ the other models' images, whatever was evicted or reloaded in between."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,14 @@ from model.library.shared import digest
 from model.types import GenerationItem
 from tests.engine.test_images_in import SIZE, TOLERANCE, picture, reference, square_mask
 from tests.helpers.stepping import retire_float
-from tests.helpers.weights import save_single_file, save_with_diffusers
+from tests.helpers.weights import save_library, save_with_diffusers
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three models: ``base`` (a folder), ``single`` (one .safetensors file), ``paint`` (9 channels)."""
     root = tmp_path_factory.mktemp("library")
-    save_with_diffusers(root / "base", "tiny", seed=0)
-    source = save_with_diffusers(tmp_path_factory.mktemp("src") / "single", "tiny", seed=1)
-    save_single_file(source, root / "single.safetensors")
-    # a tiny UNet is no known architecture: its configs beside it, without weights, as users keep them
-    shutil.copytree(source, root / "single", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    save_with_diffusers(root / "paint", "tiny-inpaint", seed=2)
+    save_library(root, tmp_path_factory.mktemp("src"))
     return root
 
 

@@ -140,3 +140,16 @@ def save_single_file(folder: Path, out: Path) -> Path:
     else:
         torch.save({"state_dict": tensors, "global_step": 1}, out)
     return out
+
+
+def save_library(root: Path, scratch: Path) -> Path:
+    """A model library as users bring one (SD_MODELS): ``base/`` (a folder saved by diffusers,
+    random:tiny:0), ``single.safetensors`` (a single file converted from random:tiny:1's folder, made
+    in ``scratch``, with its configs beside it in ``single/``: a tiny UNet is no published
+    architecture) and ``paint/`` (an inpainting model, random:tiny-inpaint:2)."""
+    save_with_diffusers(root / "base", "tiny", seed=0)
+    source = save_with_diffusers(scratch / "single", "tiny", seed=1)
+    save_single_file(source, root / "single.safetensors")
+    shutil.copytree(source, root / "single", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    save_with_diffusers(root / "paint", "tiny-inpaint", seed=2)
+    return root

@@ -8,7 +8,6 @@ others serve, and serves again once mended."""
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from model.types import GenerationItem
 from tests.engine.test_images_in import reference
 from tests.helpers.processes import Server, serving
 from tests.helpers.servers import decode_png, metric_value, request_body
-from tests.helpers.weights import save_single_file, save_with_diffusers
+from tests.helpers.weights import save_library, save_with_diffusers
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +34,7 @@ TOLERANCE = 2 / 255 + 1 / 255  # diffusers' float image against the server's PNG
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    save_with_diffusers(root / "base", "tiny", seed=0)
-    source = save_with_diffusers(tmp_path_factory.mktemp("source") / "single", "tiny", seed=1)
-    save_single_file(source, root / "single.safetensors")
-    shutil.copytree(source, root / "single", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    save_with_diffusers(root / "paint", "tiny-inpaint", seed=2)
+    save_library(root, tmp_path_factory.mktemp("source"))
     save_with_diffusers(root / "spare", "tiny", seed=3)
     return root
 

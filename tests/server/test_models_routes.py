@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from schemas.openai import ImageGenerationRequest
 from schemas.score import ScoreLimits, ScoreRequest
 from tests.helpers.processes import REPO, SERVE, Server, clean_env, serving
 from tests.helpers.servers import decode_png
-from tests.helpers.weights import save_single_file, save_with_diffusers
+from tests.helpers.weights import save_library
 
 pytestmark = pytest.mark.slow
 KEY, OTHER_KEY = "k1", "k2"
@@ -257,12 +256,7 @@ def test_a_model_name_takes_the_same_rules_on_every_way_in() -> None:
 @pytest.fixture(scope="module")
 def folder_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     root = tmp_path_factory.mktemp("library")
-    save_with_diffusers(root / "base", "tiny", seed=0)
-    source = save_with_diffusers(tmp_path_factory.mktemp("source") / "single", "tiny", seed=1)
-    save_single_file(source, root / "single.safetensors")
-    # a tiny UNet is no published architecture: its configs beside it, without weights
-    shutil.copytree(source, root / "single", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    save_with_diffusers(root / "paint", "tiny-inpaint", seed=2)
+    save_library(root, tmp_path_factory.mktemp("source"))
     log = tmp_path_factory.mktemp("folder") / "server.log"
     with serving(log, SD_MODELS=str(root), SD_API_KEYS=KEY, SD_MAX_RESIDENT_MODELS="4") as running:
         yield running, root
