@@ -45,8 +45,9 @@ def preprocess(images: torch.Tensor, feature_extractor: Any) -> torch.Tensor:
     left = (pixels.shape[-1] - crop_w) // 2
     pixels = pixels[..., top : top + crop_h, left : left + crop_w]
     # 4) rescale + normalise
-    mean = torch.tensor(config.image_mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.image_std, device=pixels.device).view(1, 3, 1, 1)
+    # float32 as stated, not the default dtype: a model loading in the background changes that
+    mean = torch.tensor(config.image_mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     result: torch.Tensor = (pixels * float(config.rescale_factor) - mean) / std
     return result
 

@@ -30,7 +30,7 @@ def linear_preview(latents: torch.Tensor) -> np.ndarray:
     """1 x C x h x w latents -> h x w x 3 uint8 RGB."""
     sample = latents[0].float()
     if sample.shape[0] == len(SD_LATENT_RGB):
-        weights = torch.tensor(SD_LATENT_RGB, device=sample.device)
+        weights = torch.tensor(SD_LATENT_RGB, dtype=torch.float32, device=sample.device)
         rgb = torch.einsum("chw,cr->rhw", sample, weights)
     else:
         rgb = sample[:3] if sample.shape[0] >= 3 else sample[:1].expand(3, -1, -1)
