@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.pictures import picture, png_bytes, square_mask
 from tests.helpers.processes import Server, serving
 
 pytestmark = pytest.mark.slow
@@ -87,8 +89,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Install:
 @pytest.fixture(scope="module")
 def server(installed: Install) -> Iterator[Server]:
     log = installed.outside / "server.log"
+    # a second model, chosen per request, on two devices (two CPU engines behind one queue)
+    library = {"SD_MODELS": "paint=random:tiny-inpaint:1", "SD_DEVICES": "cpu,cpu"}
     with serving(
-        log, command=[installed.program, "serve"], cwd=installed.outside, **installed.env
+        log, command=[installed.program, "serve"], cwd=installed.outside, **installed.env, **library
     ) as running:
         yield running
 
@@ -141,7 +145,7 @@ def test_score_info_and_the_openai_api_answer(server: Server) -> None:
     info = httpx.get(f"{server.url}/info").json()
     assert (info["name"], info["random_weights"]) == ("random:tiny", True)
     models = httpx.get(f"{server.url}/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["random:tiny"]
+    assert [m["id"] for m in models["data"]] == ["random:tiny", "paint"]
     openai = {"prompt": "a dog", "num_inference_steps": 1, "response_format": "b64_json"}
     answer = httpx.post(f"{server.url}/v1/images/generations", json=openai, timeout=120)
     assert answer.status_code == 200, answer.text
@@ -169,3 +173,22 @@ def test_a_local_batch_job_runs(installed: Install) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list(out.rglob("*.png"))) == 2
+
+
+def test_the_installed_package_inpaints_with_the_library_model_a_request_names(server: Server) -> None:
+    image = base64.b64encode(png_bytes(picture(3, (128, 128)))).decode()
+    mask = base64.b64encode(png_bytes(square_mask(128))).decode()
+    body = {
+        "input_data": {
+            "columns": ["prompt", "image", "mask_image"],
+            "data": [["a red door", image, mask]],
+            "parameters": {"num_inference_steps": 2, "model": "paint", "seed": 5},
+        }
+    }
+    drawn = httpx.post(f"{server.url}/score", json=body, timeout=120)
+    assert drawn.status_code == 200, drawn.text
+    painted = np.asarray(png(drawn.json()[0]["generated_image"]))
+    body["input_data"]["parameters"].pop("model")  # type: ignore[attr-defined]
+    default = httpx.post(f"{server.url}/score", json=body, timeout=120)
+    assert default.status_code == 200, default.text
+    assert not np.array_equal(painted, np.asarray(png(default.json()[0]["generated_image"])))
