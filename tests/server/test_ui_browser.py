@@ -35,6 +35,9 @@ KEY_STORAGE = "sd-endpoint-api-key"
 
 server = server_fixture("server")
 keyed_server = server_fixture("keyed", fixture="keyed_server", SD_API_KEYS=",".join(KEYS))
+models_server = server_fixture(
+    "models", fixture="models_server", SD_MODELS="two=random:tiny:1,paint=random:tiny-inpaint:2"
+)
 
 
 def fill_form(page: Page, *, prompt: str, seed: str = "", steps: str = "2", images: str = "1") -> None:
@@ -264,7 +267,31 @@ def test_an_adapter_picked_from_the_list_draws_what_score_draws_with_it(
 
 def test_the_adapter_list_is_hidden_when_the_server_serves_none(server: Server, page: Page) -> None:
     open_playground(page, server)
+    expect(page.locator("#model-field")).to_be_hidden()  # one model: nothing to choose
     expect(page.locator("#adapter-field")).to_be_hidden()
     expect(page.locator("#adapter-scale-field")).to_be_hidden()
     fill_form(page, prompt="a lighthouse")
     assert "adapters" not in generate(page).request.post_data_json["input_data"]["parameters"]
+
+
+def test_a_model_picked_from_the_list_draws_what_score_draws_with_it(
+    models_server: Server, page: Page
+) -> None:
+    info = open_playground(page, models_server)
+    expect(page.locator("#model-field")).to_be_visible()
+    offered = page.eval_on_selector_all("#model-choice option", "options => options.map(o => o.value)")
+    assert offered == ["", "two", "paint"] and [m["name"] for m in info["models"]][1:] == ["two", "paint"]
+    fill_form(page, prompt="a lighthouse", seed="7")
+    page.select_option("#model-choice", "two")
+    response = generate(page)
+    assert response.status == 200
+    sent = response.request.post_data_json["input_data"]["parameters"]
+    assert sent["model"] == "two"
+    direct = {"input_data": {"columns": ["prompt"], "data": ["a lighthouse"], "parameters": sent}}
+    expected = httpx.post(f"{models_server.url}/score", json=direct, timeout=300).json()[0]["generated_image"]
+    shown = page.get_attribute("#images img", "src")
+    assert shown == f"data:image/png;base64,{expected}"
+    page.select_option("#model-choice", "")  # the server's default: no model sent, another image
+    response = generate(page)
+    assert "model" not in response.request.post_data_json["input_data"]["parameters"]
+    assert page.get_attribute("#images img", "src") != shown

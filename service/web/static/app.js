@@ -118,6 +118,20 @@
         }),
       );
     }
+    // The models the server serves by name (SD_MODELS), the default first; one model: no choice.
+    const models = Array.isArray(info.models)
+      ? info.models.filter((entry) => entry && typeof entry.name === "string")
+      : [];
+    const picked = $("model-choice").value;
+    $("model-choice").replaceChildren(
+      ...models.map((entry) => {
+        const kind = entry.inpainting ? ", inpainting" : "";
+        const option = new Option(`${entry.name} (${entry.architecture || "?"}${kind})`, entry.default ? "" : entry.name);
+        option.selected = entry.default ? picked === "" : picked === entry.name;
+        return option;
+      }),
+    );
+    $("model-field").hidden = models.length < 2;
     // LoRA adapters the server serves (names from its SD_ADAPTERS folder), "none" first.
     const adapters = Array.isArray(info.adapters) ? info.adapters.filter((name) => typeof name === "string") : [];
     const chosen = $("adapter").value;
@@ -406,6 +420,7 @@
       if (input.value !== "") parameters[name] = Number(input.value);
     }
     if ($("scheduler").value) parameters.scheduler = $("scheduler").value;
+    if ($("model-choice").value) parameters.model = $("model-choice").value;
     if ($("adapter").value) {
       // One adapter at its scale (blank: 1); the server says when the scale is out of its range.
       const scale = $("adapter-scale");
