@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height in pixels (multiple of 8)")
     parser.add_argument("--seed", type=int, help="seed of the first image (random when omitted)")
     parser.add_argument("--scheduler", help="scheduler name, one of those listed by GET /info")
+    parser.add_argument(
+        "--model", help="the model to draw with, one of those listed by GET /info (default: the server's)"
+    )
     parser.add_argument("--num-images", type=int, help="images for this prompt")
     parser.add_argument(
         "--adapter",
@@ -169,6 +172,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         ("height", args.height),
         ("seed", args.seed),
         ("scheduler", args.scheduler),
+        ("model", args.model),
         ("num_images_per_prompt", args.num_images),
     ]:
         if value is not None:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,18 @@ def huggingface_image(server: Server, model: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def client_image(server: Server, model: str, out: Path) -> np.ndarray:
+    """``sd-endpoint generate --model``: the command-line client of /score."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "generate", "a red fox", "--url", server.url, "--key", KEY,
+         "--model", model, "--seed", str(SEED), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+         "--scheduler", "euler", "--out", str(out)],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return pixels(Path(done.stdout.split("\tnsfw=")[0]).read_bytes())
+
+
 def titles(server: Server) -> dict[str, dict[str, Any]]:
     """/sdapi/v1/sd-models by model name, once every checkpoint has its hash."""
     deadline = time.monotonic() + HASH_WAIT_S
@@ -119,7 +132,7 @@ def titles(server: Server) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_every_route_draws_with_the_model_it_names(server: Server, model: str) -> None:
+def test_every_route_draws_with_the_model_it_names(server: Server, model: str, tmp_path: Path) -> None:
     default = score_image(server)
     mine = score_image(server, model)
     assert not np.array_equal(mine, default), "the named model drew the default model's image"
@@ -130,6 +143,7 @@ def test_every_route_draws_with_the_model_it_names(server: Server, model: str) -
         image, info = a1111_image(server, override_settings={"sd_model_checkpoint": named})
         assert np.array_equal(image, mine), named
         assert info["sd_model_name"] == model
+    assert np.array_equal(client_image(server, model, tmp_path), mine)
 
 
 def test_openais_ids_and_the_default_models_name_draw_the_default(server: Server) -> None:
