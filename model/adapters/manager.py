@@ -99,15 +99,16 @@ class Adapters:
             )  # fmt: skip
 
     # ------------------------------------------------------------------ requests
-    def check(self, adapters: AdapterSet) -> None:
+    def check(self, adapters: AdapterSet, *, another_model: bool = False) -> None:
         """InvalidRequestError unless every name serves, every scale is in range and the set fits
-        on the device at once."""
+        on the device at once. ``another_model``: the image is for another model, not loaded yet,
+        which checks the fit itself: an adapter this model does not take may still serve there."""
         if not isinstance(adapters, tuple) or len(adapters) > MAX_ADAPTERS_PER_ITEM:
             raise InvalidRequestError(f"give at most {MAX_ADAPTERS_PER_ITEM} adapters per image")
         for name, scale in adapters:
-            if name in self.broken:
+            if name in self.broken and not another_model:
                 raise InvalidRequestError(f"adapter {name} could not be loaded: {self.broken[name]}")
-            if name not in self.served:
+            if name not in self.served and not (another_model and name in self.broken):
                 served = ", ".join(self.names) or "none on this server"
                 raise InvalidRequestError(f"unknown adapter {name[:64]!r}; GET /info lists them: {served}")
             if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
@@ -159,6 +160,12 @@ class Adapters:
                     self._reader = ThreadPoolExecutor(1, thread_name_prefix="adapter-read")
                 future = self._reads[name] = self._reader.submit(read_adapter, self.served[name])
             return future
+
+    def take_read(self, name: str, future: Future[AdapterFile]) -> None:
+        """A read of ``name``'s file made elsewhere (for a device's models: model/library): the
+        next ``place`` installs it instead of reading it again."""
+        with self._lock:
+            self._reads.setdefault(name, future)
 
     def place(self, evict: Collection[str], install: Collection[str]) -> dict[str, str]:
         """Engine thread, at a step boundary: take ``evict`` off the device, then put ``install``

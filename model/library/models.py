@@ -16,6 +16,7 @@ same VAE, text encoder or safety checker, by content) are loaded once (shared.py
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -29,6 +30,7 @@ import numpy as np
 
 from model.engine import Engine
 from model.errors import EngineFailure, InvalidRequestError, ModelLoadError
+from model.library.adapters import ModelAdapters
 from model.library.parts import Loaded, Shell, by_model
 from model.library.shared import SHAREABLE, SharedComponents, size_of
 from model.loading import READING
@@ -65,7 +67,8 @@ class ModelSet:
         self.default = default
         self.loaders = dict(loaders)
         self.resident: OrderedDict[str, Engine] = OrderedDict({default: first})
-        self._adapters = first.adapters
+        self._files = first.adapters  # SD_ADAPTERS' files, as the default model found them
+        self._adapters = ModelAdapters(first, self.resident, lambda: self.default)
         self._info = first.info
         self._shell = Shell(first)  # checks items while no model is on the device
         self.shared = SharedComponents()
@@ -92,12 +95,9 @@ class ModelSet:
         return self._info
 
     @property
-    def adapters(self) -> Any:
-        """LoRA adapters belong to the default model (the step loop places them there, and keeps
-        that model on the device while it serves any): its manager, even while it is away."""
-        engine = self.resident.get(self.default)
-        if engine is not None:
-            self._adapters = engine.adapters
+    def adapters(self) -> ModelAdapters:
+        """The LoRA adapters of every model of the device, as the step loop places them (each an
+        adapter on one model: model/library/adapters.py)."""
         return self._adapters
 
     @property
@@ -137,13 +137,16 @@ class ModelSet:
             self._checker(name).validate(group)
 
     def validate_item(self, item: GenerationItem) -> None:
+        """An item's values, by its model's engine when it is on the device; else by the default's
+        (what differs between models of one family: nothing an item can get wrong), its adapters
+        only by name and scale: whether one fits that model is known once it loads (an adapter that
+        does not fit is refused then, with 422, naming the model)."""
         name = self._name(item)
-        if item.adapters and name != self.default:
-            raise InvalidRequestError(
-                f"LoRA adapters belong to the default model {self.default}: model {name} takes none; "
-                "leave the adapters out or choose the default model"
-            )
-        self._checker(name).validate_item(item)
+        checker = self._checker(name)
+        if item.adapters and name not in self.resident:
+            self._files.check(item.adapters, another_model=True)
+            item = dataclasses.replace(item, adapters=())
+        checker.validate_item(item)
 
     def _checker(self, name: str) -> Engine:
         """The engine that checks an item of ``name``: its own when resident, else the default one
@@ -344,10 +347,15 @@ class ModelSet:
         # peft makes parameters as it injects: never while a background load has nn.Module patched
         # process-wide (accelerate's empty weights: model/loading's READING says why)
         with READING:
-            return self._default_engine().place_adapters(evict, install)
+            try:
+                return self._adapters.place(evict, install)
+            except Exception as error:  # the step loop must go on for the other images
+                log.exception("putting LoRA adapters on the device failed")
+                return dict.fromkeys(install, f"it could not be put on the device ({type(error).__name__})")
 
     def install_adapters(self, wait: float = 0.0) -> None:
-        self._default_engine().install_adapters(wait)
+        for engine in list(self.resident.values()):
+            engine.install_adapters(wait)
 
     # ------------------------------------------------------------------ whole batches
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
@@ -364,6 +372,7 @@ class ModelSet:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
+        self._adapters.close()
         for engine in [*self.resident.values(), *(engine for engine, _ in self._host.values())]:
             engine.close()
         self.resident.clear()

@@ -52,9 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height in pixels (multiple of 8)")
     parser.add_argument("--seed", type=int, help="seed of the first image (random when omitted)")
     parser.add_argument("--scheduler", help="scheduler name, one of those listed by GET /info")
-    parser.add_argument(
-        "--model", help="the model to draw with, one of those listed by GET /info (default: the server's)"
-    )
+    parser.add_argument("--model", help="model name, one of those listed by GET /info (default: its default)")
     parser.add_argument("--num-images", type=int, help="images for this prompt")
     parser.add_argument(
         "--adapter",
@@ -94,9 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--async", dest="async_", action="store_true", help="submit as a job: print its id and exit"
     )
-    parser.add_argument(
-        "--webhook", type=_ascii, metavar="URL", help="with --async: where the job's events go"
-    )
+    parser.add_argument("--webhook", type=_ascii, metavar="URL", help="with --async: where events go")
 
 
 def _ascii(text: str) -> str:  # a header's value

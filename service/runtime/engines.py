@@ -173,14 +173,14 @@ def load_serving_engine(settings: Settings, device: str | None) -> ServingEngine
 
     # 1. The default model, with the server's LoRA adapters.
     log.info("loading model %s on %s", settings.model_spec, device or "the default device")
-    engine: ServingEngine = _loader(settings, device, settings.model_spec, adapters=True)(None)
+    engine: ServingEngine = _loader(settings, device, settings.model_spec, default=True)(None)
     # 2. The library's models: loaders only; nothing more is read until a request names one.
     library = library_of(settings, engine.info.name)
     if not library.several:
         return engine
     from model.library.models import ModelSet
 
-    loaders = {library.default: _loader(settings, device, settings.model_spec, adapters=True)}
+    loaders = {library.default: _loader(settings, device, settings.model_spec, default=True)}
     for name, entry in library.entries.items():
         loaders[name] = _loader(settings, device, entry.spec, config=entry.config, variant=entry.variant)
     return ModelSet(
@@ -209,12 +209,13 @@ def _loader(
     device: str | None,
     spec: str,
     *,
-    adapters: bool = False,
+    default: bool = False,
     config: str | None = None,
     variant: str | None = None,
 ) -> Any:
-    """A function that loads ``spec`` on ``device`` with the settings' options (given the hook that
-    shares components with the device's other models, or None)."""
+    """A function that loads ``spec`` on ``device`` with the settings' options and LoRA adapters
+    (given the hook that shares components with the device's other models, or None); ``default``:
+    the default model (SD_MODEL's variant and config, rather than its library entry's)."""
     from model import EngineOptions, load
 
     options = EngineOptions(
@@ -236,9 +237,9 @@ def _loader(
             dtype,
             safety_checker=checker,
             options=options,
-            variant=variant if not adapters else settings.model_variant,
-            config=config if not adapters else given_config,
-            adapters=settings.adapters if adapters else None,
+            variant=settings.model_variant if default else variant,
+            config=given_config if default else config,
+            adapters=settings.adapters,
             max_adapters=settings.max_adapters,
             share=share,
         )

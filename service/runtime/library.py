@@ -72,7 +72,6 @@ class Library:
             native_height=entry.native_height,
             native_width=entry.native_width,
             inpainting=entry.inpainting,
-            adapters=(),  # LoRA adapters belong to the default model
         )
 
 

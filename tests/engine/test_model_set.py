@@ -6,6 +6,7 @@ the other models' images, whatever was evicted or reloaded in between."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from model.errors import InvalidRequestError, ModelLoadError
 from model.library import scan_library
 from model.library.models import ModelSet
 from model.library.shared import digest
-from model.types import GenerationItem
+from model.types import GenerationItem, adapter_set
 from tests.engine.test_images_in import SIZE, TOLERANCE, picture, reference, square_mask
+from tests.helpers import loras
 from tests.helpers.stepping import retire_float
 from tests.helpers.weights import save_library, save_with_diffusers
 
@@ -167,11 +169,11 @@ def test_a_model_that_fails_to_load_is_named_and_the_others_serve(library: Path,
     models.close()
 
 
-def test_unknown_models_and_adapters_on_another_model_are_invalid_requests(library: Path) -> None:
+def test_an_unknown_model_is_an_invalid_request(library: Path) -> None:
     models = model_set(library, cap=1)
     with pytest.raises(InvalidRequestError, match="no model 'nope'"):
         models.validate_item(GenerationItem("x", seed=1, model="nope"))
-    with pytest.raises(InvalidRequestError, match="LoRA adapters belong to the default model"):
+    with pytest.raises(InvalidRequestError, match="unknown adapter"):
         models.validate_item(GenerationItem("x", seed=1, model="single", adapters=(("style", 1.0),)))
     models.close()
 
@@ -211,3 +213,45 @@ def test_the_step_loop_serves_alternating_models_on_full_devices(
     for it, result in zip(asks, results, strict=True):
         expected = alone[it.model or "base"].generate([it])[0].image
         assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= 2, it
+
+
+def test_adapters_belong_to_each_model_and_one_that_fits_none_is_refused_naming_it(tmp_path: Path) -> None:
+    """SD_ADAPTERS with a library: each model checks every adapter against itself as it loads, so
+    an adapter on another model draws what diffusers draws with that model and load_lora_weights;
+    an adapter that does not fit is refused (422) naming it, whatever model it was asked with."""
+    from service.runtime.batching.steploop import StepLoop
+    from service.runtime.metrics import Metrics
+
+    (tmp_path / "adapters").mkdir()
+    folder = loras.adapter_folder(tmp_path / "adapters")
+
+    def with_adapters(spec: str) -> Any:
+        return lambda share: model.load(spec, "cpu", adapters=folder, share=share)
+
+    loaders = {"base": with_adapters("random:tiny:0"), "other": with_adapters("random:tiny:1")}
+    asks = [
+        GenerationItem("a lighthouse", seed=4, num_inference_steps=3, height=SIZE, width=SIZE, model=name,
+                       adapters=adapter_set({"style": 0.8}))
+        for name in ("other", None, "other")
+    ]  # fmt: skip
+    broken = GenerationItem("x", seed=1, num_inference_steps=2, height=SIZE, width=SIZE, model="other",
+                            adapters=adapter_set({"wrong-shape": 1.0}))  # fmt: skip
+
+    async def serve() -> tuple[list[Any], BaseException]:
+        models = ModelSet("base", loaders, loaders["base"](None), cap=1)
+        loop = StepLoop([models], max_batch_size=4, max_queue_items=64, metrics=Metrics())
+        loop.start()
+        try:
+            models.validate_item(broken)  # by name only: "other" is not loaded yet
+            failed = loop.submit([broken])[0]
+            drawn = list(await asyncio.wait_for(asyncio.gather(*[loop.submit([a])[0] for a in asks]), 120))
+            return drawn, await asyncio.wait_for(asyncio.gather(failed, return_exceptions=True), 120)
+        finally:
+            await loop.close()
+            models.close()
+
+    drawn, (error,) = asyncio.run(serve())  # type: ignore[misc]
+    for it, result in zip(asks, drawn, strict=True):
+        expected = loras.reference(folder, dataclasses.replace(it, model=None), seed=1 if it.model else 0)
+        assert loras.difference(result.image / 255, expected) <= TOLERANCE + 1 / 255, it.model
+    assert isinstance(error, InvalidRequestError) and "wrong-shape" in str(error), error

@@ -106,13 +106,14 @@ def adapter_folder(root: Path) -> Path:
     return root
 
 
-def reference(folder: Path, it: GenerationItem) -> np.ndarray:
-    """What a diffusers user gets: the same weights, load_lora_weights and set_adapters."""
+def reference(folder: Path, it: GenerationItem, seed: int = 0) -> np.ndarray:
+    """What a diffusers user gets: the same weights (random:tiny:``seed``'s), load_lora_weights and
+    set_adapters."""
     from diffusers import StableDiffusionPipeline
 
     from model.architectures import build_components
 
-    pipe = StableDiffusionPipeline(**build_components("tiny", 0), requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**build_components("tiny", seed), requires_safety_checker=False)
     for name, _ in it.adapters:
         path = folder / name / DIFFUSERS_FILE if (folder / name).is_dir() else folder / f"{name}.safetensors"
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)

@@ -14,39 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from model.types import GenerationResult
-from service.runtime.batching.residency import Placement, model_needs
+from service.runtime.batching.residency import adapter_manager
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Output, Plan, Scheduler, State
 from service.runtime.engines import FollowableEngine, ServingEngine, engine_thread
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-def adapter_manager(engine: ServingEngine) -> Any:
-    """The engine's LoRA adapters (model/adapters), or None for an engine without any (fakes)."""
-    return getattr(engine, "adapters", None)
-
-
-def adapter_cap(engine: ServingEngine) -> int | None:
-    """How many LoRA adapters the engine's device holds at once; None when it serves none."""
-    manager = adapter_manager(engine)
-    return manager.max_resident if manager is not None and manager.names else None
-
-
-def model_placement(engine: ServingEngine) -> Placement:
-    """Where the scheduler keeps the engine's models: a library's (model/library/models.py: at
-    most its cap on the device, the default one there first), else none to place."""
-    loaders, default = getattr(engine, "loaders", None), getattr(engine, "default", None)
-    if not isinstance(loaders, dict) or not isinstance(default, str):
-        return Placement(None)
-    resident = getattr(engine, "resident", ())
-    placement = Placement(getattr(engine, "cap", 1), model_needs(default), "model", resident)
-    if adapter_cap(engine) is not None:  # the adapters' manager lives in the default model: it stays
-        placement.keep = frozenset({default})
-    return placement
 
 
 def fail(images: Sequence[Image], error: BaseException) -> None:

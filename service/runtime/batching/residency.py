@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from model.adapters.policy import Names, Residency, names_of
 from model.errors import InvalidRequestError, ModelLoadError
 from model.types import GenerationItem
+from service.runtime.engines import ServingEngine
 
 Elsewhere = Callable[[Names], bool]  # whether another engine with room holds or reads these names
 
@@ -194,3 +196,39 @@ def drains(models: Placement, item: GenerationItem, elsewhere: Elsewhere) -> boo
     if models.residency is None or models.ready(item) or elsewhere(models.needs(item)):
         return False
     return len(models.resident) >= models.residency.cap
+
+
+# ------------------------------------------------------------------ the placements of an engine
+def adapter_manager(engine: ServingEngine) -> Any:
+    """The engine's LoRA adapters (model/adapters), or None for an engine without any (fakes)."""
+    return getattr(engine, "adapters", None)
+
+
+def adapter_cap(engine: ServingEngine) -> int | None:
+    """How many LoRA adapters the engine's device holds at once; None when it serves none."""
+    manager = adapter_manager(engine)
+    return manager.max_resident if manager is not None and manager.names else None
+
+
+def model_placement(engine: ServingEngine) -> Placement:
+    """Where the scheduler keeps the engine's models: a library's (model/library/models.py: at
+    most its cap on the device, the default one there first), else none to place."""
+    loaders, default = getattr(engine, "loaders", None), getattr(engine, "default", None)
+    if not isinstance(loaders, dict) or not isinstance(default, str):
+        return Placement(None)
+    resident = getattr(engine, "resident", ())
+    placement = Placement(getattr(engine, "cap", 1), model_needs(default), "model", resident)
+    return placement
+
+
+def adapter_placement(engine: ServingEngine) -> int | Placement | None:
+    """Where the scheduler keeps the engine's LoRA adapters: their cap (None: it serves none), or
+    for a library's models, each adapter on one model (model/library/adapters.py)."""
+    cap, manager, default = adapter_cap(engine), adapter_manager(engine), getattr(engine, "default", "")
+    if cap is None or not hasattr(manager, "placed_name"):
+        return cap
+
+    def needs(item: GenerationItem) -> tuple[str, ...]:
+        return names_of(manager.placed_name(item.model or default, name) for name, _ in item.adapters)
+
+    return Placement(cap, needs)

@@ -67,18 +67,17 @@ class Scheduler:
         ready: Ready = always_ready,
         weights: Mapping[str, float] | None = None,
         max_groups: int = 4,
-        adapter_caps: Sequence[int | None] = (),
+        adapter_caps: Sequence[int | Placement | None] = (),
         models: Sequence[Placement] = (),
     ) -> None:
         """``weights``: callers' shares (1 for any not named); ``max_groups``: UNet calls per step
         (distinct sizes and adapter sets) at most, beyond the first image's; ``adapter_caps``: the
-        LoRA adapters each engine's device holds at once (None: it places none); ``models``: each
-        engine's models of a library (none: one model each)."""
-        caps = [*adapter_caps, *[None] * (engines - len(adapter_caps))]
-        self.engines = [
-            EngineSlot(index, max_batch_size, max_batch_size, placement=Placement(caps[index]))
-            for index in range(engines)
-        ]
+        LoRA adapters each engine's device holds at once (None: it places none; a Placement: its own,
+        for a library's adapters on each model); ``models``: each engine's models of a library."""
+        caps = [p if isinstance(p, Placement) else Placement(p) for p in adapter_caps]
+        caps += [Placement(None) for _ in range(engines - len(caps))]
+        size = max_batch_size
+        self.engines = [EngineSlot(i, size, size, placement=p) for i, p in enumerate(caps)]
         for slot, placement in zip(self.engines, models, strict=False):
             slot.models = placement
         self._max_batch_size = max_batch_size
@@ -170,11 +169,12 @@ class Scheduler:
         """What ``engine`` does at its step boundary: the handles to drop, the images to admit."""
         slot = self.engines[engine]
         leave, slot.leaving = slot.leaving, []
-        pinned = {name for image in slot.running.values() for name, _ in image.item.adapters}
+        on = [image.item for image in slot.running.values()]
         order: list[Image] = self._queue.fair_order(slot.cost)  # type: ignore[assignment]
-        in_use = slot.models.in_use(image.item for image in slot.running.values())
-        models = slot.models.plan([image.item for image in order], in_use, self._elsewhere(slot, "models"))
-        changes = slot.placement.plan([image.item for image in order], pinned, self._elsewhere(slot))
+        waiting = [image.item for image in order]
+        models = slot.models.plan(waiting, slot.models.in_use(on), self._elsewhere(slot, "models"))
+        here = [item for item in waiting if slot.models.ready(item)]  # adapters go where their model is
+        changes = slot.placement.plan(here, slot.placement.in_use(on), self._elsewhere(slot))
         admit = self._take(slot, order)
         for image in admit:
             image.state, image.engine = State.ADMITTING, engine

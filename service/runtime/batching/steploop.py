@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from model.types import GenerationItem, GenerationResult
-from service.runtime.batching.lane import Lane, adapter_cap, fail, model_placement
+from service.runtime.batching.lane import Lane, fail
+from service.runtime.batching.residency import adapter_placement, model_placement
 from service.runtime.batching.room import caller_bound, check_room, queue_bound
 from service.runtime.batching.scheduler import NO_ENGINE_LEFT, Image, Ready, Scheduler, always_ready
 from service.runtime.engines import ServingEngine
@@ -109,7 +110,7 @@ class StepLoop:
             max_batch_size=max_batch_size,
             max_failures=max_failures,
             ready=ready or always_ready,
-            adapter_caps=[adapter_cap(each) for each in engines],
+            adapter_caps=[adapter_placement(each) for each in engines],
             models=[model_placement(each) for each in engines],
             weights=weights,
             max_groups=max_groups,
