@@ -68,7 +68,9 @@ def job_settings(settings: Settings) -> Settings:
     library. The library's other models are not loaded (a job draws with one)."""
     if not settings.models:
         return settings
-    from service.runtime.library import library_of
+    from service.runtime.library import library_of, with_default
+
+    settings = with_default(settings)  # no SD_MODEL: the library's first model
 
     # No default's name to leave out: every library model is a candidate.
     entry = library_of(settings, default="").entries.get(settings.model_spec)

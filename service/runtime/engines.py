@@ -169,11 +169,14 @@ def load_serving_engine(settings: Settings, device: str | None) -> ServingEngine
 
     Raises ModelLoadError, with the reason, when the spec names nothing loadable.
     """
-    from service.runtime.library import library_of
+    from service.runtime.library import default_entry, library_of, with_default
 
-    # 1. The default model, with the server's LoRA adapters.
+    # 1. The default model (SD_MODEL, else a library's first model), with the server's LoRA adapters.
+    chosen, settings = default_entry(settings), with_default(settings)
     log.info("loading model %s on %s", settings.model_spec, device or "the default device")
     engine: ServingEngine = _loader(settings, device, settings.model_spec, default=True)(None)
+    if chosen is not None:  # known by its library name, as the others are
+        engine.components.name = chosen.name  # type: ignore[attr-defined]
     # 2. The library's models: loaders only; nothing more is read until a request names one.
     library = library_of(settings, engine.info.name)
     if not library.several:

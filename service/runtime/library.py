@@ -96,6 +96,25 @@ def _same_place(spec: str, other: str) -> bool:
         return False
 
 
+def default_entry(settings: Settings) -> ModelEntry | None:
+    """The library model that is the default one: none when SD_MODEL (or Azure ML's model folder)
+    names it; else SD_MODELS' first model (by name, for a folder) rather than the embedded random
+    one."""
+    if settings.model or settings.azureml_model_dir or not settings.models:
+        return None
+    entries, _ = _scan(settings.models, settings.model_config_dir, settings.model_variant)
+    return entries[0] if entries else None
+
+
+def with_default(settings: Settings) -> Settings:
+    """The settings with the default model made explicit (``default_entry``'s spec as SD_MODEL)."""
+    entry = default_entry(settings)
+    if entry is None:
+        return settings
+    update = {"model": entry.spec, "model_config_dir": entry.config, "model_variant": entry.variant}
+    return settings.model_copy(update=update)
+
+
 def library_of(settings: Settings, default: str) -> Library:
     """The library the settings name (SD_MODELS), for a server whose default model is ``default``
     (its loaded name); each bad entry is named in one log line and left out."""

@@ -255,3 +255,20 @@ def test_adapters_belong_to_each_model_and_one_that_fits_none_is_refused_naming_
         expected = loras.reference(folder, dataclasses.replace(it, model=None), seed=1 if it.model else 0)
         assert loras.difference(result.image / 255, expected) <= TOLERANCE + 1 / 255, it.model
     assert isinstance(error, InvalidRequestError) and "wrong-shape" in str(error), error
+
+
+def test_without_sd_model_a_librarys_first_model_is_the_default(library: Path) -> None:
+    """SD_MODELS alone: the default is the library's first model by name, not the embedded random
+    one, and it is known by its library name (no server path in what clients read)."""
+    from service.runtime.engines import load_serving_engine
+    from service.runtime.library import library_of
+    from service.settings import load_settings
+
+    settings = load_settings(models=str(library))
+    engine = load_serving_engine(settings, "cpu")
+    try:
+        assert engine.info.name == "base" and not engine.info.random_weights
+        assert isinstance(engine, ModelSet) and list(engine.loaders) == ["base", "paint", "single"]
+        assert library_of(settings, engine.info.name).names == ("base", "paint", "single")
+    finally:
+        engine.close()
