@@ -284,6 +284,7 @@ class InfoModel(BaseModel):
     native_height: int
     native_width: int
     default: bool = Field(description="true: the model of requests that name none.")
+    engines: list[int] = Field(description="The engines (GET /info engines) whose device holds it now.")
 
 
 class InfoResponse(BaseModel):

@@ -206,6 +206,8 @@ def models_info(runtime: Runtime) -> list[dict[str, Any]]:
     """/info's "models": the default model, then the library's, each as the catalog describes it."""
     library, default = runtime.scorer.library, runtime.engine.info
     described = [library.info(name, default) for name in library.names]
+    # each engine's models on its device now (an engine of one model: that one, always)
+    on = [list(getattr(engine, "resident", None) or [library.default]) for engine in runtime.engines]
     return [
         {
             "name": each.name,
@@ -214,6 +216,7 @@ def models_info(runtime: Runtime) -> list[dict[str, Any]]:
             "native_height": each.native_height,
             "native_width": each.native_width,
             "default": position == 0,
+            "engines": [index for index, names in enumerate(on) if each.name in names],
         }
         for position, each in enumerate(described)
     ]

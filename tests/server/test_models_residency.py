@@ -97,6 +97,9 @@ def test_alternating_models_with_one_on_the_device_each_equal_diffusers(
     assert metric_value(metrics, "sd_model_loads_total", 'engine="0",model="single",source="disk"') >= 1
     assert metric_value(metrics, "sd_model_evictions_total", 'engine="0",model="paint"') >= 1
     assert metric_value(metrics, "sd_model_images_total", 'engine="0",model="paint"') == 3
+    info = httpx.get(f"{server.url}/info", timeout=30).json()
+    on_device = [m["name"] for m in info["models"] if m["engines"] == [0]]
+    assert len(on_device) == 1, info["models"]  # SD_MAX_RESIDENT_MODELS=1: one model on the device
 
 
 def test_a_model_broken_after_start_up_fails_with_why_and_serves_once_mended(
