@@ -352,13 +352,10 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _config(part: Path) -> dict[str, Any]:
+    from model.loading.folders import read_json
+
     path = part / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ModelLoadError(
-            f"{part.name}: {path} cannot be read as JSON ({error}); copy or download it again"
-        ) from None
+    data = read_json(path, part.name)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{part.name}: {path} is not a JSON object; copy or download it again")
     return data

@@ -131,10 +131,8 @@ class ModelSet:
 
     # ------------------------------------------------------------------ validation
     def validate(self, items: Sequence[GenerationItem]) -> None:
-        for item in items:
-            self.validate_item(item)
-        for name, group in by_model(items, self.default):
-            self._checker(name).validate(group)
+        """``Engine.validate``'s rules for one batch, each item checked by ``validate_item``."""
+        Engine.validate(self, items)  # type: ignore[arg-type]
 
     def validate_item(self, item: GenerationItem) -> None:
         """An item's values, by its model's engine when it is on the device; else by the default's

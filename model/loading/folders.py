@@ -33,15 +33,19 @@ _LIBRARIES = ("diffusers", "transformers")
 _REDOWNLOAD = "copy or download it again"
 
 
+def read_json(path: Path, label: str) -> Any:
+    """A config file's JSON; ModelLoadError, led by ``label`` (what the user knows it as), when it
+    cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelLoadError(f"{label}: {path} cannot be read as JSON ({error}); {_REDOWNLOAD}") from None
+
+
 def read_index(folder: Path) -> dict[str, tuple[str, str] | None]:
     """model_index.json: component -> (library, class), None for one listed as [null, null]."""
     path = folder / "model_index.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ModelLoadError(
-            f"model_index.json: {path} cannot be read as JSON ({error}); {_REDOWNLOAD}"
-        ) from None
+    data = read_json(path, "model_index.json")
     index: dict[str, tuple[str, str] | None] = {}
     for name in COMPONENTS:
         entry = data.get(name) if isinstance(data, dict) else None

@@ -202,11 +202,12 @@ class Metrics:
 
     def model_event(self, engine: int, kind: str, model: str, value: float, resident: dict[str, int]) -> None:
         """A model was loaded ("load_disk", "load_host": ``value`` seconds) or evicted ("evict") on
-        ``engine``'s device; ``resident``: the bytes of each model on it now. Any thread."""
+        ``engine``'s device, or only its bytes changed ("resident"); ``resident``: each model's bytes
+        on it now."""
         label = str(engine)
         if kind == "evict":
             self.model_evictions.labels(label, model).inc()
-        else:
+        elif kind.startswith("load_"):  # else only the bytes change (the lane's first report)
             source = kind.removeprefix("load_")
             self.model_loads.labels(label, model, source).inc()
             self.model_switch_seconds.labels(source).observe(value)

@@ -64,7 +64,7 @@ class Lane:
         self._default_model = getattr(engine, "default", None) or engine.info.name
         if hasattr(engine, "loaders"):  # a library's models: their loads and evictions as metrics
             engine.events = self._model_event  # type: ignore[attr-defined]
-            metrics.model_event(index, "install", self._default_model, 0.0, engine.resident_bytes())  # type: ignore[attr-defined]
+            metrics.model_event(index, "resident", self._default_model, 0.0, engine.resident_bytes())  # type: ignore[attr-defined]
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -163,7 +163,7 @@ class Lane:
         self._wake()
 
     def _model_event(self, kind: str, model: str, value: float) -> None:
-        """In the engine's or the loader's thread: a model came on or left the device."""
+        """In the engine thread (ModelSet.place): a model came on or left the device."""
         self._server_metrics.model_event(self.index, kind, model, value, self.engine.resident_bytes())  # type: ignore[attr-defined]
 
     def _took(self, images: list[Image]) -> None:
